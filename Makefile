@@ -1,0 +1,33 @@
+# den: `make run` starts den on its embedded defaults; `make test` runs the suite.
+SHELL := /bin/bash
+VENV := .venv
+DEN := $(VENV)/bin/den
+PYTEST_ARGS ?=
+
+.PHONY: run test deps test-deps lint bench clean
+
+deps:
+	@scripts/install-deps run
+
+test-deps:
+	@scripts/install-deps test
+	@scripts/fetch-test-data
+
+run: deps
+	$(DEN) serve
+
+test: test-deps
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+	scripts/with-postgres $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+bench: deps
+	$(VENV)/bin/python bench/rpc.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

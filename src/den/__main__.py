@@ -1,0 +1,3 @@
+from den.cli.main import main
+
+main()

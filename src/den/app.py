@@ -1,0 +1,73 @@
+"""The daemon's runtime: settings, the database and shared services."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from den.config import Settings
+from den.db.engine import make_engine, migrate, sessionmaker
+from den.db.models import AuditEvent
+from den.services.accounts import Accounts
+
+if TYPE_CHECKING:
+    from den.rpc.registry import Context, Params
+
+log = logging.getLogger(__name__)
+_MAX_AUDIT_STR = 1000
+
+
+def _truncate(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > _MAX_AUDIT_STR:
+        return value[:_MAX_AUDIT_STR] + f"...[{len(value)} chars]"
+    if isinstance(value, dict):
+        return {k: _truncate(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_truncate(v) for v in value[:100]]
+    return value
+
+
+class App:
+    """Everything a method may need, created once per daemon."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = datetime.now(UTC)
+        self.engine: AsyncEngine = make_engine(settings.db_url)
+        self.sessions: async_sessionmaker[AsyncSession] = sessionmaker(self.engine)
+        self.accounts = Accounts(settings.account_prefix, settings.socket_group, settings.instance)
+
+    async def start(self) -> None:
+        await migrate(self.settings.db_url)
+        await self.accounts.ensure_group()
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    def audit_event(
+        self, ctx: Context, params: Params | None, raw: Any, outcome: str, error: str, start: float
+    ) -> AuditEvent:
+        from den.rpc.registry import audit_params
+
+        return AuditEvent(
+            actor=ctx.caller.name,
+            via=ctx.caller.via,
+            method=ctx.method.name,
+            target=ctx.target[:200],
+            params=_truncate(audit_params(params, raw)),
+            outcome=outcome,
+            error=error[:2000],
+            duration_ms=round((time.perf_counter() - start) * 1e3, 3),
+        )
+
+    async def write_audit(
+        self, ctx: Context, params: Params | None, raw: Any, outcome: str, error: str, start: float
+    ) -> None:
+        """Record a failed mutating call in its own transaction."""
+        async with self.sessions() as db:
+            db.add(self.audit_event(ctx, params, raw, outcome, error, start))
+            await db.commit()

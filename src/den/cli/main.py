@@ -1,0 +1,183 @@
+"""The ``den`` command: a thin client of the RPC API, plus ``serve``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from den import config as den_config
+from den.cli import render
+from den.cli.client import Client, ConnectError, RpcError
+from den.cli.generate import attach
+from den.rpc.registry import REGISTRY, Method
+
+app = typer.Typer(
+    name="den",
+    help="den: isolated, ssh-reachable workspaces for every developer and agent.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+# Exit codes by JSON-RPC error code, so scripts can tell failures apart.
+EXIT_CODES = {-32001: 3, -32003: 4, -32006: 4, -32002: 5, -32004: 6, -32005: 7, -32602: 2}
+
+
+class State:
+    def __init__(self, socket: Path | None, url: str | None, token: str | None, instance: int | None):
+        self.socket = socket
+        self.url = url
+        self.token = token
+        self.instance = instance
+        self._client: Client | None = None
+
+    def client(self) -> Client:
+        if self._client is None:
+            sock = self.socket
+            if sock is None and not self.url:
+                overrides = {"instance": self.instance} if self.instance is not None else {}
+                settings, _ = den_config.load(overrides)
+                sock = settings.socket
+            self._client = Client(str(sock) if sock else None, self.url, self.token)
+        return self._client
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    socket: Annotated[
+        Path | None, typer.Option(envvar="DEN_SOCKET", help="API unix socket.", show_envvar=True)
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(envvar="DEN_URL", help="API base URL (instead of the socket).")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="DEN_TOKEN", help="API token for --url.", show_default=False)
+    ] = None,
+    instance: Annotated[
+        int | None, typer.Option("--instance", "-i", help="Talk to instance N.", min=0, max=99)
+    ] = None,
+) -> None:
+    ctx.obj = State(socket, url, token, instance)
+
+
+def fail(message: str, code: int = 1) -> None:
+    render.err_console.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def invoke(ctx: typer.Context, m: Method, params: dict[str, Any]) -> Any:
+    state = ctx.find_object(State)
+    assert state is not None
+    return call(state, m.name, params)
+
+
+def call(state: State, method: str, params: Any) -> Any:
+    try:
+        return state.client().call(method, params)
+    except RpcError as exc:
+        fail(str(exc), EXIT_CODES.get(exc.code, 1))
+    except ConnectError as exc:
+        fail(str(exc), 69)
+
+
+@app.command()
+def serve(
+    instance: Annotated[int | None, typer.Option(help="Instance number N (ports +N).", min=0, max=99)] = None,
+    config: Annotated[Path | None, typer.Option(help="Config file (default /etc/den/den.toml).")] = None,
+    socket: Annotated[Path | None, typer.Option("--socket", help="API unix socket.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="HTTP port (0: any free port).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="Database URL.")] = None,
+) -> None:
+    """Run the den daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
+    from den import daemon
+
+    if os.geteuid() != 0:
+        fail("den serve runs as root: it manages accounts, mounts and namespaces")
+    overrides = {
+        "instance": instance,
+        "socket": socket,
+        "data_dir": data_dir,
+        "http_port": http_port,
+        "database_url": database_url,
+    }
+    try:
+        settings, _ = den_config.load(overrides, config)
+    except ValueError as exc:
+        fail(f"bad configuration: {exc}")
+        return
+    daemon.run(settings)
+
+
+@config_app.command("show")
+def config_show(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Config file to read.")] = None,
+    instance: Annotated[int | None, typer.Option(help="Instance number.")] = None,
+) -> None:
+    """Print the effective configuration and where each value comes from."""
+    try:
+        settings, sources = den_config.load({"instance": instance}, config)
+    except ValueError as exc:
+        fail(f"bad configuration: {exc}")
+        return
+    values = settings.model_dump(mode="json")
+    rows = [
+        {
+            "option": k,
+            "value": v,
+            "source": sources[k],
+            "help": den_config.Settings.model_fields[k].description,
+        }
+        for k, v in values.items()
+    ]
+    if as_json:
+        render.print_json(rows)
+    else:
+        render.print_result(rows, ("option", "value", "source"))
+
+
+@app.command("rpc")
+def rpc(
+    ctx: typer.Context,
+    method: Annotated[str, typer.Argument(help="Method name, e.g. user.list.")],
+    params: Annotated[str | None, typer.Argument(help="Params as a JSON object or array.")] = None,
+) -> None:
+    """Call any method with raw JSON params and print the result as JSON."""
+    parsed = None
+    if params is not None:
+        try:
+            parsed = orjson.loads(params)
+        except orjson.JSONDecodeError as exc:
+            fail(f"params are not valid JSON: {exc}", 2)
+    render.print_json(call(ctx.obj, method, parsed))
+
+
+_built = False
+
+
+def build() -> typer.Typer:
+    """The whole CLI: the hand-written commands plus one per registered method."""
+    global _built
+    if not _built:
+        from den.services import load_all
+
+        load_all()
+        attach(app, REGISTRY, invoke)
+        _built = True
+    return app
+
+
+def main() -> None:
+    try:
+        build()(prog_name="den")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,138 @@
+"""den's configuration: embedded defaults, ``/etc/den/den.toml``, ``DEN_*``.
+
+Precedence, highest first: explicit overrides (command-line flags), the
+environment (``DEN_<OPTION>``), the TOML file, the embedded defaults. An
+instance number N > 0 suffixes every path and shifts every port by N unless
+that option was set explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("/etc/den/den.toml")
+
+
+class Settings(BaseSettings):
+    """Every option den reads. Each has a default, a type and a help line."""
+
+    model_config = SettingsConfigDict(env_prefix="DEN_", extra="forbid", validate_default=True)
+
+    instance: int = Field(0, ge=0, le=99, description="Instance number: paths get suffixed and ports shifted by it.")
+    data_dir: Path = Field(Path("/var/lib/den"), description="Directory for the database, the pool and keys.")
+    socket: Path = Field(Path("/run/den/den.sock"), description="Unix socket of the JSON-RPC API.")
+    socket_group: str = Field("den", description="Group that owns the API socket; den users are its members.")
+    socket_mode: int = Field(0o660, description="Permission bits of the API socket.")
+    http_host: str = Field("127.0.0.1", description="Address of the HTTP listener (API over TCP, dashboard).")
+    http_port: int = Field(8780, ge=0, le=65535, description="Port of the HTTP listener; 0 picks a free port.")
+    ssh_port: int = Field(2222, ge=0, le=65535, description="Port of the SSH gateway.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the state database; empty means SQLite at DATA_DIR/den.db."
+    )
+    account_prefix: str = Field(
+        "den-",
+        pattern=r"^[a-z][a-z0-9]{0,7}-$",
+        description="Prefix of the host Linux account of each den user (den-<name>).",
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_file: Path | None = Field(None, description="Also write the log to this file.")
+
+    @model_validator(mode="after")
+    def _apply_instance(self) -> Settings:
+        n = self.instance
+        if n == 0:
+            return self
+        explicit = self.model_fields_set
+        if "data_dir" not in explicit:
+            self.data_dir = Path(f"/var/lib/den-{n}")
+        if "socket" not in explicit:
+            self.socket = Path(f"/run/den/den-{n}.sock")
+        if "socket_group" not in explicit:
+            self.socket_group = f"den{n}"
+        if "account_prefix" not in explicit:
+            self.account_prefix = f"den{n}-"
+        for port in ("http_port", "ssh_port"):
+            if port not in explicit and getattr(self, port):
+                setattr(self, port, getattr(self, port) + n)
+        return self
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'den.db'}"
+
+    @property
+    def state_file(self) -> Path:
+        """Where a running daemon writes its pid and actual listener addresses."""
+        return self.data_dir / "serve.json"
+
+
+def _toml_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    return TomlConfigSettingsSource(settings_cls, toml_file=path)
+
+
+def config_file_path(explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        return explicit
+    return Path(os.environ.get("DEN_CONFIG", str(DEFAULT_CONFIG_FILE)))
+
+
+def load(
+    overrides: dict[str, Any] | None = None, config_file: Path | None = None
+) -> tuple[Settings, dict[str, str]]:
+    """Build the effective settings and say where each value came from.
+
+    Returns the settings and a map option -> source ("default", "file PATH",
+    "env DEN_X" or "flag").
+    """
+    path = config_file_path(config_file)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    file_values: dict[str, Any] = {}
+    if path.is_file():
+        file_values = _toml_source(Settings, path)()
+    env_values = EnvSettingsSource(Settings)()
+
+    class _Loaded(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path.is_file():
+                sources.append(_toml_source(settings_cls, path))
+            return tuple(sources)
+
+    settings: Settings = _Loaded(**overrides)
+    sources: dict[str, str] = {}
+    for name in Settings.model_fields:
+        if name in overrides:
+            sources[name] = "flag"
+        elif name in env_values:
+            sources[name] = f"env DEN_{name.upper()}"
+        elif name in file_values:
+            sources[name] = f"file {path}"
+        elif settings.instance and name in _INSTANCE_DERIVED:
+            sources[name] = f"instance {settings.instance}"
+        else:
+            sources[name] = "default"
+    return settings, sources
+
+
+_INSTANCE_DERIVED = {"data_dir", "socket", "socket_group", "account_prefix", "http_port", "ssh_port"}

@@ -1,0 +1,75 @@
+"""``den serve``: one asyncio process for every listener and background loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from den import log as den_log
+from den import tasks
+from den.app import App
+from den.config import Settings
+from den.rpc.server import make_web_app, prepare_socket
+from den.services import load_all
+
+log = logging.getLogger("den.daemon")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    load_all()
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    app = App(settings)
+    await app.start()
+    runner = web.AppRunner(make_web_app(app), access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = prepare_socket(str(settings.socket), settings.socket_group, settings.socket_mode)
+    unix_site = web.SockSite(runner, sock)
+    await unix_site.start()
+    tcp_site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_address=True)
+    await tcp_site.start()
+    server = tcp_site._server
+    port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else 0
+    state = {
+        "pid": os.getpid(),
+        "socket": str(settings.socket),
+        "http": f"http://{settings.http_host}:{port}",
+        "http_port": port,
+        "instance": settings.instance,
+    }
+    settings.state_file.write_text(json.dumps(state))
+    log.info(
+        "den serving",
+        extra={"ctx": {"socket": settings.socket, "http": state["http"], "instance": settings.instance}},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await tasks.cancel_all()
+        await runner.cleanup()
+        await app.close()
+        for path in (settings.socket, settings.state_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        log.info("stopped")
+
+
+def run(settings: Settings) -> None:
+    den_log.setup(settings.log_level, settings.log_file)
+    try:
+        import uvloop
+
+        uvloop.run(serve(settings))
+    except ImportError:
+        asyncio.run(serve(settings))

@@ -1,0 +1,67 @@
+"""Logging with context (``method=``, ``user=``, ``ws=``) and no secrets.
+
+Call sites pass context as ``extra={"ctx": {...}}``; the formatter appends it
+as ``key=value`` pairs. A filter masks anything that looks like a den token
+or a key=value secret, so a secret that slips into a message never reaches
+the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+SECRET_KEYS = re.compile(r"(password|passphrase|secret|token|private_key|authorization)", re.I)
+_TOKEN_RE = re.compile(r"den_[A-Za-z0-9]+_[A-Za-z0-9_\-]{16,}")
+_KV_SECRET_RE = re.compile(
+    r"((?:password|passphrase|secret|token|authorization)[\"']?\s*[:=]\s*[\"']?)([^\s\"',}]+)", re.I
+)
+
+
+def redact_text(text: str) -> str:
+    text = _TOKEN_RE.sub("den_***", text)
+    return _KV_SECRET_RE.sub(r"\1***", text)
+
+
+def redact(value: Any) -> Any:
+    """Return a copy of a JSON-like value with secret-named fields masked."""
+    if isinstance(value, dict):
+        return {
+            k: ("***" if isinstance(k, str) and SECRET_KEYS.search(k) else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+class ContextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        ctx = getattr(record, "ctx", None)
+        if ctx:
+            base += " " + " ".join(f"{k}={v}" for k, v in ctx.items() if v is not None)
+        return redact_text(base)
+
+
+def setup(level: str = "info", log_file: Path | None = None) -> None:
+    fmt = ContextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level.upper())
+    # aiohttp's access log adds nothing our own call log does not have.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -1,0 +1,14 @@
+"""Services: each module registers its methods with the registry on import."""
+
+from __future__ import annotations
+
+import importlib
+
+MODULES = ("system", "users", "keys", "tokens", "audit")
+
+
+def load_all() -> None:
+    """Import every service module so that all methods are registered."""
+    for name in MODULES:
+        importlib.import_module(f"den.services.{name}")
+    importlib.import_module("den.rpc.openrpc")

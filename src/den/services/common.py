@@ -1,0 +1,73 @@
+"""Helpers shared by the service modules: names, scoping, durations."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from pydantic import AfterValidator
+from sqlalchemy import select
+
+from den.db.models import User
+from den.errors import InvalidParams, NotFound
+from den.rpc.registry import Context
+
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+
+
+def _check_name(value: str) -> str:
+    if not NAME_RE.fullmatch(value):
+        raise ValueError(
+            "a name is 1 to 31 characters: a lowercase letter, then lowercase letters, "
+            "digits or '-'"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+async def find_user(ctx: Context, name: str) -> User:
+    """The user ``name`` as the caller may see it: members see only themselves."""
+    if not ctx.caller.is_admin and name != ctx.caller.name:
+        raise NotFound(f"no user named {name!r}")
+    user = (await ctx.db.execute(select(User).where(User.name == name))).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"no user named {name!r}; `den user ls` lists users")
+    return user
+
+
+async def user_or_self(ctx: Context, name: str | None) -> User:
+    """The named user, or the caller's own user when no name is given."""
+    if name is None:
+        if ctx.caller.user_id is None:
+            raise InvalidParams(f"{ctx.caller.name} is not a den user; name a user", field="user")
+        name = ctx.caller.name
+    return await find_user(ctx, name)
+
+
+_DURATION_RE = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_when(value: str, *, field: str, future: bool) -> datetime:
+    """A moment given as a duration ("30d", "12h", "1h30m") or an ISO 8601 time.
+
+    A duration counts forward from now when ``future``, else backward.
+    """
+    text = value.strip().lower()
+    if text and _DURATION_RE.sub("", text).strip() == "" and _DURATION_RE.search(text):
+        seconds = sum(int(n) * _UNITS[u] for n, u in _DURATION_RE.findall(text))
+        delta = timedelta(seconds=seconds)
+        return datetime.now(UTC) + delta if future else datetime.now(UTC) - delta
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidParams(
+            f"{value[:40]!r} is neither a duration like 30d, 12h, 90m nor an ISO 8601 time",
+            field=field,
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment

@@ -1,0 +1,194 @@
+"""Users: a person or agent, with a role, quotas and a host Linux account."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from den.db.models import SshKey, User
+from den.errors import Conflict, Forbidden
+from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
+from den.services.common import Name, find_user
+from den.services.keys import parse_public_key
+
+Role = Literal["admin", "member"]
+Quota = Annotated[int | None, Field(ge=-1, le=1_000_000)]
+
+
+class UserOut(BaseModel):
+    name: str
+    role: str
+    display_name: str
+    account: str
+    uid: int | None
+    subuid_start: int | None
+    subuid_count: int | None
+    max_workspaces: int | None
+    max_cpu: int | None
+    max_memory_mb: int | None
+    max_disk_mb: int | None
+    keys: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, u: User, keys: int) -> UserOut:
+        return cls(
+            name=u.name,
+            role=u.role,
+            display_name=u.display_name,
+            account=u.account,
+            uid=u.uid,
+            subuid_start=u.subuid_start,
+            subuid_count=u.subuid_count,
+            max_workspaces=u.max_workspaces,
+            max_cpu=u.max_cpu,
+            max_memory_mb=u.max_memory_mb,
+            max_disk_mb=u.max_disk_mb,
+            keys=keys,
+            created_at=u.created_at,
+        )
+
+
+class QuotaFields(Params):
+    max_workspaces: Quota = Field(None, description="Most workspaces the user may own (-1: no limit).")
+    max_cpu: Quota = Field(None, description="Most CPUs across the user's workspaces (-1: no limit).")
+    max_memory_mb: Quota = Field(None, description="Most memory in MiB across workspaces (-1: no limit).")
+    max_disk_mb: Quota = Field(None, description="Most disk in MiB across workspaces (-1: no limit).")
+
+
+class UserCreate(QuotaFields):
+    name: Annotated[Name, CliArg()] = Field(description="User name: [a-z][a-z0-9-]{0,30}.")
+    role: Annotated[Role, CliOpt(flags=("--admin",), flag_value="admin")] = Field(
+        "member", description="admin or member."
+    )
+    display_name: str = Field("", max_length=200, description="Full name shown in listings.")
+    keys: Annotated[list[str], CliOpt(flags=("--key",), read_file=True)] = Field(
+        default_factory=list, max_length=100, description="OpenSSH public keys of the user."
+    )
+
+
+class UserRef(Params):
+    name: Annotated[Name, CliArg()] = Field(description="User name.")
+
+
+class UserUpdate(QuotaFields):
+    name: Annotated[Name, CliArg()] = Field(description="User name.")
+    role: Role | None = Field(None, description="New role (admins only).")
+    display_name: str | None = Field(None, max_length=200, description="New display name.")
+
+
+def _quota(v: int | None) -> int | None:
+    return None if v is None or v < 0 else v
+
+
+async def _key_count(ctx: Context, user_id: int) -> int:
+    q = select(func.count()).select_from(SshKey).where(SshKey.user_id == user_id)
+    return int((await ctx.db.execute(q)).scalar_one())
+
+
+@method(
+    "user.create",
+    right=Right.admin,
+    cli=Cli("user add", columns=("name", "role", "account", "uid", "subuid_start")),
+)
+async def user_create(ctx: Context, p: UserCreate) -> UserOut:
+    """Create a user, their host Linux account den-NAME and its subordinate ids."""
+    ctx.target = f"user:{p.name}"
+    account_name = ctx.app.accounts.account_name(p.name)
+    existing = await ctx.db.execute(select(User.id).where(User.name == p.name))
+    if existing.first() is not None:
+        raise Conflict(f"a user named {p.name!r} exists already")
+    parsed = [parse_public_key(k) for k in p.keys]
+    user = User(
+        name=p.name,
+        role=p.role,
+        display_name=p.display_name,
+        account=account_name,
+        max_workspaces=_quota(p.max_workspaces),
+        max_cpu=_quota(p.max_cpu),
+        max_memory_mb=_quota(p.max_memory_mb),
+        max_disk_mb=_quota(p.max_disk_mb),
+    )
+    ctx.db.add(user)
+    await ctx.db.flush()
+    for key in parsed:
+        dup = await ctx.db.execute(select(SshKey.id).where(SshKey.fingerprint == key.fingerprint))
+        if dup.first() is not None:
+            raise Conflict(f"the key {key.fingerprint} belongs to another user already")
+        ctx.db.add(SshKey(user_id=user.id, **key.columns()))
+    account = await ctx.app.accounts.ensure(p.name)
+    try:
+        user.uid = account.uid
+        user.subuid_start = account.subid_start
+        user.subuid_count = account.subid_count
+        await ctx.db.flush()
+    except IntegrityError:
+        await ctx.app.accounts.remove(p.name)
+        raise Conflict(f"the user {p.name!r} or one of its keys exists already") from None
+    except BaseException:
+        await ctx.app.accounts.remove(p.name)
+        raise
+    return UserOut.of(user, len(parsed))
+
+
+@method("user.get", right=Right.read, cli=Cli("user show"))
+async def user_get(ctx: Context, p: UserRef) -> UserOut:
+    """Show one user."""
+    user = await find_user(ctx, p.name)
+    return UserOut.of(user, await _key_count(ctx, user.id))
+
+
+@method(
+    "user.list",
+    right=Right.read,
+    cli=Cli("user ls", columns=("name", "role", "display_name", "account", "keys", "created_at")),
+)
+async def user_list(ctx: Context, p: NoParams) -> list[UserOut]:
+    """List users: every user for an admin, only yourself for a member."""
+    counts = (
+        select(SshKey.user_id, func.count().label("n")).group_by(SshKey.user_id).subquery()
+    )
+    q = select(User, func.coalesce(counts.c.n, 0)).outerjoin(counts, counts.c.user_id == User.id)
+    if not ctx.caller.is_admin:
+        q = q.where(User.name == ctx.caller.name)
+    rows = (await ctx.db.execute(q.order_by(User.name))).all()
+    return [UserOut.of(u, n) for u, n in rows]
+
+
+@method("user.update", right=Right.write, cli=Cli("user set"))
+async def user_update(ctx: Context, p: UserUpdate) -> UserOut:
+    """Change a user's display name (yourself), or role and quotas (admins)."""
+    ctx.target = f"user:{p.name}"
+    user = await find_user(ctx, p.name)
+    admin_fields = {"role", "max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb"}
+    changing = {f for f in p.model_fields_set if getattr(p, f) is not None} - {"name"}
+    if changing & admin_fields and not ctx.caller.is_admin:
+        raise Forbidden("only an admin may change a role or quotas")
+    if p.role is not None:
+        user.role = p.role
+    if p.display_name is not None:
+        user.display_name = p.display_name
+    for f in ("max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb"):
+        if f in changing:
+            setattr(user, f, _quota(getattr(p, f)))
+    await ctx.db.flush()
+    return UserOut.of(user, await _key_count(ctx, user.id))
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+@method("user.delete", right=Right.admin, cli=Cli("user rm", confirm="Delete user {name}?"))
+async def user_delete(ctx: Context, p: UserRef) -> Deleted:
+    """Delete a user with their keys, tokens and host Linux account."""
+    ctx.target = f"user:{p.name}"
+    user = await find_user(ctx, p.name)
+    await ctx.db.delete(user)
+    await ctx.db.flush()
+    await ctx.app.accounts.remove(p.name)
+    return Deleted(deleted=p.name)
