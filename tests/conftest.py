@@ -1,0 +1,290 @@
+"""Test fixtures: a real den daemon on a temporary socket, data dir and port.
+
+Every daemon gets its own account prefix and socket group, so the host
+accounts it creates are recognisable and removed afterwards even when a test
+fails.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from den.cli.client import Client, RpcError
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+DEN = str(VENV_BIN / "den")
+CALL_AS = str(Path(__file__).parent / "helpers" / "call_as.py")
+
+
+class Daemon:
+    """A `den serve` process under test, with helpers to call it."""
+
+    def __init__(self, base: Path, database_url: str = "") -> None:
+        tag = secrets.token_hex(2)
+        self.base = base
+        self.prefix = f"dt{tag}-"
+        self.group = f"dt{tag}"
+        self.socket = base / "den.sock"
+        self.data_dir = base / "data"
+        self.log_file = base / "den.log"
+        self.database_url = database_url
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http_url = ""
+        self.env = {
+            **os.environ,
+            "DEN_CONFIG": str(base / "den.toml"),
+            "DEN_SOCKET": str(self.socket),
+            "DEN_DATA_DIR": str(self.data_dir),
+            "DEN_HTTP_PORT": "0",
+            "DEN_SSH_PORT": "0",
+            "DEN_ACCOUNT_PREFIX": self.prefix,
+            "DEN_SOCKET_GROUP": self.group,
+            "DEN_LOG_FILE": str(self.log_file),
+            "DEN_LOG_LEVEL": "debug",
+        }
+        if database_url:
+            self.env["DEN_DATABASE_URL"] = database_url
+        for var in ("DEN_URL", "DEN_TOKEN", "DEN_INSTANCE"):
+            self.env.pop(var, None)
+
+    # -- process -------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> None:
+        state = self.data_dir / "serve.json"
+        state.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [DEN, "serve"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.base / "stderr.log", "ab"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"den serve exited with {self.proc.returncode}:\n"
+                    + (self.base / "stderr.log").read_text()[-3000:]
+                )
+            if state.exists() and self.socket.exists():
+                try:
+                    info = json.loads(state.read_text())
+                except json.JSONDecodeError:
+                    info = None
+                if info:
+                    self.http_url = info["http"]
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("den serve did not start in time")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        return rc
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        remove_accounts(self.prefix, self.group)
+
+    # -- calling ---------------------------------------------------------------
+    def client(self, token: str | None = None, tcp: bool = False) -> Client:
+        if tcp or token is not None:
+            return Client(url=self.http_url, token=token, timeout=60)
+        return Client(socket_path=str(self.socket), timeout=60)
+
+    def call(self, method: str, **params: Any) -> Any:
+        """Call as root over the unix socket."""
+        c = self.client()
+        try:
+            return c.call(method, params)
+        finally:
+            c.close()
+
+    def error(self, method: str, **params: Any) -> RpcError:
+        """Call as root and return the error it must raise."""
+        with pytest.raises(RpcError) as info:
+            self.call(method, **params)
+        return info.value
+
+    def cli(
+        self, *args: str, user: str | None = None, input: str | None = None, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the `den` CLI, as root or as a den user's host account."""
+        kw: dict[str, Any] = {}
+        if user is not None:
+            kw.update(self._as(user))
+        res = subprocess.run(
+            [DEN, *args], env=self.env, input=input, capture_output=True, text=True, timeout=60, **kw
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"den {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+        return res
+
+    def call_as(self, user: str, method: str, params: Any = None) -> dict[str, Any]:
+        """Call over the unix socket from the host account of den user ``user``.
+
+        Returns the whole JSON-RPC response object.
+        """
+        res = subprocess.run(
+            [sys.executable, CALL_AS, str(self.socket), method, json.dumps(params)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            **self._as(user),
+        )
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    def call_as_uid(self, uid: int, gid: int, method: str, params: Any = None) -> dict[str, Any]:
+        res = subprocess.run(
+            [sys.executable, CALL_AS, str(self.socket), method, json.dumps(params)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            user=uid,
+            group=gid,
+            extra_groups=[grp.getgrnam(self.group).gr_gid],
+        )
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    def _as(self, user: str) -> dict[str, Any]:
+        pw = pwd.getpwnam(self.prefix + user)
+        return {
+            "user": pw.pw_uid,
+            "group": pw.pw_gid,
+            "extra_groups": [grp.getgrnam(self.group).gr_gid],
+            "env": {**self.env, "HOME": str(self.base)},
+        }
+
+    def log_text(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+
+def remove_accounts(prefix: str, group: str) -> None:
+    for pw in pwd.getpwall():
+        if pw.pw_name.startswith(prefix):
+            subprocess.run(["userdel", pw.pw_name], capture_output=True, check=False)
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        return
+    subprocess.run(["groupdel", group], capture_output=True, check=False)
+
+
+def make_base() -> Path:
+    # World-traversable, so that den users' host accounts reach the socket.
+    base = Path(tempfile.mkdtemp(prefix="den-test-"))
+    base.chmod(0o755)
+    return base
+
+
+@pytest.fixture
+def fresh_daemon() -> Iterator[Daemon]:
+    """A daemon of the test's own, for tests that restart or kill it."""
+    base = make_base()
+    d = Daemon(base)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    """One daemon shared by the session: tests use names of their own."""
+    base = make_base()
+    d = Daemon(base)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """A fresh daemon on SQLite, then on the PostgreSQL server of `make test`."""
+    url = ""
+    if request.param == "postgresql":
+        url = os.environ.get("DEN_TEST_PG_URL", "")
+        if not url:
+            pytest.skip("DEN_TEST_PG_URL is not set: run through `make test` (scripts/with-postgres)")
+        reset_postgres(url)
+    base = make_base()
+    d = Daemon(base, url)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def reset_postgres(url: str) -> None:
+    """Drop every table so each PostgreSQL daemon starts from an empty schema."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from den.db.engine import make_engine
+
+    async def reset() -> None:
+        engine = make_engine(url)
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP SCHEMA public CASCADE"))
+            await conn.execute(text("CREATE SCHEMA public"))
+        await engine.dispose()
+
+    asyncio.run(reset())
+
+
+_counter = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def name() -> str:
+    """A user name no other test in the session uses."""
+    return f"u{next(_counter)}-{secrets.token_hex(2)}"
+
+
+def ssh_key(base: Path, label: str = "k") -> tuple[Path, str]:
+    """Make an ed25519 key pair; return (private key path, public key text)."""
+    path = base / f"{label}-{secrets.token_hex(3)}"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", label, "-f", str(path)], check=True
+    )
+    return path, path.with_suffix(".pub").read_text().strip()
+
+
+@pytest.fixture
+def keypair(tmp_path: Path) -> tuple[Path, str]:
+    return ssh_key(tmp_path)
