@@ -45,6 +45,22 @@ class Settings(BaseSettings):
         pattern=r"^[a-z][a-z0-9]{0,7}-$",
         description="Prefix of the host Linux account of each den user (den-<name>).",
     )
+    pool_size: str = Field(
+        "50G", pattern=r"^[0-9]+[KMGT]?$", description="Size of the sparse loopback pool image, if one is made."
+    )
+    storage_driver: Literal["auto", "btrfs", "overlay"] = Field(
+        "auto", description="auto: btrfs when the pool is on btrfs, else the overlayfs fallback."
+    )
+    disk_quota: bool = Field(
+        False, description="Enforce per-workspace disk limits with btrfs qgroups (slows snapshots)."
+    )
+    fstab: Path = Field(Path("/etc/fstab"), description="Where den records the pool mount for reboots.")
+    code_mount: Path | None = Field(
+        None, description="Bind-mount the shared code tree here on the host (e.g. /code); unset: not."
+    )
+    debian_mirror: str = Field(
+        "", description="Debian mirror for image builds; empty: the one in the host's apt sources."
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_file: Path | None = Field(None, description="Also write the log to this file.")
@@ -71,6 +87,14 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'den.db'}"
+
+    @property
+    def pool_dir(self) -> Path:
+        return self.data_dir / "pool"
+
+    @property
+    def pool_image(self) -> Path:
+        return self.data_dir / "pool.img"
 
     @property
     def state_file(self) -> Path:

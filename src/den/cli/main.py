@@ -11,7 +11,7 @@ import orjson
 import typer
 
 from den import config as den_config
-from den.cli import render
+from den.cli import init_cmd, render
 from den.cli.client import Client, ConnectError, RpcError
 from den.cli.generate import attach
 from den.rpc.registry import REGISTRY, Method
@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.command("init")(init_cmd.init)
 
 # Exit codes by JSON-RPC error code, so scripts can tell failures apart.
 EXIT_CODES = {-32001: 3, -32003: 4, -32006: 4, -32002: 5, -32004: 6, -32005: 7, -32602: 2}

@@ -127,6 +127,12 @@ class Accounts:
                     ]
                 )
                 pw = pwd.getpwnam(name)
+            else:
+                # A leftover account of ours (e.g. a crash between useradd and
+                # commit) must still reach the socket once adopted.
+                await self.ensure_group()
+                if name not in grp.getgrnam(self.group).gr_mem:
+                    await proc.run(["usermod", "--append", "--groups", self.group, name])
             sub = await self._ensure_subids(name)
         return Account(name, pw.pw_uid, pw.pw_gid, sub[0], sub[1])
 

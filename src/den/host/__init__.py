@@ -1,0 +1,1 @@
+"""Host preparation: what `den init` checks and does."""

@@ -1,0 +1,1 @@
+"""Storage: the btrfs pool (or its overlayfs fallback), images and snapshots."""
