@@ -230,6 +230,47 @@ def daemon() -> Iterator[Daemon]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def init_pool(d: Daemon, size: str = "8G") -> None:
+    """Run `den init --yes` for the daemon's data dir: a loopback btrfs pool."""
+    d.env["DEN_FSTAB"] = str(d.base / "fstab")
+    d.env["DEN_POOL_SIZE"] = size
+    res = subprocess.run([DEN, "init", "--yes"], env=d.env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"den init failed:\n{res.stdout}\n{res.stderr}")
+
+
+def teardown_pool(d: Daemon) -> None:
+    """Unmount everything under the daemon's pool, then the pool; detach its loop device."""
+    pool = d.data_dir / "pool"
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4]
+            if mp == str(pool) or mp.startswith(str(pool) + "/"):
+                mounts.append(mp)
+    for mp in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", mp], capture_output=True, check=False)
+    img = d.data_dir / "pool.img"
+    res = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True, check=False)
+    for line in res.stdout.splitlines():
+        subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def pool_daemon() -> Iterator[Daemon]:
+    """A daemon on a btrfs loopback pool made by `den init`, shared by the session."""
+    base = make_base()
+    d = Daemon(base)
+    try:
+        init_pool(d)
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+        teardown_pool(d)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
     """A fresh daemon on SQLite, then on the PostgreSQL server of `make test`."""

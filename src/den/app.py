@@ -13,6 +13,7 @@ from den.config import Settings
 from den.db.engine import make_engine, migrate, sessionmaker
 from den.db.models import AuditEvent
 from den.services.accounts import Accounts
+from den.storage.pool import Pool
 
 if TYPE_CHECKING:
     from den.rpc.registry import Context, Params
@@ -40,10 +41,12 @@ class App:
         self.engine: AsyncEngine = make_engine(settings.db_url)
         self.sessions: async_sessionmaker[AsyncSession] = sessionmaker(self.engine)
         self.accounts = Accounts(settings.account_prefix, settings.socket_group, settings.instance)
+        self.pool = Pool.detect(settings.pool_dir, settings.storage_driver)
 
     async def start(self) -> None:
         await migrate(self.settings.db_url)
         await self.accounts.ensure_group()
+        self.pool.prepare()
 
     async def close(self) -> None:
         await self.engine.dispose()

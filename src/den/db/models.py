@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -104,3 +113,42 @@ class AuditEvent(Base):
     outcome: Mapped[str] = mapped_column(String(32))
     error: Mapped[str] = mapped_column(Text, default="")
     duration_ms: Mapped[float] = mapped_column(default=0.0)
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str] = mapped_column(String(32))  # debootstrap | import
+    suite: Mapped[str] = mapped_column(String(64), default="")
+    includes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    state: Mapped[str] = mapped_column(String(16), default="building")  # building|ready|failed
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+    __table_args__ = (UniqueConstraint("user_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    image: Mapped[str] = mapped_column(String(64), index=True)
+    backend: Mapped[str] = mapped_column(String(32), default="sandbox")
+    state: Mapped[str] = mapped_column(String(16), default="creating")
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    backend_state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    cpu: Mapped[float] = mapped_column(default=1.0)
+    memory_mb: Mapped[int] = mapped_column(Integer, default=1024)
+    pids: Mapped[int] = mapped_column(Integer, default=1024)
+    disk_mb: Mapped[int | None] = mapped_column(Integer)
+    address: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    last_activity_at: Mapped[datetime | None] = mapped_column()
+    last_activity_kind: Mapped[str] = mapped_column(String(32), default="")
+
+    user: Mapped[User] = relationship()
