@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
@@ -16,6 +17,9 @@ from den.services.accounts import Accounts
 from den.storage.pool import Pool
 
 if TYPE_CHECKING:
+    from den.backends.sandbox import SandboxBackend
+
+if TYPE_CHECKING:
     from den.rpc.registry import Context, Params
 
 log = logging.getLogger(__name__)
@@ -23,6 +27,9 @@ _MAX_AUDIT_STR = 1000
 
 
 def _truncate(value: Any) -> Any:
+    """Shorten long strings for the audit log, and drop private keys sent by mistake."""
+    if isinstance(value, str) and "PRIVATE KEY" in value:
+        return "*** private key removed ***"
     if isinstance(value, str) and len(value) > _MAX_AUDIT_STR:
         return value[:_MAX_AUDIT_STR] + f"...[{len(value)} chars]"
     if isinstance(value, dict):
@@ -42,11 +49,44 @@ class App:
         self.sessions: async_sessionmaker[AsyncSession] = sessionmaker(self.engine)
         self.accounts = Accounts(settings.account_prefix, settings.socket_group, settings.instance)
         self.pool = Pool.detect(settings.pool_dir, settings.storage_driver)
+        self.ws_locks: dict[str, asyncio.Lock] = {}
+        self._backend: SandboxBackend | None = None
+
+    @property
+    def backend(self) -> SandboxBackend:
+        """The sandbox backend, made on first use (it touches the host network)."""
+        if self._backend is None:
+            from den.backends.sandbox import SandboxBackend
+            from den.net.network import Network
+
+            s = self.settings
+            network = Network(
+                s.instance,
+                s.network_subnet,
+                s.egress,
+                [s.ssh_port, s.http_port],
+                s.data_dir / "network.json",
+            )
+            self._backend = SandboxBackend(s.instance, s.data_dir, self.pool.volumes, network)
+        return self._backend
+
+    def ws_lock(self, ws_id: str) -> asyncio.Lock:
+        """The lock that serialises lifecycle operations on one workspace."""
+        lock = self.ws_locks.get(ws_id)
+        if lock is None:
+            lock = self.ws_locks[ws_id] = asyncio.Lock()
+        return lock
 
     async def start(self) -> None:
         await migrate(self.settings.db_url)
         await self.accounts.ensure_group()
         self.pool.prepare()
+        from den.storage.code import prepare as prepare_code
+
+        await prepare_code(self.pool.code, self.settings.code_mount)
+        from den.storage.images import recover
+
+        await recover(self.pool, self.sessions)  # what interrupted image builds left
 
     async def close(self) -> None:
         await self.engine.dispose()

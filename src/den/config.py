@@ -9,10 +9,12 @@ that option was set explicitly.
 from __future__ import annotations
 
 import os
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -33,7 +35,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("/var/lib/den"), description="Directory for the database, the pool and keys.")
     socket: Path = Field(Path("/run/den/den.sock"), description="Unix socket of the JSON-RPC API.")
     socket_group: str = Field("den", description="Group that owns the API socket; den users are its members.")
-    socket_mode: int = Field(0o660, description="Permission bits of the API socket.")
+    socket_mode: int = Field(
+        0o660, ge=0, le=0o7777, description="Permission bits of the API socket, in octal (0660)."
+    )
     http_host: str = Field("127.0.0.1", description="Address of the HTTP listener (API over TCP, dashboard).")
     http_port: int = Field(8780, ge=0, le=65535, description="Port of the HTTP listener; 0 picks a free port.")
     ssh_port: int = Field(2222, ge=0, le=65535, description="Port of the SSH gateway.")
@@ -61,9 +65,31 @@ class Settings(BaseSettings):
     debian_mirror: str = Field(
         "", description="Debian mirror for image builds; empty: the one in the host's apt sources."
     )
+    network_subnet: str = Field(
+        "10.77.0.0/16", description="Private subnet of workspace addresses (instance N: 10.77+N.0.0/16)."
+    )
+    egress: bool = Field(True, description="Let workspaces reach the outside world (NAT via nftables).")
+    default_cpu: float = Field(1.0, gt=0, description="CPUs of a new workspace unless given.")
+    default_memory: str = Field("1G", pattern=r"^[0-9]+[KMGT]?$", description="Memory of a new workspace.")
+    default_pids: int = Field(1024, ge=16, description="Process limit of a new workspace unless given.")
+    default_image: str = Field("debian", description="Image of a new workspace unless given.")
+    reconcile_interval: float = Field(
+        30.0, ge=0, description="Seconds between reconciler passes (0: only at start)."
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_file: Path | None = Field(None, description="Also write the log to this file.")
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: Any) -> Any:
+        # A string (the environment, the command line) is octal, as for chmod.
+        if isinstance(value, str):
+            try:
+                return int(value.strip().lower().removeprefix("0o"), 8)
+            except ValueError:
+                raise ValueError("expected octal permission bits, like 0660") from None
+        return value
 
     @model_validator(mode="after")
     def _apply_instance(self) -> Settings:
@@ -77,6 +103,8 @@ class Settings(BaseSettings):
             self.socket = Path(f"/run/den/den-{n}.sock")
         if "socket_group" not in explicit:
             self.socket_group = f"den{n}"
+        if "network_subnet" not in explicit:
+            self.network_subnet = f"10.{77 + n}.0.0/16"
         if "account_prefix" not in explicit:
             self.account_prefix = f"den{n}-"
         for port in ("http_port", "ssh_port"):
@@ -125,8 +153,20 @@ def load(
 
     file_values: dict[str, Any] = {}
     if path.is_file():
-        file_values = _toml_source(Settings, path)()
+        try:
+            file_values = _toml_source(Settings, path)()
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
     env_values = EnvSettingsSource(Settings)()
+
+    def origin(name: str) -> str:
+        if name in overrides:
+            return "flag"
+        if name in env_values:
+            return f"env DEN_{name.upper()}"
+        if name in file_values:
+            return f"file {path}"
+        return "default"
 
     class _Loaded(Settings):
         @classmethod
@@ -143,20 +183,30 @@ def load(
                 sources.append(_toml_source(settings_cls, path))
             return tuple(sources)
 
-    settings: Settings = _Loaded(**overrides)
+    try:
+        settings: Settings = _Loaded(**overrides)
+    except ValidationError as exc:
+        raise ValueError(_explain(exc, origin)) from None
     sources: dict[str, str] = {}
     for name in Settings.model_fields:
-        if name in overrides:
-            sources[name] = "flag"
-        elif name in env_values:
-            sources[name] = f"env DEN_{name.upper()}"
-        elif name in file_values:
-            sources[name] = f"file {path}"
-        elif settings.instance and name in _INSTANCE_DERIVED:
+        sources[name] = origin(name)
+        if sources[name] == "default" and settings.instance and name in _INSTANCE_DERIVED:
             sources[name] = f"instance {settings.instance}"
-        else:
-            sources[name] = "default"
     return settings, sources
 
 
-_INSTANCE_DERIVED = {"data_dir", "socket", "socket_group", "account_prefix", "http_port", "ssh_port"}
+def _explain(exc: ValidationError, origin: Callable[[str], str]) -> str:
+    """One line per bad option: its name, where its value came from, what is wrong."""
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        name = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown option"
+        lines.append(f"{name} ({origin(str(err['loc'][0]) if err['loc'] else '')}): {msg}")
+    return "; ".join(lines)
+
+
+_INSTANCE_DERIVED = {
+    "data_dir", "socket", "socket_group", "account_prefix", "http_port", "ssh_port", "network_subnet",
+}

@@ -16,7 +16,7 @@ from den import tasks
 from den.app import App
 from den.config import Settings
 from den.rpc.server import make_web_app, prepare_socket
-from den.services import load_all
+from den.services import load_all, reconciler
 
 log = logging.getLogger("den.daemon")
 
@@ -27,6 +27,8 @@ async def serve(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
     app = App(settings)
     await app.start()
+    await reconciler.reconcile(app, startup=True)
+    reconciler.start_loop(app)
     runner = web.AppRunner(make_web_app(app), access_log=None, handle_signals=False)
     await runner.setup()
     sock = prepare_socket(str(settings.socket), settings.socket_group, settings.socket_mode)

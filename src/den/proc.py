@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -63,7 +64,8 @@ async def run(
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
     except TimeoutError:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
         await proc.wait()
         res = Result(args, -9, "", "timed out", time.perf_counter() - start)
         raise CommandFailed(res, f"{args[0]} timed out after {timeout:.0f}s") from None

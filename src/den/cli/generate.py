@@ -105,6 +105,8 @@ class _Field:
     def _one(self, v: Any) -> Any:
         if self.read_file:
             return read_input(v)
+        if self.arg is not None and self.arg.abs_path:
+            return str(Path(v).expanduser().absolute())
         if self.as_json and isinstance(v, str):
             try:
                 return orjson.loads(v)
@@ -152,6 +154,16 @@ def make_command(m: Method, invoke: Invoke) -> Callable[..., Any]:
                 raise typer.BadParameter(f"{question} Pass --yes to confirm without a terminal.")
             typer.confirm(question, abort=True)
         result = invoke(ctx, m, sent)
+        if cli.follow_job:
+            from den.cli.jobs import follow
+
+            result = follow(ctx, invoke, result, quiet=as_json)
+        if cli.exec_output and not as_json and isinstance(result, dict):
+            sys.stdout.write(result.get("stdout", ""))
+            sys.stdout.flush()
+            sys.stderr.write(result.get("stderr", ""))
+            sys.stderr.flush()
+            raise typer.Exit(int(result.get("exit_code", 1)))
         if as_json:
             render.print_json(result)
         else:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import secrets
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,9 +14,11 @@ import typer
 
 from den import config as den_config
 from den.cli import render
-from den.errors import DenError
+from den.config import Settings
+from den.errors import Conflict, DenError
 from den.host import checks as host_checks
 from den.host import prepare
+from den.services.common import NAME_RE
 
 
 def _print_checks(results: list[host_checks.Check]) -> None:
@@ -24,12 +29,23 @@ def _print_checks(results: list[host_checks.Check]) -> None:
 
 def init(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Act without asking.")] = False,
-    check: Annotated[bool, typer.Option("--check", help="Only report; exit 1 if anything is missing.")] = False,
-    pool_size: Annotated[str | None, typer.Option(help="Size of a new loopback pool image, e.g. 50G.")] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only report; exit 1 if anything is missing.")
+    ] = False,
+    pool_size: Annotated[
+        str | None, typer.Option(help="Size of a new loopback pool image, e.g. 50G.")
+    ] = None,
     instance: Annotated[int | None, typer.Option(help="Instance number.", min=0, max=99)] = None,
     config: Annotated[Path | None, typer.Option(help="Config file.")] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(help="Also build this image (debootstrap bookworm minbase) unless it exists."),
+    ] = None,
 ) -> None:
     """Check this host and prepare it for den; safe to run again."""
+    if image is not None and not NAME_RE.fullmatch(image):
+        render.err_console.print(f"error: {image!r} is not an image name ([a-z][a-z0-9-]{{0,30}})")
+        raise typer.Exit(2)
     try:
         settings, _ = den_config.load({"instance": instance, "pool_size": pool_size}, config)
     except ValueError as exc:
@@ -63,3 +79,58 @@ def init(
         render.err_console.print("error: some checks still fail (see above)")
         raise typer.Exit(1)
     render.console.print("[green]den init: this host is ready[/green]")
+    if image is not None:
+        try:
+            asyncio.run(ensure_image(settings, image, say))
+        except DenError as exc:
+            render.err_console.print(f"error: image {image}: {exc.message}", highlight=False)
+            raise typer.Exit(5 if isinstance(exc, Conflict) else 7) from None
+
+
+def _daemon_running(settings: Settings) -> bool:
+    try:
+        pid = int(json.loads(settings.state_file.read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+async def ensure_image(settings: Settings, name: str, say: prepare.Say) -> None:
+    """Build image ``name`` in this process (no daemon needed) unless it is ready already."""
+    from sqlalchemy import delete, select
+
+    from den.app import App
+    from den.cli.jobs import Bar
+    from den.db.engine import migrate
+    from den.db.models import Image
+    from den.services import images as svc
+    from den.storage.images import recover
+
+    app = App(settings)
+    try:
+        await migrate(settings.db_url)
+        app.pool.prepare()
+        if not _daemon_running(settings):
+            await recover(app.pool, app.sessions)
+        async with app.sessions() as db:
+            img = (await db.execute(select(Image).where(Image.name == name))).scalar_one_or_none()
+            if img is not None and img.state == "ready" and not app.pool.image_path(name).exists():
+                say(f"image {name} is recorded but missing from the pool: building it again")
+                await db.execute(delete(Image).where(Image.name == name))
+                await db.commit()
+                img = None
+        if img is not None:
+            if img.state != "ready":
+                raise Conflict(f"it is {img.state} in the running daemon; see `den job ls`")
+            say(f"image {name}: exists ({svc.human_size(img.size_bytes)}), reused")
+            return
+        say(f"building image {name}: debootstrap bookworm minbase (a minute or so)")
+        await svc.claim(app, name, "debootstrap", "bookworm", [])
+        produce = svc.builder(app, name, secrets.token_hex(4), "bookworm", [], "minbase")
+        start = time.monotonic()
+        with Bar(f"image {name}") as bar:
+            out = await svc.make(app, name, produce, bar.update)
+        say(f"image {name}: ready, {out.size} in {time.monotonic() - start:.0f}s")
+    finally:
+        await app.close()

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.text import Text
 
 from den import config as den_config
 from den.cli import init_cmd, render
@@ -70,7 +71,8 @@ def _global(
 
 
 def fail(message: str, code: int = 1) -> None:
-    render.err_console.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    # The message may hold user data: never read it as markup.
+    render.err_console.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
     raise typer.Exit(code)
 
 

@@ -8,16 +8,24 @@ from typing import Any
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped or redirected output keeps whole cells: Rich would cut tables to 80
+# columns with an ellipsis. Messages are never hard-wrapped either.
+console = Console(width=None if sys.stdout.isatty() else 4096)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any) -> Text:
+    """A table cell: plain text, so that data is never read as Rich markup."""
+    return Text(_plain(value))
+
+
+def _plain(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -53,7 +61,7 @@ def print_result(data: Any, columns: tuple[str, ...] = ()) -> None:
         table.add_column(style="bold")
         table.add_column()
         for k, v in data.items():
-            table.add_row(k, _cell(v))
+            table.add_row(Text(str(k)), _cell(v))
         console.print(table)
         return
     if data is not None:

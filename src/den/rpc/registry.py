@@ -85,10 +85,12 @@ class NoParams(Params):
 class CliArg:
     """Marks a params field as a positional CLI argument.
 
-    ``read_file``: the argument is a path (``-`` for stdin) whose content is sent.
+    ``read_file``: the argument is a path (``-`` for stdin) whose content is sent;
+    ``abs_path``: the argument is a path, sent made absolute.
     """
 
     read_file: bool = False
+    abs_path: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class Cli:
     confirm: str = ""  # a question asked unless --yes
     columns: tuple[str, ...] = ()
     note: str = ""  # printed after a successful call
+    exec_output: bool = False  # the result is {exit_code, stdout, stderr}: print them raw, exit so
+    follow_job: bool = False  # the result is a job: follow it with a progress bar to its end
 
 
 class Context:

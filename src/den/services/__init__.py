@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("system", "users", "keys", "tokens", "audit")
+MODULES = ("system", "users", "keys", "tokens", "audit", "workspaces", "code", "images", "jobs")
 
 
 def load_all() -> None:

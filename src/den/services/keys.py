@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
-import asyncssh
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from den.db.models import SshKey, User
 from den.errors import Conflict, InvalidParams, NotFound
@@ -45,6 +45,8 @@ def parse_public_key(text: str) -> ParsedKey:
         raise InvalidParams(
             "this is a private key: never send it; send the .pub file instead", field="key"
         )
+    import asyncssh  # heavy: only when a key is parsed, not at CLI start
+
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if len(lines) != 1:
         raise InvalidParams("send exactly one public key per call", field="key")
@@ -114,7 +116,11 @@ async def key_add(ctx: Context, p: KeyAdd) -> KeyOut:
         raise Conflict(f"the key {parsed.fingerprint} belongs to another user")
     key = SshKey(user_id=user.id, **parsed.columns())
     ctx.db.add(key)
-    await ctx.db.flush()
+    try:
+        await ctx.db.flush()
+    except IntegrityError:
+        # A concurrent key.add of the same key committed after our check above.
+        raise Conflict(f"the key {parsed.fingerprint} belongs to another user") from None
     return _out(key, user.name)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from den.db.models import SshKey, User
-from den.errors import Conflict, Forbidden
+from den.errors import Conflict, Forbidden, InvalidParams
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
 from den.services.common import Name, find_user
 from den.services.keys import parse_public_key
@@ -114,9 +114,18 @@ async def user_create(ctx: Context, p: UserCreate) -> UserOut:
         max_disk_mb=_quota(p.max_disk_mb),
     )
     ctx.db.add(user)
-    await ctx.db.flush()
+    try:
+        await ctx.db.flush()
+    except IntegrityError:
+        # A concurrent create of the same name committed after our check above.
+        raise Conflict(f"a user named {p.name!r} exists already") from None
+    if len({k.fingerprint for k in parsed}) != len(parsed):
+        raise InvalidParams("the same key is listed twice", field="keys")
     for key in parsed:
-        dup = await ctx.db.execute(select(SshKey.id).where(SshKey.fingerprint == key.fingerprint))
+        try:
+            dup = await ctx.db.execute(select(SshKey.id).where(SshKey.fingerprint == key.fingerprint))
+        except IntegrityError:  # autoflush of the previous key, taken meanwhile by a concurrent call
+            raise Conflict("one of the keys belongs to another user already") from None
         if dup.first() is not None:
             raise Conflict(f"the key {key.fingerprint} belongs to another user already")
         ctx.db.add(SshKey(user_id=user.id, **key.columns()))

@@ -23,7 +23,7 @@ from typing import Literal
 
 from den import proc
 from den.errors import BackendFailure, Conflict, NotFound
-from den.storage import btrfs
+from den.storage import btrfs, mounts
 
 log = logging.getLogger(__name__)
 Driver = Literal["btrfs", "overlay"]
@@ -146,9 +146,8 @@ class Pool:
         vdir = self.volume_dir(vid)
         if not vdir.exists():
             return
-        for child in sorted(vdir.iterdir()):
-            if _is_mountpoint(child):
-                await proc.run(["umount", "--lazy", str(child)])
+        for mp in mounts.mounts_under(vdir):
+            await proc.run(["umount", "--lazy", mp])
         for child in sorted(vdir.iterdir()):
             await asyncio.to_thread(self.discard, child)
         vdir.rmdir()
@@ -162,7 +161,4 @@ class Pool:
 
 
 def _is_mountpoint(path: Path) -> bool:
-    try:
-        return path.is_mount()
-    except OSError:
-        return False
+    return mounts.is_mountpoint(path)

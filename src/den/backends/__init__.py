@@ -1,0 +1,1 @@
+"""Backends make workspaces real on a node: one driver per isolation technology."""

@@ -1,0 +1,162 @@
+"""The backend contract.
+
+A backend turns a workspace record into a running isolated environment and
+back. The service layer decides *what* should be (the database row); the
+backend makes it so. Every method receives the workspace's :class:`Spec` and
+the backend's own opaque state blob (kept in the database as JSON), and
+returns the new blob where it changes it.
+
+Each method states when it may be called and whether it is idempotent. All
+may be called after a daemon restart, with a blob written by an earlier
+process: a backend must rediscover reality from the host, never from memory.
+
+A subclass that leaves any abstract method unimplemented fails when its
+module is imported, not later.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+Status = Literal["running", "suspended", "stopped", "missing"]
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a workspace should be, as the backend needs to know it."""
+
+    id: str
+    owner: str
+    name: str
+    image: str
+    rootfs: Path  # the workspace's writable snapshot of its image (ids unshifted)
+    code: Path  # its copy-on-write snapshot of the code tree
+    uid_start: int  # first host id of the owner's subordinate range
+    uid_count: int
+    cpu: float
+    memory_mb: int
+    pids: int
+    address: str
+    hostname: str
+
+
+@dataclass
+class ExecRequest:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = "/root"
+    stdin: bytes = b""
+    timeout: float = 60.0
+    user: str = "root"
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+@dataclass
+class Stats:
+    cpu_seconds: float = 0.0
+    memory_bytes: int = 0
+    pids: int = 0
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+
+
+class Backend(ABC):
+    """Base of every backend. Subclasses set ``name`` and implement every method."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise TypeError(f"backend {cls.__name__} does not implement: {missing}")
+
+    @abstractmethod
+    async def create(self, spec: Spec) -> State:
+        """Prepare everything the workspace needs to run, without starting it.
+
+        Called once, after the storage snapshots exist. Returns the initial
+        state blob. Idempotent: calling it again on a half-made workspace
+        (for example after the daemon died during create) completes it.
+        """
+
+    @abstractmethod
+    async def start(self, spec: Spec, state: State) -> State:
+        """Start the workspace's init; return when it can run exec.
+
+        May be called on a stopped or never-started workspace. Idempotent:
+        on a running workspace it does nothing; on a suspended one it resumes.
+        """
+
+    @abstractmethod
+    async def stop(self, spec: Spec, state: State) -> State:
+        """End every process of the workspace; keep its files and address.
+
+        Idempotent: on a stopped or missing workspace it does nothing. A
+        suspended workspace is thawed first so its processes can be killed.
+        """
+
+    @abstractmethod
+    async def suspend(self, spec: Spec, state: State) -> State:
+        """Freeze every process; memory is kept, CPU use drops to zero.
+
+        Only for a running workspace. Idempotent on a suspended one.
+        """
+
+    @abstractmethod
+    async def resume(self, spec: Spec, state: State) -> State:
+        """Thaw a suspended workspace; the same processes continue.
+
+        Idempotent on a running one. Must be fast: it is on the path of every
+        connection to a suspended workspace.
+        """
+
+    @abstractmethod
+    async def delete(self, spec: Spec, state: State) -> None:
+        """Remove everything the backend made (processes, cgroups, network, mounts).
+
+        Storage snapshots are the service's to remove, after this returns.
+        Idempotent: anything already gone is skipped; may be called on a
+        half-made workspace, in any state.
+        """
+
+    @abstractmethod
+    async def exec(self, spec: Spec, state: State, req: ExecRequest) -> ExecResult:
+        """Run a command inside a running workspace and wait for it.
+
+        The caller resumes a suspended workspace first. A timeout kills the
+        command (not the workspace) and sets ``timed_out``.
+        """
+
+    @abstractmethod
+    async def status(self, spec: Spec, state: State) -> Status:
+        """What is true on the host now: running, suspended, stopped or missing.
+
+        Read-only and cheap; the reconciler calls it for every workspace.
+        """
+
+    @abstractmethod
+    async def stats(self, spec: Spec, state: State) -> Stats:
+        """Resource use now (cumulative CPU, memory, pids, network bytes).
+
+        Zeros for a workspace that is not running.
+        """
+
+    @abstractmethod
+    async def orphans(self, known_ids: set[str]) -> list[str]:
+        """Ids of workspaces this backend finds on the host but not in ``known_ids``.
+
+        Used by the reconciler to remove what has no record.
+        """

@@ -1,0 +1,142 @@
+"""Cgroup files of a workspace: freezer, accounting, cleanup (v1/hybrid and v2)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+from den.errors import BackendFailure
+
+ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb",
+                  "net_cls", "net_prio", "perf_event", "systemd")
+
+
+def unified() -> bool:
+    return (ROOT / "cgroup.controllers").exists()
+
+
+def _v1(controller: str, path: str) -> Path:
+    return ROOT / controller / path.lstrip("/")
+
+
+def _v2(path: str) -> Path:
+    return ROOT / path.lstrip("/")
+
+
+def freeze(path: str, timeout: float = 5.0) -> None:
+    """Freeze every process of the cgroup; return once they are frozen."""
+    _set_frozen(path, True, timeout)
+
+
+def thaw(path: str, timeout: float = 5.0) -> None:
+    _set_frozen(path, False, timeout)
+
+
+def _set_frozen(path: str, frozen: bool, timeout: float) -> None:
+    try:
+        if unified():
+            _v2(path).joinpath("cgroup.freeze").write_text("1" if frozen else "0")
+        else:
+            _v1("freezer", path).joinpath("freezer.state").write_text("FROZEN" if frozen else "THAWED")
+    except FileNotFoundError:
+        raise BackendFailure(f"cgroup {path} is missing: is the workspace running?") from None
+    deadline = time.monotonic() + timeout
+    while is_frozen(path) != frozen:
+        if time.monotonic() > deadline:
+            raise BackendFailure(f"cgroup {path} did not {'freeze' if frozen else 'thaw'} in {timeout}s")
+        time.sleep(0.0002)
+
+
+def is_frozen(path: str) -> bool:
+    try:
+        if unified():
+            events = _v2(path).joinpath("cgroup.events").read_text()
+            return "frozen 1" in events
+        return _v1("freezer", path).joinpath("freezer.state").read_text().strip() == "FROZEN"
+    except FileNotFoundError:
+        return False
+
+
+def _read_int(p: Path) -> int:
+    try:
+        return int(p.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def cpu_seconds(path: str) -> float:
+    if unified():
+        try:
+            for line in _v2(path).joinpath("cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec"):
+                    return int(line.split()[1]) / 1e6
+        except OSError:
+            return 0.0
+        return 0.0
+    return _read_int(_v1("cpuacct", path) / "cpuacct.usage") / 1e9
+
+
+def memory_bytes(path: str) -> int:
+    """Memory in use, without the page cache that can be dropped."""
+    if unified():
+        return _read_int(_v2(path) / "memory.current")
+    base = _v1("memory", path)
+    usage = _read_int(base / "memory.usage_in_bytes")
+    inactive = 0
+    with contextlib.suppress(OSError):
+        for line in (base / "memory.stat").read_text().splitlines():
+            if line.startswith("total_inactive_file "):
+                inactive = int(line.split()[1])
+    return max(0, usage - inactive)
+
+
+def pids(path: str) -> int:
+    if unified():
+        return _read_int(_v2(path) / "pids.current")
+    return _read_int(_v1("pids", path) / "pids.current")
+
+
+def oom_kills(path: str) -> int:
+    if unified():
+        try:
+            for line in _v2(path).joinpath("memory.events").read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except OSError:
+            return 0
+        return 0
+    try:
+        for line in _v1("memory", path).joinpath("memory.oom_control").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+def dirs(path: str) -> list[Path]:
+    """Every directory of this cgroup path that exists on the host."""
+    if unified():
+        return [p for p in (_v2(path),) if p.is_dir()]
+    return [p for c in V1_CONTROLLERS if (p := _v1(c, path)).is_dir()]
+
+
+def remove(path: str) -> None:
+    """Remove the cgroup directories (children first); busy or missing is skipped."""
+    for d in dirs(path):
+        for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                os.rmdir(sub)
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+def children(parent: str) -> list[str]:
+    """Names of the cgroups under ``parent`` (in any controller)."""
+    names: set[str] = set()
+    for d in dirs(parent):
+        names.update(p.name for p in d.iterdir() if p.is_dir())
+    return sorted(names)

@@ -1,0 +1,137 @@
+"""The crun OCI runtime, driven through its command line (one helper per verb)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from den import proc
+from den.errors import BackendFailure
+
+
+@dataclass
+class ExecOutcome:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+
+
+MAX_OUTPUT = 16 << 20
+
+
+class Crun:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _base(self) -> list[str]:
+        return ["crun", "--root", str(self.root), "--cgroup-manager", "cgroupfs"]
+
+    async def state(self, cid: str) -> dict[str, Any] | None:
+        """crun's view of a container, or None when crun does not know it."""
+        if not (self.root / cid).exists():
+            return None
+        res = await proc.run([*self._base(), "state", cid], check=False)
+        if res.returncode != 0:
+            return None
+        data: dict[str, Any] = json.loads(res.stdout)
+        return data
+
+    async def run(self, cid: str, bundle: Path) -> None:
+        """Create and start the container detached; returns once init runs.
+
+        The container's init inherits crun's standard streams, so they are
+        /dev/null; crun's own errors go to a log file in the bundle.
+        """
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log = bundle / "crun.log"
+        log.unlink(missing_ok=True)
+        argv = [*self._base(), "--log", f"file:{log}", "run", "--detach", "--bundle", str(bundle), cid]
+        p = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            rc = await asyncio.wait_for(p.wait(), 60)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            raise BackendFailure(f"crun did not start {cid} within 60 s") from None
+        if rc != 0:
+            detail = ""
+            with contextlib.suppress(OSError):
+                lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+                detail = lines[-1] if lines else ""
+            if detail.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    detail = str(json.loads(detail).get("msg", detail))
+            raise BackendFailure(f"crun could not start the workspace: {detail or f'exit {rc}'}")
+
+    async def kill(self, cid: str, sig: str = "TERM", all_processes: bool = False) -> None:
+        argv = [*self._base(), "kill"]
+        if all_processes:
+            argv.append("--all")
+        await proc.run([*argv, cid, sig], check=False)
+
+    async def delete(self, cid: str) -> None:
+        if (self.root / cid).exists():
+            await proc.run([*self._base(), "delete", "--force", cid], check=False)
+
+    def ids(self, prefix: str) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+
+    async def exec(
+        self,
+        cid: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str,
+        user: str,
+        stdin: bytes,
+        timeout: float,
+        pid_dir: Path,
+    ) -> ExecOutcome:
+        """Run ``argv`` in the container; on timeout kill it (not the container)."""
+        pid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pid_file = pid_dir / f"exec-{os.getpid()}-{time.monotonic_ns()}.pid"
+        cmd = [*self._base(), "exec", "--pid-file", str(pid_file), "--cwd", cwd, "--user", user]
+        for k, v in env.items():
+            cmd += ["--env", f"{k}={v}"]
+        cmd += [cid, *argv]
+        try:
+            p = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            raise BackendFailure("crun is not installed; run `den init`") from None
+        timed_out = False
+        try:
+            out, err = await asyncio.wait_for(p.communicate(stdin), timeout)
+        except TimeoutError:
+            timed_out = True
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            out, err = await p.communicate()
+        finally:
+            pid_file.unlink(missing_ok=True)
+        rc = p.returncode if p.returncode is not None else -1
+        if rc != 0 and err.startswith(b"crun: ") or b"\ncrun: " in err[-500:]:
+            text = err.decode(errors="replace").strip().splitlines()[-1]
+            if "executable file" in text or "No such file" in text:
+                return ExecOutcome(127, out[:MAX_OUTPUT], err[:MAX_OUTPUT], timed_out)
+        return ExecOutcome(124 if timed_out else rc, out[:MAX_OUTPUT], err[:MAX_OUTPUT], timed_out)

@@ -1,0 +1,257 @@
+"""The sandbox backend: a crun container per workspace.
+
+Namespaces (pid, mount, uts, ipc, net, cgroup, user) with root mapped to the
+owner's subordinate id range; the rootfs and /code are idmapped views of the
+workspace's btrfs snapshots (O(1), no chown walk); tini is PID 1; cgroup
+limits from the workspace's resources; a netns with a veth on the bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from den.backends import cgroups
+from den.backends.base import Backend, ExecRequest, ExecResult, Spec, State, Stats, Status
+from den.backends.bundle import config
+from den.backends.crun import Crun
+from den.errors import BackendFailure, InvalidParams
+from den.net.network import Network
+from den.storage import idmap
+
+log = logging.getLogger(__name__)
+
+
+class SandboxBackend(Backend):
+    name = "sandbox"
+
+    def __init__(self, instance: int, data_dir: Path, volumes: Path, network: Network) -> None:
+        self.instance = instance
+        self.prefix = f"den{instance}-"
+        self.cgroup_parent = f"/den{instance}"
+        self.bundles = data_dir / "bundles"
+        self.volumes = volumes
+        self.views_dir = volumes.parent / "views"
+        self.network = network
+        self.crun = Crun(Path(f"/run/den/crun{instance}"))
+
+    # -- names and paths -------------------------------------------------------
+    def cid(self, ws_id: str) -> str:
+        return self.prefix + ws_id
+
+    def cgroup(self, ws_id: str) -> str:
+        return f"{self.cgroup_parent}/{ws_id}"
+
+    def bundle(self, ws_id: str) -> Path:
+        return self.bundles / ws_id
+
+    def views(self, ws_id: str) -> tuple[Path, Path]:
+        # Raw snapshots stay in the root-only volumes directory: their files are
+        # owned by uid 0 on disk. The workspace's root (a host uid of its own)
+        # reaches only these idmapped views, through traverse-only directories.
+        vdir = self.views_dir / ws_id
+        return vdir / "root", vdir / "code"
+
+    # -- pieces ----------------------------------------------------------------
+    def _mount_views(self, spec: Spec) -> None:
+        root_view, code_view = self.views(spec.id)
+        for d in (self.views_dir, root_view.parent):
+            d.mkdir(exist_ok=True, mode=0o711)
+            d.chmod(0o711)
+        for raw, view in ((spec.rootfs, root_view), (spec.code, code_view)):
+            view.mkdir(exist_ok=True)
+            if not idmap.is_mountpoint(view):
+                idmap.idmapped_bind(raw, view, spec.uid_start, spec.uid_count)
+
+    def _unmount_views(self, ws_id: str) -> None:
+        views = self.views(ws_id)
+        for view in views:
+            idmap.unmount(view)
+        for d in (*views, views[0].parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    def _write_etc(self, spec: Spec) -> None:
+        etc = spec.rootfs / "etc"
+        etc.mkdir(exist_ok=True)
+        (etc / "hostname").write_text(spec.hostname + "\n")
+        (etc / "hosts").write_text(
+            f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"{spec.address}\t{spec.hostname}\n"
+        )
+        resolv = etc / "resolv.conf"
+        if resolv.is_symlink():
+            resolv.unlink()
+        resolv.write_text(host_resolvers())
+        (spec.code).chmod(0o755)
+
+    def _write_bundle(self, spec: Spec) -> None:
+        b = self.bundle(spec.id)
+        b.mkdir(parents=True, exist_ok=True, mode=0o700)
+        root_view, code_view = self.views(spec.id)
+        cfg = config(spec, root_view, code_view, self.network.netns_path(spec.id), self.cgroup(spec.id))
+        tmp = b / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg, indent=1))
+        tmp.replace(b / "config.json")
+
+    # -- the contract ------------------------------------------------------------
+    async def create(self, spec: Spec) -> State:
+        await self.network.ensure()
+        await self.network.attach(spec.id, spec.address)
+        await asyncio.to_thread(self._prepare, spec)
+        return {"container": self.cid(spec.id), "cgroup": self.cgroup(spec.id)}
+
+    def _prepare(self, spec: Spec) -> None:
+        self._write_etc(spec)
+        self._mount_views(spec)
+        self._write_bundle(spec)
+
+    async def start(self, spec: Spec, state: State) -> State:
+        cid = self.cid(spec.id)
+        st = await self.crun.state(cid)
+        if st is not None and st.get("status") == "running":
+            if cgroups.is_frozen(self.cgroup(spec.id)):
+                await self.resume(spec, state)
+            return state
+        if st is not None:
+            await self.crun.delete(cid)
+        # After a reboot or a half-made create, the pieces may be missing.
+        if not await asyncio.to_thread(self.network.present, spec.id):
+            await self.network.ensure()
+            await self.network.attach(spec.id, spec.address)
+        await asyncio.to_thread(self._prepare, spec)
+        await self.crun.run(cid, self.bundle(spec.id))
+        return state
+
+    async def stop(self, spec: Spec, state: State) -> State:
+        cid = self.cid(spec.id)
+        st = await self.crun.state(cid)
+        if st is None:
+            return state
+        if cgroups.is_frozen(self.cgroup(spec.id)):
+            await asyncio.to_thread(cgroups.thaw, self.cgroup(spec.id))
+        if st.get("status") == "running":
+            await self.crun.kill(cid, "TERM")
+            for _ in range(100):  # tini forwards TERM; give the processes 2 s
+                st = await self.crun.state(cid)
+                if st is None or st.get("status") != "running":
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                await self.crun.kill(cid, "KILL", all_processes=True)
+        await self.crun.delete(cid)
+        return state
+
+    async def suspend(self, spec: Spec, state: State) -> State:
+        await asyncio.to_thread(cgroups.freeze, self.cgroup(spec.id))
+        return state
+
+    async def resume(self, spec: Spec, state: State) -> State:
+        cgroups.thaw(self.cgroup(spec.id))  # a file write: cheaper than a thread hop
+        return state
+
+    async def delete(self, spec: Spec, state: State) -> None:
+        await self.stop(spec, state)
+        await self.crun.delete(self.cid(spec.id))
+        await asyncio.to_thread(self._remove_host_parts, spec.id)
+        await self.network.detach(spec.id)
+
+    def _remove_host_parts(self, ws_id: str) -> None:
+        self._unmount_views(ws_id)
+        shutil.rmtree(self.bundle(ws_id), ignore_errors=True)
+        cgroups.remove(self.cgroup(ws_id))
+
+    async def exec(self, spec: Spec, state: State, req: ExecRequest) -> ExecResult:
+        user, home = resolve_user(spec.rootfs, req.user)
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOME": home, "LANG": "C.UTF-8", **req.env}
+        cwd = req.cwd or home
+        out = await self.crun.exec(
+            self.cid(spec.id), req.argv, env=env, cwd=cwd, user=user, stdin=req.stdin,
+            timeout=req.timeout, pid_dir=self.bundle(spec.id),
+        )
+        return ExecResult(out.exit_code, out.stdout, out.stderr, out.timed_out)
+
+    async def status(self, spec: Spec, state: State) -> Status:
+        st = await self.crun.state(self.cid(spec.id))
+        if st is None:
+            return "stopped" if self.bundle(spec.id).exists() else "missing"
+        if st.get("status") == "running":
+            return "suspended" if cgroups.is_frozen(self.cgroup(spec.id)) else "running"
+        if st.get("status") == "paused":
+            return "suspended"
+        return "stopped"
+
+    async def stats(self, spec: Spec, state: State) -> Stats:
+        cg = self.cgroup(spec.id)
+        rx, tx = self.network.counters(spec.id)  # sysfs files, no netlink
+        return Stats(
+            cpu_seconds=cgroups.cpu_seconds(cg),
+            memory_bytes=cgroups.memory_bytes(cg),
+            pids=cgroups.pids(cg),
+            net_rx_bytes=rx,
+            net_tx_bytes=tx,
+        )
+
+    async def orphans(self, known_ids: set[str]) -> list[str]:
+        found = {c[len(self.prefix):] for c in self.crun.ids(self.prefix)}
+        if self.bundles.exists():
+            found.update(p.name for p in self.bundles.iterdir() if p.is_dir())
+        found.update(cgroups.children(self.cgroup_parent))
+        if self.views_dir.exists():
+            found.update(p.name for p in self.views_dir.iterdir() if p.is_dir())
+        return sorted(found - known_ids)
+
+    async def remove_orphan(self, ws_id: str) -> None:
+        """Remove what the backend left on the host for a workspace with no record."""
+        cid = self.cid(ws_id)
+        if await self.crun.state(cid) is not None:
+            if cgroups.is_frozen(self.cgroup(ws_id)):
+                cgroups.thaw(self.cgroup(ws_id))
+            await self.crun.kill(cid, "KILL", all_processes=True)
+            await self.crun.delete(cid)
+        await asyncio.to_thread(self._remove_host_parts, ws_id)
+        await self.network.detach(ws_id)
+
+
+def host_resolvers() -> str:
+    """The host's nameservers that a workspace can reach (not loopback ones)."""
+    lines = []
+    try:
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver" and not parts[1].startswith(("127.", "::1")):
+                lines.append(f"nameserver {parts[1]}")
+            elif parts and parts[0] in ("search", "options"):
+                lines.append(line)
+    except OSError:
+        pass
+    return "\n".join(lines) + "\n" if lines else "# den: the host has no resolver a workspace can use\n"
+
+
+def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
+    """("uid:gid", home) of a user inside the workspace, from its /etc/passwd."""
+    if user in ("", "root", "0"):
+        return "0:0", "/root"
+    try:
+        lines = (rootfs / "etc" / "passwd").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":")
+        if len(parts) >= 6 and (parts[0] == user or parts[2] == user):
+            return f"{parts[2]}:{parts[3]}", parts[5] or "/"
+    if user.isdigit():
+        return f"{user}:{user}", "/"
+    raise InvalidParams(f"no user {user!r} in the workspace", field="user")
+
+
+def check_tini() -> None:
+    from den.backends.bundle import TINI
+
+    if not TINI.exists():
+        raise BackendFailure(f"{TINI} is missing: install the Debian package tini (den init)")

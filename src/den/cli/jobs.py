@@ -1,0 +1,101 @@
+"""Following a background job from the CLI with a Rich progress bar.
+
+A method whose :class:`den.rpc.registry.Cli` has ``follow_job`` returns a job;
+the generated command hands it to :func:`follow`, which polls ``job.get`` until
+the job ends, then returns its result or exits non-zero with its error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from den.cli import render
+from den.rpc.registry import REGISTRY, Method
+
+POLL_SECONDS = 0.3
+
+
+class Bar:
+    """One progress bar on stderr: ``update(now, end, step)`` as work goes on."""
+
+    def __init__(self, title: str, *, quiet: bool = False) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[step]}", markup=False),
+            console=render.err_console,
+            disable=quiet,
+            transient=False,
+        )
+        self.task: TaskID = self.progress.add_task(title, total=None, step="")
+
+    def update(self, now: int, end: int, step: str) -> None:
+        self.progress.update(self.task, completed=now, total=end or None, step=step[:60])
+
+    def __enter__(self) -> Bar:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.progress.stop()
+
+
+def _exit_code(code: Any) -> int:
+    from den.cli.main import EXIT_CODES
+
+    return EXIT_CODES.get(code, 1) if isinstance(code, int) else 1
+
+
+def follow(
+    ctx: typer.Context,
+    invoke: Callable[[typer.Context, Method, dict[str, Any]], Any],
+    job: Any,
+    *,
+    quiet: bool = False,
+) -> Any:
+    """Poll ``job`` to its end; return its result, or print its error and exit non-zero."""
+    if not isinstance(job, dict) or "id" not in job:
+        return job
+    get = REGISTRY.get("job.get")
+    title = f"{job.get('kind', 'job')} {job.get('target', '')}".strip()
+    try:
+        with Bar(title, quiet=quiet) as bar:
+            while job.get("state") == "running":
+                bar.update(job.get("now", 0), job.get("end", 0), job.get("step", ""))
+                time.sleep(POLL_SECONDS)
+                job = invoke(ctx, get, {"id": job["id"]})
+            bar.update(job.get("now", 0), job.get("end", 0), job.get("state", ""))
+    except KeyboardInterrupt:
+        render.err_console.print(
+            f"stopped following; job {job['id']} goes on in the daemon "
+            f"(`den job show {job['id']}`, `den job cancel {job['id']}`)",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
+    if job.get("state") != "done":
+        error = escape(str(job.get("error", "")))
+        render.err_console.print(
+            f"[red]error:[/red] {escape(title)} {job.get('state')}: {error}", highlight=False
+        )
+        raise typer.Exit(_exit_code(job.get("error_code")))
+    return job.get("result") if job.get("result") is not None else job

@@ -1,0 +1,1 @@
+"""Workspace networking: a bridge, a veth and a netns per workspace, nftables."""

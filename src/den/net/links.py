@@ -1,0 +1,184 @@
+"""Bridge, network namespaces and veth pairs, through netlink (pyroute2)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetlinkError
+
+from den.errors import BackendFailure
+
+NETNS_DIR = Path("/var/run/netns")
+_CLONE_NEWNET = 0x40000000
+_MS_BIND = 4096
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# Network namespaces are made and entered from short-lived threads with
+# unshare(2)/setns(2): forking helpers (as pyroute2's NetNS does) would hand
+# their signals to the daemon's event loop.
+
+
+def ensure_bridge(name: str, gateway_cidr: str) -> int:
+    """Create the bridge with the gateway address if missing; return its index."""
+    addr, plen = gateway_cidr.split("/")
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("add", ifname=name, kind="bridge")
+            found = ipr.link_lookup(ifname=name)
+        idx = int(found[0])
+        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
+        if addr not in have:
+            ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
+        ipr.link("set", index=idx, state="up")
+        return idx
+
+
+def delete_link(name: str) -> None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=found[0])
+
+
+def link_names(prefix: str) -> list[str]:
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    return sorted(n for n in names if n and n.startswith(prefix))
+
+
+def link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def netns_names(prefix: str) -> list[str]:
+    if not NETNS_DIR.exists():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def _in_thread(name: str, fn: Callable[[], None]) -> None:
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=target, name=f"netns-{name}")
+    t.start()
+    t.join()
+    if errors:
+        raise BackendFailure(f"cannot set up network namespace {name}: {errors[0]}")
+
+
+def _enter(name: str) -> None:
+    fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
+def _in_netns(name: str, fn: Callable[[], None]) -> None:
+    """Run ``fn()`` in a fresh thread that has joined the netns ``name``."""
+
+    def run() -> None:
+        _enter(name)
+        fn()
+
+    _in_thread(name, run)
+
+
+def _sysctls() -> None:
+    # Root in the workspace has no capabilities over this namespace (it belongs
+    # to the host's user namespace), so it could not bind ports below 1024 or
+    # ping: allow both for everyone inside.
+    Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").write_text("0")
+    Path("/proc/sys/net/ipv4/ping_group_range").write_text("0 2147483647")
+
+
+def create_netns(name: str) -> None:
+    """A named network namespace at /var/run/netns/NAME (like `ip netns add`)."""
+    if not netns_exists(name):
+        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        target = NETNS_DIR / name
+        target.touch()
+
+        def make() -> None:
+            if _libc.unshare(_CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+            src = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+            if _libc.mount(src, str(target).encode(), None, _MS_BIND, None) != 0:
+                raise OSError(ctypes.get_errno(), "mount")
+
+        try:
+            _in_thread(name, make)
+        except BackendFailure:
+            target.unlink(missing_ok=True)
+            raise
+    _in_netns(name, _sysctls)
+
+
+def delete_netns(name: str) -> None:
+    target = NETNS_DIR / name
+    if target.exists():
+        _libc.umount2(str(target).encode(), _MNT_DETACH)
+        with contextlib.suppress(OSError):
+            target.unlink()
+
+
+def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gateway: str) -> None:
+    """A veth pair: ``host_if`` on the bridge (isolated port), eth0 in ``ns``."""
+    with IPRoute() as ipr:
+        br = ipr.link_lookup(ifname=bridge)
+        if not br:
+            raise BackendFailure(f"bridge {bridge} is missing")
+        if not ipr.link_lookup(ifname=host_if):
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+        idx = ipr.link_lookup(ifname=host_if)[0]
+        ipr.link("set", index=idx, master=br[0], state="up")
+        # Isolated bridge ports cannot reach each other: no workspace-to-workspace traffic.
+        ipr.brport("set", index=idx, isolated=1)
+
+
+    def inside() -> None:
+        with IPRoute() as nsr:
+            eth = nsr.link_lookup(ifname="eth0")
+            if not eth:
+                raise BackendFailure(f"eth0 is missing in {ns}")
+            have = {a.get_attr("IFA_ADDRESS") for a in nsr.get_addr(index=eth[0], family=2)}
+            if address not in have:
+                nsr.addr("add", index=eth[0], address=address, prefixlen=prefixlen)
+            nsr.link("set", index=eth[0], state="up")
+            nsr.link("set", index=nsr.link_lookup(ifname="lo")[0], state="up")
+            with contextlib.suppress(NetlinkError):
+                nsr.route("add", gateway=gateway)
+
+    _in_netns(ns, inside)
+
+
+def counters(host_if: str) -> tuple[int, int]:
+    """(rx, tx) bytes as the workspace sees them (the host side counts the reverse)."""
+    base = Path("/sys/class/net") / host_if / "statistics"
+    try:
+        tx_host = int((base / "tx_bytes").read_text())
+        rx_host = int((base / "rx_bytes").read_text())
+    except (OSError, ValueError):
+        return 0, 0
+    return tx_host, rx_host

@@ -1,0 +1,600 @@
+"""Workspaces: the lifecycle of an isolated environment owned by one user.
+
+Desired state goes to the database first and is committed before the host is
+touched, so that the reconciler can finish or undo any operation a crash
+interrupts: ``creating`` rows are undone, ``deleting`` rows are finished.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from den.backends.base import Spec
+from den.db.models import Image, User, Workspace
+from den.errors import BackendFailure, Conflict, InvalidParams, NotFound, QuotaExceeded
+from den.net import ipam
+from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
+from den.services.common import Name, find_user, user_or_self
+
+if TYPE_CHECKING:
+    from den.app import App
+
+REF_RE = re.compile(r"(?:([a-z][a-z0-9-]{0,30})/)?([a-z][a-z0-9-]{0,30})")
+SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)i?B?", re.I)
+DEFAULT_NAME = "default"
+
+
+def parse_ref(ref: str) -> tuple[str | None, str]:
+    """"NAME" (yours) or "OWNER/NAME" -> (owner or None, name)."""
+    m = REF_RE.fullmatch(ref)
+    if not m:
+        raise InvalidParams(
+            f"{ref[:80]!r} is not a workspace: write NAME or OWNER/NAME (lowercase letters, "
+            "digits and '-', starting with a letter)",
+            field="ref",
+        )
+    return m.group(1), m.group(2)
+
+
+def parse_mib(text: str, field: str) -> int:
+    """A size like 512M, 2G, 1.5G or a number of MiB -> MiB."""
+    m = SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise InvalidParams(f"{text[:40]!r} is not a size like 512M or 2G", field=field)
+    value, unit = float(m.group(1)), m.group(2).upper()
+    factor = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
+    return int(value * factor)
+
+
+def host_memory_mib() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+
+
+class WorkspaceOut(BaseModel):
+    id: str
+    ref: str
+    owner: str
+    name: str
+    state: str
+    state_reason: str
+    image: str
+    backend: str
+    address: str | None
+    cpu: float
+    memory_mb: int
+    pids: int
+    disk_mb: int | None
+    created_at: datetime
+    last_activity_at: datetime | None
+    last_activity_kind: str
+
+
+def ws_out(ws: Workspace, owner: str) -> WorkspaceOut:
+    return WorkspaceOut(
+        id=ws.id,
+        ref=f"{owner}/{ws.name}",
+        owner=owner,
+        name=ws.name,
+        state=ws.state,
+        state_reason=ws.state_reason,
+        image=ws.image,
+        backend=ws.backend,
+        address=ws.address,
+        cpu=ws.cpu,
+        memory_mb=ws.memory_mb,
+        pids=ws.pids,
+        disk_mb=ws.disk_mb,
+        created_at=ws.created_at,
+        last_activity_at=ws.last_activity_at,
+        last_activity_kind=ws.last_activity_kind,
+    )
+
+
+async def find_workspace(ctx: Context, ref: str) -> tuple[Workspace, User]:
+    """The workspace a caller names; another user's is "not found" for members."""
+    owner_name, name = parse_ref(ref)
+    if owner_name is None:
+        if ctx.caller.user_id is None:
+            raise InvalidParams(
+                f"{ctx.caller.name} owns no workspaces: write OWNER/NAME", field="ref"
+            )
+        owner_name = ctx.caller.name
+    if not ctx.caller.is_admin and owner_name != ctx.caller.name:
+        raise NotFound(f"no workspace {ref!r}")
+    q = (
+        select(Workspace, User)
+        .join(User, Workspace.user_id == User.id)
+        .where(User.name == owner_name, Workspace.name == name)
+    )
+    row = (await ctx.db.execute(q)).first()
+    if row is None or row[0].state == "deleting":
+        raise NotFound(f"no workspace {ref!r}; `den ls` lists yours")
+    return row[0], row[1]
+
+
+def spec_of(app: App, ws: Workspace, owner: User) -> Spec:
+    if owner.subuid_start is None or owner.subuid_count is None:
+        raise BackendFailure(f"{owner.name} has no subordinate id range; recreate the user")
+    vdir = app.pool.volume_dir(ws.id)
+    return Spec(
+        id=ws.id,
+        owner=owner.name,
+        name=ws.name,
+        image=ws.image,
+        rootfs=vdir / "rootfs",
+        code=vdir / "code",
+        uid_start=owner.subuid_start,
+        uid_count=owner.subuid_count,
+        cpu=ws.cpu,
+        memory_mb=ws.memory_mb,
+        pids=ws.pids,
+        address=ws.address or "",
+        hostname=ws.name,
+    )
+
+
+def new_id() -> str:
+    return secrets.token_hex(6)
+
+
+# -- params --------------------------------------------------------------------
+
+
+class WsRef(Params):
+    ref: Annotated[str, CliArg()] = Field(max_length=80, description="NAME (yours) or OWNER/NAME.")
+
+
+class WsCreate(Params):
+    name: Annotated[Name, CliArg()] = Field(description="Workspace name, unique per owner.")
+    user: Name | None = Field(None, description="Owner (default: you; others: admins only).")
+    image: Name | None = Field(None, description="Image to start from (default: the configured one).")
+    cpu: float | None = Field(None, description="CPUs, e.g. 0.5 or 2.")
+    mem: str | None = Field(None, max_length=16, description="Memory, e.g. 512M or 2G.")
+    pids: int | None = Field(None, description="Most processes at once.")
+
+
+class WsList(Params):
+    all: bool = Field(False, description="Every user's workspaces (admins).")
+    user: Name | None = Field(None, description="Only this owner's workspaces (admins).")
+
+
+class WsRename(Params):
+    ref: Annotated[str, CliArg()] = Field(max_length=80, description="NAME or OWNER/NAME.")
+    new_name: Annotated[Name, CliArg()] = Field(description="The new name.")
+
+
+class WsClone(Params):
+    source: Annotated[str, CliArg()] = Field(max_length=80, description="Workspace to copy.")
+    name: Annotated[Name, CliArg()] = Field(description="Name of the copy (yours).")
+
+
+class ExecParams(Params):
+    ref: Annotated[str, CliArg()] = Field(max_length=80, description="NAME or OWNER/NAME.")
+    argv: Annotated[list[str], CliArg()] = Field(
+        min_length=1, max_length=4096, description="Command and arguments (after --)."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    cwd: str = Field("", max_length=4096, description="Working directory (default: the home).")
+    stdin: str = Field("", max_length=16 << 20, description="Text given on standard input.")
+    timeout: float = Field(60.0, gt=0, le=86400, description="Seconds before the command is killed.")
+    user: str = Field("root", max_length=64, description="User inside the workspace.")
+
+
+class ExecOut(BaseModel):
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+async def check_quota(ctx: Context, owner: User, cpu: float, memory_mb: int) -> None:
+    q = select(
+        func.count(Workspace.id), func.coalesce(func.sum(Workspace.cpu), 0),
+        func.coalesce(func.sum(Workspace.memory_mb), 0),
+    ).where(Workspace.user_id == owner.id)
+    count, cpu_used, mem_used = (await ctx.db.execute(q)).one()
+    if owner.max_workspaces is not None and count + 1 > owner.max_workspaces:
+        raise QuotaExceeded(
+            f"quota max_workspaces is {owner.max_workspaces} and {owner.name} has {count} workspaces"
+        )
+    if owner.max_cpu is not None and float(cpu_used) + cpu > owner.max_cpu:
+        raise QuotaExceeded(
+            f"quota max_cpu is {owner.max_cpu}: {owner.name} uses {float(cpu_used):g} CPUs "
+            f"and asks for {cpu:g} more"
+        )
+    if owner.max_memory_mb is not None and int(mem_used) + memory_mb > owner.max_memory_mb:
+        raise QuotaExceeded(
+            f"quota max_memory_mb is {owner.max_memory_mb}: {owner.name} uses {int(mem_used)} MiB "
+            f"and asks for {memory_mb} MiB more"
+        )
+
+
+def check_resources(cpu: float, memory_mb: int, pids: int) -> None:
+    ncpu = os.cpu_count() or 1
+    if not 0.05 <= cpu <= ncpu:
+        raise InvalidParams(f"cpu must be between 0.05 and {ncpu} (this host's CPUs)", field="cpu")
+    total = host_memory_mib()
+    if not 32 <= memory_mb <= total:
+        raise InvalidParams(f"memory must be between 32M and {total}M (this host's memory)", field="mem")
+    if not 16 <= pids <= 4_194_304:
+        raise InvalidParams("pids must be between 16 and 4194304", field="pids")
+
+
+async def _allocate_address(ctx: Context) -> str:
+    taken = (await ctx.db.execute(select(Workspace.address).where(Workspace.address.is_not(None)))).scalars()
+    return ipam.allocate(ctx.app.settings.network_subnet, [a for a in taken if a])
+
+
+async def _image_ready(ctx: Context, name: str) -> None:
+    img = (await ctx.db.execute(select(Image).where(Image.name == name))).scalar_one_or_none()
+    if img is None or img.state != "ready" or not ctx.app.pool.image_path(name).exists():
+        raise NotFound(f"no image {name!r} is ready; `den image ls` lists images")
+
+
+async def materialize(
+    ctx: Context, ws: Workspace, owner: User, make_storage: Callable[[], Awaitable[None]]
+) -> None:
+    """Make a committed ``creating`` row real; on failure undo everything and re-raise."""
+    backend = ctx.app.backend
+    spec = spec_of(ctx.app, ws, owner)
+    try:
+        await make_storage()
+        state = await backend.create(spec)
+        state = await backend.start(spec, state)
+    except BaseException:
+        await undo_create(ctx, ws, owner)
+        raise
+    ws.backend_state = state
+    ws.state = "running"
+    ws.last_activity_at = datetime.now(UTC)
+    ws.last_activity_kind = "create"
+    await ctx.db.commit()
+
+
+async def undo_create(ctx: Context, ws: Workspace, owner: User) -> None:
+    spec = spec_of(ctx.app, ws, owner)
+    try:
+        await ctx.app.backend.delete(spec, dict(ws.backend_state or {}))
+    finally:
+        await ctx.app.pool.delete_volume(ws.id)
+        await ctx.db.rollback()
+        row = await ctx.db.get(Workspace, ws.id)
+        if row is not None:
+            await ctx.db.delete(row)
+        await ctx.db.commit()
+        await maybe_teardown_network(ctx)
+
+
+async def maybe_teardown_network(ctx: Context) -> None:
+    """Undo the instance's host network changes when no workspace is left."""
+    left = (await ctx.db.execute(select(func.count(Workspace.id)))).scalar_one()
+    if left == 0:
+        await ctx.app.backend.network.teardown()
+
+
+async def insert_row(ctx: Context, ws: Workspace) -> None:
+    """Insert a ``creating`` row with a fresh address and commit it (desired state first)."""
+    for _attempt in range(5):
+        ws.address = await _allocate_address(ctx)
+        ctx.db.add(ws)
+        try:
+            await ctx.db.commit()
+            return
+        except IntegrityError as exc:
+            await ctx.db.rollback()
+            if "address" not in str(exc.orig):
+                raise Conflict(f"a workspace named {ws.name!r} exists already") from None
+    raise Conflict("could not allocate an address; try again")
+
+
+async def ensure_running(ctx: Context, ws: Workspace, owner: User) -> None:
+    """Resume a suspended workspace transparently; refuse a stopped one."""
+    if ws.state == "running":
+        return
+    if ws.state == "suspended":
+        async with ctx.app.ws_lock(ws.id):
+            spec = spec_of(ctx.app, ws, owner)
+            ws.backend_state = await ctx.app.backend.resume(spec, dict(ws.backend_state or {}))
+            ws.state = "running"
+            await ctx.db.commit()
+        return
+    raise Conflict(
+        f"workspace {owner.name}/{ws.name} is {ws.state}; start it with `den start {ws.name}`"
+    )
+
+
+# -- methods ----------------------------------------------------------------------
+
+
+@method("workspace.create", right=Right.write, cli=Cli("new"))
+async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
+    """Create a workspace from an image and start it; returns once it can run exec."""
+    s = ctx.app.settings
+    owner = await user_or_self(ctx, p.user)
+    if owner.id != ctx.caller.user_id:
+        ctx.require_admin("create a workspace for another user")
+    ctx.target = f"workspace:{owner.name}/{p.name}"
+    image = p.image or s.default_image
+    cpu = p.cpu if p.cpu is not None else s.default_cpu
+    memory_mb = parse_mib(p.mem, "mem") if p.mem else parse_mib(s.default_memory, "mem")
+    pids = p.pids if p.pids is not None else s.default_pids
+    check_resources(cpu, memory_mb, pids)
+    await _image_ready(ctx, image)
+    dup = await ctx.db.execute(
+        select(Workspace.id).where(Workspace.user_id == owner.id, Workspace.name == p.name)
+    )
+    if dup.first() is not None:
+        raise Conflict(f"{owner.name} has a workspace named {p.name!r} already")
+    await check_quota(ctx, owner, cpu, memory_mb)
+    ws = Workspace(
+        id=new_id(), user_id=owner.id, name=p.name, image=image, backend="sandbox",
+        state="creating", cpu=cpu, memory_mb=memory_mb, pids=pids,
+    )
+    await insert_row(ctx, ws)
+    pool = ctx.app.pool
+
+    async def storage() -> None:
+        await pool.snapshot(pool.image_path(image), ws.id, "rootfs")
+        await pool.snapshot(pool.code, ws.id, "code")
+
+    await materialize(ctx, ws, owner, storage)
+    return ws_out(ws, owner.name)
+
+
+@method(
+    "workspace.list",
+    right=Right.read,
+    cli=Cli("ls", columns=("ref", "state", "address", "image", "cpu", "memory_mb", "created_at")),
+)
+async def workspace_list(ctx: Context, p: WsList) -> list[WorkspaceOut]:
+    """List workspaces: yours, or (admins) a user's or everyone's with --all."""
+    q = select(Workspace, User.name).join(User, Workspace.user_id == User.id)
+    q = q.where(Workspace.state != "deleting")
+    if p.user is not None:
+        owner = await find_user(ctx, p.user)
+        q = q.where(Workspace.user_id == owner.id)
+    elif not (p.all and ctx.caller.is_admin):
+        if ctx.caller.user_id is None:
+            if not ctx.caller.is_admin:
+                return []
+        else:
+            q = q.where(Workspace.user_id == ctx.caller.user_id)
+    rows = (await ctx.db.execute(q.order_by(User.name, Workspace.name))).all()
+    return [ws_out(ws, owner) for ws, owner in rows]
+
+
+@method("workspace.get", right=Right.read, cli=Cli("show"))
+async def workspace_get(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Show one workspace: state, address, image, resources, activity."""
+    ws, owner = await find_workspace(ctx, p.ref)
+    return ws_out(ws, owner.name)
+
+
+async def _transition(
+    ctx: Context,
+    ref: str,
+    verb: str,
+    allowed: set[str],
+    target_state: str,
+    act: Callable[[Spec, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+    force: bool = False,
+) -> WorkspaceOut:
+    ws, owner = await find_workspace(ctx, ref)
+    ctx.target = f"workspace:{owner.name}/{ws.name}"
+    async with ctx.app.ws_lock(ws.id):
+        await ctx.db.refresh(ws)
+        if ws.state == target_state and not force:
+            return ws_out(ws, owner.name)
+        if ws.state not in allowed:
+            raise Conflict(f"cannot {verb} {owner.name}/{ws.name}: it is {ws.state}")
+        spec = spec_of(ctx.app, ws, owner)
+        state = dict(ws.backend_state or {})
+        if act is not None:
+            state = await act(spec, state)
+        ws.backend_state = state
+        ws.state = target_state
+        ws.state_reason = ""
+        await ctx.db.commit()
+    return ws_out(ws, owner.name)
+
+
+@method("workspace.start", right=Right.write, cli=Cli("start"))
+async def workspace_start(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Start a stopped (or failed) workspace; resume a suspended one."""
+    b = ctx.app.backend
+    return await _transition(ctx, p.ref, "start", {"stopped", "failed", "suspended"}, "running", b.start)
+
+
+@method("workspace.stop", right=Right.write, cli=Cli("stop"))
+async def workspace_stop(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Stop a workspace: every process ends, its files and address are kept."""
+    b = ctx.app.backend
+    return await _transition(ctx, p.ref, "stop", {"running", "suspended", "failed"}, "stopped", b.stop)
+
+
+@method("workspace.restart", right=Right.write, cli=Cli("restart"))
+async def workspace_restart(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Stop the workspace if it runs, then start it again."""
+    b = ctx.app.backend
+
+    async def both(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
+        return await b.start(spec, await b.stop(spec, state))
+
+    return await _transition(
+        ctx, p.ref, "restart", {"running", "stopped", "suspended", "failed"}, "running", both,
+        force=True,
+    )
+
+
+@method("workspace.suspend", right=Right.write, cli=Cli("suspend"))
+async def workspace_suspend(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Freeze a running workspace: memory kept, no CPU used until resumed."""
+    b = ctx.app.backend
+    return await _transition(ctx, p.ref, "suspend", {"running"}, "suspended", b.suspend)
+
+
+@method("workspace.resume", right=Right.write, cli=Cli("resume"))
+async def workspace_resume(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Thaw a suspended workspace; its processes continue where they were."""
+    b = ctx.app.backend
+    return await _transition(ctx, p.ref, "resume", {"suspended"}, "running", b.resume)
+
+
+@method("workspace.rename", right=Right.write, cli=Cli("rename"))
+async def workspace_rename(ctx: Context, p: WsRename) -> WorkspaceOut:
+    """Give a workspace a new name (unique among its owner's)."""
+    ws, owner = await find_workspace(ctx, p.ref)
+    ctx.target = f"workspace:{owner.name}/{ws.name}"
+    if p.new_name == ws.name:
+        return ws_out(ws, owner.name)
+    dup = await ctx.db.execute(
+        select(Workspace.id).where(Workspace.user_id == owner.id, Workspace.name == p.new_name)
+    )
+    if dup.first() is not None:
+        raise Conflict(f"{owner.name} has a workspace named {p.new_name!r} already")
+    ws.name = p.new_name
+    await ctx.db.flush()
+    return ws_out(ws, owner.name)
+
+
+@method("workspace.clone", right=Right.write, cli=Cli("cp"))
+async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
+    """Copy a workspace's files into a new workspace of yours (O(1): a snapshot)."""
+    src, src_owner = await find_workspace(ctx, p.source)
+    owner = await user_or_self(ctx, None) if ctx.caller.user_id is not None else src_owner
+    ctx.target = f"workspace:{owner.name}/{p.name}"
+    dup = await ctx.db.execute(
+        select(Workspace.id).where(Workspace.user_id == owner.id, Workspace.name == p.name)
+    )
+    if dup.first() is not None:
+        raise Conflict(f"{owner.name} has a workspace named {p.name!r} already")
+    await check_quota(ctx, owner, src.cpu, src.memory_mb)
+    ws = Workspace(
+        id=new_id(), user_id=owner.id, name=p.name, image=src.image, backend=src.backend,
+        state="creating", cpu=src.cpu, memory_mb=src.memory_mb, pids=src.pids,
+    )
+    src_id = src.id
+    await insert_row(ctx, ws)
+    pool = ctx.app.pool
+
+    async def storage() -> None:
+        await pool.clone(src_id, "rootfs", ws.id)
+        await pool.clone(src_id, "code", ws.id)
+
+    await materialize(ctx, ws, owner, storage)
+    return ws_out(ws, owner.name)
+
+
+async def delete_workspace(ctx: Context, ws: Workspace, owner: User) -> None:
+    """Mark, tear down, remove storage, drop the row (each step survives a crash)."""
+    async with ctx.app.ws_lock(ws.id):
+        ws.state = "deleting"
+        await ctx.db.commit()
+        spec = spec_of(ctx.app, ws, owner)
+        await ctx.app.backend.delete(spec, dict(ws.backend_state or {}))
+        await ctx.app.pool.delete_volume(ws.id)
+        await ctx.db.delete(ws)
+        await ctx.db.commit()
+    ctx.app.ws_locks.pop(ws.id, None)
+    await maybe_teardown_network(ctx)
+
+
+@method("workspace.delete", right=Right.write, cli=Cli("rm", confirm="Delete workspace {ref} and its files?"))
+async def workspace_delete(ctx: Context, p: WsRef) -> Deleted:
+    """Delete a workspace: processes, snapshot, cgroup, network and address all go."""
+    ws, owner = await find_workspace(ctx, p.ref)
+    ref = f"{owner.name}/{ws.name}"
+    ctx.target = f"workspace:{ref}"
+    await delete_workspace(ctx, ws, owner)
+    return Deleted(deleted=ref)
+
+
+@method("workspace.exec", right=Right.write, cli=Cli("exec", exec_output=True))
+async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
+    """Run a command in a workspace and return its exit code and output.
+
+    A suspended workspace is resumed first.
+    """
+    from den.backends.base import ExecRequest
+
+    ws, owner = await find_workspace(ctx, p.ref)
+    ctx.target = f"workspace:{owner.name}/{ws.name}"
+    await ensure_running(ctx, ws, owner)
+    spec = spec_of(ctx.app, ws, owner)
+    req = ExecRequest(
+        argv=p.argv, env=p.env, cwd=p.cwd, stdin=p.stdin.encode(), timeout=p.timeout, user=p.user
+    )
+    res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
+    ws.last_activity_at = datetime.now(UTC)
+    ws.last_activity_kind = "exec"
+    return ExecOut(
+        exit_code=res.exit_code,
+        stdout=res.stdout.decode(errors="replace"),
+        stderr=res.stderr.decode(errors="replace"),
+        timed_out=res.timed_out,
+    )
+
+
+# -- the compute manager's calls, on a user's default workspace -------------------
+
+
+class UserWs(Params):
+    user: Annotated[Name | None, CliArg()] = Field(None, description="The user (default: you).")
+
+
+async def _default_ref(ctx: Context, user: str | None) -> str:
+    owner = await user_or_self(ctx, user)
+    return f"{owner.name}/{DEFAULT_NAME}"
+
+
+@method("user.provision", right=Right.write, cli=Cli("user provision"))
+async def user_provision(ctx: Context, p: UserWs) -> WorkspaceOut:
+    """Create and start the user's default workspace (named "default") if missing."""
+    owner = await user_or_self(ctx, p.user)
+    try:
+        ws, _ = await find_workspace(ctx, f"{owner.name}/{DEFAULT_NAME}")
+        return ws_out(ws, owner.name)
+    except NotFound:
+        pass
+    user = owner.name if owner.id != ctx.caller.user_id else None
+    return await workspace_create(ctx, WsCreate(name=DEFAULT_NAME, user=user))
+
+
+@method("user.deprovision", right=Right.write, cli=Cli("user deprovision"))
+async def user_deprovision(ctx: Context, p: UserWs) -> Deleted:
+    """Delete the user's default workspace."""
+    return await workspace_delete(ctx, WsRef(ref=await _default_ref(ctx, p.user)))
+
+
+@method("user.vm", right=Right.read, cli=Cli("user vm"))
+async def user_vm(ctx: Context, p: UserWs) -> WorkspaceOut:
+    """Show the user's default workspace."""
+    return await workspace_get(ctx, WsRef(ref=await _default_ref(ctx, p.user)))
+
+
+@method("user.start", right=Right.write, cli=Cli("user start"))
+async def user_start(ctx: Context, p: UserWs) -> WorkspaceOut:
+    """Start the user's default workspace."""
+    return await workspace_start(ctx, WsRef(ref=await _default_ref(ctx, p.user)))
+
+
+@method("user.stop", right=Right.write, cli=Cli("user stop"))
+async def user_stop(ctx: Context, p: UserWs) -> WorkspaceOut:
+    """Stop the user's default workspace."""
+    return await workspace_stop(ctx, WsRef(ref=await _default_ref(ctx, p.user)))

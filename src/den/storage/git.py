@@ -1,0 +1,224 @@
+"""Running git as root on repos that a workspace may have written.
+
+den runs git as root, and a workspace controls every byte of its code
+snapshot (files it writes are owned by uid 0 on disk). A repo's own
+configuration can make git run programs (hooks, ``core.fsmonitor``, filters,
+``credential.helper``, ``remote.*.receivepack``, ``core.sshCommand``...), and
+a symlink can point git at files outside the snapshot. So for an *untrusted*
+repo den first checks that ``.git`` is a plain directory with no symlinks,
+no ``commondir`` and no alternates, and that its config sets only keys from a
+short allow-list; every git command also runs with hooks, fsmonitor,
+transport helpers, auto-gc and submodule recursion switched off from the
+command line (which outranks the repo's config), with an explicit
+``--git-dir`` so that git never discovers a repo somewhere above.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from den import proc
+
+HARDEN = (
+    "-c", "core.hooksPath=/dev/null",
+    "-c", "core.fsmonitor=false",
+    "-c", "protocol.ext.allow=never",
+    "-c", "protocol.fd.allow=never",
+    "-c", "commit.gpgsign=false",
+    "-c", "gc.auto=0",
+    "-c", "maintenance.auto=false",
+    "-c", "submodule.recurse=false",
+    "-c", "diff.ignoreSubmodules=all",
+    "-c", "push.recurseSubmodules=no",
+    "-c", "core.pager=cat",
+)  # fmt: skip
+
+# Keys an untrusted repo's .git/config may set: none of them runs a program.
+_SAFE_KEY = re.compile(
+    r"""(
+      core\.(repositoryformatversion|filemode|bare|logallrefupdates|ignorecase
+            |precomposeunicode|symlinks|autocrlf|eol|safecrlf|quotepath|abbrev
+            |compression|loosecompression|bigfilethreshold|untrackedcache|checkstat
+            |trustctime|preloadindex|splitindex|commitgraph|multipackindex)
+     |remote\.[^\n]+\.(url|pushurl|fetch|tagopt|prune|prunetags)
+     |branch\.[^\n]+\.(remote|pushremote|merge|rebase|description)
+     |(user|author|committer)\.(name|email)
+     |init\.defaultbranch|pull\.(rebase|ff)|push\.(default|autosetupremote)
+     |fetch\.(prune|prunetags)|commit\.gpgsign|tag\.gpgsign|gc\.auto
+     |advice\.[a-z0-9]+|color\.[^\n]+|extensions\.objectformat
+     |submodule\.[^\n]+\.(url|active)
+    )""",
+    re.X,
+)
+MAX_FILES = 100
+
+
+class UnsafeRepo(Exception):
+    """A repo den will not run git in as root; the message says why."""
+
+
+def env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment without GIT_* variables, never prompting."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    out.update(
+        GIT_TERMINAL_PROMPT="0",
+        GIT_SSH_COMMAND="ssh -o BatchMode=yes",  # a constant: no caller input reaches it
+        LC_ALL="C.UTF-8",
+    )
+    out.update(extra or {})
+    return out
+
+
+async def run(
+    *args: str,
+    repo: Path | None = None,
+    check: bool = True,
+    input: bytes | None = None,
+    timeout: float = 300.0,
+    extra_env: dict[str, str] | None = None,
+) -> proc.Result:
+    """``git ARGS`` hardened; with ``repo``, in that work tree and its ``.git`` only."""
+    argv = ["git", *HARDEN]
+    if repo is not None:
+        argv += ["-C", str(repo), "--git-dir", str(repo / ".git"), "--work-tree", str(repo)]
+    argv += args
+    return await proc.run(argv, check=check, input=input, timeout=timeout, env=env(extra_env))
+
+
+async def read_config(repo: Path) -> dict[str, list[str]]:
+    """The repo's own ``.git/config`` (no includes followed): key -> values."""
+    cfg = repo / ".git" / "config"
+    if not cfg.is_file():
+        return {}
+    res = await run("config", "--file", str(cfg), "--null", "--list", check=False)
+    out: dict[str, list[str]] = {}
+    for item in res.stdout.split("\0"):
+        if item:
+            key, _, value = item.partition("\n")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def _no_symlinks(gitdir: Path) -> None:
+    stack = [gitdir]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_symlink():
+                    rel = Path(entry.path).relative_to(gitdir.parent)
+                    raise UnsafeRepo(f"{rel} is a symlink")
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+
+
+def check_untrusted(root: Path, rel: str, config: dict[str, list[str]]) -> None:
+    """Raise :class:`UnsafeRepo` unless git may run as root in ``root/rel``."""
+    repo = root / rel
+    if os.path.realpath(repo) != os.path.join(os.path.realpath(root), rel):
+        raise UnsafeRepo("its path goes through a symlink")
+    gitdir = repo / ".git"
+    if gitdir.is_symlink() or not gitdir.is_dir():
+        raise UnsafeRepo(".git is not a plain directory")
+    for name in ("commondir", "objects/info/alternates", "objects/info/http-alternates"):
+        if os.path.lexists(gitdir / name):
+            raise UnsafeRepo(f".git/{name} points git at another repo")
+    _no_symlinks(gitdir)
+    for key in config:
+        if not _SAFE_KEY.fullmatch(key):
+            raise UnsafeRepo(
+                f"its .git/config sets {key[:80]}, which den does not run as root; "
+                "remove it, or commit and push from inside the workspace"
+            )
+
+
+@dataclass
+class RepoState:
+    """What ``git status`` says about one repo, as seen from its tree."""
+
+    path: str
+    branch: str | None = None
+    upstream: str | None = None
+    remote: str | None = None
+    ahead: int | None = None
+    behind: int | None = None
+    dirty: bool = False
+    unpushed: int = 0
+    files: list[str] = field(default_factory=list)
+    problem: str | None = None
+
+
+def chosen_remote(config: dict[str, list[str]], branch: str | None) -> str | None:
+    """The remote a branch pushes to: its configured one, else origin, else the only one."""
+    if branch is not None:
+        named = config.get(f"branch.{branch}.remote")
+        if named and f"remote.{named[-1]}.url" in config:
+            return named[-1]
+    remotes = [
+        k[len("remote.") : -len(".url")]
+        for k in config
+        if k.startswith("remote.") and k.endswith(".url")
+    ]
+    if "origin" in remotes:
+        return "origin"
+    return remotes[0] if len(remotes) == 1 else None
+
+
+async def status(root: Path, rel: str, *, untrusted: bool) -> RepoState:
+    """Branch, remote, ahead/behind (as of the last fetch), dirty files of ``root/rel``."""
+    repo = root / rel
+    state = RepoState(path=rel)
+    config = await read_config(repo)
+    if untrusted:
+        try:
+            check_untrusted(root, rel, config)
+        except UnsafeRepo as exc:
+            state.problem = str(exc)
+            return state
+    res = await run(
+        "status", "--porcelain=v2", "--branch", "-z", "--ignore-submodules=all",
+        repo=repo, check=False,
+    )  # fmt: skip
+    if res.returncode != 0:
+        state.problem = (res.stderr.strip().splitlines() or ["git status failed"])[-1][:300]
+        return state
+    initial = _parse_status(res.stdout, state)
+    remote = chosen_remote(config, state.branch)
+    if remote is not None:
+        state.remote = config[f"remote.{remote}.url"][-1]
+    if state.upstream is not None and state.ahead is not None:
+        state.unpushed = state.ahead
+    elif not initial:
+        count = await run(
+            "rev-list", "--count", "HEAD", "--not", "--remotes", repo=repo, check=False
+        )
+        state.unpushed = int(count.stdout.strip() or 0) if count.returncode == 0 else 0
+    return state
+
+
+def _parse_status(out: str, state: RepoState) -> bool:
+    """Fill ``state`` from ``git status --porcelain=v2 --branch -z``; True when no commit yet."""
+    initial = False
+    items = iter(out.split("\0"))
+    for item in items:
+        if item.startswith("# branch.oid "):
+            initial = item.endswith("(initial)")
+        elif item.startswith("# branch.head "):
+            head = item[len("# branch.head ") :]
+            state.branch = None if head == "(detached)" else head
+        elif item.startswith("# branch.upstream "):
+            state.upstream = item[len("# branch.upstream ") :]
+        elif item.startswith("# branch.ab "):
+            a, b = item[len("# branch.ab ") :].split()
+            state.ahead, state.behind = int(a), -int(b)
+        elif item[:2] in ("1 ", "2 ", "u ", "? "):
+            state.dirty = True
+            fields = {"1": 8, "2": 9, "u": 10, "?": 1}[item[0]]
+            path = item.split(" ", fields)[-1]
+            if item[0] == "2":
+                next(items, None)  # the rename's original path
+            if len(state.files) < MAX_FILES:
+                state.files.append(path)
+    return initial
