@@ -7,6 +7,7 @@ fails.
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import json
 import os
@@ -37,6 +38,7 @@ class Daemon:
 
     def __init__(self, base: Path, database_url: str = "") -> None:
         tag = secrets.token_hex(2)
+        self.instance, self._instance_lock = allocate_instance()
         self.base = base
         self.prefix = f"dt{tag}-"
         self.group = f"dt{tag}"
@@ -57,10 +59,12 @@ class Daemon:
             "DEN_SOCKET_GROUP": self.group,
             "DEN_LOG_FILE": str(self.log_file),
             "DEN_LOG_LEVEL": "debug",
+            "DEN_INSTANCE": str(self.instance),
+            "DEN_FSTAB": str(base / "fstab"),
         }
         if database_url:
             self.env["DEN_DATABASE_URL"] = database_url
-        for var in ("DEN_URL", "DEN_TOKEN", "DEN_INSTANCE"):
+        for var in ("DEN_URL", "DEN_TOKEN"):
             self.env.pop(var, None)
 
     # -- process -------------------------------------------------------------
@@ -109,7 +113,9 @@ class Daemon:
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+        purge_instance(self.instance, self.data_dir)
         remove_accounts(self.prefix, self.group)
+        os.close(self._instance_lock)
 
     # -- calling ---------------------------------------------------------------
     def client(self, token: str | None = None, tcp: bool = False) -> Client:
@@ -135,11 +141,11 @@ class Daemon:
         self, *args: str, user: str | None = None, input: str | None = None, check: bool = False
     ) -> subprocess.CompletedProcess[str]:
         """Run the `den` CLI, as root or as a den user's host account."""
-        kw: dict[str, Any] = {}
+        kw: dict[str, Any] = {"env": self.env}
         if user is not None:
             kw.update(self._as(user))
         res = subprocess.run(
-            [DEN, *args], env=self.env, input=input, capture_output=True, text=True, timeout=60, **kw
+            [DEN, *args], input=input, capture_output=True, text=True, timeout=60, **kw
         )
         if check and res.returncode != 0:
             raise AssertionError(f"den {' '.join(args)} failed ({res.returncode}): {res.stderr}")
@@ -184,6 +190,39 @@ class Daemon:
 
     def log_text(self) -> str:
         return self.log_file.read_text() if self.log_file.exists() else ""
+
+
+def allocate_instance() -> tuple[int, int]:
+    """An instance number no other test daemon on this host holds (flock)."""
+    Path("/run/den").mkdir(parents=True, exist_ok=True)
+    for n in range(60, 99):
+        fd = os.open(f"/run/den/test-instance-{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return n, fd
+    raise RuntimeError("no free test instance number (60-98)")
+
+
+def purge_instance(instance: int, data_dir: Path) -> None:
+    """Remove every workspace an instance left on the host, with den's own code."""
+    import asyncio
+
+    from den.backends.sandbox import SandboxBackend
+    from den.net.network import Network
+
+    async def purge() -> None:
+        net = Network(instance, f"10.{77 + instance}.0.0/16", True, [], data_dir / "network.json")
+        backend = SandboxBackend(instance, data_dir, data_dir / "pool" / "volumes", net)
+        for ws_id in await backend.orphans(set()):
+            await backend.remove_orphan(ws_id)
+        for name in await asyncio.to_thread(net.orphans, set()):
+            await net.detach(name)
+        await net.teardown()
+
+    asyncio.run(purge())
 
 
 def remove_accounts(prefix: str, group: str) -> None:

@@ -19,7 +19,12 @@ from tests.conftest import Daemon
 
 LIMIT = 1 << 20
 
-INVALID_REQUEST = {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None}
+INVALID_REQUEST = {
+    "jsonrpc": "2.0",
+    "error": {"code": -32600, "message": "Invalid Request"},
+    "id": None,
+}
+PARSE_ERROR = {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None}
 
 
 @pytest.fixture
@@ -125,13 +130,13 @@ def test_method_not_found(client: Client) -> None:
 def test_parse_error(client: Client) -> None:
     status, resp = post(client, b'{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]')
     assert status == 200
-    assert resp == {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None}
+    assert resp == PARSE_ERROR
 
 
 @pytest.mark.parametrize("body", [b"", b"   ", b"\xff\xfe", b"{", b"nul", b"[1,]"])
 def test_parse_error_variants(client: Client, body: bytes) -> None:
     _, resp = post(client, body)
-    assert resp == {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None}
+    assert resp == PARSE_ERROR
 
 
 def test_invalid_request_object(client: Client) -> None:
@@ -184,7 +189,7 @@ def test_batch_with_invalid_json(client: Client) -> None:
         b'{"jsonrpc": "2.0", "method" ]'
     )
     _, resp = post(client, body)
-    assert resp == {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None}
+    assert resp == PARSE_ERROR
 
 
 def test_empty_batch(client: Client) -> None:

@@ -11,20 +11,28 @@ import pytest
 
 from tests.conftest import Daemon
 
-KEY_TYPES = [("ed25519", [], "ssh-ed25519"), ("rsa", ["-b", "2048"], "ssh-rsa"), ("ecdsa", ["-b", "256"], "ecdsa-sha2-nistp256")]
+KEY_TYPES = [
+    ("ed25519", [], "ssh-ed25519"),
+    ("rsa", ["-b", "2048"], "ssh-rsa"),
+    ("ecdsa", ["-b", "256"], "ecdsa-sha2-nistp256"),
+]
 
 
 def keygen(base: Path, kind: str, extra: list[str], comment: str = "me@host") -> Path:
     path = base / f"{kind}-{secrets.token_hex(3)}"
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", comment, "-f", str(path)], check=True
+        ["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
     )
     return path
 
 
 def fingerprint(pub: Path) -> str:
     out = subprocess.run(
-        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(pub)], capture_output=True, text=True, check=True
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(pub)],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return out.split()[1]
 
@@ -122,7 +130,17 @@ def test_private_key_refused(daemon: Daemon, user: str, keypair: tuple[Path, str
         "\x00\x01\x02",
         "x" * 20000,
     ],
-    ids=["empty", "blank", "word", "type-only", "bad-base64", "truncated", "dss-junk", "binary", "huge"],
+    ids=[
+        "empty",
+        "blank",
+        "word",
+        "type-only",
+        "bad-base64",
+        "truncated",
+        "dss-junk",
+        "binary",
+        "huge",
+    ],
 )
 def test_garbage_refused(daemon: Daemon, user: str, garbage: str) -> None:
     err = daemon.error("key.add", user=user, key=garbage)
@@ -142,14 +160,18 @@ def test_two_keys_in_one_call_refused(daemon: Daemon, user: str, tmp_path: Path)
     assert out["algorithm"] == "ssh-ed25519"
 
 
-def test_authorized_keys_options_refused(daemon: Daemon, user: str, keypair: tuple[Path, str]) -> None:
+def test_authorized_keys_options_refused(
+    daemon: Daemon, user: str, keypair: tuple[Path, str]
+) -> None:
     _, pub = keypair
     err = daemon.error("key.add", user=user, key=f'command="/bin/sh" {pub}')
     assert err.code == -32602
     assert daemon.call("key.list", user=user) == []
 
 
-def test_unknown_user_and_fingerprint(daemon: Daemon, user: str, name: str, keypair: tuple[Path, str]) -> None:
+def test_unknown_user_and_fingerprint(
+    daemon: Daemon, user: str, name: str, keypair: tuple[Path, str]
+) -> None:
     _, pub = keypair
     missing = name + "missing"
     assert daemon.error("key.add", user=missing, key=pub).code == -32001
@@ -179,3 +201,39 @@ def test_cli_key_add_ls_rm(daemon: Daemon, user: str, keypair: tuple[Path, str])
     assert daemon.call("key.list", user=user) == []
     res = daemon.cli("key", "add", user, str(priv))
     assert res.returncode != 0 and "private key" in res.stderr + res.stdout
+
+
+def test_concurrent_add_of_one_key(daemon: Daemon, name: str, keypair: tuple[Path, str]) -> None:
+    """The same key raced onto several users: one gets it, the others a conflict."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from den.cli.client import RpcError
+
+    _, pub = keypair
+    users = [f"{name}k{i}" for i in range(4)]
+    for u in users:
+        daemon.call("user.create", name=u)
+
+    def add(u: str) -> object:
+        c = daemon.client()
+        try:
+            return c.call("key.add", {"user": u, "key": pub})
+        except RpcError as exc:
+            return exc
+        finally:
+            c.close()
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(add, users))
+        assert sum(isinstance(r, dict) for r in results) == 1, results
+        codes = [r.code for r in results if isinstance(r, RpcError)]
+        assert codes == [-32002] * 3, [
+            (r.code, r.message) for r in results if isinstance(r, RpcError)
+        ]
+        assert len(daemon.call("key.list")) >= 1
+        owners = [k["user"] for k in daemon.call("key.list") if k["user"] in users]
+        assert len(owners) == 1
+    finally:
+        for u in users:
+            daemon.client().call("user.delete", {"name": u})

@@ -205,7 +205,8 @@ def test_cli_help_in_subprocess(daemon: Daemon) -> None:
 
 
 def test_discover_from_cli(daemon: Daemon, doc: dict[str, Any]) -> None:
-    res = daemon.cli("discover", "--json", check=True)
+    res = CliRunner().invoke(build(), ["discover", "--json"], env=daemon.env, prog_name="den")
+    assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == doc
 
 

@@ -1,4 +1,4 @@
-"""The rights matrix: anonymous, member and admin callers × public/read/write/admin methods."""
+"""The rights matrix: anonymous, member and admin callers by public/read/write/admin methods."""
 
 from __future__ import annotations
 
@@ -157,7 +157,9 @@ def test_anonymous_gets_only_public_methods(daemon: Daemon, outsider: pwd.struct
         assert "needs an identity" in got[m]["error"]["message"]
 
 
-def test_anonymous_cannot_change_anything(daemon: Daemon, outsider: pwd.struct_passwd, name: str) -> None:
+def test_anonymous_cannot_change_anything(
+    daemon: Daemon, outsider: pwd.struct_passwd, name: str
+) -> None:
     groups = [grp.getgrnam(daemon.group).gr_gid]
     resp = daemon.call_as_uid(outsider.pw_uid, outsider.pw_gid, "user.create", {"name": name})
     assert resp["error"]["code"] == -32006
@@ -187,7 +189,13 @@ def test_foreign_account_with_den_prefix_is_anonymous(daemon: Daemon, name: str)
 
 def test_member_whoami(daemon: Daemon, member: str) -> None:
     resp = daemon.call_as(member, "auth.whoami")
-    assert resp["result"] == {"name": member, "role": "member", "right": "write", "via": "unix", "token": None}
+    assert resp["result"] == {
+        "name": member,
+        "role": "member",
+        "right": "write",
+        "via": "unix",
+        "token": None,
+    }
 
 
 @pytest.mark.parametrize("method", ADMIN_ONLY)
@@ -197,7 +205,9 @@ def test_member_refused_admin_methods(daemon: Daemon, member: str, method: str) 
     assert "admin" in resp["error"]["message"]
 
 
-def test_member_read_and_write_own_objects(daemon: Daemon, member: str, keypair: tuple[Path, str]) -> None:
+def test_member_read_and_write_own_objects(
+    daemon: Daemon, member: str, keypair: tuple[Path, str]
+) -> None:
     _, pub = keypair
 
     def ok(method: str, params: Any = None) -> Any:
@@ -231,13 +241,19 @@ def _same_shape(msg_a: str, name_a: str, msg_b: str, name_b: str) -> None:
     assert msg_a.replace(name_a, "X") == msg_b.replace(name_b, "X"), (msg_a, msg_b)
 
 
-def test_member_gets_not_found_for_others(daemon: Daemon, member: str, other: dict[str, Any]) -> None:
+def test_member_gets_not_found_for_others(
+    daemon: Daemon, member: str, other: dict[str, Any]
+) -> None:
     """Another user's objects look exactly like missing ones: no existence leak."""
     o = other["name"]
     missing = o + "zz"
     cases: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         ("user.get", {"name": o}, {"name": missing}),
-        ("user.update", {"name": o, "display_name": "pwned"}, {"name": missing, "display_name": "x"}),
+        (
+            "user.update",
+            {"name": o, "display_name": "pwned"},
+            {"name": missing, "display_name": "x"},
+        ),
         ("key.list", {"user": o}, {"user": missing}),
         ("key.add", {"user": o, "key": "ssh-ed25519 AAAA x"}, {"user": missing, "key": "x"}),
         (
@@ -339,7 +355,12 @@ def test_read_token(daemon: Daemon, member: str, keypair: tuple[Path, str]) -> N
     c = _tcp(daemon, tok["token"])
     try:
         who = c.call("auth.whoami")
-        assert (who["name"], who["right"], who["via"], who["token"]) == (member, "read", "tcp", tok["id"])
+        assert (who["name"], who["right"], who["via"], who["token"]) == (
+            member,
+            "read",
+            "tcp",
+            tok["id"],
+        )
         assert c.call("user.get", {"name": member})["name"] == member
         assert [u["name"] for u in c.call("user.list")] == [member]
         assert c.call("key.list") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import itertools
 import pwd
 import secrets
 import subprocess
@@ -104,7 +105,7 @@ def test_subid_ranges_do_not_overlap(daemon: Daemon, name: str) -> None:
                     for p in (ln.split(":") for ln in path.read_text().splitlines())
                     if len(p) == 3
                 )
-                for (s1, c1), (s2, _c2) in zip(ranges, ranges[1:], strict=False):
+                for (s1, c1), (s2, _c2) in itertools.pairwise(ranges):
                     assert s1 + c1 <= s2, (path, ranges)
         finally:
             daemon.call("user.delete", name=b)
@@ -125,7 +126,9 @@ def test_delete_removes_account_and_subids(daemon: Daemon, name: str) -> None:
 
 def test_foreign_account_is_refused_and_left_alone(daemon: Daemon, name: str) -> None:
     account = daemon.prefix + name
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", account], check=True)
+    subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", account], check=True
+    )
     try:
         before = pwd.getpwnam(account)
         err = daemon.error("user.create", name=name)
@@ -153,7 +156,7 @@ def test_duplicate_name_is_a_conflict(daemon: Daemon, user: str) -> None:
 
 def test_name_too_long_for_account(daemon: Daemon) -> None:
     room = 32 - len(daemon.prefix)
-    too_long = "z" + secrets.token_hex(16)[: room]  # room + 1 characters, still <= 31
+    too_long = "z" + secrets.token_hex(16)[:room]  # room + 1 characters, still <= 31
     assert len(daemon.prefix + too_long) == 33 and len(too_long) <= 31
     err = daemon.error("user.create", name=too_long)
     assert err.code == -32602
@@ -264,7 +267,12 @@ def test_admin_user_is_admin(daemon: Daemon, name: str) -> None:
     daemon.call("user.create", name=name + "m")
     try:
         who = daemon.call_as(name, "auth.whoami")["result"]
-        assert (who["name"], who["role"], who["right"], who["via"]) == (name, "admin", "admin", "unix")
+        assert (who["name"], who["role"], who["right"], who["via"]) == (
+            name,
+            "admin",
+            "admin",
+            "unix",
+        )
         listed = {u["name"] for u in daemon.call_as(name, "user.list")["result"]}
         assert {name, name + "m"} <= listed
         got = daemon.call_as(name, "user.get", {"name": name + "m"})["result"]
@@ -284,7 +292,8 @@ def test_cli_user_add_ls_rm(daemon: Daemon, name: str, keypair: tuple[Path, str]
         daemon.cli("user", "rm", name, "--yes", check=True)
         assert not account_exists(daemon.prefix + name)
         res = daemon.cli("user", "rm", name, "--yes")
-        assert res.returncode != 0 and "no user named" in res.stderr + res.stdout
+        out = res.stderr + res.stdout
+        assert res.returncode != 0 and "no user named" in out and name in out, out
     finally:
         if account_exists(daemon.prefix + name):
             daemon.call("user.delete", name=name)
@@ -295,7 +304,15 @@ def test_create_adopts_a_leftover_den_account(daemon: Daemon, name: str) -> None
     account = daemon.prefix + name
     marker = "den managed account (instance 0)"
     subprocess.run(
-        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--comment", marker, account],
+        [
+            "useradd",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            marker,
+            account,
+        ],
         check=True,
     )
     try:
@@ -310,3 +327,94 @@ def test_create_adopts_a_leftover_den_account(daemon: Daemon, name: str) -> None
         assert not account_exists(account)
     finally:
         subprocess.run(["userdel", account], capture_output=True, check=False)
+
+
+def test_concurrent_duplicate_creates(daemon: Daemon, name: str) -> None:
+    """Racing creates of one name: one wins, the others get a conflict, the winner stays whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from den.cli.client import RpcError
+
+    def create(_: int) -> object:
+        c = daemon.client()
+        try:
+            return c.call("user.create", {"name": name})
+        except RpcError as exc:
+            return exc
+        finally:
+            c.close()
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(create, range(4)))
+        ok = [r for r in results if isinstance(r, dict)]
+        errors = [r for r in results if isinstance(r, RpcError)]
+        assert len(ok) == 1, results
+        assert [e.code for e in errors] == [-32002] * 3, [(e.code, e.message) for e in errors]
+        assert account_exists(daemon.prefix + name)
+        assert (
+            daemon.call("user.get", name=name)["uid"] == pwd.getpwnam(daemon.prefix + name).pw_uid
+        )
+        assert daemon.call_as(name, "auth.whoami")["result"]["name"] == name
+    finally:
+        if account_exists(daemon.prefix + name):
+            daemon.client().call("user.delete", {"name": name})
+
+
+def test_same_key_twice_in_one_create(daemon: Daemon, name: str, keypair: tuple[Path, str]) -> None:
+    _, pub = keypair
+    err = daemon.error("user.create", name=name, keys=[pub, pub])
+    assert err.code == -32602 and "twice" in str(err)
+    assert daemon.error("user.get", name=name).code == -32001
+    assert not account_exists(daemon.prefix + name)
+
+
+def test_concurrent_creates_get_distinct_ranges(daemon: Daemon, name: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"{name}c{i}" for i in range(4)]
+
+    def create(n: str) -> dict[str, object]:
+        c = daemon.client()
+        try:
+            out: dict[str, object] = c.call("user.create", {"name": n})
+            return out
+        finally:
+            c.close()
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(create, names))
+        starts = sorted(int(str(r["subuid_start"])) for r in results)
+        assert all(b - a >= 65536 for a, b in itertools.pairwise(starts)), starts
+        for n in names:
+            assert subid_lines(SUBUID, daemon.prefix + n) == subid_lines(SUBGID, daemon.prefix + n)
+    finally:
+        for n in names:
+            if account_exists(daemon.prefix + n):
+                daemon.client().call("user.delete", {"name": n})
+
+
+def test_concurrent_deletes(daemon: Daemon, name: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from den.cli.client import RpcError
+
+    daemon.call("user.create", name=name)
+
+    def delete(_: int) -> object:
+        c = daemon.client()
+        try:
+            return c.call("user.delete", {"name": name})
+        except RpcError as exc:
+            return exc
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(delete, range(4)))
+    assert results.count({"deleted": name}) >= 1
+    errors = [r for r in results if isinstance(r, RpcError)]
+    assert all(e.code == -32001 for e in errors), [(e.code, e.message) for e in errors]
+    assert not account_exists(daemon.prefix + name)
+    assert daemon.error("user.get", name=name).code == -32001

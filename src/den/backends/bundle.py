@@ -43,7 +43,9 @@ def nofile_limit() -> dict[str, Any]:
     return {"type": "RLIMIT_NOFILE", "hard": hard, "soft": min(1024, hard)}
 
 
-def config(spec: Spec, root_view: Path, code_view: Path, netns: Path, cgroup: str) -> dict[str, Any]:
+def config(
+    spec: Spec, bundle: Path, root_view: Path, code_view: Path, netns: Path, cgroup: str
+) -> dict[str, Any]:
     caps = {k: CAPABILITIES for k in ("bounding", "effective", "permitted")}
     mapping = [{"containerID": 0, "hostID": spec.uid_start, "size": spec.uid_count}]
     period = 100_000
@@ -95,6 +97,11 @@ def config(spec: Spec, root_view: Path, code_view: Path, netns: Path, cgroup: st
              "options": ["bind", "ro", "nosuid", "nodev"]},
             {"destination": "/code", "type": "bind", "source": str(code_view),
              "options": ["rbind", "rw", "nodev"]},
+            *(
+                {"destination": f"/etc/{name}", "type": "bind", "source": str(bundle / name),
+                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
+                for name in ("hostname", "hosts", "resolv.conf")
+            ),
         ],
         "linux": {
             "uidMappings": mapping,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import logging
 import shutil
 from pathlib import Path
@@ -76,24 +77,31 @@ class SandboxBackend(Backend):
                 d.rmdir()
 
     def _write_etc(self, spec: Spec) -> None:
-        etc = spec.rootfs / "etc"
-        etc.mkdir(exist_ok=True)
-        (etc / "hostname").write_text(spec.hostname + "\n")
-        (etc / "hosts").write_text(
-            f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            f"{spec.address}\t{spec.hostname}\n"
-        )
-        resolv = etc / "resolv.conf"
-        if resolv.is_symlink():
-            resolv.unlink()
-        resolv.write_text(host_resolvers())
-        (spec.code).chmod(0o755)
+        # Written into the bundle (ours) and bind-mounted over the rootfs by
+        # crun, never written into the rootfs: its /etc is the workspace's to
+        # replace, with symlinks that would lead a host-side write anywhere.
+        b = self.bundle(spec.id)
+        b.mkdir(parents=True, exist_ok=True, mode=0o711)
+        files = {
+            "hostname": spec.hostname + "\n",
+            "hosts": (
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                f"{spec.address}\t{spec.hostname}\n"
+            ),
+            "resolv.conf": host_resolvers(),
+        }
+        for name, text in files.items():
+            path = b / name
+            path.write_text(text)
+            path.chmod(0o644)
 
     def _write_bundle(self, spec: Spec) -> None:
         b = self.bundle(spec.id)
-        b.mkdir(parents=True, exist_ok=True, mode=0o700)
+        b.mkdir(parents=True, exist_ok=True, mode=0o711)
         root_view, code_view = self.views(spec.id)
-        cfg = config(spec, root_view, code_view, self.network.netns_path(spec.id), self.cgroup(spec.id))
+        cfg = config(
+            spec, b, root_view, code_view, self.network.netns_path(spec.id), self.cgroup(spec.id)
+        )
         tmp = b / "config.json.tmp"
         tmp.write_text(json.dumps(cfg, indent=1))
         tmp.replace(b / "config.json")
@@ -233,21 +241,42 @@ def host_resolvers() -> str:
     return "\n".join(lines) + "\n" if lines else "# den: the host has no resolver a workspace can use\n"
 
 
+def read_inside(rootfs: Path, *parts: str) -> str:
+    """Read a file of a workspace's rootfs without following any symlink.
+
+    The workspace owns its rootfs; a symlink there must not make den (root on
+    the host) read a host file.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(rootfs, flags | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        file_fd = os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with os.fdopen(file_fd, errors="replace") as f:
+        return f.read(1 << 20)
+
+
 def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
     """("uid:gid", home) of a user inside the workspace, from its /etc/passwd."""
     if user in ("", "root", "0"):
         return "0:0", "/root"
     try:
-        lines = (rootfs / "etc" / "passwd").read_text().splitlines()
+        lines = read_inside(rootfs, "etc", "passwd").splitlines()
     except OSError:
         lines = []
     for line in lines:
         parts = line.split(":")
         if len(parts) >= 6 and (parts[0] == user or parts[2] == user):
-            return f"{parts[2]}:{parts[3]}", parts[5] or "/"
+            if parts[2].isdigit() and parts[3].isdigit():
+                return f"{parts[2]}:{parts[3]}", parts[5] or "/"
     if user.isdigit():
         return f"{user}:{user}", "/"
-    raise InvalidParams(f"no user {user!r} in the workspace", field="user")
+    raise InvalidParams(f"no user {user!r} in the workspace's /etc/passwd", field="user")
 
 
 def check_tini() -> None:

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from den import proc
 from den.db.models import Image
 from den.errors import BackendFailure, DenError, InvalidParams
-from den.storage import debootstrap, rootfs
+from den.storage import btrfs, debootstrap, rootfs
 from den.storage.debootstrap import SCALE, ProgressFn
 from den.storage.pool import Pool
 
@@ -172,7 +172,10 @@ def _discard(pool: Pool, path: Path) -> None:
     """Remove a failed build; retried because dying helpers may still hold it briefly."""
     for attempt in range(50):
         try:
-            pool.discard(path)
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                path.unlink()
+            else:
+                pool.discard(path)
             return
         except (DenError, OSError) as exc:
             if attempt == 49:
@@ -369,8 +372,10 @@ async def recover(pool: Pool, sessions: async_sessionmaker[AsyncSession]) -> Non
         for path in found:
             if path.name.startswith(".") or path.name in known:
                 continue
-            if NAME_RE.fullmatch(path.name) and not rootfs.looks_like_rootfs(path):
+            if _adoptable(pool, path, NAME_RE.fullmatch(path.name) is not None):
                 log.warning("adopting image %s found in the pool without a record", path.name)
+                if pool.driver == "btrfs":
+                    btrfs.set_read_only(path, True)
                 res = await proc.run(["du", "-s", "-x", "-B1", str(path)], check=False)
                 size = int(res.stdout.split()[0]) if res.returncode == 0 else 0
                 db.add(Image(name=path.name, source="adopted", state="ready", size_bytes=size))
@@ -378,3 +383,9 @@ async def recover(pool: Pool, sessions: async_sessionmaker[AsyncSession]) -> Non
                 log.warning("removing %s from the pool: not an image", path.name)
                 await asyncio.to_thread(_discard, pool, path)
         await db.commit()
+
+
+def _adoptable(pool: Pool, path: Path, good_name: bool) -> bool:
+    if not good_name or path.is_symlink() or not path.is_dir() or rootfs.looks_like_rootfs(path):
+        return False
+    return pool.driver != "btrfs" or btrfs.is_subvolume(path)
