@@ -1,7 +1,10 @@
-"""A throwaway den daemon for benchmarks: its own socket, data dir, accounts."""
+"""A throwaway den daemon for benchmarks: its own socket, data dir, accounts,
+instance number and (optionally) btrfs loopback pool; all removed on exit."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import grp
 import json
 import os
@@ -16,48 +19,83 @@ import time
 from pathlib import Path
 
 DEN = str(Path(sys.executable).parent / "den")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def allocate_instance() -> tuple[int, int]:
+    """An instance number (40-59) that no other benchmark or test holds."""
+    Path("/run/den").mkdir(parents=True, exist_ok=True)
+    for n in range(40, 60):
+        fd = os.open(f"/run/den/bench-instance-{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return n, fd
+    raise RuntimeError("no free benchmark instance number")
 
 
 class BenchDaemon:
-    def __init__(self) -> None:
+    def __init__(self, pool_size: str | None = None, extra_env: dict[str, str] | None = None) -> None:
         tag = secrets.token_hex(2)
+        self.instance, self._lock_fd = allocate_instance()
         self.base = Path(tempfile.mkdtemp(prefix="den-bench-"))
         self.base.chmod(0o755)
         self.prefix = f"db{tag}-"
         self.group = f"db{tag}"
         self.socket = self.base / "den.sock"
+        self.data_dir = self.base / "data"
+        self.pool_size = pool_size
         self.env = {
             **os.environ,
             "DEN_CONFIG": str(self.base / "den.toml"),
+            "DEN_INSTANCE": str(self.instance),
             "DEN_SOCKET": str(self.socket),
-            "DEN_DATA_DIR": str(self.base / "data"),
+            "DEN_DATA_DIR": str(self.data_dir),
             "DEN_HTTP_PORT": "0",
             "DEN_SSH_PORT": "0",
             "DEN_ACCOUNT_PREFIX": self.prefix,
             "DEN_SOCKET_GROUP": self.group,
+            "DEN_FSTAB": str(self.base / "fstab"),
             "DEN_LOG_LEVEL": "warning",
+            "DEN_RECONCILE_INTERVAL": "0",
+            **(extra_env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> BenchDaemon:
-        state = self.base / "data" / "serve.json"
-        self.proc = subprocess.Popen([DEN, "serve"], env=self.env, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not (state.exists() and self.socket.exists()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("den serve did not start")
-            time.sleep(0.05)
-        self.info = json.loads(state.read_text())
+        try:
+            if self.pool_size:
+                self.env["DEN_POOL_SIZE"] = self.pool_size
+                subprocess.run([DEN, "init", "--yes"], env=self.env, check=True,
+                               stdout=subprocess.DEVNULL)
+            state = self.data_dir / "serve.json"
+            self.proc = subprocess.Popen([DEN, "serve"], env=self.env, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while not (state.exists() and self.socket.exists()):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("den serve did not start")
+                time.sleep(0.05)
+            self.info = json.loads(state.read_text())
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(20)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        from den.host.purge import purge_sync
+
+        with contextlib.suppress(Exception):
+            purge_sync(self.instance, self.data_dir)
+        self._unmount_pool()
         for pw in pwd.getpwall():
             if pw.pw_name.startswith(self.prefix):
                 subprocess.run(["userdel", pw.pw_name], capture_output=True, check=False)
@@ -67,3 +105,14 @@ class BenchDaemon:
         except KeyError:
             pass
         shutil.rmtree(self.base, ignore_errors=True)
+        os.close(self._lock_fd)
+
+    def _unmount_pool(self) -> None:
+        from den.storage.mounts import mounts_under
+
+        for mp in mounts_under(self.data_dir):
+            subprocess.run(["umount", "--lazy", mp], capture_output=True, check=False)
+        img = self.data_dir / "pool.img"
+        res = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True, check=False)
+        for line in res.stdout.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True, check=False)

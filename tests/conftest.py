@@ -207,22 +207,10 @@ def allocate_instance() -> tuple[int, int]:
 
 
 def purge_instance(instance: int, data_dir: Path) -> None:
-    """Remove every workspace an instance left on the host, with den's own code."""
-    import asyncio
+    """Remove every workspace the instance left on the host, with den's own code."""
+    from den.host.purge import purge_sync
 
-    from den.backends.sandbox import SandboxBackend
-    from den.net.network import Network
-
-    async def purge() -> None:
-        net = Network(instance, f"10.{77 + instance}.0.0/16", True, [], data_dir / "network.json")
-        backend = SandboxBackend(instance, data_dir, data_dir / "pool" / "volumes", net)
-        for ws_id in await backend.orphans(set()):
-            await backend.remove_orphan(ws_id)
-        for name in await asyncio.to_thread(net.orphans, set()):
-            await net.detach(name)
-        await net.teardown()
-
-    asyncio.run(purge())
+    purge_sync(instance, data_dir)
 
 
 def remove_accounts(prefix: str, group: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,7 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import DEN, Daemon
+from tests.conftest import Daemon
 
 
 @pytest.fixture
@@ -230,11 +229,7 @@ def test_unknown_token_over_client(daemon: Daemon) -> None:
 
 
 def cli_as(daemon: Daemon, user: str, *args: str) -> str:
-    """Run the CLI from a den user's host account (Daemon.cli(user=) passes env twice)."""
-    kw = daemon._as(user)
-    res = subprocess.run([DEN, *args], capture_output=True, text=True, timeout=60, **kw)
-    assert res.returncode == 0, res.stderr
-    return str(res.stdout)
+    return daemon.cli(*args, user=user, check=True).stdout
 
 
 def test_cli_token_create_ls_revoke(daemon: Daemon, member: str) -> None:

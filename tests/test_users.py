@@ -302,7 +302,7 @@ def test_cli_user_add_ls_rm(daemon: Daemon, name: str, keypair: tuple[Path, str]
 def test_create_adopts_a_leftover_den_account(daemon: Daemon, name: str) -> None:
     """An account den made but whose user row is gone (a crash) is reused, not refused."""
     account = daemon.prefix + name
-    marker = "den managed account (instance 0)"
+    marker = f"den managed account (instance {getattr(daemon, 'instance', 0)})"
     subprocess.run(
         [
             "useradd",

@@ -65,3 +65,23 @@ def setup(level: str = "info", log_file: Path | None = None) -> None:
     # aiohttp's access log adds nothing our own call log does not have.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class timed:
+    """Log how long a block took, at debug level: ``with timed("snapshot", ws=id):``."""
+
+    def __init__(self, what: str, **ctx: object) -> None:
+        self.what = what
+        self.ctx = ctx
+
+    def __enter__(self) -> timed:
+        import time
+
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import time
+
+        ms = round((time.perf_counter() - self.start) * 1e3, 2)
+        logging.getLogger("den.timing").debug(self.what, extra={"ctx": {**self.ctx, "ms": ms}})

@@ -21,6 +21,7 @@ from den.backends.base import Backend, ExecRequest, ExecResult, Spec, State, Sta
 from den.backends.bundle import config
 from den.backends.crun import Crun
 from den.errors import BackendFailure, InvalidParams
+from den.log import timed
 from den.net.network import Network
 from den.storage import idmap
 
@@ -108,10 +109,13 @@ class SandboxBackend(Backend):
 
     # -- the contract ------------------------------------------------------------
     async def create(self, spec: Spec) -> State:
-        await self.network.ensure()
-        await self.network.attach(spec.id, spec.address)
-        await asyncio.to_thread(self._prepare, spec)
-        return {"container": self.cid(spec.id), "cgroup": self.cgroup(spec.id)}
+        with timed("network", ws=spec.id):
+            await self.network.ensure()
+            await self.network.attach(spec.id, spec.address)
+        with timed("views and bundle", ws=spec.id):
+            await asyncio.to_thread(self._prepare, spec)
+        # "prepared": start may skip checking the pieces create just made.
+        return {"container": self.cid(spec.id), "cgroup": self.cgroup(spec.id), "prepared": True}
 
     def _prepare(self, spec: Spec) -> None:
         self._write_etc(spec)
@@ -127,12 +131,15 @@ class SandboxBackend(Backend):
             return state
         if st is not None:
             await self.crun.delete(cid)
-        # After a reboot or a half-made create, the pieces may be missing.
-        if not await asyncio.to_thread(self.network.present, spec.id):
-            await self.network.ensure()
-            await self.network.attach(spec.id, spec.address)
-        await asyncio.to_thread(self._prepare, spec)
-        await self.crun.run(cid, self.bundle(spec.id))
+        if not state.get("prepared"):
+            # After a reboot or a half-made create, the pieces may be missing.
+            if not await asyncio.to_thread(self.network.present, spec.id):
+                await self.network.ensure()
+                await self.network.attach(spec.id, spec.address)
+            await asyncio.to_thread(self._prepare, spec)
+        state = {k: v for k, v in state.items() if k != "prepared"}
+        with timed("crun run", ws=spec.id):
+            await self.crun.run(cid, self.bundle(spec.id))
         return state
 
     async def stop(self, spec: Spec, state: State) -> State:
@@ -152,7 +159,7 @@ class SandboxBackend(Backend):
             else:
                 await self.crun.kill(cid, "KILL", all_processes=True)
         await self.crun.delete(cid)
-        return state
+        return {k: v for k, v in state.items() if k != "prepared"}
 
     async def suspend(self, spec: Spec, state: State) -> State:
         await asyncio.to_thread(cgroups.freeze, self.cgroup(spec.id))

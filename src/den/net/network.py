@@ -31,12 +31,20 @@ class Network:
         self.gateway = ipam.gateway(subnet)
         self.prefixlen = ipaddress.IPv4Network(subnet).prefixlen
         self._lock = asyncio.Lock()
+        self._ensured = False
 
     # -- instance-wide ---------------------------------------------------------
-    async def ensure(self) -> None:
-        """Bridge, firewall and forwarding in place (idempotent)."""
+    async def ensure(self, *, check: bool = False) -> None:
+        """Bridge, firewall and forwarding in place (idempotent).
+
+        Done once per process unless ``check`` (the reconciler re-applies it,
+        in case someone flushed the ruleset).
+        """
+        if self._ensured and not check:
+            return
         async with self._lock:
             await asyncio.to_thread(self._ensure)
+            self._ensured = True
 
     def _ensure(self) -> None:
         links.ensure_bridge(self.bridge, str(self.gateway))
@@ -67,6 +75,7 @@ class Network:
             await asyncio.to_thread(self._teardown)
 
     def _teardown(self) -> None:
+        self._ensured = False
         firewall.remove(self.instance)
         links.delete_link(self.bridge)
         state = self._state()

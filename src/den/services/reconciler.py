@@ -64,7 +64,7 @@ async def reconcile(app: App, *, startup: bool = False) -> Report:
         if not left and await asyncio.to_thread(links.link_exists, bridge):
             await backend.network.teardown()
         elif left:
-            await backend.network.ensure()
+            await backend.network.ensure(check=True)
     if report.repaired or report.removed or report.failed:
         log.info(
             "reconciled",

@@ -123,9 +123,10 @@ async def user_create(ctx: Context, p: UserCreate) -> UserOut:
     if len({k.fingerprint for k in parsed}) != len(parsed):
         raise InvalidParams("the same key is listed twice", field="keys")
     for key in parsed:
+        same = select(SshKey.id).where(SshKey.fingerprint == key.fingerprint)
         try:
-            dup = await ctx.db.execute(select(SshKey.id).where(SshKey.fingerprint == key.fingerprint))
-        except IntegrityError:  # autoflush of the previous key, taken meanwhile by a concurrent call
+            dup = await ctx.db.execute(same)
+        except IntegrityError:  # autoflush of the previous key, taken by a concurrent call
             raise Conflict("one of the keys belongs to another user already") from None
         if dup.first() is not None:
             raise Conflict(f"the key {key.fingerprint} belongs to another user already")

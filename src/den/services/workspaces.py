@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from den.backends.base import Spec
 from den.db.models import Image, User, Workspace
 from den.errors import BackendFailure, Conflict, InvalidParams, NotFound, QuotaExceeded
+from den.log import timed
 from den.net import ipam
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import Name, find_user, user_or_self
@@ -254,7 +255,8 @@ async def materialize(
     backend = ctx.app.backend
     spec = spec_of(ctx.app, ws, owner)
     try:
-        await make_storage()
+        with timed("storage", ws=ws.id):
+            await make_storage()
         state = await backend.create(spec)
         state = await backend.start(spec, state)
     except BaseException:

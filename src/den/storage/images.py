@@ -47,18 +47,22 @@ COMPRESSIONS = (
     (b"\x28\xb5\x2f\xfd", "--zstd", "zstd"),
     (b"BZh", "--bzip2", "bzip2"),
 )
-_CORRUPT = (
-    "Unexpected EOF",
-    "unexpected end of file",
+_CORRUPT = (  # what tar and the decompressors say about a damaged archive (lowercased)
+    "unexpected eof",
+    "unexpected end",
+    "ends unexpectedly",
     "not in gzip format",
-    "invalid compressed",
-    "Corrupted",
     "corrupt",
-    "This does not look like a tar archive",
-    "Unknown frame",
-    "File format not recognized",
-    "Skipping to next header",
-    "Data integrity error",
+    "invalid compressed",
+    "does not look like a tar archive",
+    "unknown frame",
+    "decoding error",
+    "unsupported frame",
+    "file format not recognized",
+    "skipping to next header",
+    "data integrity error",
+    "crc error",
+    "unknown format",
 )
 
 
@@ -328,7 +332,7 @@ async def import_tarball(
             if _full(tail):
                 raise _pool_full(pool, name)
             detail = "; ".join(ln for ln in tail.strip().splitlines()[-3:] if ln) or f"exit {rc}"
-            if any(c in tail for c in _CORRUPT):
+            if any(c in tail.lower() for c in _CORRUPT):
                 raise InvalidParams(
                     f"cannot unpack {tarball}: the archive is corrupt or truncated ({detail})",
                     field="path",

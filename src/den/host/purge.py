@@ -1,0 +1,32 @@
+"""Remove every workspace an instance left on the host, whatever its database says.
+
+For tests, benchmarks and uninstalling: containers, cgroups, idmapped views,
+bundles, network namespaces, veths, the bridge and the nftables tables of one
+instance. The storage pool itself is left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+
+async def purge(instance: int, data_dir: Path, subnet: str | None = None) -> list[str]:
+    from den.backends.sandbox import SandboxBackend
+    from den.net.network import Network
+
+    net = Network(
+        instance, subnet or f"10.{77 + instance}.0.0/16", True, [], data_dir / "network.json"
+    )
+    backend = SandboxBackend(instance, data_dir, data_dir / "pool" / "volumes", net)
+    removed = await backend.orphans(set())
+    for ws_id in removed:
+        await backend.remove_orphan(ws_id)
+    for name in await asyncio.to_thread(net.orphans, set()):
+        await net.detach(name)
+    await net.teardown()
+    return removed
+
+
+def purge_sync(instance: int, data_dir: Path) -> list[str]:
+    return asyncio.run(purge(instance, data_dir))
