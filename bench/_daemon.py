@@ -37,7 +37,9 @@ def allocate_instance() -> tuple[int, int]:
 
 
 class BenchDaemon:
-    def __init__(self, pool_size: str | None = None, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, pool_size: str | None = None, extra_env: dict[str, str] | None = None
+    ) -> None:
         tag = secrets.token_hex(2)
         self.instance, self._lock_fd = allocate_instance()
         self.base = Path(tempfile.mkdtemp(prefix="den-bench-"))
@@ -68,8 +70,9 @@ class BenchDaemon:
         try:
             if self.pool_size:
                 self.env["DEN_POOL_SIZE"] = self.pool_size
-                subprocess.run([DEN, "init", "--yes"], env=self.env, check=True,
-                               stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    [DEN, "init", "--yes"], env=self.env, check=True, stdout=subprocess.DEVNULL
+                )
             state = self.data_dir / "serve.json"
             self.proc = subprocess.Popen([DEN, "serve"], env=self.env, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + 30
@@ -113,6 +116,8 @@ class BenchDaemon:
         for mp in mounts_under(self.data_dir):
             subprocess.run(["umount", "--lazy", mp], capture_output=True, check=False)
         img = self.data_dir / "pool.img"
-        res = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            ["losetup", "-j", str(img)], capture_output=True, text=True, check=False
+        )
         for line in res.stdout.splitlines():
             subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True, check=False)

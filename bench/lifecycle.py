@@ -25,11 +25,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _daemon import ROOT, BenchDaemon  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from den.cli.client import Client  # noqa: E402
+from _daemon import ROOT, BenchDaemon
+from den.cli.client import Client
 
 CACHE = ROOT / ".cache" / "images" / "bookworm-minbase.tar.zst"
 IMAGE = "debian"
@@ -64,12 +64,27 @@ def ensure_image(c: Client) -> None:
 
 def podman_times(rootfs: Path, count: int) -> list[float] | None:
     if shutil.which("podman") is None:
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "podman"],
-                       capture_output=True, check=False)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "podman"],
+            capture_output=True,
+            check=False,
+        )
     if shutil.which("podman") is None:
         return None
-    argv = ["podman", "run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
-            "--ulimit", "nproc=4096:4096", "--rootfs", str(rootfs), "/bin/true"]
+    argv = [
+        "podman",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=4096:4096",
+        "--rootfs",
+        str(rootfs),
+        "/bin/true",
+    ]
     subprocess.run(argv, capture_output=True, check=False)  # warm-up
     out = []
     for _ in range(count):
@@ -105,10 +120,14 @@ def main() -> None:
         refs = [f"bench/w{i}" for i in range(args.count)]
         for i, ref in enumerate(refs):
             rows["create_exec"].append(
-                ms(lambda i=i, ref=ref: (
-                    c.call("workspace.create", {"name": f"w{i}", "user": "bench", "image": IMAGE}),
-                    c.call("workspace.exec", {"ref": ref, "argv": ["/bin/true"]}),
-                ))
+                ms(
+                    lambda i=i, ref=ref: (
+                        c.call(
+                            "workspace.create", {"name": f"w{i}", "user": "bench", "image": IMAGE}
+                        ),
+                        c.call("workspace.exec", {"ref": ref, "argv": ["/bin/true"]}),
+                    )
+                )
             )
         time.sleep(2)
         ids = [c.call("workspace.get", {"ref": r})["id"] for r in refs]
@@ -117,7 +136,9 @@ def main() -> None:
             rows["suspend"].append(ms(lambda ref=ref: c.call("workspace.suspend", {"ref": ref})))
         for ref in refs:
             resume = ms(lambda ref=ref: c.call("workspace.resume", {"ref": ref}))
-            exec_ = ms(lambda ref=ref: c.call("workspace.exec", {"ref": ref, "argv": ["/bin/true"]}))
+            exec_ = ms(
+                lambda ref=ref: c.call("workspace.exec", {"ref": ref, "argv": ["/bin/true"]})
+            )
             rows["resume"].append(resume)
             rows["resume_exec"].append(resume + exec_)
         for ref in refs:
@@ -128,8 +149,13 @@ def main() -> None:
 
         scale: list[float] = []
         for i in range(args.scale):
-            scale.append(ms(lambda i=i: c.call(
-                "workspace.create", {"name": f"s{i}", "user": "bench", "image": IMAGE})))
+            scale.append(
+                ms(
+                    lambda i=i: c.call(
+                        "workspace.create", {"name": f"s{i}", "user": "bench", "image": IMAGE}
+                    )
+                )
+            )
         for i in range(args.scale):
             c.call("workspace.delete", {"ref": f"bench/s{i}"})
         c.close()
@@ -149,8 +175,12 @@ def main() -> None:
         ratio = None
     first = statistics.median(scale[:5])
     last = statistics.median(scale[-5:])
-    summary["scale"] = {"count": args.scale, "first5_p50_ms": round(first, 2),
-                        "last5_p50_ms": round(last, 2), "ratio": round(last / first, 3)}
+    summary["scale"] = {
+        "count": args.scale,
+        "first5_p50_ms": round(first, 2),
+        "last5_p50_ms": round(last, 2),
+        "ratio": round(last / first, 3),
+    }
     summary["idle_memory_bytes"] = int(statistics.mean(mem)) if mem else 0
     summary["den_vs_podman"] = ratio
     Console().print(table)

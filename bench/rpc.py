@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _daemon import BenchDaemon  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from den.cli.client import Client  # noqa: E402
+from _daemon import BenchDaemon
+from den.cli.client import Client
 
 
 def request(method: str) -> bytes:
@@ -58,7 +58,9 @@ async def load(path: str, method: str, clients: int, seconds: float) -> dict[str
     req = request(method)
     lat: list[float] = []
     # A short warm-up, not counted.
-    await asyncio.gather(*(one_client(path, req, time.perf_counter() + 0.3, []) for _ in range(clients)))
+    await asyncio.gather(
+        *(one_client(path, req, time.perf_counter() + 0.3, []) for _ in range(clients))
+    )
     start = time.perf_counter()
     until = start + seconds
     await asyncio.gather(*(one_client(path, req, until, lat) for _ in range(clients)))
@@ -98,7 +100,9 @@ def main() -> None:
     for col in ("method", "clients", "requests", "rps", "p50_ms", "p99_ms"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(*(str(r[k]) for k in ("method", "clients", "requests", "rps", "p50_ms", "p99_ms")))
+        table.add_row(
+            *(str(r[k]) for k in ("method", "clients", "requests", "rps", "p50_ms", "p99_ms"))
+        )
     Console().print(table)
     health32 = next(r for r in rows if r["method"] == "rpc.health" and r["clients"] == 32)
     print(

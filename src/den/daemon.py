@@ -37,7 +37,8 @@ async def serve(settings: Settings) -> None:
     tcp_site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_address=True)
     await tcp_site.start()
     server = tcp_site._server
-    port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else 0
+    sockets = getattr(server, "sockets", None) or []
+    port = sockets[0].getsockname()[1] if sockets else 0
     state = {
         "pid": os.getpid(),
         "socket": str(settings.socket),
@@ -48,7 +49,9 @@ async def serve(settings: Settings) -> None:
     settings.state_file.write_text(json.dumps(state))
     log.info(
         "den serving",
-        extra={"ctx": {"socket": settings.socket, "http": state["http"], "instance": settings.instance}},
+        extra={
+            "ctx": {"socket": settings.socket, "http": state["http"], "instance": settings.instance}
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -82,7 +82,9 @@ class InvalidParams(DenError):
         self.errors = errors
 
     def __str__(self) -> str:
-        parts = [f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in self.errors]
+        parts = [
+            f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in self.errors
+        ]
         return "Invalid params: " + "; ".join(parts)
 
 

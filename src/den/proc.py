@@ -77,7 +77,9 @@ async def run(
         time.perf_counter() - start,
     )
     log.debug(
-        "ran %s", " ".join(args), extra={"ctx": {"rc": res.returncode, "ms": round(res.seconds * 1e3, 1)}}
+        "ran %s",
+        " ".join(args),
+        extra={"ctx": {"rc": res.returncode, "ms": round(res.seconds * 1e3, 1)}},
     )
     if check and res.returncode != 0:
         raise CommandFailed(res)

@@ -563,6 +563,11 @@ def test_workspace_changes_and_push(
     assert (shared_repo / "README").read_text() == "hello\n"
     assert pool_daemon.call("code.changes", workspace=f"{owner}/code") == []
 
+    (snap / r.rel / "second.txt").write_text("2\n")  # the only repo with changes: no --repo
+    out = pool_daemon.call("code.push", workspace=f"{owner}/code", message="second")
+    assert (out["repo"], out["commits"], out["ref"]) == (r.rel, 1, "refs/heads/main")
+    assert r.log()[0] == f"second|{owner}|root"  # an admin pushing: the committer
+
     err = pool_daemon.error("code.push", workspace=f"{owner}/code", repo=r.rel, message="m")
     assert err.code == CONFLICT and "nothing to commit" in err.message
     err = pool_daemon.error(

@@ -133,6 +133,14 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    async def update_resources(self, spec: Spec, state: State) -> State:
+        """Apply the spec's cpu, memory and pids limits now and for every later start.
+
+        May be called in any state; on a running or suspended workspace the
+        new limits take effect at once. Idempotent.
+        """
+
+    @abstractmethod
     async def exec(self, spec: Spec, state: State, req: ExecRequest) -> ExecResult:
         """Run a command inside a running workspace and wait for it.
 

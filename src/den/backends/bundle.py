@@ -75,7 +75,14 @@ def config(
                 "destination": "/dev/pts",
                 "type": "devpts",
                 "source": "devpts",
-                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+                "options": [
+                    "nosuid",
+                    "noexec",
+                    "newinstance",
+                    "ptmxmode=0666",
+                    "mode=0620",
+                    "gid=5",
+                ],
             },
             {
                 "destination": "/dev/shm",
@@ -83,23 +90,51 @@ def config(
                 "source": "shm",
                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
             },
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
+            {
+                "destination": "/dev/mqueue",
+                "type": "mqueue",
+                "source": "mqueue",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
             # The network namespace belongs to the host, so sysfs cannot be
             # mounted fresh: a read-only bind, with the host's cgroups hidden.
-            {"destination": "/sys", "type": "none", "source": "/sys",
-             "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "noexec", "nodev", "ro", "size=4k"]},
-            {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "mode=755", "size=65536k"]},
-            {"destination": INIT_PATH, "type": "bind", "source": str(TINI),
-             "options": ["bind", "ro", "nosuid", "nodev"]},
-            {"destination": "/code", "type": "bind", "source": str(code_view),
-             "options": ["rbind", "rw", "nodev"]},
+            {
+                "destination": "/sys",
+                "type": "none",
+                "source": "/sys",
+                "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
+            },
+            {
+                "destination": "/sys/fs/cgroup",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "noexec", "nodev", "ro", "size=4k"],
+            },
+            {
+                "destination": "/run",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "nodev", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": INIT_PATH,
+                "type": "bind",
+                "source": str(TINI),
+                "options": ["bind", "ro", "nosuid", "nodev"],
+            },
+            {
+                "destination": "/code",
+                "type": "bind",
+                "source": str(code_view),
+                "options": ["rbind", "rw", "nodev"],
+            },
             *(
-                {"destination": f"/etc/{name}", "type": "bind", "source": str(bundle / name),
-                 "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}
+                {
+                    "destination": f"/etc/{name}",
+                    "type": "bind",
+                    "source": str(bundle / name),
+                    "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
+                }
                 for name in ("hostname", "hosts", "resolv.conf")
             ),
         ],
@@ -123,10 +158,23 @@ def config(
                 "devices": [{"allow": False, "access": "rwm"}],
             },
             "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/sys/firmware",
                 "/proc/scsi",
             ],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            "readonlyPaths": [
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger",
+            ],
         },
     }

@@ -10,8 +10,21 @@ from pathlib import Path
 from den.errors import BackendFailure
 
 ROOT = Path("/sys/fs/cgroup")
-V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb",
-                  "net_cls", "net_prio", "perf_event", "systemd")
+V1_CONTROLLERS = (
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "devices",
+    "freezer",
+    "blkio",
+    "pids",
+    "hugetlb",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+    "systemd",
+)
 
 
 def unified() -> bool:
@@ -40,13 +53,17 @@ def _set_frozen(path: str, frozen: bool, timeout: float) -> None:
         if unified():
             _v2(path).joinpath("cgroup.freeze").write_text("1" if frozen else "0")
         else:
-            _v1("freezer", path).joinpath("freezer.state").write_text("FROZEN" if frozen else "THAWED")
+            _v1("freezer", path).joinpath("freezer.state").write_text(
+                "FROZEN" if frozen else "THAWED"
+            )
     except FileNotFoundError:
         raise BackendFailure(f"cgroup {path} is missing: is the workspace running?") from None
     deadline = time.monotonic() + timeout
     while is_frozen(path) != frozen:
         if time.monotonic() > deadline:
-            raise BackendFailure(f"cgroup {path} did not {'freeze' if frozen else 'thaw'} in {timeout}s")
+            raise BackendFailure(
+                f"cgroup {path} did not {'freeze' if frozen else 'thaw'} in {timeout}s"
+            )
         time.sleep(0.0002)
 
 

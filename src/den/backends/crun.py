@@ -53,7 +53,16 @@ class Crun:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         log = bundle / "crun.log"
         log.unlink(missing_ok=True)
-        argv = [*self._base(), "--log", f"file:{log}", "run", "--detach", "--bundle", str(bundle), cid]
+        argv = [
+            *self._base(),
+            "--log",
+            f"file:{log}",
+            "run",
+            "--detach",
+            "--bundle",
+            str(bundle),
+            cid,
+        ]
         p = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -76,6 +85,22 @@ class Crun:
                     detail = str(json.loads(detail).get("msg", detail))
             raise BackendFailure(f"crun could not start the workspace: {detail or f'exit {rc}'}")
 
+    async def update(
+        self, cid: str, cpu_quota: int, cpu_period: int, memory: int, pids: int
+    ) -> None:
+        """Change the cgroup limits of a live container."""
+        await proc.run(
+            [
+                *self._base(),
+                "update",
+                f"--cpu-period={cpu_period}",
+                f"--cpu-quota={cpu_quota}",
+                f"--memory={memory}",
+                f"--pids-limit={pids}",
+                cid,
+            ]
+        )
+
     async def kill(self, cid: str, sig: str = "TERM", all_processes: bool = False) -> None:
         argv = [*self._base(), "kill"]
         if all_processes:
@@ -89,7 +114,9 @@ class Crun:
     def ids(self, prefix: str) -> list[str]:
         if not self.root.exists():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith(prefix)
+        )
 
     async def exec(
         self,
@@ -130,7 +157,7 @@ class Crun:
         finally:
             pid_file.unlink(missing_ok=True)
         rc = p.returncode if p.returncode is not None else -1
-        if rc != 0 and err.startswith(b"crun: ") or b"\ncrun: " in err[-500:]:
+        if (rc != 0 and err.startswith(b"crun: ")) or b"\ncrun: " in err[-500:]:
             text = err.decode(errors="replace").strip().splitlines()[-1]
             if "executable file" in text or "No such file" in text:
                 return ExecOutcome(127, out[:MAX_OUTPUT], err[:MAX_OUTPUT], timed_out)

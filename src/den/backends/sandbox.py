@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -180,14 +180,34 @@ class SandboxBackend(Backend):
         shutil.rmtree(self.bundle(ws_id), ignore_errors=True)
         cgroups.remove(self.cgroup(ws_id))
 
+    async def update_resources(self, spec: Spec, state: State) -> State:
+        await asyncio.to_thread(self._write_bundle, spec)
+        cid = self.cid(spec.id)
+        if await self.crun.state(cid) is not None:
+            period = 100_000
+            await self.crun.update(
+                cid, int(spec.cpu * period), period, spec.memory_mb << 20, spec.pids
+            )
+        return state
+
     async def exec(self, spec: Spec, state: State, req: ExecRequest) -> ExecResult:
         user, home = resolve_user(spec.rootfs, req.user)
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-               "HOME": home, "LANG": "C.UTF-8", **req.env}
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": home,
+            "LANG": "C.UTF-8",
+            **req.env,
+        }
         cwd = req.cwd or home
         out = await self.crun.exec(
-            self.cid(spec.id), req.argv, env=env, cwd=cwd, user=user, stdin=req.stdin,
-            timeout=req.timeout, pid_dir=self.bundle(spec.id),
+            self.cid(spec.id),
+            req.argv,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=req.stdin,
+            timeout=req.timeout,
+            pid_dir=self.bundle(spec.id),
         )
         return ExecResult(out.exit_code, out.stdout, out.stderr, out.timed_out)
 
@@ -213,7 +233,7 @@ class SandboxBackend(Backend):
         )
 
     async def orphans(self, known_ids: set[str]) -> list[str]:
-        found = {c[len(self.prefix):] for c in self.crun.ids(self.prefix)}
+        found = {c[len(self.prefix) :] for c in self.crun.ids(self.prefix)}
         if self.bundles.exists():
             found.update(p.name for p in self.bundles.iterdir() if p.is_dir())
         found.update(cgroups.children(self.cgroup_parent))
@@ -239,13 +259,21 @@ def host_resolvers() -> str:
     try:
         for line in Path("/etc/resolv.conf").read_text().splitlines():
             parts = line.split()
-            if len(parts) >= 2 and parts[0] == "nameserver" and not parts[1].startswith(("127.", "::1")):
+            if (
+                len(parts) >= 2
+                and parts[0] == "nameserver"
+                and not parts[1].startswith(("127.", "::1"))
+            ):
                 lines.append(f"nameserver {parts[1]}")
             elif parts and parts[0] in ("search", "options"):
                 lines.append(line)
     except OSError:
         pass
-    return "\n".join(lines) + "\n" if lines else "# den: the host has no resolver a workspace can use\n"
+    return (
+        "\n".join(lines) + "\n"
+        if lines
+        else "# den: the host has no resolver a workspace can use\n"
+    )
 
 
 def read_inside(rootfs: Path, *parts: str) -> str:
@@ -278,9 +306,9 @@ def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
         lines = []
     for line in lines:
         parts = line.split(":")
-        if len(parts) >= 6 and (parts[0] == user or parts[2] == user):
-            if parts[2].isdigit() and parts[3].isdigit():
-                return f"{parts[2]}:{parts[3]}", parts[5] or "/"
+        named = len(parts) >= 6 and user in (parts[0], parts[2])
+        if named and parts[2].isdigit() and parts[3].isdigit():
+            return f"{parts[2]}:{parts[3]}", parts[5] or "/"
     if user.isdigit():
         return f"{user}:{user}", "/"
     raise InvalidParams(f"no user {user!r} in the workspace's /etc/passwd", field="user")

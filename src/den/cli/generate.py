@@ -92,7 +92,7 @@ class _Field:
 
     def convert(self, value: Any) -> Any:
         """The value to send, or ``...`` to send nothing."""
-        if value is None or value is False and self.flag_value is not None:
+        if value is None or (value is False and self.flag_value is not None):
             return ...
         if self.flag_value is not None:
             return self.flag_value

@@ -39,7 +39,7 @@ class Check:
 
 
 def cgroup_layout() -> str:
-    """"v2" (unified), "hybrid" (v1 controllers + a cgroup2 mount) or "v1"."""
+    """ "v2" (unified), "hybrid" (v1 controllers + a cgroup2 mount) or "v1"."""
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         return "v2"
     if (CGROUP_ROOT / "unified").is_dir() and (CGROUP_ROOT / "unified" / "cgroup.procs").exists():
@@ -71,7 +71,9 @@ def fstab_has(settings: Settings) -> bool:
     except FileNotFoundError:
         return False
     want = str(settings.pool_dir)
-    return any(len(ln.split()) >= 2 and ln.split()[1] == want for ln in lines if not ln.startswith("#"))
+    return any(
+        len(ln.split()) >= 2 and ln.split()[1] == want for ln in lines if not ln.startswith("#")
+    )
 
 
 def run_checks(settings: Settings) -> list[Check]:
@@ -81,13 +83,23 @@ def run_checks(settings: Settings) -> list[Check]:
     ]
     fss = _filesystems()
     out.append(
-        Check("kernel btrfs", "btrfs" in fss, "btrfs in /proc/filesystems" if "btrfs" in fss else
-              "no btrfs in /proc/filesystems: load the module (modprobe btrfs) or use the overlay driver")
+        Check(
+            "kernel btrfs",
+            "btrfs" in fss,
+            "btrfs in /proc/filesystems"
+            if "btrfs" in fss
+            else "no btrfs in /proc/filesystems: load the module (modprobe btrfs) or use the overlay driver",
+        )
     )
     out.append(Check("kernel overlayfs", "overlay" in fss, "overlay in /proc/filesystems"))
     missing_ns = [n for n in NAMESPACES if not Path(f"/proc/self/ns/{n}").exists()]
-    out.append(Check("namespaces", not missing_ns, "missing: " + ", ".join(missing_ns) if missing_ns else
-                     ", ".join(NAMESPACES)))
+    out.append(
+        Check(
+            "namespaces",
+            not missing_ns,
+            "missing: " + ", ".join(missing_ns) if missing_ns else ", ".join(NAMESPACES),
+        )
+    )
     try:
         max_userns = int(Path("/proc/sys/user/max_user_namespaces").read_text())
     except (OSError, ValueError):
@@ -107,25 +119,61 @@ def run_checks(settings: Settings) -> list[Check]:
         )
     for tool, pkg in TOOLS.items():
         path = shutil.which(tool)
-        out.append(Check(f"tool {tool}", path is not None, path or f"missing (package {pkg})",
-                         fix=f"apt-get install {pkg}" if path is None else "", package=pkg))
+        out.append(
+            Check(
+                f"tool {tool}",
+                path is not None,
+                path or f"missing (package {pkg})",
+                fix=f"apt-get install {pkg}" if path is None else "",
+                package=pkg,
+            )
+        )
     for mod, pkg in MODULES.items():
         ok = _module_ok(mod)
-        out.append(Check(f"python {mod}", ok, "importable" if ok else f"missing (package {pkg})",
-                         fix=f"apt-get install {pkg}" if not ok else "", package=pkg))
+        out.append(
+            Check(
+                f"python {mod}",
+                ok,
+                "importable" if ok else f"missing (package {pkg})",
+                fix=f"apt-get install {pkg}" if not ok else "",
+                package=pkg,
+            )
+        )
     pool = settings.pool_dir
     if settings.storage_driver == "overlay":
-        out.append(Check("storage pool", pool.is_dir(), f"{pool}: overlayfs driver (by configuration)",
-                         fix="" if pool.is_dir() else f"mkdir {pool}"))
+        out.append(
+            Check(
+                "storage pool",
+                pool.is_dir(),
+                f"{pool}: overlayfs driver (by configuration)",
+                fix="" if pool.is_dir() else f"mkdir {pool}",
+            )
+        )
     else:
         on_btrfs = pool.is_dir() and btrfs.is_btrfs(pool)
-        detail = f"{pool} on btrfs" if on_btrfs else (
-            f"{pool} is not on btrfs: snapshots would fall back to overlayfs"
+        detail = (
+            f"{pool} on btrfs"
+            if on_btrfs
+            else (f"{pool} is not on btrfs: snapshots would fall back to overlayfs")
         )
-        out.append(Check("storage pool", on_btrfs, detail,
-                         fix="" if on_btrfs else f"make a {settings.pool_size} btrfs loopback pool at {pool}"))
+        out.append(
+            Check(
+                "storage pool",
+                on_btrfs,
+                detail,
+                fix=""
+                if on_btrfs
+                else f"make a {settings.pool_size} btrfs loopback pool at {pool}",
+            )
+        )
         if on_btrfs and settings.pool_image.exists():
             rec = fstab_has(settings)
-            out.append(Check("pool mount recorded", rec, f"{settings.fstab}",
-                             fix="" if rec else f"add the pool mount to {settings.fstab}"))
+            out.append(
+                Check(
+                    "pool mount recorded",
+                    rec,
+                    f"{settings.fstab}",
+                    fix="" if rec else f"add the pool mount to {settings.fstab}",
+                )
+            )
     return out

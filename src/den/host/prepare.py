@@ -23,8 +23,11 @@ async def install_packages(packages: list[str], say: Say) -> None:
     say(f"installing Debian packages: {' '.join(packages)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     await proc.run(["apt-get", "update", "-q"], env=env, timeout=900)
-    await proc.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages], env=env,
-                   timeout=1800)
+    await proc.run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        env=env,
+        timeout=1800,
+    )
 
 
 async def mount_hugetlb(say: Say) -> None:

@@ -76,7 +76,7 @@ def _in_thread(name: str, fn: Callable[[], None]) -> None:
     def target() -> None:
         try:
             fn()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
             errors.append(exc)
 
     t = threading.Thread(target=target, name=f"netns-{name}")
@@ -155,7 +155,6 @@ def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gat
         ipr.link("set", index=idx, master=br[0], state="up")
         # Isolated bridge ports cannot reach each other: no workspace-to-workspace traffic.
         ipr.brport("set", index=idx, isolated=1)
-
 
     def inside() -> None:
         with IPRoute() as nsr:

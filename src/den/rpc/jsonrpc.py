@@ -28,7 +28,9 @@ def _valid_id(value: Any) -> bool:
     return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
 
 
-async def handle_one(app: App, caller: Caller, req: Any, registry: Registry) -> dict[str, Any] | None:
+async def handle_one(
+    app: App, caller: Caller, req: Any, registry: Registry
+) -> dict[str, Any] | None:
     """Run one request object; return its response, or None for a notification."""
     if not isinstance(req, dict):
         return error_response(InvalidRequest("Invalid Request"))
@@ -38,8 +40,10 @@ async def handle_one(app: App, caller: Caller, req: Any, registry: Registry) -> 
     reply_id = None if req_id is _NO_ID else req_id
     name = req.get("method")
     params = req.get("params")
-    if req.get("jsonrpc") != "2.0" or not isinstance(name, str) or (
-        "params" in req and not isinstance(params, dict | list)
+    if (
+        req.get("jsonrpc") != "2.0"
+        or not isinstance(name, str)
+        or ("params" in req and not isinstance(params, dict | list))
     ):
         return error_response(InvalidRequest("Invalid Request"), reply_id)
     try:
@@ -48,7 +52,9 @@ async def handle_one(app: App, caller: Caller, req: Any, registry: Registry) -> 
         return None if req_id is _NO_ID else error_response(err, reply_id)
     except Exception:  # the isolation boundary: a bug must not take the server down
         log.exception("unhandled error in %s", name)
-        return None if req_id is _NO_ID else error_response(InternalError("Internal error"), reply_id)
+        return (
+            None if req_id is _NO_ID else error_response(InternalError("Internal error"), reply_id)
+        )
     if req_id is _NO_ID:
         return None
     return {"jsonrpc": "2.0", "result": result, "id": req_id}

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
@@ -141,6 +141,7 @@ class Context:
 
 
 MethodFn = Callable[[Context, Any], Awaitable[Any]]
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Method:
     doc: str
     mutating: bool
     cli: Cli | None
-    result_adapter: TypeAdapter[Any] = field(repr=False, default=None)  # type: ignore[assignment]
+    result_adapter: TypeAdapter[Any] = field(repr=False)
 
     @property
     def summary(self) -> str:
@@ -165,7 +166,9 @@ class Method:
         if isinstance(raw, list):
             names = list(self.params.model_fields)
             if len(raw) > len(names):
-                raise InvalidParams(f"expected at most {len(names)} positional parameters, got {len(raw)}")
+                raise InvalidParams(
+                    f"expected at most {len(names)} positional parameters, got {len(raw)}"
+                )
             raw = dict(zip(names, raw, strict=False))
         if not isinstance(raw, dict):
             raise InvalidParams("params must be an object or an array")
@@ -198,10 +201,10 @@ class Registry:
         right: Right,
         mutating: bool | None = None,
         cli: Cli | None = None,
-    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+    ) -> Callable[[F], F]:
         """Register ``fn(ctx, params) -> result`` as the method ``name``."""
 
-        def deco(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        def deco(fn: F) -> F:
             if name in self.methods:
                 raise RuntimeError(f"method {name} registered twice")
             hints = get_type_hints(fn)

@@ -115,7 +115,9 @@ def prepare_socket(path: str, group: str, mode: int) -> socket.socket:
             os.unlink(path)  # stale socket of a dead daemon
         else:
             probe.close()
-            raise SystemExit(f"den: another daemon is listening on {path}; stop it or use --instance")
+            raise SystemExit(
+                f"den: another daemon is listening on {path}; stop it or use --instance"
+            )
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

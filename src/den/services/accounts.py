@@ -149,11 +149,17 @@ class Accounts:
                 break
             start = max(start, s + c)
         if uid_range:
-            await proc.run(["usermod", "--del-subuids", f"{uid_range[0]}-{sum(uid_range) - 1}", name])
+            await proc.run(
+                ["usermod", "--del-subuids", f"{uid_range[0]}-{sum(uid_range) - 1}", name]
+            )
         if gid_range:
-            await proc.run(["usermod", "--del-subgids", f"{gid_range[0]}-{sum(gid_range) - 1}", name])
+            await proc.run(
+                ["usermod", "--del-subgids", f"{gid_range[0]}-{sum(gid_range) - 1}", name]
+            )
         end = start + SUBID_COUNT - 1
-        await proc.run(["usermod", "--add-subuids", f"{start}-{end}", "--add-subgids", f"{start}-{end}", name])
+        await proc.run(
+            ["usermod", "--add-subuids", f"{start}-{end}", "--add-subgids", f"{start}-{end}", name]
+        )
         return start, SUBID_COUNT
 
     async def remove(self, user: str) -> None:

@@ -28,17 +28,27 @@ class AuditOut(BaseModel):
 
 class AuditList(Params):
     actor: str | None = Field(None, max_length=64, description="Only calls by this actor.")
-    target: str | None = Field(None, max_length=200, description="Only this target (user:NAME, ...).")
-    method: str | None = Field(None, max_length=64, description="Only this method (user.create, ...).")
-    outcome: str | None = Field(None, max_length=32, description="Only this outcome (ok, not_found, ...).")
-    since: str | None = Field(None, max_length=64, description="Only after this: 1h, 2d or ISO 8601.")
+    target: str | None = Field(
+        None, max_length=200, description="Only this target (user:NAME, ...)."
+    )
+    method: str | None = Field(
+        None, max_length=64, description="Only this method (user.create, ...)."
+    )
+    outcome: str | None = Field(
+        None, max_length=32, description="Only this outcome (ok, not_found, ...)."
+    )
+    since: str | None = Field(
+        None, max_length=64, description="Only after this: 1h, 2d or ISO 8601."
+    )
     limit: int = Field(100, ge=1, le=10000, description="At most this many events, newest first.")
 
 
 @method(
     "audit.list",
     right=Right.read,
-    cli=Cli("audit", columns=("id", "at", "actor", "via", "method", "target", "outcome", "duration_ms")),
+    cli=Cli(
+        "audit", columns=("id", "at", "actor", "via", "method", "target", "outcome", "duration_ms")
+    ),
 )
 async def audit_list(ctx: Context, p: AuditList) -> list[AuditOut]:
     """List audit events, newest first: all for admins, your own calls for members."""

@@ -89,7 +89,9 @@ class KeyList(Params):
 
 class KeyRemove(Params):
     user: Annotated[Name, CliArg()] = Field(description="Owner of the key.")
-    fingerprint: Annotated[str, CliArg()] = Field(max_length=100, description="SHA256:... fingerprint.")
+    fingerprint: Annotated[str, CliArg()] = Field(
+        max_length=100, description="SHA256:... fingerprint."
+    )
 
 
 def _out(k: SshKey, user: str) -> KeyOut:

@@ -43,7 +43,9 @@ async def reconcile(app: App, *, startup: bool = False) -> Report:
     report = Report()
     backend = app.backend
     async with app.sessions() as db:
-        rows = (await db.execute(select(Workspace, User).join(User, Workspace.user_id == User.id))).all()
+        rows = (
+            await db.execute(select(Workspace, User).join(User, Workspace.user_id == User.id))
+        ).all()
         for ws, owner in rows:
             lock = app.ws_lock(ws.id)
             if lock.locked():
@@ -68,8 +70,13 @@ async def reconcile(app: App, *, startup: bool = False) -> Report:
     if report.repaired or report.removed or report.failed:
         log.info(
             "reconciled",
-            extra={"ctx": {"repaired": len(report.repaired), "removed": len(report.removed),
-                           "failed": len(report.failed)}},
+            extra={
+                "ctx": {
+                    "repaired": len(report.repaired),
+                    "removed": len(report.removed),
+                    "failed": len(report.failed),
+                }
+            },
         )
     return report
 
@@ -108,7 +115,9 @@ async def _one(
             await backend.suspend(spec, state)
         else:
             ws.state = "stopped"
-            ws.state_reason = "it was suspended when its processes ended (host restart?); memory lost"
+            ws.state_reason = (
+                "it was suspended when its processes ended (host restart?); memory lost"
+            )
         report.repaired.append(ws.id)
     elif ws.state == "stopped" and actual in ("running", "suspended"):
         await backend.stop(spec, state)

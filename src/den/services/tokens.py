@@ -104,7 +104,9 @@ async def token_create(ctx: Context, p: TokenCreate) -> TokenCreated:
     if user.role != "admin" and right == Right.admin:
         raise Forbidden(f"{user.name} is a member: a member's token can have at most 'write'")
     if right > ctx.caller.right:
-        raise Forbidden(f"you cannot create a token with more than your own '{ctx.caller.right.name}'")
+        raise Forbidden(
+            f"you cannot create a token with more than your own '{ctx.caller.right.name}'"
+        )
     expires = parse_when(p.expires, field="expires", future=True) if p.expires else None
     if expires is not None and expires <= datetime.now(UTC):
         raise InvalidParams("the expiry is in the past", field="expires")
@@ -173,7 +175,9 @@ async def authenticate(app: App, header: str | None) -> Caller | None:
         now = datetime.now(UTC)
         state = _state(token, now)
         if state != "active":
-            raise Unauthenticated(f"this token is {state}; create a new one with `den token create`")
+            raise Unauthenticated(
+                f"this token is {state}; create a new one with `den token create`"
+            )
         if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
             token.last_used_at = now
             await db.commit()

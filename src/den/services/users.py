@@ -62,10 +62,18 @@ class UserCreate(Params):
     keys: Annotated[list[str], CliOpt(flags=("--key",), read_file=True)] = Field(
         default_factory=list, max_length=100, description="OpenSSH public keys of the user."
     )
-    max_workspaces: Quota = Field(None, description="Most workspaces the user may own (-1: no limit).")
-    max_cpu: Quota = Field(None, description="Most CPUs across the user's workspaces (-1: no limit).")
-    max_memory_mb: Quota = Field(None, description="Most memory in MiB across workspaces (-1: no limit).")
-    max_disk_mb: Quota = Field(None, description="Most disk in MiB across workspaces (-1: no limit).")
+    max_workspaces: Quota = Field(
+        None, description="Most workspaces the user may own (-1: no limit)."
+    )
+    max_cpu: Quota = Field(
+        None, description="Most CPUs across the user's workspaces (-1: no limit)."
+    )
+    max_memory_mb: Quota = Field(
+        None, description="Most memory in MiB across workspaces (-1: no limit)."
+    )
+    max_disk_mb: Quota = Field(
+        None, description="Most disk in MiB across workspaces (-1: no limit)."
+    )
 
 
 class UserRef(Params):
@@ -76,10 +84,18 @@ class UserUpdate(Params):
     name: Annotated[Name, CliArg()] = Field(description="User name.")
     role: Role | None = Field(None, description="New role (admins only).")
     display_name: str | None = Field(None, max_length=200, description="New display name.")
-    max_workspaces: Quota = Field(None, description="Most workspaces the user may own (-1: no limit).")
-    max_cpu: Quota = Field(None, description="Most CPUs across the user's workspaces (-1: no limit).")
-    max_memory_mb: Quota = Field(None, description="Most memory in MiB across workspaces (-1: no limit).")
-    max_disk_mb: Quota = Field(None, description="Most disk in MiB across workspaces (-1: no limit).")
+    max_workspaces: Quota = Field(
+        None, description="Most workspaces the user may own (-1: no limit)."
+    )
+    max_cpu: Quota = Field(
+        None, description="Most CPUs across the user's workspaces (-1: no limit)."
+    )
+    max_memory_mb: Quota = Field(
+        None, description="Most memory in MiB across workspaces (-1: no limit)."
+    )
+    max_disk_mb: Quota = Field(
+        None, description="Most disk in MiB across workspaces (-1: no limit)."
+    )
 
 
 def _quota(v: int | None) -> int | None:
@@ -160,9 +176,7 @@ async def user_get(ctx: Context, p: UserRef) -> UserOut:
 )
 async def user_list(ctx: Context, p: NoParams) -> list[UserOut]:
     """List users: every user for an admin, only yourself for a member."""
-    counts = (
-        select(SshKey.user_id, func.count().label("n")).group_by(SshKey.user_id).subquery()
-    )
+    counts = select(SshKey.user_id, func.count().label("n")).group_by(SshKey.user_id).subquery()
     q = select(User, func.coalesce(counts.c.n, 0)).outerjoin(counts, counts.c.user_id == User.id)
     if not ctx.caller.is_admin:
         q = q.where(User.name == ctx.caller.name)

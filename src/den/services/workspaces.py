@@ -35,7 +35,7 @@ DEFAULT_NAME = "default"
 
 
 def parse_ref(ref: str) -> tuple[str | None, str]:
-    """"NAME" (yours) or "OWNER/NAME" -> (owner or None, name)."""
+    """ "NAME" (yours) or "OWNER/NAME" -> (owner or None, name)."""
     m = REF_RE.fullmatch(ref)
     if not m:
         raise InvalidParams(
@@ -157,10 +157,23 @@ class WsRef(Params):
 class WsCreate(Params):
     name: Annotated[Name, CliArg()] = Field(description="Workspace name, unique per owner.")
     user: Name | None = Field(None, description="Owner (default: you; others: admins only).")
-    image: Name | None = Field(None, description="Image to start from (default: the configured one).")
+    image: Name | None = Field(
+        None, description="Image to start from (default: the configured one)."
+    )
     cpu: float | None = Field(None, description="CPUs, e.g. 0.5 or 2.")
     mem: str | None = Field(None, max_length=16, description="Memory, e.g. 512M or 2G.")
     pids: int | None = Field(None, description="Most processes at once.")
+    disk: str | None = Field(
+        None, max_length=16, description="Disk limit, e.g. 10G (needs disk_quota = true)."
+    )
+
+
+class WsResize(Params):
+    ref: Annotated[str, CliArg()] = Field(max_length=80, description="NAME or OWNER/NAME.")
+    cpu: float | None = Field(None, description="New CPUs.")
+    mem: str | None = Field(None, max_length=16, description="New memory, e.g. 2G.")
+    pids: int | None = Field(None, description="New process limit.")
+    disk: str | None = Field(None, max_length=16, description="New disk limit (disk_quota = true).")
 
 
 class WsList(Params):
@@ -186,7 +199,9 @@ class ExecParams(Params):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     cwd: str = Field("", max_length=4096, description="Working directory (default: the home).")
     stdin: str = Field("", max_length=16 << 20, description="Text given on standard input.")
-    timeout: float = Field(60.0, gt=0, le=86400, description="Seconds before the command is killed.")
+    timeout: float = Field(
+        60.0, gt=0, le=86400, description="Seconds before the command is killed."
+    )
     user: str = Field("root", max_length=64, description="User inside the workspace.")
 
 
@@ -204,26 +219,49 @@ class Deleted(BaseModel):
 # -- helpers ------------------------------------------------------------------
 
 
-async def check_quota(ctx: Context, owner: User, cpu: float, memory_mb: int) -> None:
+async def check_quota(
+    ctx: Context,
+    owner: User,
+    cpu: float,
+    memory_mb: int,
+    disk_mb: int | None = None,
+    exclude: str | None = None,
+) -> None:
+    """Refuse what would pass one of the owner's quotas, naming the limit and the use."""
     q = select(
-        func.count(Workspace.id), func.coalesce(func.sum(Workspace.cpu), 0),
+        func.count(Workspace.id),
+        func.coalesce(func.sum(Workspace.cpu), 0),
         func.coalesce(func.sum(Workspace.memory_mb), 0),
+        func.coalesce(func.sum(Workspace.disk_mb), 0),
     ).where(Workspace.user_id == owner.id)
-    count, cpu_used, mem_used = (await ctx.db.execute(q)).one()
-    if owner.max_workspaces is not None and count + 1 > owner.max_workspaces:
+    if exclude is not None:
+        q = q.where(Workspace.id != exclude)
+    count, cpu_used, mem_used, disk_used = (await ctx.db.execute(q)).one()
+    if exclude is None and owner.max_workspaces is not None and count + 1 > owner.max_workspaces:
         raise QuotaExceeded(
             f"quota max_workspaces is {owner.max_workspaces} and {owner.name} has {count} workspaces"
         )
     if owner.max_cpu is not None and float(cpu_used) + cpu > owner.max_cpu:
         raise QuotaExceeded(
-            f"quota max_cpu is {owner.max_cpu}: {owner.name} uses {float(cpu_used):g} CPUs "
-            f"and asks for {cpu:g} more"
+            f"quota max_cpu is {owner.max_cpu}: {owner.name}'s other workspaces use "
+            f"{float(cpu_used):g} CPUs and this one asks for {cpu:g}"
         )
     if owner.max_memory_mb is not None and int(mem_used) + memory_mb > owner.max_memory_mb:
         raise QuotaExceeded(
-            f"quota max_memory_mb is {owner.max_memory_mb}: {owner.name} uses {int(mem_used)} MiB "
-            f"and asks for {memory_mb} MiB more"
+            f"quota max_memory_mb is {owner.max_memory_mb}: {owner.name}'s other workspaces use "
+            f"{int(mem_used)} MiB and this one asks for {memory_mb} MiB"
         )
+    if owner.max_disk_mb is not None:
+        if disk_mb is None:
+            raise QuotaExceeded(
+                f"{owner.name} has a disk quota (max_disk_mb {owner.max_disk_mb}): give the "
+                "workspace a disk size (--disk)"
+            )
+        if int(disk_used or 0) + disk_mb > owner.max_disk_mb:
+            raise QuotaExceeded(
+                f"quota max_disk_mb is {owner.max_disk_mb}: {owner.name}'s other workspaces use "
+                f"{int(disk_used or 0)} MiB and this one asks for {disk_mb} MiB"
+            )
 
 
 def check_resources(cpu: float, memory_mb: int, pids: int) -> None:
@@ -232,13 +270,42 @@ def check_resources(cpu: float, memory_mb: int, pids: int) -> None:
         raise InvalidParams(f"cpu must be between 0.05 and {ncpu} (this host's CPUs)", field="cpu")
     total = host_memory_mib()
     if not 32 <= memory_mb <= total:
-        raise InvalidParams(f"memory must be between 32M and {total}M (this host's memory)", field="mem")
+        raise InvalidParams(
+            f"memory must be between 32M and {total}M (this host's memory)", field="mem"
+        )
     if not 16 <= pids <= 4_194_304:
         raise InvalidParams("pids must be between 16 and 4194304", field="pids")
 
 
+def parse_disk(ctx: Context, disk: str | None) -> int | None:
+    if disk is None:
+        return None
+    if not ctx.app.settings.disk_quota or ctx.app.pool.driver != "btrfs":
+        raise InvalidParams(
+            "disk limits need btrfs quotas: set disk_quota = true in den.toml and run `den init`",
+            field="disk",
+        )
+    disk_mb = parse_mib(disk, "disk")
+    if disk_mb < 64:
+        raise InvalidParams("a disk limit is at least 64M", field="disk")
+    return disk_mb
+
+
+async def apply_disk_limit(ctx: Context, ws: Workspace) -> None:
+    """Limit the space the workspace's snapshots hold on their own (btrfs qgroups)."""
+    if ws.disk_mb is None:
+        return
+    from den.storage import btrfs
+
+    vdir = ctx.app.pool.volume_dir(ws.id)
+    for part in ("rootfs", "code"):
+        await btrfs.qgroup_limit_exclusive(ctx.app.pool.root, vdir / part, ws.disk_mb << 20)
+
+
 async def _allocate_address(ctx: Context) -> str:
-    taken = (await ctx.db.execute(select(Workspace.address).where(Workspace.address.is_not(None)))).scalars()
+    taken = (
+        await ctx.db.execute(select(Workspace.address).where(Workspace.address.is_not(None)))
+    ).scalars()
     return ipam.allocate(ctx.app.settings.network_subnet, [a for a in taken if a])
 
 
@@ -337,16 +404,25 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     memory_mb = parse_mib(p.mem, "mem") if p.mem else parse_mib(s.default_memory, "mem")
     pids = p.pids if p.pids is not None else s.default_pids
     check_resources(cpu, memory_mb, pids)
+    disk_mb = parse_disk(ctx, p.disk)
     await _image_ready(ctx, image)
     dup = await ctx.db.execute(
         select(Workspace.id).where(Workspace.user_id == owner.id, Workspace.name == p.name)
     )
     if dup.first() is not None:
         raise Conflict(f"{owner.name} has a workspace named {p.name!r} already")
-    await check_quota(ctx, owner, cpu, memory_mb)
+    await check_quota(ctx, owner, cpu, memory_mb, disk_mb)
     ws = Workspace(
-        id=new_id(), user_id=owner.id, name=p.name, image=image, backend="sandbox",
-        state="creating", cpu=cpu, memory_mb=memory_mb, pids=pids,
+        id=new_id(),
+        user_id=owner.id,
+        name=p.name,
+        image=image,
+        backend="sandbox",
+        state="creating",
+        cpu=cpu,
+        memory_mb=memory_mb,
+        pids=pids,
+        disk_mb=disk_mb,
     )
     await insert_row(ctx, ws)
     pool = ctx.app.pool
@@ -354,6 +430,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     async def storage() -> None:
         await pool.snapshot(pool.image_path(image), ws.id, "rootfs")
         await pool.snapshot(pool.code, ws.id, "code")
+        await apply_disk_limit(ctx, ws)
 
     await materialize(ctx, ws, owner, storage)
     return ws_out(ws, owner.name)
@@ -420,14 +497,18 @@ async def _transition(
 async def workspace_start(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Start a stopped (or failed) workspace; resume a suspended one."""
     b = ctx.app.backend
-    return await _transition(ctx, p.ref, "start", {"stopped", "failed", "suspended"}, "running", b.start)
+    return await _transition(
+        ctx, p.ref, "start", {"stopped", "failed", "suspended"}, "running", b.start
+    )
 
 
 @method("workspace.stop", right=Right.write, cli=Cli("stop"))
 async def workspace_stop(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Stop a workspace: every process ends, its files and address are kept."""
     b = ctx.app.backend
-    return await _transition(ctx, p.ref, "stop", {"running", "suspended", "failed"}, "stopped", b.stop)
+    return await _transition(
+        ctx, p.ref, "stop", {"running", "suspended", "failed"}, "stopped", b.stop
+    )
 
 
 @method("workspace.restart", right=Right.write, cli=Cli("restart"))
@@ -439,7 +520,12 @@ async def workspace_restart(ctx: Context, p: WsRef) -> WorkspaceOut:
         return await b.start(spec, await b.stop(spec, state))
 
     return await _transition(
-        ctx, p.ref, "restart", {"running", "stopped", "suspended", "failed"}, "running", both,
+        ctx,
+        p.ref,
+        "restart",
+        {"running", "stopped", "suspended", "failed"},
+        "running",
+        both,
         force=True,
     )
 
@@ -475,6 +561,27 @@ async def workspace_rename(ctx: Context, p: WsRename) -> WorkspaceOut:
     return ws_out(ws, owner.name)
 
 
+@method("workspace.resize", right=Right.write, cli=Cli("resize"))
+async def workspace_resize(ctx: Context, p: WsResize) -> WorkspaceOut:
+    """Change a workspace's CPUs, memory, process or disk limit; live when it runs."""
+    ws, owner = await find_workspace(ctx, p.ref)
+    ctx.target = f"workspace:{owner.name}/{ws.name}"
+    cpu = p.cpu if p.cpu is not None else ws.cpu
+    memory_mb = parse_mib(p.mem, "mem") if p.mem else ws.memory_mb
+    pids = p.pids if p.pids is not None else ws.pids
+    disk_mb = parse_disk(ctx, p.disk) if p.disk else ws.disk_mb
+    check_resources(cpu, memory_mb, pids)
+    await check_quota(ctx, owner, cpu, memory_mb, disk_mb, exclude=ws.id)
+    async with ctx.app.ws_lock(ws.id):
+        ws.cpu, ws.memory_mb, ws.pids, ws.disk_mb = cpu, memory_mb, pids, disk_mb
+        spec = spec_of(ctx.app, ws, owner)
+        ws.backend_state = await ctx.app.backend.update_resources(
+            spec, dict(ws.backend_state or {})
+        )
+        await apply_disk_limit(ctx, ws)
+    return ws_out(ws, owner.name)
+
+
 @method("workspace.clone", right=Right.write, cli=Cli("cp"))
 async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     """Copy a workspace's files into a new workspace of yours (O(1): a snapshot)."""
@@ -486,10 +593,18 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     )
     if dup.first() is not None:
         raise Conflict(f"{owner.name} has a workspace named {p.name!r} already")
-    await check_quota(ctx, owner, src.cpu, src.memory_mb)
+    await check_quota(ctx, owner, src.cpu, src.memory_mb, src.disk_mb)
     ws = Workspace(
-        id=new_id(), user_id=owner.id, name=p.name, image=src.image, backend=src.backend,
-        state="creating", cpu=src.cpu, memory_mb=src.memory_mb, pids=src.pids,
+        id=new_id(),
+        user_id=owner.id,
+        name=p.name,
+        image=src.image,
+        backend=src.backend,
+        state="creating",
+        cpu=src.cpu,
+        memory_mb=src.memory_mb,
+        pids=src.pids,
+        disk_mb=src.disk_mb,
     )
     src_id = src.id
     await insert_row(ctx, ws)
@@ -498,6 +613,7 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     async def storage() -> None:
         await pool.clone(src_id, "rootfs", ws.id)
         await pool.clone(src_id, "code", ws.id)
+        await apply_disk_limit(ctx, ws)
 
     await materialize(ctx, ws, owner, storage)
     return ws_out(ws, owner.name)
@@ -517,7 +633,11 @@ async def delete_workspace(ctx: Context, ws: Workspace, owner: User) -> None:
     await maybe_teardown_network(ctx)
 
 
-@method("workspace.delete", right=Right.write, cli=Cli("rm", confirm="Delete workspace {ref} and its files?"))
+@method(
+    "workspace.delete",
+    right=Right.write,
+    cli=Cli("rm", confirm="Delete workspace {ref} and its files?"),
+)
 async def workspace_delete(ctx: Context, p: WsRef) -> Deleted:
     """Delete a workspace: processes, snapshot, cgroup, network and address all go."""
     ws, owner = await find_workspace(ctx, p.ref)

@@ -115,5 +115,7 @@ async def qgroup_limit_exclusive(pool: Path, subvol: Path, limit_bytes: int | No
 def _fail(what: str, path: Path, exc: Exception) -> BackendFailure:
     msg = str(exc)
     if "No space left" in msg or getattr(exc, "errno", None) == 28:
-        return BackendFailure(f"the storage pool is full: cannot {what} {path.name}; free space or grow the pool")
+        return BackendFailure(
+            f"the storage pool is full: cannot {what} {path.name}; free space or grow the pool"
+        )
     return BackendFailure(f"cannot {what} {path}: {msg}")

@@ -78,7 +78,9 @@ def _check(ret: int, what: str, path: Path) -> None:
 def idmapped_bind(src: Path, dst: Path, start: int, count: int) -> None:
     """Mount ``src`` at ``dst`` with on-disk ids 0..count shown as start..start+count."""
     ns = userns_fd(start, count)
-    fd = _libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, str(src).encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    fd = _libc.syscall(
+        _SYS_OPEN_TREE, _AT_FDCWD, str(src).encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC
+    )
     _check(fd, "open_tree", src)
     try:
         attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, ns)

@@ -123,8 +123,13 @@ class Pool:
         if not _is_mountpoint(merged):
             await proc.run(
                 [
-                    "mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged),
+                    "mount",
+                    "-t",
+                    "overlay",
+                    "overlay",
+                    "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}",
+                    str(merged),
                 ]
             )
         return merged

@@ -1,0 +1,465 @@
+"""Workspace lifecycle on the sandbox backend: create, list/get, exec, stop/start,
+restart, suspend/resume, rename, clone, delete; bad input; rights; quotas; the
+compute-manager aliases.
+
+Real crun, real btrfs, real network namespaces; every test deletes what it made
+and checks that nothing of a deleted workspace is left on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon
+from tests.workspaces.conftest import (
+    BB,
+    Users,
+    assert_gone,
+    cgroup_dir,
+    cgroup_pids,
+    cpu_ns,
+    create,
+    crun_state,
+    detach,
+    init_pid,
+    instance_ids,
+    list_all,
+    make_users,
+    ok,
+    run,
+    sh,
+    traces,
+    wait_for,
+)
+
+FIELDS = {
+    "id", "ref", "owner", "name", "state", "state_reason", "image", "backend", "address", "cpu",
+    "memory_mb", "pids", "disk_mb", "created_at", "last_activity_at", "last_activity_kind",
+}
+
+
+def test_create_returns_running_and_exec_works(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "web", cpu=0.5, mem="128M", pids=128)
+    try:
+        assert ws["state"] == "running"
+        assert ws["ref"] == f"{owner}/web" and ws["owner"] == owner and ws["name"] == "web"
+        assert ws["image"] == BB and ws["backend"] == "sandbox"
+        assert (ws["cpu"], ws["memory_mb"], ws["pids"]) == (0.5, 128, 128)
+        assert ws["address"].startswith(f"10.{77 + d.instance}.")
+        # No wait: create returns once exec works.
+        res = run(d, ws["ref"], "echo", "hello")
+        assert res == {"exit_code": 0, "stdout": "hello\n", "stderr": "", "timed_out": False}
+        assert ok(d, ws["ref"], "hostname") == "web\n"
+        assert ws["address"] in ok(d, ws["ref"], "ip -4 addr show eth0")
+        # argv, env, cwd, stdin, exit codes, timeout, user inside.
+        res = run(d, ws["ref"], "sh", "-c", 'echo "$FOO:$(pwd)"; cat; exit 3', env={"FOO": "bar"},
+                  cwd="/tmp", stdin="from stdin\n")
+        assert res["exit_code"] == 3 and res["stdout"] == "bar:/tmp\nfrom stdin\n", res
+        res = run(d, ws["ref"], "sleep", "30", timeout=0.5)
+        assert res["timed_out"] and res["exit_code"] != 0, res
+        assert ok(d, ws["ref"], "id -u; echo $HOME", user="dev") == "1000\n/home/dev\n"
+        assert run(d, ws["ref"], "no-such-program")["exit_code"] == 127
+        # The limits are the cgroup's.
+        assert int((cgroup_dir(d, "pids", ws["id"]) / "pids.max").read_text()) == 128
+        mem = int((cgroup_dir(d, "memory", ws["id"]) / "memory.limit_in_bytes").read_text())
+        assert mem == 128 << 20
+        quota = int((cgroup_dir(d, "cpu", ws["id"]) / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup_dir(d, "cpu", ws["id"]) / "cpu.cfs_period_us").read_text())
+        assert quota / period == pytest.approx(0.5)
+        # list and get
+        got = d.call("workspace.get", ref=ws["ref"])
+        assert set(got) == FIELDS
+        assert got["id"] == ws["id"] and got["state"] == "running"
+        assert got["last_activity_kind"] == "exec" and got["last_activity_at"]
+        listed = d.call("workspace.list", user=owner)
+        assert [w["ref"] for w in listed] == [ws["ref"]]
+        assert ws["ref"] in {w["ref"] for w in d.call("workspace.list", all=True)}
+        res = d.cli("exec", ws["ref"], "--", "echo", "via", "cli")
+        assert res.returncode == 0 and "via cli" in res.stdout, res
+        res = d.cli("show", ws["ref"], "--json")
+        assert res.returncode == 0 and ws["id"] in res.stdout, res
+    finally:
+        d.call("workspace.delete", ref=ws["ref"])
+    assert_gone(d, ws["id"])
+    assert d.call("workspace.list", user=owner) == []
+
+
+def test_names_unique_per_owner(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    a, b = users.make(), users.make()
+    wa = create(d, a, "same")
+    wb = create(d, b, "same")  # another owner may use the name
+    before = instance_ids(d)
+    err = d.error("workspace.create", name="same", user=a, image=BB)
+    assert err.code == -32002 and "same" in err.message
+    assert instance_ids(d) == before
+    assert [w["id"] for w in list_all(d, a)] == [wa["id"]]
+    assert wa["address"] != wb["address"]
+
+
+HOSTILE = ["../etc", "A", "a b", "x" * 40, "a;rm -rf /", "-a", "", "a/b", "9lives", "é", "a\nb", "a_b"]
+
+
+@pytest.mark.parametrize("bad", HOSTILE)
+def test_hostile_names_refused(pool_daemon: Daemon, bb_image: str, users: Users, bad: str) -> None:
+    d = pool_daemon
+    owner = users.make()
+    before = instance_ids(d)
+    err = d.error("workspace.create", name=bad, user=owner, image=BB)
+    assert err.code == -32602, err
+    assert list_all(d, owner) == []
+    assert instance_ids(d) == before
+
+
+def absurd_cases(owner: str) -> list[tuple[dict[str, Any], int, str]]:
+    return [
+        ({"image": "no-such-image"}, -32001, "no-such-image"),
+        ({"image": "../images"}, -32602, ""),
+        ({"user": "nobody-here"}, -32001, "nobody-here"),
+        ({"cpu": 1000}, -32602, "cpu"),
+        ({"cpu": 0}, -32602, "cpu"),
+        ({"cpu": -1}, -32602, "cpu"),
+        ({"mem": "1T"}, -32602, "mem"),
+        ({"mem": "1K"}, -32602, "mem"),
+        ({"mem": "lots"}, -32602, "mem"),
+        ({"mem": "-5M"}, -32602, "mem"),
+        ({"pids": 1}, -32602, "pids"),
+        ({"pids": -1}, -32602, "pids"),
+        ({"pids": 10**12}, -32602, "pids"),
+    ]
+
+
+def test_bad_input_leaves_nothing(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    volumes = d.data_dir / "pool" / "volumes"
+    for params, code, word in absurd_cases(owner):
+        before_ids, before_vols = instance_ids(d), set(volumes.iterdir())
+        call = {"name": "bad", "user": owner, "image": BB, **params}
+        err = d.error("workspace.create", **call)
+        assert err.code == code, (params, err)
+        text = err.message + str(err.data or "")
+        assert word in text, (params, text)
+        assert list_all(d, owner) == [], params
+        assert set(volumes.iterdir()) == before_vols, params
+        assert instance_ids(d) == before_ids, params
+
+
+def test_image_without_init_program_leaves_nothing(
+    pool_daemon: Daemon, bb_image: str, users: Users, tmp_path: Any
+) -> None:
+    """An image in which the workspace cannot run (no `sleep`) is refused cleanly."""
+    from tests.storage.conftest import tar_dir
+    from tests.workspaces.conftest import import_image
+
+    d = pool_daemon
+    root = tmp_path / "rootfs"
+    for sub in ("etc", "root", "tmp"):
+        (root / sub).mkdir(parents=True)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    name = f"empty{time.monotonic_ns() % 10**6}"
+    import_image(d, name, tar_dir(root, tmp_path / "empty.tar.zst"))
+    owner = users.make()
+    before = instance_ids(d)
+    try:
+        try:
+            ws = d.call("workspace.create", name="hollow", user=owner, image=name)
+        except Exception as exc:  # refused: nothing may be left
+            assert getattr(exc, "code", None) == -32005, exc
+            assert list_all(d, owner) == []
+            assert instance_ids(d) == before
+        else:
+            # Accepted: then it must really run (create promises exec works).
+            assert ws["state"] == "running"
+            res = run(d, ws["ref"], "/bin/true")
+            pytest.fail(f"create said running for an image with no programs; exec gave {res}")
+    finally:
+        for w in list_all(d, owner):
+            d.call("workspace.delete", ref=w["ref"])
+        d.call("image.delete", name=name)
+
+
+def test_stop_start_keeps_files_and_ends_processes(
+    pool_daemon: Daemon, bb_image: str, users: Users
+) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "keep")
+    ref, wid = ws["ref"], ws["id"]
+    ok(d, ref, "echo kept > /root/file; echo code > /code/c; mkdir -p /home/dev/x")
+    detach(d, ref, "sleep 1000")
+    assert wait_for(lambda: len(cgroup_pids(d, wid)) >= 3)
+    address = ws["address"]
+
+    out = d.call("workspace.stop", ref=ref)
+    assert out["state"] == "stopped"
+    assert cgroup_pids(d, wid) == []
+    assert crun_state(d, wid) is None
+    err = d.error("workspace.exec", ref=ref, argv=["true"])
+    assert err.code == -32002 and "stopped" in err.message
+    assert d.call("workspace.stop", ref=ref)["state"] == "stopped"  # idempotent
+
+    out = d.call("workspace.start", ref=ref)
+    assert out["state"] == "running" and out["address"] == address
+    assert ok(d, ref, "cat /root/file /code/c; ls -d /home/dev/x") == "kept\ncode\n/home/dev/x\n"
+    assert "sleep 1000" not in ok(d, ref, "ps -o args")
+    assert d.call("workspace.start", ref=ref)["state"] == "running"  # idempotent
+
+    pid = init_pid(d, wid)
+    out = d.call("workspace.restart", ref=ref)
+    assert out["state"] == "running"
+    assert init_pid(d, wid) != pid
+    assert ok(d, ref, "cat /root/file") == "kept\n"
+    d.call("workspace.stop", ref=ref)
+    assert d.call("workspace.restart", ref=ref)["state"] == "running"  # restart of a stopped one
+    assert ok(d, ref, "echo up") == "up\n"
+    d.call("workspace.delete", ref=ref)
+    assert_gone(d, wid)
+
+
+def test_suspend_stops_cpu_and_resume_continues(
+    pool_daemon: Daemon, bb_image: str, users: Users
+) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "busy", cpu=0.5)
+    ref, wid = ws["ref"], ws["id"]
+    try:
+        detach(d, ref, "echo $$ > /tmp/loop.pid; while :; do :; done")
+        loop_pid = wait_for(lambda: ok(d, ref, "cat /tmp/loop.pid 2>/dev/null || true").strip())
+        assert loop_pid
+
+        def used(seconds: float = 1.0) -> float:
+            a = cpu_ns(d, wid)
+            time.sleep(seconds)
+            return (cpu_ns(d, wid) - a) / 1e9
+
+        assert used() > 0.1, "the busy loop should use CPU while running"
+        out = d.call("workspace.suspend", ref=ref)
+        assert out["state"] == "suspended"
+        assert (cgroup_dir(d, "freezer", wid) / "freezer.state").read_text().strip() == "FROZEN"
+        assert used() < 0.005, "a suspended workspace must use no CPU"
+        assert d.call("workspace.get", ref=ref)["state"] == "suspended"
+        assert d.call("workspace.suspend", ref=ref)["state"] == "suspended"  # idempotent
+
+        out = d.call("workspace.resume", ref=ref)
+        assert out["state"] == "running"
+        assert used() > 0.1, "the same loop continues after resume"
+        ps = ok(d, ref, "ps -o pid,args")
+        assert any(line.split()[0] == loop_pid for line in ps.splitlines()[1:]), ps
+
+        # exec on a suspended workspace resumes it transparently
+        d.call("workspace.suspend", ref=ref)
+        assert ok(d, ref, "cat /tmp/loop.pid").strip() == loop_pid
+        assert d.call("workspace.get", ref=ref)["state"] == "running"
+        assert (cgroup_dir(d, "freezer", wid) / "freezer.state").read_text().strip() == "THAWED"
+
+        # stop from suspended ends everything
+        d.call("workspace.suspend", ref=ref)
+        assert d.call("workspace.stop", ref=ref)["state"] == "stopped"
+        assert cgroup_pids(d, wid) == []
+        err = d.error("workspace.suspend", ref=ref)
+        assert err.code == -32002
+        err = d.error("workspace.resume", ref=ref)
+        assert err.code == -32002
+    finally:
+        d.call("workspace.delete", ref=ref)
+    assert_gone(d, wid)
+
+
+def test_delete_of_suspended_workspace(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "frozen")
+    detach(d, ws["ref"], "sleep 1000")
+    d.call("workspace.suspend", ref=ws["ref"])
+    assert d.call("workspace.delete", ref=ws["ref"]) == {"deleted": ws["ref"]}
+    assert_gone(d, ws["id"])
+    err = d.error("workspace.get", ref=ws["ref"])
+    assert err.code == -32001
+
+
+def test_clone_copies_files_independently(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    src = create(d, owner, "src")
+    ok(d, src["ref"], "echo original > /root/f; echo code > /code/f")
+    cp = d.call("workspace.clone", source=src["ref"], name="copy")
+    try:
+        assert cp["state"] == "running" and cp["owner"] == owner and cp["id"] != src["id"]
+        assert cp["address"] != src["address"] and cp["image"] == src["image"]
+        assert ok(d, cp["ref"], "cat /root/f /code/f") == "original\ncode\n"
+        ok(d, cp["ref"], "echo changed > /root/f; echo only-copy > /root/g")
+        ok(d, src["ref"], "echo src-only > /root/h")
+        assert ok(d, src["ref"], "cat /root/f; ls /root") == "original\nf\nh\n"
+        assert ok(d, cp["ref"], "cat /root/f; ls /root") == "changed\nf\ng\n"
+        err = d.error("workspace.clone", source=src["ref"], name="copy")
+        assert err.code == -32002
+        err = d.error("workspace.clone", source=f"{owner}/missing", name="other")
+        assert err.code == -32001
+    finally:
+        d.call("workspace.delete", ref=cp["ref"])
+        d.call("workspace.delete", ref=src["ref"])
+    assert_gone(d, cp["id"])
+    assert_gone(d, src["id"])
+
+
+def test_rename(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "old")
+    other = create(d, owner, "taken")
+    ok(d, ws["ref"], "echo mine > /root/f")
+    out = d.call("workspace.rename", ref=ws["ref"], new_name="new")
+    assert out["ref"] == f"{owner}/new" and out["id"] == ws["id"] and out["state"] == "running"
+    assert d.error("workspace.get", ref=ws["ref"]).code == -32001
+    assert ok(d, f"{owner}/new", "cat /root/f") == "mine\n"
+    err = d.error("workspace.rename", ref=f"{owner}/new", new_name="taken")
+    assert err.code == -32002
+    assert d.error("workspace.rename", ref=f"{owner}/new", new_name="Bad Name").code == -32602
+    d.call("workspace.delete", ref=f"{owner}/new")
+    d.call("workspace.delete", ref=other["ref"])
+    assert_gone(d, ws["id"])
+    assert_gone(d, other["id"])
+
+
+def test_delete_removes_everything(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "gone")
+    wid = ws["id"]
+    detach(d, ws["ref"], "sleep 1000")
+    assert traces(d, wid)  # the probe sees a live workspace
+    image = d.data_dir / "pool" / "images" / BB
+    assert d.call("workspace.delete", ref=ws["ref"]) == {"deleted": ws["ref"]}
+    assert_gone(d, wid)
+    assert image.is_dir()  # the image stays
+    assert d.error("workspace.delete", ref=ws["ref"]).code == -32001
+    assert d.error("workspace.exec", ref=ws["ref"], argv=["true"]).code == -32001
+    # the address is free again
+    again = create(d, owner, "gone")
+    try:
+        assert again["id"] != wid
+    finally:
+        d.call("workspace.delete", ref=again["ref"])
+    assert_gone(d, again["id"])
+
+
+def test_member_rights(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    alice, bob = users.make(), users.make()
+    res = d.call_as(alice, "workspace.create", {"name": "mine", "image": BB, "mem": "64M"})
+    assert "result" in res, res
+    ws = res["result"]
+    assert ws["ref"] == f"{alice}/mine"
+    res = d.call_as(alice, "workspace.exec", {"ref": "mine", "argv": ["echo", "hi"]})
+    assert res["result"]["stdout"] == "hi\n", res
+    listed = d.call_as(alice, "workspace.list", {"all": True})["result"]
+    assert [w["ref"] for w in listed] == [ws["ref"]]
+    for method, params in (
+        ("workspace.get", {"ref": f"{alice}/mine"}),
+        ("workspace.exec", {"ref": f"{alice}/mine", "argv": ["id"]}),
+        ("workspace.stop", {"ref": f"{alice}/mine"}),
+        ("workspace.delete", {"ref": f"{alice}/mine"}),
+        ("workspace.clone", {"source": f"{alice}/mine", "name": "stolen"}),
+        ("workspace.rename", {"ref": f"{alice}/mine", "new_name": "x"}),
+    ):
+        res = d.call_as(bob, method, params)
+        assert res.get("error", {}).get("code") == -32001, (method, res)
+    res = d.call_as(bob, "workspace.create", {"name": "x", "user": alice, "image": BB})
+    assert res.get("error", {}).get("code") in (-32001, -32003), res
+    assert d.call_as(bob, "workspace.list", {"all": True})["result"] == []
+    assert d.call_as(bob, "workspace.list", {"user": alice}).get("error", {}).get("code") == -32001
+    # the admin reaches it as OWNER/NAME
+    assert d.call("workspace.get", ref=f"{alice}/mine")["id"] == ws["id"]
+    assert ok(d, f"{alice}/mine", "echo admin") == "admin\n"
+    assert d.error("workspace.get", ref="mine").code == -32602  # root owns no workspaces
+    assert d.call_as(alice, "workspace.delete", {"ref": "mine"})["result"] == {"deleted": ws["ref"]}
+    assert_gone(d, ws["id"])
+
+
+def test_quotas_name_the_limit(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    d.call("user.update", name=owner, max_workspaces=1)
+    first = create(d, owner, "one", cpu=0.5, mem="64M")
+    before = instance_ids(d)
+    err = d.error("workspace.create", name="two", user=owner, image=BB)
+    assert err.code == -32004
+    assert "max_workspaces" in err.message and "1" in err.message, err.message
+    err = d.error("workspace.clone", source=first["ref"], name="two")
+    assert err.code == -32004 and "max_workspaces" in err.message
+    assert instance_ids(d) == before and len(list_all(d, owner)) == 1
+
+    d.call("user.update", name=owner, max_workspaces=-1, max_cpu=1)
+    err = d.error("workspace.create", name="two", user=owner, image=BB, cpu=1, mem="64M")
+    assert err.code == -32004
+    assert "max_cpu" in err.message and "0.5" in err.message, err.message
+    second = create(d, owner, "two", cpu=0.5, mem="64M")  # exactly at the limit
+
+    d.call("user.update", name=owner, max_cpu=-1, max_memory_mb=160)
+    err = d.error("workspace.create", name="three", user=owner, image=BB, cpu=0.1, mem="64M")
+    assert err.code == -32004
+    assert "max_memory_mb" in err.message and "128" in err.message, err.message
+    assert set(instance_ids(d)) == set(before) | {second["id"]}
+    assert len(list_all(d, owner)) == 2
+    d.call("user.update", name=owner, max_memory_mb=-1)
+    third = create(d, owner, "three", cpu=0.1, mem="64M")
+    for ws in (first, second, third):
+        d.call("workspace.delete", ref=ws["ref"])
+        assert_gone(d, ws["id"])
+
+
+def test_compute_manager_aliases(spare_daemon: Daemon) -> None:
+    d = spare_daemon
+    with make_users(d) as users:
+        owner = users.make()
+        ws = d.call("user.provision", user=owner)
+        assert ws["name"] == "default" and ws["state"] == "running" and ws["image"] == BB
+        assert d.call("user.provision", user=owner)["id"] == ws["id"]  # idempotent
+        assert d.call("user.vm", user=owner)["id"] == ws["id"]
+        assert ok(d, f"{owner}/default", "echo ok") == "ok\n"
+        assert d.call("user.stop", user=owner)["state"] == "stopped"
+        assert d.call("user.vm", user=owner)["state"] == "stopped"
+        assert d.call("user.start", user=owner)["state"] == "running"
+        res = d.call_as(owner, "user.vm", {})
+        assert res["result"]["id"] == ws["id"], res
+        assert d.call("user.deprovision", user=owner) == {"deleted": f"{owner}/default"}
+        assert_gone(d, ws["id"])
+        assert d.error("user.vm", user=owner).code == -32001
+        # a member provisions their own
+        res = d.call_as(owner, "user.provision", {})
+        assert res["result"]["owner"] == owner, res
+        assert d.call_as(owner, "user.deprovision", {})["result"]["deleted"] == f"{owner}/default"
+        assert_gone(d, res["result"]["id"])
+
+
+def test_user_with_workspaces_cannot_be_deleted(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "stays")
+    err = d.error("user.delete", name=owner)
+    assert err.code == -32002, err
+    assert d.call("workspace.get", ref=ws["ref"])["state"] == "running"
+    assert ok(d, ws["ref"], "echo still") == "still\n"
+    d.call("workspace.delete", ref=ws["ref"])
+    assert_gone(d, ws["id"])
+
+
+def test_exec_user_and_bad_user(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "users")
+    try:
+        assert ok(d, ws["ref"], "id -u", user="1000") == "1000\n"
+        err = d.error("workspace.exec", ref=ws["ref"], argv=["id"], user="nobody-inside")
+        assert err.code == -32602
+        assert sh(d, ws["ref"], "touch /root/x", user="dev")["exit_code"] != 0
+    finally:
+        d.call("workspace.delete", ref=ws["ref"])
+    assert_gone(d, ws["id"])
