@@ -139,6 +139,7 @@ def run_checks(settings: Settings) -> list[Check]:
                 package=pkg,
             )
         )
+    out.append(network_report(settings))
     pool = settings.pool_dir
     if settings.storage_driver == "overlay":
         out.append(
@@ -177,3 +178,27 @@ def run_checks(settings: Settings) -> list[Check]:
                 )
             )
     return out
+
+
+def network_report(settings: Settings) -> Check:
+    """What den has set on the host's network for this instance (undone with the last workspace)."""
+    from den.net.network import Network
+
+    net = Network(
+        settings.instance, settings.network_subnet, settings.egress, [],
+        settings.data_dir / "network.json",
+    )
+    try:
+        changes = net.host_changes()
+    except Exception as exc:  # noqa: BLE001 - a report must not fail on a missing tool
+        return Check("network changes by den", True, f"cannot tell: {exc}")
+    parts = []
+    if changes["bridge"]:
+        parts.append(f"bridge {changes['bridge']}")
+    tables = changes["nftables"]
+    if isinstance(tables, list) and tables:
+        parts.append("nftables " + ", ".join(tables))
+    if changes["ip_forward_before"] is not None:
+        parts.append(f"net.ipv4.ip_forward=1 (was {changes['ip_forward_before']})")
+    detail = "; ".join(parts) if parts else "none (no workspace is running)"
+    return Check("network changes by den", True, detail)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from den.db.models import SshKey, User
+from den.db.models import SshKey, User, Workspace
 from den.errors import Conflict, Forbidden, InvalidParams
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
 from den.services.common import Name, find_user
@@ -213,6 +213,14 @@ async def user_delete(ctx: Context, p: UserRef) -> Deleted:
     """Delete a user with their keys, tokens and host Linux account."""
     ctx.target = f"user:{p.name}"
     user = await find_user(ctx, p.name)
+    owned = (
+        await ctx.db.execute(select(Workspace.name).where(Workspace.user_id == user.id))
+    ).scalars().all()
+    if owned:
+        raise Conflict(
+            f"{p.name} still owns workspaces ({', '.join(sorted(owned))}); delete them first "
+            f"(den rm {p.name}/NAME)"
+        )
     await ctx.db.delete(user)
     await ctx.db.flush()
     await ctx.app.accounts.remove(p.name)
