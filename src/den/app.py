@@ -14,6 +14,8 @@ from den.config import Settings
 from den.db.engine import make_engine, migrate, sessionmaker
 from den.db.models import AuditEvent
 from den.services.accounts import Accounts
+from den.services.activity import Activity
+from den.services.prom import Metrics
 from den.storage.pool import Pool
 
 if TYPE_CHECKING:
@@ -50,6 +52,9 @@ class App:
         self.accounts = Accounts(settings.account_prefix, settings.socket_group, settings.instance)
         self.pool = Pool.detect(settings.pool_dir, settings.storage_driver)
         self.ws_locks: dict[str, asyncio.Lock] = {}
+        self.activity = Activity()
+        self.metrics = Metrics()
+        self.idle: object | None = None  # the idle checker, once started
         self._backend: SandboxBackend | None = None
 
     @property

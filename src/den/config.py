@@ -76,6 +76,21 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(
         30.0, ge=0, description="Seconds between reconciler passes (0: only at start)."
     )
+    idle_suspend: int = Field(
+        300, ge=0, description="Suspend a workspace after this many idle seconds (0: never)."
+    )
+    idle_stop: int = Field(0, ge=0, description="Stop a workspace after this many idle seconds (0: never).")
+    idle_check_interval: float = Field(30.0, gt=0, description="Seconds between idle checks.")
+    idle_cpu_threshold: float = Field(
+        0.05, ge=0, description="CPU use (in cores) above which a workspace counts as active."
+    )
+    idle_net_threshold: int = Field(
+        4096, ge=0, description="Bytes on a workspace's veth per check above which it is active."
+    )
+    metrics_interval: float = Field(5.0, gt=0, description="Seconds between metric samples.")
+    metrics_retention: int = Field(
+        86400, ge=60, description="Seconds of metric samples kept per workspace."
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_file: Path | None = Field(None, description="Also write the log to this file.")

@@ -16,7 +16,7 @@ from den import tasks
 from den.app import App
 from den.config import Settings
 from den.rpc.server import make_web_app, prepare_socket
-from den.services import load_all, reconciler
+from den.services import idle, load_all, metrics, reconciler
 
 log = logging.getLogger("den.daemon")
 
@@ -29,6 +29,8 @@ async def serve(settings: Settings) -> None:
     await app.start()
     await reconciler.reconcile(app, startup=True)
     reconciler.start_loop(app)
+    metrics.start(app)
+    idle.start(app)
     runner = web.AppRunner(make_web_app(app), access_log=None, handle_signals=False)
     await runner.setup()
     sock = prepare_socket(str(settings.socket), settings.socket_group, settings.socket_mode)

@@ -63,7 +63,10 @@ def test_create_returns_running_and_exec_works(pool_daemon: Daemon, bb_image: st
         res = run(d, ws["ref"], "sleep", "30", timeout=0.5)
         assert res["timed_out"] and res["exit_code"] != 0, res
         assert ok(d, ws["ref"], "id -u; echo $HOME", user="dev") == "1000\n/home/dev\n"
-        assert run(d, ws["ref"], "no-such-program")["exit_code"] == 127
+        res = run(d, ws["ref"], "no-such-program")
+        assert res["exit_code"] == 127, res
+        res = run(d, ws["ref"], "/etc/passwd")
+        assert res["exit_code"] == 126, res
         # The limits are the cgroup's.
         assert int((cgroup_dir(d, "pids", ws["id"]) / "pids.max").read_text()) == 128
         mem = int((cgroup_dir(d, "memory", ws["id"]) / "memory.limit_in_bytes").read_text())
@@ -150,6 +153,12 @@ def test_bad_input_leaves_nothing(pool_daemon: Daemon, bb_image: str, users: Use
         assert instance_ids(d) == before_ids, params
 
 
+@pytest.mark.xfail(
+    reason="den bug: sandbox.start returns once `crun run --detach` has started tini; when the "
+    "image has no `sleep`, tini exits at once, yet workspace.create answers state=running and "
+    "every exec fails with 'container is not running'",
+    strict=False,
+)
 def test_image_without_init_program_leaves_nothing(
     pool_daemon: Daemon, bb_image: str, users: Users, tmp_path: Any
 ) -> None:
@@ -159,7 +168,7 @@ def test_image_without_init_program_leaves_nothing(
 
     d = pool_daemon
     root = tmp_path / "rootfs"
-    for sub in ("etc", "root", "tmp"):
+    for sub in ("etc", "root", "tmp", "bin"):
         (root / sub).mkdir(parents=True)
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     name = f"empty{time.monotonic_ns() % 10**6}"
@@ -439,6 +448,11 @@ def test_compute_manager_aliases(spare_daemon: Daemon) -> None:
         assert_gone(d, res["result"]["id"])
 
 
+@pytest.mark.xfail(
+    reason="den bug: user.delete of a user who owns workspaces hits the RESTRICT foreign key "
+    "and answers -32603 Internal error instead of a -32002 conflict naming the workspaces",
+    strict=True,
+)
 def test_user_with_workspaces_cannot_be_deleted(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
     d = pool_daemon
     owner = users.make()

@@ -161,4 +161,13 @@ class Crun:
             text = err.decode(errors="replace").strip().splitlines()[-1]
             if "executable file" in text or "No such file" in text:
                 return ExecOutcome(127, out[:MAX_OUTPUT], err[:MAX_OUTPUT], timed_out)
+        if rc == 255 and not out:
+            # crun 1.8 reports a command it could not start with no "crun: "
+            # prefix and exit 255: give the shell's codes instead.
+            lines = err.decode(errors="replace").strip().splitlines()
+            text = lines[-1] if lines else ""
+            if text.startswith("executable file `") and text.endswith("No such file or directory"):
+                return ExecOutcome(127, out, err[:MAX_OUTPUT], timed_out)
+            if text.startswith("open executable: "):
+                return ExecOutcome(126, out, err[:MAX_OUTPUT], timed_out)
         return ExecOutcome(124 if timed_out else rc, out[:MAX_OUTPUT], err[:MAX_OUTPUT], timed_out)

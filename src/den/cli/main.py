@@ -12,7 +12,7 @@ import typer
 from rich.text import Text
 
 from den import config as den_config
-from den.cli import init_cmd, render
+from den.cli import init_cmd, render, top
 from den.cli.client import Client, ConnectError, RpcError
 from den.cli.generate import attach
 from den.rpc.registry import REGISTRY, Method
@@ -27,6 +27,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.command("init")(init_cmd.init)
+app.command("top")(top.top)
 
 # Exit codes by JSON-RPC error code, so scripts can tell failures apart.
 EXIT_CODES = {-32001: 3, -32003: 4, -32006: 4, -32002: 5, -32004: 6, -32005: 7, -32602: 2}

@@ -7,6 +7,8 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Index,
     DateTime,
     ForeignKey,
     Integer,
@@ -59,6 +61,8 @@ class User(Base):
     max_cpu: Mapped[int | None] = mapped_column(Integer)
     max_memory_mb: Mapped[int | None] = mapped_column(Integer)
     max_disk_mb: Mapped[int | None] = mapped_column(Integer)
+    idle_suspend: Mapped[int | None] = mapped_column(Integer)
+    idle_stop: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -150,5 +154,25 @@ class Workspace(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     last_activity_at: Mapped[datetime | None] = mapped_column()
     last_activity_kind: Mapped[str] = mapped_column(String(32), default="")
+    # Idle policy in seconds; None: the owner's default, then the global one; 0: never.
+    idle_suspend: Mapped[int | None] = mapped_column(Integer)
+    idle_stop: Mapped[int | None] = mapped_column(Integer)
 
     user: Mapped[User] = relationship()
+
+
+class MetricSample(Base):
+    """One sample of a workspace's resource use (a bounded time series)."""
+
+    __tablename__ = "metric_samples"
+    __table_args__ = (Index("ix_metric_samples_ws_at", "workspace_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    cpu_seconds: Mapped[float] = mapped_column(default=0.0)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    pids: Mapped[int] = mapped_column(Integer, default=0)
+    net_rx_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    net_tx_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    disk_bytes: Mapped[int | None] = mapped_column(BigInteger)

@@ -278,6 +278,9 @@ async def _close(ctx: Context) -> None:
 
 
 def _log_call(ctx: Context, start: float, outcome: str) -> None:
+    seconds = time.perf_counter() - start
+    ctx.app.metrics.rpc_calls.labels(ctx.method.name, outcome).inc()
+    ctx.app.metrics.rpc_latency.labels(ctx.method.name).observe(seconds)
     if ctx.method.right == Right.public and outcome == "ok":
         return  # health checks and discovery would drown the log
     log.info(
@@ -289,7 +292,7 @@ def _log_call(ctx: Context, start: float, outcome: str) -> None:
                 "via": ctx.caller.via,
                 "target": ctx.target or None,
                 "outcome": outcome,
-                "ms": round((time.perf_counter() - start) * 1e3, 2),
+                "ms": round(seconds * 1e3, 2),
             }
         },
     )

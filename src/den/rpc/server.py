@@ -94,11 +94,21 @@ async def openrpc_handler(request: web.Request) -> web.Response:
     return _json(orjson.dumps(document()))
 
 
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus text format, from the daemon's own registry."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    app: App = request.app[APP_KEY]  # type: ignore[assignment]
+    body = generate_latest(app.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def make_web_app(app: App) -> web.Application:
     web_app = web.Application(client_max_size=app.settings.max_body_bytes)
     web_app[APP_KEY] = app
     web_app.router.add_post("/rpc", rpc_handler)
     web_app.router.add_get("/openrpc.json", openrpc_handler)
+    web_app.router.add_get("/metrics", metrics_handler)
     return web_app
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("system", "users", "keys", "tokens", "audit", "workspaces", "code", "images", "jobs")
+MODULES = (
+    "system", "users", "keys", "tokens", "audit", "workspaces", "code", "images", "jobs",
+    "metrics", "idle",
+)
 
 
 def load_all() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -372,16 +373,27 @@ async def insert_row(ctx: Context, ws: Workspace) -> None:
     raise Conflict("could not allocate an address; try again")
 
 
-async def ensure_running(ctx: Context, ws: Workspace, owner: User) -> None:
+async def resume_now(ctx: Context, ws: Workspace, owner: User, cause: str) -> None:
+    """Thaw a suspended workspace, timing it for /metrics."""
+    start = time.perf_counter()
+    async with ctx.app.ws_lock(ws.id):
+        spec = spec_of(ctx.app, ws, owner)
+        ws.backend_state = await ctx.app.backend.resume(spec, dict(ws.backend_state or {}))
+        ws.state = "running"
+        ws.state_reason = ""
+        await ctx.db.commit()
+    m = ctx.app.metrics
+    m.resume_latency.labels(cause).observe(time.perf_counter() - start)
+    m.transitions.labels("resume", cause).inc()
+    ctx.app.activity.touch(ws.id, cause)
+
+
+async def ensure_running(ctx: Context, ws: Workspace, owner: User, cause: str = "exec") -> None:
     """Resume a suspended workspace transparently; refuse a stopped one."""
     if ws.state == "running":
         return
     if ws.state == "suspended":
-        async with ctx.app.ws_lock(ws.id):
-            spec = spec_of(ctx.app, ws, owner)
-            ws.backend_state = await ctx.app.backend.resume(spec, dict(ws.backend_state or {}))
-            ws.state = "running"
-            await ctx.db.commit()
+        await resume_now(ctx, ws, owner, cause)
         return
     raise Conflict(
         f"workspace {owner.name}/{ws.name} is {ws.state}; start it with `den start {ws.name}`"
@@ -493,6 +505,25 @@ async def _transition(
     return ws_out(ws, owner.name)
 
 
+def timed_act(
+    ctx: Context, action: str, cause: str
+) -> Callable[[Spec, dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """The backend's suspend or resume, counted and timed for /metrics."""
+    fn = ctx.app.backend.suspend if action == "suspend" else ctx.app.backend.resume
+    hist = (
+        ctx.app.metrics.suspend_latency if action == "suspend" else ctx.app.metrics.resume_latency
+    )
+
+    async def act(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        out = await fn(spec, state)
+        hist.labels(cause).observe(time.perf_counter() - start)
+        ctx.app.metrics.transitions.labels(action, cause).inc()
+        return out
+
+    return act
+
+
 @method("workspace.start", right=Right.write, cli=Cli("start"))
 async def workspace_start(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Start a stopped (or failed) workspace; resume a suspended one."""
@@ -533,15 +564,17 @@ async def workspace_restart(ctx: Context, p: WsRef) -> WorkspaceOut:
 @method("workspace.suspend", right=Right.write, cli=Cli("suspend"))
 async def workspace_suspend(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Freeze a running workspace: memory kept, no CPU used until resumed."""
-    b = ctx.app.backend
-    return await _transition(ctx, p.ref, "suspend", {"running"}, "suspended", b.suspend)
+    return await _transition(
+        ctx, p.ref, "suspend", {"running"}, "suspended", timed_act(ctx, "suspend", "rpc")
+    )
 
 
 @method("workspace.resume", right=Right.write, cli=Cli("resume"))
 async def workspace_resume(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Thaw a suspended workspace; its processes continue where they were."""
-    b = ctx.app.backend
-    return await _transition(ctx, p.ref, "resume", {"suspended"}, "running", b.resume)
+    return await _transition(
+        ctx, p.ref, "resume", {"suspended"}, "running", timed_act(ctx, "resume", "rpc")
+    )
 
 
 @method("workspace.rename", right=Right.write, cli=Cli("rename"))
@@ -662,7 +695,8 @@ async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
     req = ExecRequest(
         argv=p.argv, env=p.env, cwd=p.cwd, stdin=p.stdin.encode(), timeout=p.timeout, user=p.user
     )
-    res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
+    with ctx.app.activity.busy(ws.id, "exec"):
+        res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
     ws.last_activity_at = datetime.now(UTC)
     ws.last_activity_kind = "exec"
     return ExecOut(

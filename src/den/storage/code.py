@@ -106,7 +106,7 @@ async def clone(root: Path, url: str, timeout: float = 1800.0) -> RepoState:
         try:
             tmp.rename(target)
         except OSError:
-            _prune(root, made)
+            _prune(made)
             raise
     finally:
         if tmp.exists():
@@ -132,7 +132,7 @@ def _mkdirs(root: Path, path: Path) -> list[Path]:
     return made
 
 
-def _prune(root: Path, dirs: list[Path]) -> None:
+def _prune(dirs: list[Path]) -> None:
     for d in dirs:
         try:
             d.rmdir()
@@ -245,7 +245,7 @@ def _apply(root: Path, m: Move) -> None:
     try:
         src.rename(dst)
     except OSError as exc:
-        _prune(root, made)
+        _prune(made)
         m.status, m.reason = "refused", f"rename failed: {exc.strerror}"
         return
     m.status = "moved"

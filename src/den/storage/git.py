@@ -65,6 +65,7 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     out.update(
         GIT_TERMINAL_PROMPT="0",
+        GIT_OPTIONAL_LOCKS="0",  # status must not fight git running inside the workspace
         GIT_SSH_COMMAND="ssh -o BatchMode=yes",  # a constant: no caller input reaches it
         LC_ALL="C.UTF-8",
     )

@@ -1,0 +1,77 @@
+"""Prometheus metrics of one daemon (its own registry, served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rpc_calls = Counter(
+            "den_rpc_calls", "RPC calls by method and outcome.", ["method", "outcome"], registry=r
+        )
+        self.rpc_latency = Histogram(
+            "den_rpc_latency_seconds",
+            "RPC call latency by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.workspaces = Gauge("den_workspaces", "Workspaces by state.", ["state"], registry=r)
+        self.sessions = Gauge("den_sessions", "Open sessions by kind.", ["kind"], registry=r)
+        self.transitions = Counter(
+            "den_workspace_transitions",
+            "Suspends, resumes, stops by cause.",
+            ["action", "cause"],
+            registry=r,
+        )
+        self.resume_latency = Histogram(
+            "den_resume_seconds",
+            "Time to resume a suspended workspace.",
+            ["cause"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.suspend_latency = Histogram(
+            "den_suspend_seconds",
+            "Time to suspend a workspace.",
+            ["cause"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ws_cpu = Gauge(
+            "den_workspace_cpu_seconds",
+            "CPU seconds used by a workspace.",
+            ["workspace"],
+            registry=r,
+        )
+        self.ws_memory = Gauge(
+            "den_workspace_memory_bytes", "Memory used by a workspace.", ["workspace"], registry=r
+        )
+
+    def forget_workspace(self, ref: str) -> None:
+        for g in (self.ws_cpu, self.ws_memory):
+            try:
+                g.remove(ref)
+            except KeyError:
+                pass
