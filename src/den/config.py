@@ -40,7 +40,20 @@ class Settings(BaseSettings):
     )
     http_host: str = Field("127.0.0.1", description="Address of the HTTP listener (API over TCP, dashboard).")
     http_port: int = Field(8780, ge=0, le=65535, description="Port of the HTTP listener; 0 picks a free port.")
-    ssh_port: int = Field(2222, ge=0, le=65535, description="Port of the SSH gateway.")
+    ssh_port: int = Field(2222, ge=0, le=65535, description="Port of the SSH gateway; 0 picks a free port.")
+    ssh_host: str = Field("0.0.0.0", description="Address the SSH gateway listens on.")
+    ssh_user: str = Field(
+        "root", max_length=64, description="User inside a workspace that ssh sessions run as."
+    )
+    ssh_start_stopped: bool = Field(
+        True, description="An ssh connection to a stopped workspace starts it (suspended: always resumed)."
+    )
+    ssh_max_failures: int = Field(
+        20, ge=1, description="Failed ssh logins from one address within ssh_failure_window before it is blocked."
+    )
+    ssh_failure_window: float = Field(
+        300.0, gt=0, description="Seconds over which failed ssh logins are counted, and a block lasts."
+    )
     database_url: str = Field(
         "", description="SQLAlchemy URL of the state database; empty means SQLite at DATA_DIR/den.db."
     )

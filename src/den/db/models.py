@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Index,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,

@@ -189,10 +189,7 @@ def parse_policy(value: str | None, field: str) -> int | None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        if text[-1] in units:
-            seconds = int(float(text[:-1]) * units[text[-1]])
-        else:
-            seconds = int(text)
+        seconds = int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
     except (ValueError, IndexError):
         raise InvalidParams(
             f"{value[:20]!r} is not a duration: write 30s, 5m, 2h, never or default", field=field

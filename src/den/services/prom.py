@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -71,7 +73,5 @@ class Metrics:
 
     def forget_workspace(self, ref: str) -> None:
         for g in (self.ws_cpu, self.ws_memory):
-            try:
+            with contextlib.suppress(KeyError):
                 g.remove(ref)
-            except KeyError:
-                pass

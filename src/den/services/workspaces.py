@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-import time
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
