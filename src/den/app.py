@@ -14,6 +14,7 @@ from den.config import Settings
 from den.db.engine import make_engine, migrate, sessionmaker
 from den.db.models import AuditEvent
 from den.services.accounts import Accounts
+from den.ssh.table import SessionTable
 from den.services.activity import Activity
 from den.services.prom import Metrics
 from den.storage.pool import Pool
@@ -56,6 +57,9 @@ class App:
         self.metrics = Metrics()
         self.idle: object | None = None  # the idle checker, once started
         self._backend: SandboxBackend | None = None
+        # The SSH gateway's live sessions and its actual port (set when it listens).
+        self.ssh_sessions = SessionTable()
+        self.ssh_port = 0
 
     @property
     def backend(self) -> SandboxBackend:

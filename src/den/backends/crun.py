@@ -111,6 +111,31 @@ class Crun:
         if (self.root / cid).exists():
             await proc.run([*self._base(), "delete", "--force", cid], check=False)
 
+    def exec_argv(
+        self,
+        cid: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        cwd: str,
+        user: str,
+        pid_file: Path,
+        console_socket: Path | None = None,
+    ) -> list[str]:
+        """The command line of ``crun exec`` for a caller that streams the process.
+
+        With ``console_socket`` the process gets a terminal whose master crun
+        sends over that unix socket (SCM_RIGHTS); without, it keeps the standard
+        streams it is given. crun exits with the process's status (128+N when
+        signal N killed it).
+        """
+        cmd = [*self._base(), "exec", "--pid-file", str(pid_file), "--cwd", cwd, "--user", user]
+        if console_socket is not None:
+            cmd += ["--tty", "--console-socket", str(console_socket)]
+        for k, v in env.items():
+            cmd += ["--env", f"{k}={v}"]
+        return [*cmd, cid, *argv]
+
     def ids(self, prefix: str) -> list[str]:
         if not self.root.exists():
             return []

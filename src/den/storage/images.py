@@ -20,6 +20,7 @@ import errno
 import logging
 import shutil
 import stat
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -163,9 +164,13 @@ def _full(text: str) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
-def _pool_full(pool: Pool, name: str) -> BackendFailure:
+class PoolFull(BackendFailure):
+    """The pool ran out of space while an image was being made."""
+
+
+def _pool_full(pool: Pool, name: str) -> PoolFull:
     free = shutil.disk_usage(pool.root).free if pool.root.exists() else 0
-    return BackendFailure(
+    return PoolFull(
         f"the storage pool is full: image {name} does not fit ({free >> 20} MiB free); "
         "remove unused images (`den image rm`) or grow the pool"
     )
@@ -185,6 +190,15 @@ def _discard(pool: Pool, path: Path) -> None:
             if attempt == 49:
                 log.error("cannot remove the failed build %s: %s", path, exc)
             time.sleep(0.1)
+
+
+async def _reclaim(pool: Pool) -> None:
+    """Wait until btrfs has really freed deleted subvolumes (else it does so lazily, in ~30 s)."""
+    if pool.driver != "btrfs":
+        return
+    root = str(pool.root)
+    for argv in (["filesystem", "sync"], ["subvolume", "sync"], ["filesystem", "sync"]):
+        await proc.run(["btrfs", *argv, root], check=False, timeout=120)
 
 
 async def _make(
@@ -217,6 +231,8 @@ async def _make(
         if leftover is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(asyncio.to_thread(_discard, pool, leftover))
+        if sys.exc_info()[0] is PoolFull:
+            await _reclaim(pool)
         raise
     progress(SCALE, SCALE, "ready")
     return Built(final, size)
