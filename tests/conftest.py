@@ -111,11 +111,18 @@ class Daemon:
         self.start()
 
     def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.stop()
-        purge_instance(self.instance, self.data_dir)
-        remove_accounts(self.prefix, self.group)
-        os.close(self._instance_lock)
+        """Stop the daemon and remove what it made; every step runs even if one fails."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.stop()
+        finally:
+            try:
+                purge_instance(self.instance, self.data_dir)
+            finally:
+                try:
+                    remove_accounts(self.prefix, self.group)
+                finally:
+                    os.close(self._instance_lock)
 
     # -- calling ---------------------------------------------------------------
     def client(self, token: str | None = None, tcp: bool = False) -> Client:
@@ -240,8 +247,7 @@ def fresh_daemon() -> Iterator[Daemon]:
         d.start()
         yield d
     finally:
-        d.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+        dispose(d)
 
 
 @pytest.fixture(scope="session")
@@ -253,15 +259,29 @@ def daemon() -> Iterator[Daemon]:
         d.start()
         yield d
     finally:
+        dispose(d)
+
+
+def dispose(d: Daemon, pool: bool = False) -> None:
+    """Stop the daemon, purge its instance, unmount its pool, remove its files: all of it,
+    even when one step fails."""
+    try:
         d.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    finally:
+        try:
+            if pool:
+                teardown_pool(d)
+        finally:
+            shutil.rmtree(d.base, ignore_errors=True)
 
 
 def init_pool(d: Daemon, size: str = "8G") -> None:
     """Run `den init --yes` for the daemon's data dir: a loopback btrfs pool."""
     d.env["DEN_FSTAB"] = str(d.base / "fstab")
     d.env["DEN_POOL_SIZE"] = size
-    res = subprocess.run([DEN, "init", "--yes"], env=d.env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [DEN, "init", "--yes"], env=d.env, capture_output=True, text=True, timeout=600
+    )
     if res.returncode != 0:
         raise RuntimeError(f"den init failed:\n{res.stdout}\n{res.stderr}")
 
@@ -293,9 +313,7 @@ def pool_daemon() -> Iterator[Daemon]:
         d.start()
         yield d
     finally:
-        d.cleanup()
-        teardown_pool(d)
-        shutil.rmtree(base, ignore_errors=True)
+        dispose(d, pool=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -305,7 +323,9 @@ def db_daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
     if request.param == "postgresql":
         url = os.environ.get("DEN_TEST_PG_URL", "")
         if not url:
-            pytest.skip("DEN_TEST_PG_URL is not set: run through `make test` (scripts/with-postgres)")
+            pytest.skip(
+                "DEN_TEST_PG_URL is not set: run through `make test` (scripts/with-postgres)"
+            )
         reset_postgres(url)
     base = make_base()
     d = Daemon(base, url)
@@ -313,8 +333,7 @@ def db_daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
         d.start()
         yield d
     finally:
-        d.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+        dispose(d)
 
 
 def reset_postgres(url: str) -> None:

@@ -9,7 +9,6 @@ real debootstrap build that always runs.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Daemon, init_pool, make_base, teardown_pool
+from tests.conftest import ROOT, Daemon, dispose, init_pool, make_base
 
 CACHE = ROOT / ".cache" / "images" / "bookworm-minbase.tar.zst"
 BASE = "base"
@@ -99,9 +98,7 @@ def own_pool_daemon(size: str) -> Iterator[Daemon]:
         d.start()
         yield d
     finally:
-        d.cleanup()
-        teardown_pool(d)
-        shutil.rmtree(base, ignore_errors=True)
+        dispose(d, pool=True)
 
 
 def make_rootfs(root: Path, victim: Path) -> Path:

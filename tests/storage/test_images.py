@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from den.cli.client import RpcError
-from den.rpc.registry import REGISTRY
 from den.services import load_all
 from tests.conftest import Daemon
 from tests.storage.conftest import (

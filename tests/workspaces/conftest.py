@@ -24,15 +24,25 @@ from typing import Any
 import pytest
 
 from den.cli.client import RpcError
-from tests.conftest import Daemon, init_pool, make_base, teardown_pool
+from tests.conftest import Daemon, dispose, init_pool, make_base
 from tests.storage.conftest import CACHE, images_dir, tar_dir, wait_job
 
 BB = "bb"
 DEB = "deb"
 BUSYBOX = Path("/bin/busybox")
 CGROUP = Path("/sys/fs/cgroup")
-CONTROLLERS = ("blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "hugetlb", "memory", "pids",
-               "systemd")
+CONTROLLERS = (
+    "blkio",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "freezer",
+    "hugetlb",
+    "memory",
+    "pids",
+    "systemd",
+)
 NETNS = Path("/var/run/netns")
 
 
@@ -41,8 +51,22 @@ NETNS = Path("/var/run/netns")
 
 def make_bb_rootfs(root: Path) -> Path:
     """A busybox root filesystem: every applet, root and a user ``dev`` (uid 1000)."""
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root",
-              "home/dev", "run", "mnt", "var/www"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "home/dev",
+        "run",
+        "mnt",
+        "var/www",
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, root / "bin/busybox")
     applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True)
@@ -114,9 +138,7 @@ def own_daemon(env: dict[str, str] | None = None, size: str = "4G") -> Iterator[
         import_bb(d)
         yield d
     finally:
-        d.cleanup()
-        teardown_pool(d)
-        shutil.rmtree(base, ignore_errors=True)
+        dispose(d, pool=True)
 
 
 @pytest.fixture(scope="session")
@@ -242,7 +264,10 @@ def crun_root(d: Daemon) -> Path:
 def crun_state(d: Daemon, ws_id: str) -> dict[str, Any] | None:
     cid = f"den{d.instance}-{ws_id}"
     res = subprocess.run(
-        ["crun", "--root", str(crun_root(d)), "state", cid], capture_output=True, text=True, check=False
+        ["crun", "--root", str(crun_root(d)), "state", cid],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if res.returncode != 0:
         return None
@@ -295,7 +320,11 @@ def instance_ids(d: Daemon) -> dict[str, list[str]]:
         if parent.is_dir():
             ids |= {p.name for p in parent.iterdir() if p.is_dir()}
     if NETNS.exists():
-        ids |= {p.name.removeprefix(f"den{n}-") for p in NETNS.iterdir() if p.name.startswith(f"den{n}-")}
+        ids |= {
+            p.name.removeprefix(f"den{n}-")
+            for p in NETNS.iterdir()
+            if p.name.startswith(f"den{n}-")
+        }
     pool = d.data_dir / "pool"
     for parent in (pool / "volumes", pool / "views", d.data_dir / "bundles"):
         if parent.exists():
@@ -303,7 +332,7 @@ def instance_ids(d: Daemon) -> dict[str, list[str]]:
     out = {i: traces(d, i) for i in ids}
     prefix = f"d{n}-"
     for link in os.listdir("/sys/class/net"):
-        if link.startswith(prefix) and not any(i.startswith(link[len(prefix):]) for i in ids):
+        if link.startswith(prefix) and not any(i.startswith(link[len(prefix) :]) for i in ids):
             out[link] = [f"veth {link}"]
     return out
 
