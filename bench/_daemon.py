@@ -4,7 +4,6 @@ instance number and (optionally) btrfs loopback pool; all removed on exit."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import grp
 import json
 import os
@@ -23,17 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def allocate_instance() -> tuple[int, int]:
-    """An instance number (40-59) that no other benchmark or test holds."""
-    Path("/run/den").mkdir(parents=True, exist_ok=True)
-    for n in range(40, 60):
-        fd = os.open(f"/run/den/bench-instance-{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return n, fd
-    raise RuntimeError("no free benchmark instance number")
+    """An instance number (40-59) that no other benchmark holds."""
+    from den.host.instances import claim
+
+    return claim(40, 59, "bench")
 
 
 class BenchDaemon:

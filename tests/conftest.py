@@ -7,7 +7,6 @@ fails.
 
 from __future__ import annotations
 
-import fcntl
 import grp
 import json
 import os
@@ -200,17 +199,10 @@ class Daemon:
 
 
 def allocate_instance() -> tuple[int, int]:
-    """An instance number no other test daemon on this host holds (flock)."""
-    Path("/run/den").mkdir(parents=True, exist_ok=True)
-    for n in range(60, 99):
-        fd = os.open(f"/run/den/test-instance-{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return n, fd
-    raise RuntimeError("no free test instance number (60-98)")
+    """An instance number no other test daemon on this host holds."""
+    from den.host.instances import claim
+
+    return claim(60, 98, "test")
 
 
 def purge_instance(instance: int, data_dir: Path) -> None:

@@ -14,9 +14,9 @@ from den.config import Settings
 from den.db.engine import make_engine, migrate, sessionmaker
 from den.db.models import AuditEvent
 from den.services.accounts import Accounts
-from den.ssh.table import SessionTable
 from den.services.activity import Activity
 from den.services.prom import Metrics
+from den.ssh.table import SessionTable
 from den.storage.pool import Pool
 
 if TYPE_CHECKING:

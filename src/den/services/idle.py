@@ -18,14 +18,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 
 from den import tasks
 from den.db.models import AuditEvent, User, Workspace
 from den.errors import DenError, InvalidParams
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import Name, user_or_self
-from den.services.workspaces import find_workspace, spec_of
+from den.services.workspaces import find_workspace, live_workspaces, spec_of
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -63,13 +62,7 @@ class IdleChecker:
         app = self.app
         actions: list[tuple[str, str]] = []
         async with app.sessions() as db:
-            rows = (
-                await db.execute(
-                    select(Workspace, User)
-                    .join(User, Workspace.user_id == User.id)
-                    .where(Workspace.state.in_(("running", "suspended")))
-                )
-            ).all()
+            rows = await live_workspaces(db)
             for ws, owner in rows:
                 try:
                     action = await self._one(db, ws, owner)

@@ -16,7 +16,7 @@ from den import tasks
 from den.db.models import MetricSample, User, Workspace
 from den.rpc.registry import Cli, CliArg, Context, NoParams, Params, Right, method
 from den.services.common import parse_when
-from den.services.workspaces import find_workspace, spec_of
+from den.services.workspaces import find_workspace, live_workspaces, spec_of
 
 if TYPE_CHECKING:
     from den.app import App
@@ -28,13 +28,7 @@ async def sample_once(app: App) -> int:
     """Take one sample of every running or suspended workspace; drop old samples."""
     now = datetime.now(UTC)
     async with app.sessions() as db:
-        rows = (
-            await db.execute(
-                select(Workspace, User)
-                .join(User, Workspace.user_id == User.id)
-                .where(Workspace.state.in_(("running", "suspended")))
-            )
-        ).all()
+        rows = await live_workspaces(db)
         states = (
             await db.execute(select(Workspace.state, func.count()).group_by(Workspace.state))
         ).all()

@@ -28,6 +28,8 @@ from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import Name, find_user, user_or_self
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from den.app import App
 
 REF_RE = re.compile(r"(?:([a-z][a-z0-9-]{0,30})/)?([a-z][a-z0-9-]{0,30})")
@@ -142,6 +144,16 @@ def spec_of(app: App, ws: Workspace, owner: User) -> Spec:
         address=ws.address or "",
         hostname=ws.name,
     )
+
+
+async def live_workspaces(db: AsyncSession) -> list[tuple[Workspace, User]]:
+    """Every running or suspended workspace with its owner."""
+    rows = await db.execute(
+        select(Workspace, User)
+        .join(User, Workspace.user_id == User.id)
+        .where(Workspace.state.in_(("running", "suspended")))
+    )
+    return [(ws, owner) for ws, owner in rows.all()]
 
 
 def new_id() -> str:
