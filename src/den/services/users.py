@@ -177,11 +177,14 @@ async def user_get(ctx: Context, p: UserRef) -> UserOut:
 async def user_list(ctx: Context, p: NoParams) -> list[UserOut]:
     """List users: every user for an admin, only yourself for a member."""
     counts = select(SshKey.user_id, func.count().label("n")).group_by(SshKey.user_id).subquery()
-    q = select(User, func.coalesce(counts.c.n, 0)).outerjoin(counts, counts.c.user_id == User.id)
+    # Plain rows, not ORM objects: listing is the hot path of dashboards and scripts.
+    q = select(*User.__table__.columns, func.coalesce(counts.c.n, 0).label("keys")).outerjoin(
+        counts, counts.c.user_id == User.id
+    )
     if not ctx.caller.is_admin:
         q = q.where(User.name == ctx.caller.name)
-    rows = (await ctx.db.execute(q.order_by(User.name))).all()
-    return [UserOut.of(u, n) for u, n in rows]
+    rows = (await ctx.db.execute(q.order_by(User.name))).mappings().all()
+    return [UserOut.model_validate(dict(r)) for r in rows]
 
 
 @method("user.update", right=Right.write, cli=Cli("user set"))
