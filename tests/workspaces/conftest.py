@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -143,9 +144,23 @@ def own_daemon(env: dict[str, str] | None = None, size: str = "4G") -> Iterator[
 
 @pytest.fixture(scope="session")
 def spare_daemon() -> Iterator[Daemon]:
-    """A second pool daemon of the session (default image bb) for restarts and kills."""
-    with own_daemon({"DEN_DEFAULT_IMAGE": BB, "DEN_RECONCILE_INTERVAL": "0"}) as d:
+    """A second pool daemon of the session (default image bb) for restarts and kills.
+
+    Its SSH port is a fixed one, so that its firewall names the port den listens on.
+    """
+    env = {
+        "DEN_DEFAULT_IMAGE": BB,
+        "DEN_RECONCILE_INTERVAL": "0",
+        "DEN_SSH_PORT": str(free_port()),
+    }
+    with own_daemon(env) as d:
         yield d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
 
 
 # -- users and workspaces ----------------------------------------------------------

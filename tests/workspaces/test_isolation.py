@@ -16,6 +16,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,11 +38,31 @@ from tests.workspaces.conftest import (
 
 # The devices crun creates; anything else would be a host device.
 STANDARD_DEV = {
-    "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "mqueue", "console",
-    "fd", "stdin", "stdout", "stderr", "core", "init",
+    "null",
+    "zero",
+    "full",
+    "random",
+    "urandom",
+    "tty",
+    "ptmx",
+    "pts",
+    "shm",
+    "mqueue",
+    "console",
+    "fd",
+    "stdin",
+    "stdout",
+    "stderr",
+    "core",
+    "init",
 }
 CAP_NET_ADMIN, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_ADMIN, CAP_SYS_BOOT, CAP_SYS_TIME = (
-    12, 16, 17, 21, 22, 25,
+    12,
+    16,
+    17,
+    21,
+    22,
+    25,
 )
 
 
@@ -83,7 +104,9 @@ def pair(pool_daemon: Daemon, bb_image: str) -> Iterator[tuple[Side, Side]]:
                 assert_gone(d, s.id)
 
 
-def test_processes_run_as_the_owners_subordinate_ids(pool_daemon: Daemon, pair: tuple[Side, Side]) -> None:
+def test_processes_run_as_the_owners_subordinate_ids(
+    pool_daemon: Daemon, pair: tuple[Side, Side]
+) -> None:
     d = pool_daemon
     a, b = pair
     ranges = []
@@ -99,7 +122,9 @@ def test_processes_run_as_the_owners_subordinate_ids(pool_daemon: Daemon, pair: 
         assert all(lo <= u < hi for u in uids), (uids, lo, hi)
         assert side.subuid_start + 1000 in uids  # `dev` (1000 inside) is start+1000 outside
         assert ok(d, side.ref, "cat /proc/self/uid_map").split() == [
-            "0", str(side.subuid_start), str(side.subuid_count)
+            "0",
+            str(side.subuid_start),
+            str(side.subuid_count),
         ]
     (alo, ahi), (blo, bhi) = ranges
     assert ahi <= blo or bhi <= alo, f"ranges overlap: {ranges}"
@@ -127,7 +152,11 @@ def test_a_cannot_read_bs_files(pool_daemon: Daemon, pair: tuple[Side, Side]) ->
     d = pool_daemon
     a, b = pair
     token = secrets.token_hex(8)
-    ok(d, b.ref, f"echo {token} > /root/secret; echo {token} > /code/secret; chmod 600 /root/secret")
+    ok(
+        d,
+        b.ref,
+        f"echo {token} > /root/secret; echo {token} > /code/secret; chmod 600 /root/secret",
+    )
     found = ok(
         d,
         a.ref,
@@ -195,14 +224,14 @@ def test_network_isolation(pool_daemon: Daemon, pair: tuple[Side, Side]) -> None
     # den (root on the host) reaches B: the server is really there.
     with urllib.request.urlopen(f"http://{b.address}:8080/", timeout=5) as resp:
         assert resp.read() == b"hello from bb\n"
-    # ping and nc work inside (the checks below are not vacuous)...
-    assert sh(d, a.ref, "ping -c 1 -W 1 127.0.0.1")["exit_code"] == 0
+    # nc works inside (the checks below are not vacuous)...
     assert "HTTP" in sh(d, b.ref, "echo x | nc -w 2 127.0.0.1 8080")["stdout"]
-    # ...but A cannot reach B: no ping, no TCP.
+    # ...but A cannot reach B: no TCP (and no ping; busybox ping needs a raw
+    # socket, so the Debian test checks ping with iputils).
     res = sh(d, a.ref, f"ping -c 1 -W 1 {b.address}")
     assert res["exit_code"] != 0, res
-    res = sh(d, a.ref, f"wget -T 2 -qO- http://{b.address}:8080/")
-    assert res["exit_code"] != 0 and "hello" not in res["stdout"], res
+    res = sh(d, a.ref, f"timeout 2 wget -qO- http://{b.address}:8080/")
+    assert res["exit_code"] not in (0, 139) and "hello" not in res["stdout"], res
     res = sh(d, a.ref, f"echo x | nc -w 2 {b.address} 8080")
     assert "HTTP" not in res["stdout"], res
     # A reaches its gateway for ping replies? No: nothing on the host but den's ports.
@@ -236,7 +265,14 @@ def test_root_cannot_mount_or_load_modules(pool_daemon: Daemon, pair: tuple[Side
     assert res["exit_code"] != 0, res
     # No capability that reaches the host.
     cap = int(ok(d, a.ref, "grep CapEff /proc/self/status").split()[1], 16)
-    for bit in (CAP_NET_ADMIN, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_ADMIN, CAP_SYS_BOOT, CAP_SYS_TIME):
+    for bit in (
+        CAP_NET_ADMIN,
+        CAP_SYS_MODULE,
+        CAP_SYS_RAWIO,
+        CAP_SYS_ADMIN,
+        CAP_SYS_BOOT,
+        CAP_SYS_TIME,
+    ):
         assert not cap & (1 << bit), f"capability {bit} is effective ({cap:x})"
     bnd = int(ok(d, a.ref, "grep CapBnd /proc/self/status").split()[1], 16)
     assert not bnd & (1 << CAP_SYS_MODULE | 1 << CAP_SYS_ADMIN)
@@ -244,8 +280,12 @@ def test_root_cannot_mount_or_load_modules(pool_daemon: Daemon, pair: tuple[Side
     assert res["exit_code"] != 0, res
     res = sh(d, a.ref, "rmmod loop")
     assert res["exit_code"] != 0, res
-    for path in ("/proc/sys/kernel/panic", "/proc/sys/vm/drop_caches", "/proc/sysrq-trigger",
-                 "/sys/kernel/mm/transparent_hugepage/enabled"):
+    for path in (
+        "/proc/sys/kernel/panic",
+        "/proc/sys/vm/drop_caches",
+        "/proc/sysrq-trigger",
+        "/sys/kernel/mm/transparent_hugepage/enabled",
+    ):
         res = sh(d, a.ref, f"echo 1 > {path}")
         assert res["exit_code"] != 0, (path, res)
     res = sh(d, a.ref, "ip link add dummy0 type dummy")
@@ -261,8 +301,20 @@ def test_only_standard_devices(pool_daemon: Daemon, pair: tuple[Side, Side]) -> 
     a, _ = pair
     names = set(ok(d, a.ref, "ls -A /dev").split())
     assert names <= STANDARD_DEV, names - STANDARD_DEV
-    for dev in ("vda", "sda", "mem", "kmem", "kmsg", "port", "loop0", "loop-control", "kvm",
-                "btrfs-control", "fuse", "net"):
+    for dev in (
+        "vda",
+        "sda",
+        "mem",
+        "kmem",
+        "kmsg",
+        "port",
+        "loop0",
+        "loop-control",
+        "kvm",
+        "btrfs-control",
+        "fuse",
+        "net",
+    ):
         assert dev not in names
     assert ok(d, a.ref, "head -c 4 /dev/zero | wc -c").strip() == "4"
     assert ok(d, a.ref, "echo x > /dev/null; echo fine") == "fine\n"
@@ -276,12 +328,20 @@ def test_image_stays_read_only(pool_daemon: Daemon, pair: tuple[Side, Side]) -> 
     image = d.data_dir / "pool" / "images" / BB
     before = sorted(p.name for p in (image / "etc").iterdir())
     passwd = (image / "etc/passwd").read_bytes()
-    ok(d, a.ref, "echo mine > /etc/written; echo 'evil:x:0:0::/:/bin/sh' >> /etc/passwd; rm /bin/ls")
+    ok(
+        d,
+        a.ref,
+        "echo mine > /etc/written; echo 'evil:x:0:0::/:/bin/sh' >> /etc/passwd; rm /bin/ls",
+    )
     assert sorted(p.name for p in (image / "etc").iterdir()) == before
     assert (image / "etc/passwd").read_bytes() == passwd
     assert (image / "bin/ls").is_symlink()
-    prop = subprocess.run(["btrfs", "property", "get", "-ts", str(image), "ro"], capture_output=True,
-                          text=True, check=True)
+    prop = subprocess.run(
+        ["btrfs", "property", "get", "-ts", str(image), "ro"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert prop.stdout.strip() == "ro=true"
     # B, made from the same image, is unaffected.
     assert run(d, b.ref, "cat", "/etc/written")["exit_code"] != 0
@@ -294,7 +354,7 @@ def test_resolver_and_etc_files(pool_daemon: Daemon, pair: tuple[Side, Side]) ->
     a, _ = pair
     wanted = [
         line.split()[1]
-        for line in open("/etc/resolv.conf").read().splitlines()
+        for line in Path("/etc/resolv.conf").read_text().splitlines()
         if line.startswith("nameserver") and not line.split()[1].startswith(("127.", "::1"))
     ]
     inside = [

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from den.cli.client import RpcError
 from tests.conftest import Daemon
 from tests.workspaces.conftest import (
     BB,
@@ -36,12 +37,28 @@ from tests.workspaces.conftest import (
 )
 
 FIELDS = {
-    "id", "ref", "owner", "name", "state", "state_reason", "image", "backend", "address", "cpu",
-    "memory_mb", "pids", "disk_mb", "created_at", "last_activity_at", "last_activity_kind",
+    "id",
+    "ref",
+    "owner",
+    "name",
+    "state",
+    "state_reason",
+    "image",
+    "backend",
+    "address",
+    "cpu",
+    "memory_mb",
+    "pids",
+    "disk_mb",
+    "created_at",
+    "last_activity_at",
+    "last_activity_kind",
 }
 
 
-def test_create_returns_running_and_exec_works(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+def test_create_returns_running_and_exec_works(
+    pool_daemon: Daemon, bb_image: str, users: Users
+) -> None:
     d = pool_daemon
     owner = users.make()
     ws = create(d, owner, "web", cpu=0.5, mem="128M", pids=128)
@@ -57,11 +74,32 @@ def test_create_returns_running_and_exec_works(pool_daemon: Daemon, bb_image: st
         assert ok(d, ws["ref"], "hostname") == "web\n"
         assert ws["address"] in ok(d, ws["ref"], "ip -4 addr show eth0")
         # argv, env, cwd, stdin, exit codes, timeout, user inside.
-        res = run(d, ws["ref"], "sh", "-c", 'echo "$FOO:$(pwd)"; cat; exit 3', env={"FOO": "bar"},
-                  cwd="/tmp", stdin="from stdin\n")
+        res = run(
+            d,
+            ws["ref"],
+            "sh",
+            "-c",
+            'echo "$FOO:$(pwd)"; cat; exit 3',
+            env={"FOO": "bar"},
+            cwd="/tmp",
+            stdin="from stdin\n",
+        )
         assert res["exit_code"] == 3 and res["stdout"] == "bar:/tmp\nfrom stdin\n", res
         res = run(d, ws["ref"], "sleep", "30", timeout=0.5)
         assert res["timed_out"] and res["exit_code"] != 0, res
+        # A process left in the background keeps the output pipes open: exec
+        # still returns when the command ends, and its timeout still holds.
+        t0 = time.monotonic()
+        res = run(d, ws["ref"], "sh", "-c", "sleep 60 & echo started")
+        assert res["exit_code"] == 0 and res["stdout"] == "started\n", res
+        res = run(d, ws["ref"], "sh", "-c", "sleep 60 & sleep 60", timeout=1)
+        assert res["timed_out"], res
+        assert time.monotonic() - t0 < 10
+        ok(d, ws["ref"], "kill $(ps -o pid,args | awk '$2 == \"sleep\" && $3 == 60 {print $1}')")
+        big = ok(d, ws["ref"], "head -c 3000000 /dev/zero | tr '\\0' a")
+        assert len(big) == 3_000_000 and set(big) == {"a"}
+        res = run(d, ws["ref"], "sh", "-c", "cat | wc -c", stdin="x" * 1_000_000)
+        assert res["stdout"].strip() == "1000000", res
         assert ok(d, ws["ref"], "id -u; echo $HOME", user="dev") == "1000\n/home/dev\n"
         res = run(d, ws["ref"], "no-such-program")
         assert res["exit_code"] == 127, res
@@ -105,7 +143,20 @@ def test_names_unique_per_owner(pool_daemon: Daemon, bb_image: str, users: Users
     assert wa["address"] != wb["address"]
 
 
-HOSTILE = ["../etc", "A", "a b", "x" * 40, "a;rm -rf /", "-a", "", "a/b", "9lives", "é", "a\nb", "a_b"]
+HOSTILE = [
+    "../etc",
+    "A",
+    "a b",
+    "x" * 40,
+    "a;rm -rf /",
+    "-a",
+    "",
+    "a/b",
+    "9lives",
+    "é",
+    "a\nb",
+    "a_b",
+]
 
 
 @pytest.mark.parametrize("bad", HOSTILE)
@@ -151,6 +202,11 @@ def test_bad_input_leaves_nothing(pool_daemon: Daemon, bb_image: str, users: Use
         assert list_all(d, owner) == [], params
         assert set(volumes.iterdir()) == before_vols, params
         assert instance_ids(d) == before_ids, params
+    for ref in ("../etc", "a/b/c", f"{owner}/", "/x", "A/b", f"{owner}/x;id", "x" * 100):
+        for method in ("workspace.get", "workspace.delete", "workspace.stop"):
+            assert d.error(method, ref=ref).code == -32602, (method, ref)
+        assert d.error("workspace.exec", ref=ref, argv=["id"]).code == -32602, ref
+    assert d.error("workspace.get", ref=f"{owner}/nothing").code == -32001
 
 
 @pytest.mark.xfail(
@@ -178,8 +234,8 @@ def test_image_without_init_program_leaves_nothing(
     try:
         try:
             ws = d.call("workspace.create", name="hollow", user=owner, image=name)
-        except Exception as exc:  # refused: nothing may be left
-            assert getattr(exc, "code", None) == -32005, exc
+        except RpcError as exc:  # refused: nothing may be left
+            assert exc.code == -32005, exc
             assert list_all(d, owner) == []
             assert instance_ids(d) == before
         else:
@@ -448,17 +504,14 @@ def test_compute_manager_aliases(spare_daemon: Daemon) -> None:
         assert_gone(d, res["result"]["id"])
 
 
-@pytest.mark.xfail(
-    reason="den bug: user.delete of a user who owns workspaces hits the RESTRICT foreign key "
-    "and answers -32603 Internal error instead of a -32002 conflict naming the workspaces",
-    strict=True,
-)
-def test_user_with_workspaces_cannot_be_deleted(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+def test_user_with_workspaces_cannot_be_deleted(
+    pool_daemon: Daemon, bb_image: str, users: Users
+) -> None:
     d = pool_daemon
     owner = users.make()
     ws = create(d, owner, "stays")
     err = d.error("user.delete", name=owner)
-    assert err.code == -32002, err
+    assert err.code == -32002 and "stays" in err.message, err
     assert d.call("workspace.get", ref=ws["ref"])["state"] == "running"
     assert ok(d, ws["ref"], "echo still") == "still\n"
     d.call("workspace.delete", ref=ws["ref"])
