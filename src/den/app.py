@@ -69,13 +69,7 @@ class App:
             from den.net.network import Network
 
             s = self.settings
-            network = Network(
-                s.instance,
-                s.network_subnet,
-                s.egress,
-                [s.ssh_port, s.http_port],
-                s.data_dir / "network.json",
-            )
+            network = Network(s.instance, s.network_subnet, s.egress, [s.ssh_port, s.http_port])
             self._backend = SandboxBackend(s.instance, s.data_dir, self.pool.volumes, network)
         return self._backend
 

@@ -209,12 +209,6 @@ def test_bad_input_leaves_nothing(pool_daemon: Daemon, bb_image: str, users: Use
     assert d.error("workspace.get", ref=f"{owner}/nothing").code == -32001
 
 
-@pytest.mark.xfail(
-    reason="den bug: sandbox.start returns once `crun run --detach` has started tini; when the "
-    "image has no `sleep`, tini exits at once, yet workspace.create answers state=running and "
-    "every exec fails with 'container is not running'",
-    strict=False,
-)
 def test_image_without_init_program_leaves_nothing(
     pool_daemon: Daemon, bb_image: str, users: Users, tmp_path: Any
 ) -> None:

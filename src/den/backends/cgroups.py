@@ -157,3 +157,12 @@ def children(parent: str) -> list[str]:
     for d in dirs(parent):
         names.update(p.name for p in d.iterdir() if p.is_dir())
     return sorted(names)
+
+
+def procs(path: str) -> list[int]:
+    """Pids in the cgroup (empty when it is gone)."""
+    f = _v2(path) / "cgroup.procs" if unified() else _v1("pids", path) / "cgroup.procs"
+    try:
+        return [int(x) for x in f.read_text().split()]
+    except (OSError, ValueError):
+        return []

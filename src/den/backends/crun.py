@@ -10,7 +10,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from den import proc
 from den.errors import BackendFailure
@@ -25,6 +25,31 @@ class ExecOutcome:
 
 
 MAX_OUTPUT = 16 << 20
+
+
+async def _collect(pipe: BinaryIO, buf: bytearray) -> None:
+    """Read a pipe into ``buf`` (at most MAX_OUTPUT bytes kept) until EOF or cancelled."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while chunk := await reader.read(1 << 16):
+            if len(buf) < MAX_OUTPUT:
+                buf += chunk[: MAX_OUTPUT - len(buf)]
+    finally:
+        transport.close()
+
+
+async def _feed(p: asyncio.subprocess.Process, data: bytes) -> None:
+    assert p.stdin is not None
+    try:
+        if data:
+            p.stdin.write(data)
+            await p.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the command did not read all of its input
+    finally:
+        p.stdin.close()
 
 
 class Crun:
@@ -43,6 +68,25 @@ class Crun:
             return None
         data: dict[str, Any] = json.loads(res.stdout)
         return data
+
+    def quick_state(self, cid: str) -> str | None:
+        """ "running" or "stopped" from crun's state file and /proc, without running crun.
+
+        None when crun does not know the container.
+        """
+        try:
+            status = json.loads((self.root / cid / "status").read_text())
+            pid, started = int(status["pid"]), int(status["process-start-time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None if not (self.root / cid).exists() else "stopped"
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return "stopped"
+        # fields[0] is the state, fields[19] the start time: a reused pid is not ours.
+        if fields[0] in ("Z", "X") or int(fields[19]) != started:
+            return "stopped"
+        return "running"
 
     async def run(self, cid: str, bundle: Path) -> None:
         """Create and start the container detached; returns once init runs.
@@ -162,25 +206,53 @@ class Crun:
         for k, v in env.items():
             cmd += ["--env", f"{k}={v}"]
         cmd += [cid, *argv]
+        # Output through pipes of our own, not communicate(): a process the
+        # command leaves in the background keeps them open, and the call must
+        # still return when the command ends (or times out).
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        files = [os.fdopen(out_r, "rb", buffering=0), os.fdopen(err_r, "rb", buffering=0)]
         try:
             p = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=out_w, stderr=err_w
             )
         except FileNotFoundError:
+            for f in files:
+                f.close()
             raise BackendFailure("crun is not installed; run `den init`") from None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        out_buf, err_buf = bytearray(), bytearray()
+        readers = [
+            asyncio.ensure_future(_collect(files[0], out_buf)),
+            asyncio.ensure_future(_collect(files[1], err_buf)),
+        ]
+        feeder = asyncio.ensure_future(_feed(p, stdin))
         timed_out = False
         try:
-            out, err = await asyncio.wait_for(p.communicate(stdin), timeout)
-        except TimeoutError:
-            timed_out = True
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            out, err = await p.communicate()
+            try:
+                await asyncio.wait_for(p.wait(), timeout)
+            except TimeoutError:
+                timed_out = True
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                try:
+                    await asyncio.wait_for(p.wait(), 5)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+                    await p.wait()
+            # Take what is there; do not wait for background processes to end.
+            await asyncio.wait(readers, timeout=0.2)
         finally:
+            for task in (*readers, feeder):
+                task.cancel()
+            await asyncio.gather(*readers, feeder, return_exceptions=True)
+            for f in files:
+                f.close()
             pid_file.unlink(missing_ok=True)
+        out, err = bytes(out_buf), bytes(err_buf)
         rc = p.returncode if p.returncode is not None else -1
         if (rc != 0 and err.startswith(b"crun: ")) or b"\ncrun: " in err[-500:]:
             text = err.decode(errors="replace").strip().splitlines()[-1]

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from den.backends import cgroups
@@ -140,7 +141,29 @@ class SandboxBackend(Backend):
         state = {k: v for k, v in state.items() if k != "prepared"}
         with timed("crun run", ws=spec.id):
             await self.crun.run(cid, self.bundle(spec.id))
+        await self._check_init(spec)
         return state
+
+    async def _check_init(self, spec: Spec, timeout: float = 5.0) -> None:
+        """Fail now, not at the first exec, when init cannot start its child.
+
+        Healthy means: init's child runs `sleep` (a fork of tini that has not
+        exec'd yet, or crun still setting up, does not count).
+        """
+        cg, cid = self.cgroup(spec.id), self.cid(spec.id)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(_comm(pid) == "sleep" for pid in cgroups.procs(cg)):
+                return
+            if self.crun.quick_state(cid) != "running":
+                break
+            await asyncio.sleep(0.0005)
+        await self.crun.kill(cid, "KILL", all_processes=True)
+        await self.crun.delete(cid)
+        raise BackendFailure(
+            "the workspace's init could not start: the image needs a `sleep` that accepts "
+            "`infinity` (coreutils or busybox) on its PATH"
+        )
 
     async def stop(self, spec: Spec, state: State) -> State:
         cid = self.cid(spec.id)
@@ -212,13 +235,11 @@ class SandboxBackend(Backend):
         return ExecResult(out.exit_code, out.stdout, out.stderr, out.timed_out)
 
     async def status(self, spec: Spec, state: State) -> Status:
-        st = await self.crun.state(self.cid(spec.id))
+        st = self.crun.quick_state(self.cid(spec.id))
         if st is None:
             return "stopped" if self.bundle(spec.id).exists() else "missing"
-        if st.get("status") == "running":
+        if st == "running":
             return "suspended" if cgroups.is_frozen(self.cgroup(spec.id)) else "running"
-        if st.get("status") == "paused":
-            return "suspended"
         return "stopped"
 
     async def stats(self, spec: Spec, state: State) -> Stats:
@@ -241,6 +262,18 @@ class SandboxBackend(Backend):
             found.update(p.name for p in self.views_dir.iterdir() if p.is_dir())
         return sorted(found - known_ids)
 
+    async def teardown_host(self) -> None:
+        """Undo the instance's host changes once it has no workspace left."""
+        await self.network.teardown()
+
+        def empty_dirs() -> None:
+            cgroups.remove(self.cgroup_parent)
+            for d in (self.crun.root, self.views_dir):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+        await asyncio.to_thread(empty_dirs)
+
     async def remove_orphan(self, ws_id: str) -> None:
         """Remove what the backend left on the host for a workspace with no record."""
         cid = self.cid(ws_id)
@@ -251,6 +284,13 @@ class SandboxBackend(Backend):
             await self.crun.delete(cid)
         await asyncio.to_thread(self._remove_host_parts, ws_id)
         await self.network.detach(ws_id)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def host_resolvers() -> str:

@@ -184,10 +184,7 @@ def network_report(settings: Settings) -> Check:
     """What den has set on the host's network for this instance (undone with the last workspace)."""
     from den.net.network import Network
 
-    net = Network(
-        settings.instance, settings.network_subnet, settings.egress, [],
-        settings.data_dir / "network.json",
-    )
+    net = Network(settings.instance, settings.network_subnet, settings.egress, [])
     try:
         changes = net.host_changes()
     except Exception as exc:  # noqa: BLE001 - a report must not fail on a missing tool

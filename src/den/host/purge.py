@@ -15,16 +15,14 @@ async def purge(instance: int, data_dir: Path, subnet: str | None = None) -> lis
     from den.backends.sandbox import SandboxBackend
     from den.net.network import Network
 
-    net = Network(
-        instance, subnet or f"10.{77 + instance}.0.0/16", True, [], data_dir / "network.json"
-    )
+    net = Network(instance, subnet or f"10.{77 + instance}.0.0/16", True, [])
     backend = SandboxBackend(instance, data_dir, data_dir / "pool" / "volumes", net)
     removed = await backend.orphans(set())
     for ws_id in removed:
         await backend.remove_orphan(ws_id)
     for name in await asyncio.to_thread(net.orphans, set()):
         await net.detach(name)
-    await net.teardown()
+    await backend.teardown_host()
     return removed
 
 

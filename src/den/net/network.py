@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 from pathlib import Path
 
@@ -16,17 +15,18 @@ from den.net import firewall, ipam, links, names
 
 log = logging.getLogger(__name__)
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+# Shared by every instance on the host: the value ip_forward had before any den
+# turned it on, restored when the last den bridge goes. /run empties at boot,
+# as ip_forward resets.
+FORWARD_BEFORE = Path("/run/den/ip_forward.before")
 
 
 class Network:
-    def __init__(
-        self, instance: int, subnet: str, egress: bool, ports: list[int], state_file: Path
-    ) -> None:
+    def __init__(self, instance: int, subnet: str, egress: bool, ports: list[int]) -> None:
         self.instance = instance
         self.subnet = subnet
         self.egress = egress
         self.ports = ports
-        self.state_file = state_file
         self.bridge = names.bridge(instance)
         self.gateway = ipam.gateway(subnet)
         self.prefixlen = ipaddress.IPv4Network(subnet).prefixlen
@@ -56,18 +56,18 @@ class Network:
         current = IP_FORWARD.read_text().strip()
         if current == "1":
             return
-        state = self._state()
-        state.setdefault("ip_forward_before", current)
-        self.state_file.write_text(json.dumps(state))
+        FORWARD_BEFORE.parent.mkdir(parents=True, exist_ok=True)
+        if not FORWARD_BEFORE.exists():
+            FORWARD_BEFORE.write_text(current)
         IP_FORWARD.write_text("1")
         log.info("enabled net.ipv4.ip_forward for workspace egress (was %s)", current)
 
-    def _state(self) -> dict[str, str]:
+    @staticmethod
+    def forward_before() -> str | None:
         try:
-            data = json.loads(self.state_file.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+            return FORWARD_BEFORE.read_text().strip() or None
+        except OSError:
+            return None
 
     async def teardown(self) -> None:
         """Undo every host change of this instance (when no workspace is left)."""
@@ -78,14 +78,12 @@ class Network:
         self._ensured = False
         firewall.remove(self.instance)
         links.delete_link(self.bridge)
-        state = self._state()
-        before = state.get("ip_forward_before")
         others = [n for n in links.link_names("den") if n != self.bridge and n[3:].isdigit()]
+        before = self.forward_before()
         if before is not None and not others:
             IP_FORWARD.write_text(before)
+            FORWARD_BEFORE.unlink(missing_ok=True)
             log.info("restored net.ipv4.ip_forward to %s", before)
-        if before is not None and not others:
-            self.state_file.unlink(missing_ok=True)
 
     def host_changes(self) -> dict[str, object]:
         """What this instance has changed on the host, for `den init --check`.
@@ -95,7 +93,7 @@ class Network:
         return {
             "bridge": self.bridge if links.link_exists(self.bridge) else None,
             "nftables": firewall.tables(self.instance),
-            "ip_forward_before": self._state().get("ip_forward_before"),
+            "ip_forward_before": self.forward_before(),
         }
 
     # -- per workspace ---------------------------------------------------------

@@ -64,7 +64,7 @@ async def reconcile(app: App, *, startup: bool = False) -> Report:
         left = (await db.execute(select(Workspace.id))).scalars().all()
         bridge = names.bridge(app.settings.instance)
         if not left and await asyncio.to_thread(links.link_exists, bridge):
-            await backend.network.teardown()
+            await backend.teardown_host()
         elif left:
             await backend.network.ensure(check=True)
     if report.repaired or report.removed or report.failed:

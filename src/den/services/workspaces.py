@@ -367,7 +367,7 @@ async def maybe_teardown_network(ctx: Context) -> None:
     """Undo the instance's host network changes when no workspace is left."""
     left = (await ctx.db.execute(select(func.count(Workspace.id)))).scalar_one()
     if left == 0:
-        await ctx.app.backend.network.teardown()
+        await ctx.app.backend.teardown_host()
 
 
 async def insert_row(ctx: Context, ws: Workspace) -> None:
