@@ -26,7 +26,9 @@ class RpcError(Exception):
             errors = self.data.get("errors")
             if isinstance(errors, list):
                 parts = [
-                    f"{e.get('field')}: {e.get('message')}" if e.get("field") else str(e.get("message"))
+                    f"{e.get('field')}: {e.get('message')}"
+                    if e.get("field")
+                    else str(e.get("message"))
                     for e in errors
                     if isinstance(e, dict)
                 ]
@@ -58,7 +60,10 @@ class Client:
     """Calls methods on a den daemon; keeps one connection open."""
 
     def __init__(
-        self, socket_path: str | None = None, url: str | None = None, token: str | None = None,
+        self,
+        socket_path: str | None = None,
+        url: str | None = None,
+        token: str | None = None,
         timeout: float = 600.0,
     ) -> None:
         self.socket_path = socket_path
@@ -73,7 +78,9 @@ class Client:
             if self.url:
                 parts = urlsplit(self.url)
                 cls = (
-                    http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                    http.client.HTTPSConnection
+                    if parts.scheme == "https"
+                    else http.client.HTTPConnection
                 )
                 self._conn = cls(parts.netloc, timeout=self.timeout)
             else:

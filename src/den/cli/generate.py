@@ -59,16 +59,22 @@ class _Field:
         self.as_json = not (inner in _SIMPLE or get_origin(inner) is Literal)
         self.arg: CliArg | None = _meta(info, CliArg)
         self.opt: CliOpt | None = _meta(info, CliOpt)
-        self.read_file = bool((self.arg and self.arg.read_file) or (self.opt and self.opt.read_file))
+        self.read_file = bool(
+            (self.arg and self.arg.read_file) or (self.opt and self.opt.read_file)
+        )
         self.flag_value = self.opt.flag_value if self.opt else None
         cli_inner = str if (self.as_json or self.read_file) else inner
-        help_text = (info.description or "") + (" (a file; - reads stdin)" if self.read_file else "")
+        help_text = (info.description or "") + (
+            " (a file; - reads stdin)" if self.read_file else ""
+        )
         dash = name.replace("_", "-")
         required = info.is_required()
         metavar = "FILE" if self.read_file else None
         if self.arg is not None:
             ann: Any = list[cli_inner] if self.is_list else cli_inner  # type: ignore[valid-type]
-            param: Any = typer.Argument(help=help_text, metavar=metavar or name.upper(), show_default=False)
+            param: Any = typer.Argument(
+                help=help_text, metavar=metavar or name.upper(), show_default=False
+            )
             default: Any = ... if required else None
             if not required:
                 ann = ann | None
@@ -135,7 +141,9 @@ def make_command(m: Method, invoke: Invoke) -> Callable[..., Any]:
             inspect.Parameter(
                 "yes",
                 inspect.Parameter.KEYWORD_ONLY,
-                annotation=Annotated[bool, typer.Option("--yes", "-y", help="Do not ask to confirm.")],
+                annotation=Annotated[
+                    bool, typer.Option("--yes", "-y", help="Do not ask to confirm.")
+                ],
                 default=False,
             )
         )
@@ -189,7 +197,9 @@ def attach(app: typer.Typer, registry: Registry, invoke: Invoke) -> None:
         for part in parents:
             path = f"{path} {part}".strip()
             if path not in groups:
-                groups[path] = typer.Typer(help=f"{part.capitalize()} commands.", no_args_is_help=True)
+                groups[path] = typer.Typer(
+                    help=f"{part.capitalize()} commands.", no_args_is_help=True
+                )
                 target.add_typer(groups[path], name=part)
             target = groups[path]
         target.command(leaf, short_help=m.summary)(make_command(m, invoke))

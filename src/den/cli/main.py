@@ -34,7 +34,9 @@ EXIT_CODES = {-32001: 3, -32003: 4, -32006: 4, -32002: 5, -32004: 6, -32005: 7, 
 
 
 class State:
-    def __init__(self, socket: Path | None, url: str | None, token: str | None, instance: int | None):
+    def __init__(
+        self, socket: Path | None, url: str | None, token: str | None, instance: int | None
+    ):
         self.socket = socket
         self.url = url
         self.token = token
@@ -62,7 +64,8 @@ def _global(
         str | None, typer.Option(envvar="DEN_URL", help="API base URL (instead of the socket).")
     ] = None,
     token: Annotated[
-        str | None, typer.Option(envvar="DEN_TOKEN", help="API token for --url.", show_default=False)
+        str | None,
+        typer.Option(envvar="DEN_TOKEN", help="API token for --url.", show_default=False),
     ] = None,
     instance: Annotated[
         int | None, typer.Option("--instance", "-i", help="Talk to instance N.", min=0, max=99)
@@ -94,8 +97,12 @@ def call(state: State, method: str, params: Any) -> Any:
 
 @app.command()
 def serve(
-    instance: Annotated[int | None, typer.Option(help="Instance number N (ports +N).", min=0, max=99)] = None,
-    config: Annotated[Path | None, typer.Option(help="Config file (default /etc/den/den.toml).")] = None,
+    instance: Annotated[
+        int | None, typer.Option(help="Instance number N (ports +N).", min=0, max=99)
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Config file (default /etc/den/den.toml).")
+    ] = None,
     socket: Annotated[Path | None, typer.Option("--socket", help="API unix socket.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
     http_port: Annotated[int | None, typer.Option(help="HTTP port (0: any free port).")] = None,

@@ -217,8 +217,10 @@ async def user_delete(ctx: Context, p: UserRef) -> Deleted:
     ctx.target = f"user:{p.name}"
     user = await find_user(ctx, p.name)
     owned = (
-        await ctx.db.execute(select(Workspace.name).where(Workspace.user_id == user.id))
-    ).scalars().all()
+        (await ctx.db.execute(select(Workspace.name).where(Workspace.user_id == user.id)))
+        .scalars()
+        .all()
+    )
     if owned:
         raise Conflict(
             f"{p.name} still owns workspaces ({', '.join(sorted(owned))}); delete them first "
