@@ -14,6 +14,7 @@ test-deps:
 	@scripts/fetch-test-data
 
 run: deps
+	$(DEN) init --yes --image debian
 	$(DEN) serve
 
 test: test-deps
@@ -27,7 +28,7 @@ lint: deps
 	$(VENV)/bin/mypy
 
 bench: deps
-	$(VENV)/bin/python bench/rpc.py
+	for b in rpc snapshot lifecycle idle ssh; do $(VENV)/bin/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,7 @@ import pytest
 
 from den.cli.client import RpcError
 from den.services import load_all
-from tests.conftest import Daemon
+from tests.conftest import DEN, Daemon
 from tests.storage.conftest import (
     images_dir,
     make_rootfs,
@@ -536,3 +536,76 @@ def test_daemon_killed_during_build(victim: Path) -> None:
         assert victim.read_text() == "host content\n"
         d.call("image.delete", name="stray")
         assert pool_entries(d) == set()
+
+
+@pytest.mark.slow
+def test_daemon_stopped_during_build() -> None:
+    """SIGTERM cancels the build job: the daemon undoes it before it exits."""
+    with own_pool_daemon("3G") as d:
+        job = d.call("image.build", name="stopped")
+        deadline = time.monotonic() + 120
+        while job["now"] < 100 and job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = d.call("job.get", id=job["id"])
+        assert any(e.startswith(".build-") for e in pool_entries(d))
+        assert d.stop() == 0
+        assert pool_entries(d) == set()
+        with sqlite3.connect(d.data_dir / "den.db") as db:
+            assert db.execute("SELECT count(*) FROM images").fetchone() == (0,)
+
+
+# -- den init --image --------------------------------------------------------------------
+def test_init_reuses_an_existing_image(pool_daemon: Daemon, base_image: dict[str, Any]) -> None:
+    d = pool_daemon
+    res = d.cli("init", "--yes", "--image", base_image["name"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"image {base_image['name']}: exists" in res.stdout and "reused" in res.stdout
+    assert d.cli("init", "--yes", "--image", "Bad/Name").returncode == 2
+
+
+@pytest.mark.slow
+def test_init_image_build_failure_leaves_nothing() -> None:
+    with own_pool_daemon("1G") as d:
+        d.stop()
+        env = {**d.env, "DEN_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
+        res = subprocess.run(
+            [DEN, "init", "--yes", "--image", "first"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 7, res.stdout + res.stderr
+        assert "error: image first: debootstrap failed" in res.stderr
+        assert pool_entries(d) == set()
+        with sqlite3.connect(d.data_dir / "den.db") as db:
+            assert db.execute("SELECT count(*) FROM images").fetchone() == (0,)
+
+
+def test_tarball_escaping_through_a_symlink(pool_daemon: Daemon, tmp_path: Path) -> None:
+    """Members written through a symlink member must not land outside the image."""
+    import io
+    import tarfile
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tb = tmp_path / "evil.tar"
+    with tarfile.open(tb, "w") as t:
+        for name, target in (
+            ("etc", ""),
+            ("usr", ""),
+            ("usr/bin", ""),
+            ("evil", str(outside)),
+            ("rel", "../../outside"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE if target else tarfile.DIRTYPE
+            info.linkname = target
+            t.addfile(info)
+        for name in ("evil/pwned", "rel/pwned"):
+            info = tarfile.TarInfo(name)
+            info.size = 6
+            t.addfile(info, io.BytesIO(b"pwned\n"))
+    job = import_fails(pool_daemon, _name("evil"), tb)
+    assert "Not a directory" in job["error"], job["error"]
+    assert list(outside.iterdir()) == []

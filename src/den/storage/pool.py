@@ -88,7 +88,9 @@ class Pool:
         """Remove a build, an image or a volume directory with everything in it."""
         if not path.exists():
             return
-        if self.driver == "btrfs" and btrfs.is_subvolume(path):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif self.driver == "btrfs" and btrfs.is_subvolume(path):
             if btrfs.is_read_only(path):
                 btrfs.set_read_only(path, False)
             btrfs.delete_subvolume(path)

@@ -49,7 +49,7 @@ def _dir(root_fd: int, rel: str, *, create: bool = False) -> Iterator[int | None
             except OSError as exc:
                 if exc.errno not in _MISSING:
                     raise
-                log.warning("rootfs fix-up: %s is missing or not a directory; skipped", rel)
+                log.debug("rootfs fix-up: %s is missing or not a directory; skipped", rel)
                 os.close(fd)
                 fd = -1
                 yield None

@@ -26,7 +26,7 @@ def upgrade() -> None:
         sa.Column("suite", sa.String(length=64), nullable=False),
         sa.Column("includes", sa.JSON(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
-        sa.Column("size_bytes", sa.Integer(), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("error", sa.Text(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
