@@ -65,6 +65,9 @@ def setup(level: str = "info", log_file: Path | None = None) -> None:
     # aiohttp's access log adds nothing our own call log does not have.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Their debug lines carry SQL parameters (exec stdin, for one): never log them.
+    for noisy in ("aiosqlite", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class timed:

@@ -222,16 +222,17 @@ class SandboxBackend(Backend):
             **req.env,
         }
         cwd = req.cwd or home
-        out = await self.crun.exec(
-            self.cid(spec.id),
-            req.argv,
-            env=env,
-            cwd=cwd,
-            user=user,
-            stdin=req.stdin,
-            timeout=req.timeout,
-            pid_dir=self.bundle(spec.id),
-        )
+        with timed("crun exec", ws=spec.id):
+            out = await self.crun.exec(
+                self.cid(spec.id),
+                req.argv,
+                env=env,
+                cwd=cwd,
+                user=user,
+                stdin=req.stdin,
+                timeout=req.timeout,
+                pid_dir=self.bundle(spec.id),
+            )
         return ExecResult(out.exit_code, out.stdout, out.stderr, out.timed_out)
 
     async def status(self, spec: Spec, state: State) -> Status:

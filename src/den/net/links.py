@@ -24,16 +24,29 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # their signals to the daemon's event loop.
 
 
+def index(ipr: IPRoute, name: str) -> int | None:
+    """The interface index of ``name``, asked of the kernel by name.
+
+    (pyroute2's link_lookup dumps every link: slow with hundreds of veths.)
+    """
+    try:
+        reply = ipr.link("get", ifname=name)
+    except NetlinkError:
+        return None
+    return int(reply[0]["index"]) if reply else None
+
+
 def ensure_bridge(name: str, gateway_cidr: str) -> int:
     """Create the bridge with the gateway address if missing; return its index."""
     addr, plen = gateway_cidr.split("/")
     with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
+        idx = index(ipr, name)
+        if idx is None:
             with contextlib.suppress(NetlinkError):
                 ipr.link("add", ifname=name, kind="bridge")
-            found = ipr.link_lookup(ifname=name)
-        idx = int(found[0])
+            idx = index(ipr, name)
+        if idx is None:
+            raise BackendFailure(f"cannot create the bridge {name}")
         have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
         if addr not in have:
             ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
@@ -43,10 +56,10 @@ def ensure_bridge(name: str, gateway_cidr: str) -> int:
 
 def delete_link(name: str) -> None:
     with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if found:
+        idx = index(ipr, name)
+        if idx is not None:
             with contextlib.suppress(NetlinkError):
-                ipr.link("del", index=found[0])
+                ipr.link("del", index=idx)
 
 
 def link_names(prefix: str) -> list[str]:
@@ -57,7 +70,7 @@ def link_names(prefix: str) -> list[str]:
 
 def link_exists(name: str) -> bool:
     with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
+        return index(ipr, name) is not None
 
 
 def netns_exists(name: str) -> bool:
@@ -146,26 +159,30 @@ def delete_netns(name: str) -> None:
 def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gateway: str) -> None:
     """A veth pair: ``host_if`` on the bridge (isolated port), eth0 in ``ns``."""
     with IPRoute() as ipr:
-        br = ipr.link_lookup(ifname=bridge)
-        if not br:
+        br = index(ipr, bridge)
+        if br is None:
             raise BackendFailure(f"bridge {bridge} is missing")
-        if not ipr.link_lookup(ifname=host_if):
+        idx = index(ipr, host_if)
+        if idx is None:
             ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
-        idx = ipr.link_lookup(ifname=host_if)[0]
-        ipr.link("set", index=idx, master=br[0], state="up")
+            idx = index(ipr, host_if)
+        if idx is None:
+            raise BackendFailure(f"cannot create the veth {host_if}")
+        ipr.link("set", index=idx, master=br, state="up")
         # Isolated bridge ports cannot reach each other: no workspace-to-workspace traffic.
         ipr.brport("set", index=idx, isolated=1)
 
     def inside() -> None:
         with IPRoute() as nsr:
-            eth = nsr.link_lookup(ifname="eth0")
-            if not eth:
+            eth = index(nsr, "eth0")
+            lo = index(nsr, "lo")
+            if eth is None or lo is None:
                 raise BackendFailure(f"eth0 is missing in {ns}")
-            have = {a.get_attr("IFA_ADDRESS") for a in nsr.get_addr(index=eth[0], family=2)}
+            have = {a.get_attr("IFA_ADDRESS") for a in nsr.get_addr(index=eth, family=2)}
             if address not in have:
-                nsr.addr("add", index=eth[0], address=address, prefixlen=prefixlen)
-            nsr.link("set", index=eth[0], state="up")
-            nsr.link("set", index=nsr.link_lookup(ifname="lo")[0], state="up")
+                nsr.addr("add", index=eth, address=address, prefixlen=prefixlen)
+            nsr.link("set", index=eth, state="up")
+            nsr.link("set", index=lo, state="up")
             with contextlib.suppress(NetlinkError):
                 nsr.route("add", gateway=gateway)
 
