@@ -24,7 +24,7 @@ from den.backends.crun import Crun
 from den.errors import BackendFailure, InvalidParams
 from den.log import timed
 from den.net.network import Network
-from den.storage import idmap
+from den.storage import idmap, mounts
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,14 @@ class SandboxBackend(Backend):
     # -- pieces ----------------------------------------------------------------
     def _mount_views(self, spec: Spec) -> None:
         root_view, code_view = self.views(spec.id)
+        fresh = not root_view.parent.exists()
         for d in (self.views_dir, root_view.parent):
             d.mkdir(exist_ok=True, mode=0o711)
             d.chmod(0o711)
+        mounted = set() if fresh else mounts.mount_points()  # one read of mountinfo
         for raw, view in ((spec.rootfs, root_view), (spec.code, code_view)):
             view.mkdir(exist_ok=True)
-            if not idmap.is_mountpoint(view):
+            if os.path.realpath(view) not in mounted:
                 idmap.idmapped_bind(raw, view, spec.uid_start, spec.uid_count)
 
     def _unmount_views(self, ws_id: str) -> None:
