@@ -31,31 +31,49 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DEN_", extra="forbid", validate_default=True)
 
-    instance: int = Field(0, ge=0, le=99, description="Instance number: paths get suffixed and ports shifted by it.")
-    data_dir: Path = Field(Path("/var/lib/den"), description="Directory for the database, the pool and keys.")
+    instance: int = Field(
+        0, ge=0, le=99, description="Instance number: paths get suffixed and ports shifted by it."
+    )
+    data_dir: Path = Field(
+        Path("/var/lib/den"), description="Directory for the database, the pool and keys."
+    )
     socket: Path = Field(Path("/run/den/den.sock"), description="Unix socket of the JSON-RPC API.")
-    socket_group: str = Field("den", description="Group that owns the API socket; den users are its members.")
+    socket_group: str = Field(
+        "den", description="Group that owns the API socket; den users are its members."
+    )
     socket_mode: int = Field(
         0o660, ge=0, le=0o7777, description="Permission bits of the API socket, in octal (0660)."
     )
-    http_host: str = Field("127.0.0.1", description="Address of the HTTP listener (API over TCP, dashboard).")
-    http_port: int = Field(8780, ge=0, le=65535, description="Port of the HTTP listener; 0 picks a free port.")
-    ssh_port: int = Field(2222, ge=0, le=65535, description="Port of the SSH gateway; 0 picks a free port.")
+    http_host: str = Field(
+        "127.0.0.1", description="Address of the HTTP listener (API over TCP, dashboard)."
+    )
+    http_port: int = Field(
+        8780, ge=0, le=65535, description="Port of the HTTP listener; 0 picks a free port."
+    )
+    ssh_port: int = Field(
+        2222, ge=0, le=65535, description="Port of the SSH gateway; 0 picks a free port."
+    )
     ssh_host: str = Field("0.0.0.0", description="Address the SSH gateway listens on.")
     ssh_user: str = Field(
         "root", max_length=64, description="User inside a workspace that ssh sessions run as."
     )
     ssh_start_stopped: bool = Field(
-        True, description="An ssh connection to a stopped workspace starts it (suspended: always resumed)."
+        True,
+        description="An ssh connection to a stopped workspace starts it (suspended: always resumed).",
     )
     ssh_max_failures: int = Field(
-        20, ge=1, description="Failed ssh logins from one address within ssh_failure_window before it is blocked."
+        20,
+        ge=1,
+        description="Failed ssh logins from one address within ssh_failure_window before it is blocked.",
     )
     ssh_failure_window: float = Field(
-        300.0, gt=0, description="Seconds over which failed ssh logins are counted, and a block lasts."
+        300.0,
+        gt=0,
+        description="Seconds over which failed ssh logins are counted, and a block lasts.",
     )
     database_url: str = Field(
-        "", description="SQLAlchemy URL of the state database; empty means SQLite at DATA_DIR/den.db."
+        "",
+        description="SQLAlchemy URL of the state database; empty means SQLite at DATA_DIR/den.db.",
     )
     account_prefix: str = Field(
         "den-",
@@ -63,7 +81,9 @@ class Settings(BaseSettings):
         description="Prefix of the host Linux account of each den user (den-<name>).",
     )
     pool_size: str = Field(
-        "50G", pattern=r"^[0-9]+[KMGT]?$", description="Size of the sparse loopback pool image, if one is made."
+        "50G",
+        pattern=r"^[0-9]+[KMGT]?$",
+        description="Size of the sparse loopback pool image, if one is made.",
     )
     storage_driver: Literal["auto", "btrfs", "overlay"] = Field(
         "auto", description="auto: btrfs when the pool is on btrfs, else the overlayfs fallback."
@@ -71,20 +91,30 @@ class Settings(BaseSettings):
     disk_quota: bool = Field(
         False, description="Enforce per-workspace disk limits with btrfs qgroups (slows snapshots)."
     )
-    fstab: Path = Field(Path("/etc/fstab"), description="Where den records the pool mount for reboots.")
+    fstab: Path = Field(
+        Path("/etc/fstab"), description="Where den records the pool mount for reboots."
+    )
     code_mount: Path | None = Field(
-        None, description="Bind-mount the shared code tree here on the host (e.g. /code); unset: not."
+        None,
+        description="Bind-mount the shared code tree here on the host (e.g. /code); unset: not.",
     )
     debian_mirror: str = Field(
         "", description="Debian mirror for image builds; empty: the one in the host's apt sources."
     )
     network_subnet: str = Field(
-        "10.77.0.0/16", description="Private subnet of workspace addresses (instance N: 10.77+N.0.0/16)."
+        "10.77.0.0/16",
+        description="Private subnet of workspace addresses (instance N: 10.77+N.0.0/16).",
     )
-    egress: bool = Field(True, description="Let workspaces reach the outside world (NAT via nftables).")
+    egress: bool = Field(
+        True, description="Let workspaces reach the outside world (NAT via nftables)."
+    )
     default_cpu: float = Field(1.0, gt=0, description="CPUs of a new workspace unless given.")
-    default_memory: str = Field("1G", pattern=r"^[0-9]+[KMGT]?$", description="Memory of a new workspace.")
-    default_pids: int = Field(1024, ge=16, description="Process limit of a new workspace unless given.")
+    default_memory: str = Field(
+        "1G", pattern=r"^[0-9]+[KMGT]?$", description="Memory of a new workspace."
+    )
+    default_pids: int = Field(
+        1024, ge=16, description="Process limit of a new workspace unless given."
+    )
     default_image: str = Field("debian", description="Image of a new workspace unless given.")
     reconcile_interval: float = Field(
         30.0, ge=0, description="Seconds between reconciler passes (0: only at start)."
@@ -92,7 +122,9 @@ class Settings(BaseSettings):
     idle_suspend: int = Field(
         300, ge=0, description="Suspend a workspace after this many idle seconds (0: never)."
     )
-    idle_stop: int = Field(0, ge=0, description="Stop a workspace after this many idle seconds (0: never).")
+    idle_stop: int = Field(
+        0, ge=0, description="Stop a workspace after this many idle seconds (0: never)."
+    )
     idle_check_interval: float = Field(30.0, gt=0, description="Seconds between idle checks.")
     idle_cpu_threshold: float = Field(
         0.05, ge=0, description="CPU use (in cores) above which a workspace counts as active."
@@ -104,8 +136,12 @@ class Settings(BaseSettings):
     metrics_retention: int = Field(
         86400, ge=60, description="Seconds of metric samples kept per workspace."
     )
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest accepted request body in bytes."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
     log_file: Path | None = Field(None, description="Also write the log to this file.")
 
     @field_validator("socket_mode", mode="before")
@@ -236,5 +272,11 @@ def _explain(exc: ValidationError, origin: Callable[[str], str]) -> str:
 
 
 _INSTANCE_DERIVED = {
-    "data_dir", "socket", "socket_group", "account_prefix", "http_port", "ssh_port", "network_subnet",
+    "data_dir",
+    "socket",
+    "socket_group",
+    "account_prefix",
+    "http_port",
+    "ssh_port",
+    "network_subnet",
 }

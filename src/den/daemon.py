@@ -17,6 +17,7 @@ from den.app import App
 from den.config import Settings
 from den.rpc.server import make_web_app, prepare_socket
 from den.services import idle, load_all, metrics, reconciler
+from den.ssh.server import Gateway
 
 log = logging.getLogger("den.daemon")
 
@@ -38,6 +39,8 @@ async def serve(settings: Settings) -> None:
     await unix_site.start()
     tcp_site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_address=True)
     await tcp_site.start()
+    gateway = Gateway(app)
+    ssh_port = await gateway.start()
     server = tcp_site._server
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else 0
@@ -46,6 +49,7 @@ async def serve(settings: Settings) -> None:
         "socket": str(settings.socket),
         "http": f"http://{settings.http_host}:{port}",
         "http_port": port,
+        "ssh_port": ssh_port,
         "instance": settings.instance,
     }
     settings.state_file.write_text(json.dumps(state))
@@ -63,6 +67,7 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         log.info("shutting down")
     finally:
+        await gateway.stop()
         await tasks.cancel_all()
         await runner.cleanup()
         await app.close()
@@ -74,9 +79,7 @@ async def serve(settings: Settings) -> None:
 
 def run(settings: Settings) -> None:
     den_log.setup(settings.log_level, settings.log_file)
-    try:
-        import uvloop
-
-        uvloop.run(serve(settings))
-    except ImportError:
-        asyncio.run(serve(settings))
+    # The stock event loop, not uvloop: uvloop spawns subprocesses with fork(),
+    # which costs ~10 ms for a daemon of this size on every crun call, while
+    # asyncio uses vfork (~1 ms). Measured in bench/lifecycle.py.
+    asyncio.run(serve(settings))

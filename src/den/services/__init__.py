@@ -5,8 +5,18 @@ from __future__ import annotations
 import importlib
 
 MODULES = (
-    "system", "users", "keys", "tokens", "audit", "workspaces", "code", "images", "jobs",
-    "metrics", "idle",
+    "system",
+    "users",
+    "keys",
+    "tokens",
+    "audit",
+    "workspaces",
+    "code",
+    "images",
+    "jobs",
+    "metrics",
+    "idle",
+    "sessions",
 )
 
 

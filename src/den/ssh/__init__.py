@@ -1,9 +1,14 @@
 """The SSH gateway: the den shell, shells, commands, sftp and port forwarding
 into workspaces, over the OpenSSH client people already have.
 
-One module per concern: ``server`` (listener, host keys, authentication),
-``target`` (what a login name means), ``shell`` (the den shell), ``session``
-(a shell or command inside a workspace), ``sftp`` and ``sftp_worker`` (the
-sftp subsystem, served from inside the workspace), ``forward`` (``ssh -L``),
-``table`` (the live sessions), ``info`` (``den info``, ``den ssh-config``).
+One module per concern: ``server`` (listener, authentication, the per-address
+limit, audit, channel routing), ``hostkeys``, ``quickack`` (no delayed-ACK
+stalls in the handshake), ``target`` (what a login name means; resume on
+connect), ``link`` (what a connection's channels share), ``table`` (the live
+sessions), ``shell`` and ``stdio`` (the den shell: the generated CLI run
+in-process), ``session`` (a shell or command inside a workspace), ``relay``
+(fds to channels), ``inside`` (the workspace's accounts), ``sftp``,
+``sftp_worker``, ``sftp_server`` and ``sftp_wire`` (the sftp subsystem,
+served from inside the workspace), ``forward`` (``ssh -L``), ``info``
+(``den info``, ``den ssh-config``).
 """

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import asyncssh
+if TYPE_CHECKING:
+    import asyncssh
 
-KINDS = (("ssh-ed25519", "ssh_host_ed25519_key", {}), ("ssh-rsa", "ssh_host_rsa_key", {"key_size": 3072}))
+KINDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("ssh-ed25519", "ssh_host_ed25519_key", {}),
+    ("ssh-rsa", "ssh_host_rsa_key", {"key_size": 3072}),
+)
 
 
 def key_dir(data_dir: Path) -> Path:
@@ -16,6 +21,8 @@ def key_dir(data_dir: Path) -> Path:
 
 def load_or_create(data_dir: Path) -> list[asyncssh.SSHKey]:
     """The host keys, generating any that is missing (private files are 0600)."""
+    import asyncssh
+
     d = key_dir(data_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys = []
@@ -37,6 +44,8 @@ def load_or_create(data_dir: Path) -> list[asyncssh.SSHKey]:
 
 def fingerprints(data_dir: Path) -> list[dict[str, str]]:
     """Algorithm, SHA256 fingerprint and public key line of each host key made so far."""
+    import asyncssh  # heavy: not at CLI start, where this module is imported
+
     out = []
     for _alg, name, _opts in KINDS:
         pub = key_dir(data_dir) / f"{name}.pub"
@@ -45,6 +54,10 @@ def fingerprints(data_dir: Path) -> list[dict[str, str]]:
         key = asyncssh.read_public_key(pub)
         line = " ".join(key.export_public_key("openssh").decode().split()[:2])
         out.append(
-            {"algorithm": key.get_algorithm(), "fingerprint": key.get_fingerprint("sha256"), "public_key": line}
+            {
+                "algorithm": key.get_algorithm(),
+                "fingerprint": key.get_fingerprint("sha256"),
+                "public_key": line,
+            }
         )
     return out

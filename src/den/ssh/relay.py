@@ -152,7 +152,12 @@ async def receive_fd(listener: socket.socket, timeout: float = 10.0) -> int:
     with conn:
         fds = array.array("i")
         fut: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
+
+        def readable() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(conn.fileno(), readable)
         try:
             await asyncio.wait_for(fut, timeout)
         finally:

@@ -6,6 +6,7 @@ restarted daemon has none to remember.
 
 from __future__ import annotations
 
+import builtins
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,11 +53,11 @@ class SessionTable:
     def get(self, session_id: str) -> SshSession | None:
         return self._by_id.get(session_id)
 
-    def list(self, user: str | None = None) -> list[SshSession]:
+    def list(self, user: str | None = None) -> builtins.list[SshSession]:
         rows = sorted(self._by_id.values(), key=lambda s: s.started_at)
         return [s for s in rows if user is None or s.user == user]
 
-    def for_workspace(self, ref: str) -> list[SshSession]:
+    def for_workspace(self, ref: str) -> builtins.list[SshSession]:
         """Sessions into one workspace (the idle detector keeps these awake)."""
         return [s for s in self._by_id.values() if s.workspace == ref]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from den.db.models import User, Workspace
-from den.errors import Conflict, DenError
+from den.errors import Conflict
 from den.rpc.registry import REGISTRY, Caller, Context, Right
 from den.services.workspaces import ensure_running, find_workspace, spec_of
 
@@ -50,7 +50,7 @@ class Denied(Exception):
 
 
 async def resolve(db: AsyncSession, user: User, login: str) -> str | None:
-    """"OWNER/NAME" of the workspace ``login`` takes ``user`` into, or None (den shell).
+    """ "OWNER/NAME" of the workspace ``login`` takes ``user`` into, or None (den shell).
 
     Raises :class:`Denied` for OWNER.NAME that is not the user's to enter or
     does not exist.
@@ -97,11 +97,9 @@ async def ready(app: App, caller: Caller, ref: str) -> Ready:
                 raise Conflict(f"workspace {ref} is {ws.state}; start it with `den start {ref}`")
             await ctx.db.rollback()
             await REGISTRY.call(app, caller, "workspace.start", {"ref": ref})
-            await ctx.db.refresh(ws)
+            ws, owner = await find_workspace(ctx, ref)
         await ensure_running(ctx, ws, owner, "ssh")
         return Ready(ws.id, ref, spec_of(app, ws, owner), ws.address or "")
-    except DenError:
-        raise
     finally:
         if ctx._db is not None:
             await ctx._db.close()

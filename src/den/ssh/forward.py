@@ -1,0 +1,173 @@
+"""``ssh -L``: direct-tcpip channels to ports inside the caller's workspace.
+
+The TCP socket is made inside the workspace's network namespace, so that
+``localhost`` is the workspace's own loopback (servers bound to 127.0.0.1
+there, as VS Code's is, are reachable) and the workspace's firewall applies.
+Only the workspace itself is a destination: its loopback, its name and its
+address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from den.errors import DenError
+from den.ssh.target import ready
+
+if TYPE_CHECKING:
+    from den.ssh.link import Link
+
+log = logging.getLogger(__name__)
+CLONE_NEWNET = 0x40000000
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost", "0.0.0.0"}
+_libc = ctypes.CDLL(None, use_errno=True)
+# One thread switches namespaces, so that no other thread ever runs in the wrong one.
+_netns_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="den-netns")
+
+
+def socket_in(netns: Path, family: int) -> socket.socket:
+    """A TCP socket created in the network namespace ``netns`` (this thread returns home)."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns into the workspace's network failed")
+        try:
+            return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:
+                log.critical("could not return to the host network namespace; exiting")
+                os._exit(70)
+    finally:
+        os.close(home)
+        os.close(target)
+
+
+class _TcpSide(asyncio.Protocol):
+    def __init__(self, ssh: _SshSide) -> None:
+        self.ssh = ssh
+        self.transport: asyncio.Transport | None = None
+        self.early: list[bytes | None] = []  # before the channel is open; None: EOF
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.ssh.link.count_out(len(data))
+        if self.ssh.chan is not None:
+            self.ssh.chan.write(data)
+        else:
+            self.early.append(data)
+
+    def eof_received(self) -> bool:
+        if self.ssh.chan is not None:
+            self.ssh.chan.write_eof()
+        else:
+            self.early.append(None)
+        return True
+
+    def pause_writing(self) -> None:
+        if self.ssh.chan is not None:
+            self.ssh.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.ssh.chan is not None:
+            self.ssh.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ssh.chan is not None:
+            self.ssh.chan.close()
+
+
+class _SshSide(asyncssh.SSHTCPSession[bytes]):
+    def __init__(self, link: Link, ws_id: str) -> None:
+        self.link = link
+        self.ws_id = ws_id
+        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.tcp: _TcpSide | None = None
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self.chan = chan
+        if self.tcp is not None:
+            for data in self.tcp.early:
+                if data is None:
+                    chan.write_eof()
+                else:
+                    chan.write(data)
+            self.tcp.early.clear()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.link.count_in(len(data))
+        self.link.app.activity.touch(self.ws_id, "forward")
+        if self.tcp is not None and self.tcp.transport is not None:
+            self.tcp.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if (
+            self.tcp is not None
+            and self.tcp.transport is not None
+            and self.tcp.transport.can_write_eof()
+        ):
+            self.tcp.transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.tcp is not None and self.tcp.transport is not None:
+            self.tcp.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.tcp is not None and self.tcp.transport is not None:
+            self.tcp.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.tcp is not None and self.tcp.transport is not None:
+            self.tcp.transport.close()
+
+
+async def open_tunnel(link: Link, host: str, port: int) -> _SshSide:
+    """Connect to ``host:port`` of the link's workspace; a refusal becomes the client's error."""
+    try:
+        assert link.ref is not None
+        ws = await ready(link.app, link.caller, link.ref)
+        if host in LOOPBACK:
+            addr = "::1" if host == "::1" else "127.0.0.1"
+        elif host in (ws.address, ws.spec.hostname):
+            addr = ws.address
+        else:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"den forwards only to the workspace itself (localhost or {ws.spec.hostname})",
+            )
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        loop = asyncio.get_running_loop()
+        netns = link.app.backend.network.netns_path(ws.ws_id)
+        sock = await loop.run_in_executor(_netns_thread, socket_in, netns, family)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (addr, port)), 10)
+        except BaseException:
+            sock.close()
+            raise
+        link.session.opened("forward")
+        ssh = _SshSide(link, ws.ws_id)
+        tcp = _TcpSide(ssh)
+        await loop.create_connection(lambda: tcp, sock=sock)
+        ssh.tcp = tcp
+        return ssh
+    except asyncssh.ChannelOpenError:
+        raise
+    except DenError as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.message) from None
+    except (OSError, TimeoutError) as exc:
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_CONNECT_FAILED, f"cannot connect to port {port} in the workspace: {exc}"
+        ) from None

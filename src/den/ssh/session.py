@@ -1,0 +1,363 @@
+"""A shell, a command or the sftp subsystem inside a workspace, over one channel.
+
+The process is ``crun exec`` into the workspace's container: with a PTY its
+terminal master comes back over a console socket and is relayed to the
+channel (window changes become TIOCSWINSZ); without one, stdin, stdout and
+stderr are three pipes kept apart. The exit status of the process is the
+channel's (128+N when signal N ended it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import struct
+import termios
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from den import tasks
+from den.backends import cgroups
+from den.backends.bundle import PATH
+from den.errors import BackendFailure, DenError
+from den.ssh import inside, sftp
+from den.ssh.relay import FdReader, FdWriter, receive_fd
+from den.ssh.target import Ready, ready
+
+if TYPE_CHECKING:
+    from den.ssh.link import Link
+
+log = logging.getLogger(__name__)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+DRAIN_SECONDS = 2.0
+F_SETPIPE_SZ = 1031
+# crun and den's sftp worker get none of the daemon's environment.
+SPAWN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self.term: str | None = None
+        self.size = (80, 24, 0, 0)
+        self.master: int | None = None
+        self.stdin: FdWriter | None = None
+        self.readers: list[FdReader] = []
+        self.pending: list[bytes] = []
+        self.eof = False
+        self.pid_file: Path | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ws: Ready | None = None
+        self.closed = False
+        self._frozen_check = 0.0
+
+    # -- asyncssh callbacks ----------------------------------------------------
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self.chan = chan
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]
+    ) -> bool:
+        self.term = term_type or "xterm"
+        self.size = term_size
+        return True
+
+    def shell_requested(self) -> bool:
+        return self._start("shell", None)
+
+    def exec_requested(self, command: str) -> bool:
+        return self._start("exec", command)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == "sftp" and self._start("sftp", None)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.link.count_in(len(data))
+        if self.ws is not None:
+            self.link.app.activity.touch(self.ws.ws_id, "ssh")
+            self._wake()
+        if self.stdin is not None:
+            self.stdin.write(data)
+        else:
+            self.pending.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.stdin is not None and self.master is None:
+            self.stdin.close()
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        self.size = (width, height, pixwidth, pixheight)
+        if self.master is not None:
+            _set_size(self.master, self.size)
+
+    def signal_received(self, signal_name: str) -> None:
+        sig = getattr(signal, f"SIG{signal_name.upper()}", None)
+        if isinstance(sig, signal.Signals):
+            self._kill(sig)
+
+    def break_received(self, msec: int) -> bool:
+        self._kill(signal.SIGINT)
+        return True
+
+    def pause_writing(self) -> None:
+        for r in self.readers:
+            r.pause()
+
+    def resume_writing(self) -> None:
+        for r in self.readers:
+            r.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._kill(signal.SIGHUP)
+        if self.stdin is not None and self.master is None:
+            self.stdin.close()  # EOF: the sftp server, or a command reading stdin, ends
+        for r in self.readers:
+            r.close()
+
+    # -- running -----------------------------------------------------------------
+    def _start(self, kind: str, command: str | None) -> bool:
+        self.link.session.opened(kind)
+        tasks.spawn(self._run(kind, command), name=f"ssh-{kind}-{self.link.session.id}")
+        return True
+
+    async def _run(self, kind: str, command: str | None) -> None:
+        assert self.chan is not None and self.link.ref is not None
+        rc = 255
+        try:
+            self.ws = await ready(self.link.app, self.link.caller, self.link.ref)
+            if self.closed:
+                return
+            busy = self.link.app.activity.busy(self.ws.ws_id, "ssh")
+            with busy if kind != "shell" else contextlib.nullcontext():
+                rc = await self._spawn(kind, command)
+        except DenError as exc:
+            self._say(f"den: {exc.message}\r\n" if self.term else f"den: {exc.message}\n")
+            rc = 1
+        except Exception:
+            log.exception(
+                "ssh %s session failed", kind, extra={"ctx": {"user": self.link.caller.name}}
+            )
+            self._say("den: internal error (see the daemon's log)\n")
+        finally:
+            if self.pid_file is not None:
+                self.pid_file.unlink(missing_ok=True)
+        if not self.closed:
+            self.chan.exit(rc)
+
+    def _say(self, text: str) -> None:
+        if self.chan is not None and not self.closed:
+            self.chan.write_stderr(text.encode())
+
+    async def _spawn(self, kind: str, command: str | None) -> int:
+        assert self.ws is not None and self.chan is not None
+        app = self.link.app
+        backend = app.backend
+        acct = inside.account(self.ws.spec.rootfs, app.settings.ssh_user)
+        self.pid_file = backend.bundle(self.ws.ws_id) / f"ssh-{secrets.token_hex(6)}.pid"
+        if kind == "sftp":
+            argv = await sftp.server_argv(app, self.ws, acct, self.pid_file)
+            return await self._pipes(argv, stderr_to_log=True)
+        args = [acct.shell, "-l"] if command is None else [acct.shell, "-c", command]
+        env = self._env(acct)
+        cid = backend.cid(self.ws.ws_id)
+        if self.term is not None:
+            return await self._pty(cid, args, env, acct)
+        argv = backend.crun.exec_argv(
+            cid, args, env=env, cwd=acct.home, user=acct.ids, pid_file=self.pid_file
+        )
+        return await self._pipes(argv)
+
+    def _env(self, acct: inside.Account) -> dict[str, str]:
+        assert self.chan is not None
+        env = {
+            "PATH": PATH,
+            "HOME": acct.home,
+            "USER": acct.name,
+            "LOGNAME": acct.name,
+            "SHELL": acct.shell,
+            "LANG": "C.UTF-8",
+        }
+        for k, v in self.chan.get_environment().items():
+            if ENV_NAME.fullmatch(k) and "\0" not in v:
+                env[k] = v
+        if self.term is not None:
+            env["TERM"] = self.term
+        (chost, cport), (shost, sport) = self.link.client, self.link.server
+        env["SSH_CLIENT"] = f"{chost} {cport} {sport}"
+        env["SSH_CONNECTION"] = f"{chost} {cport} {shost} {sport}"
+        return env
+
+    async def _pipes(self, argv: list[str], stderr_to_log: bool = False) -> int:
+        assert self.chan is not None
+        assert self.ws is not None
+        chan, ws_id = self.chan, self.ws.ws_id
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=in_r, stdout=out_w, stderr=err_w, env=SPAWN_ENV
+            )
+        except BaseException:
+            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        for fd in (in_w, out_r):  # fewer, larger hops for bulk data (sftp: 256 KiB packets)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+        err_text = bytearray()
+
+        def out(data: bytes) -> None:
+            self.link.count_out(len(data))
+            self.link.app.activity.touch(ws_id, "ssh")
+            if not self.closed:
+                chan.write(data)
+
+        def err(data: bytes) -> None:
+            if stderr_to_log:
+                err_text.extend(data[: 4096 - len(err_text)])
+            else:
+                self.link.count_out(len(data))
+                if not self.closed:
+                    chan.write_stderr(data)
+
+        self.stdin = FdWriter(in_w, chan.pause_reading, chan.resume_reading)
+        for data in self.pending:
+            self.stdin.write(data)
+        self.pending.clear()
+        if self.eof:
+            self.stdin.close()
+        self.readers = [FdReader(out_r, out, lambda: None), FdReader(err_r, err, lambda: None)]
+        try:
+            rc = await proc.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(r.done.wait() for r in self.readers)), DRAIN_SECONDS
+                )
+        finally:
+            for r in self.readers:
+                r.close()
+            self.stdin.close()
+            self.stdin._finish()
+            os.close(out_r)
+            os.close(err_r)
+        if err_text:
+            log.info("sftp server said: %s", err_text.decode(errors="replace").strip()[:500])
+        return rc
+
+    async def _pty(
+        self, cid: str, args: list[str], env: dict[str, str], acct: inside.Account
+    ) -> int:
+        assert self.chan is not None and self.ws is not None and self.pid_file is not None
+        chan, ws_id = self.chan, self.ws.ws_id
+        app = self.link.app
+        sock_dir = Path(f"/run/den/ssh{app.settings.instance}")
+        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = sock_dir / f"c{secrets.token_hex(6)}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(str(path))
+            listener.listen(1)
+            argv = app.backend.crun.exec_argv(
+                cid,
+                args,
+                env=env,
+                cwd=acct.home,
+                user=acct.ids,
+                pid_file=self.pid_file,
+                console_socket=path,
+            )
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=SPAWN_ENV,
+            )
+            got = asyncio.ensure_future(receive_fd(listener))
+            exited = asyncio.ensure_future(proc.wait())
+            await asyncio.wait({got, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not got.done():
+                got.cancel()
+                assert proc.stderr is not None
+                detail = (await proc.stderr.read()).decode(errors="replace").strip()
+                raise BackendFailure(
+                    f"could not start a terminal in the workspace: {detail[-300:]}"
+                )
+        finally:
+            listener.close()
+            path.unlink(missing_ok=True)
+        master = self.master = got.result()
+        try:
+            _set_size(master, self.size)
+
+            def out(data: bytes) -> None:
+                self.link.count_out(len(data))
+                self.link.app.activity.touch(ws_id, "ssh")
+                if not self.closed:
+                    chan.write(data)
+
+            self.stdin = FdWriter(master, chan.pause_reading, chan.resume_reading, close_fd=False)
+            for data in self.pending:
+                self.stdin.write(data)
+            self.pending.clear()
+            reader = FdReader(master, out, lambda: None)
+            self.readers = [reader]
+            rc = await exited
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reader.done.wait(), 0.2)
+            reader.close()
+            self.stdin._finish()
+            assert proc.stderr is not None
+            await proc.stderr.read()
+        finally:
+            self.master = None
+            os.close(master)
+        return rc
+
+    def _kill(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the process the channel runs: the one crun started
+        (its pid file), else our own child (den's sftp worker)."""
+        try:
+            if self.pid_file is not None and self.pid_file.exists():
+                os.kill(int(self.pid_file.read_text()), sig)
+            elif self.proc is not None and self.proc.returncode is None:
+                self.proc.send_signal(sig)
+        except (OSError, ValueError):
+            pass
+
+    def _wake(self) -> None:
+        """A keystroke into a workspace the idle checker froze thaws it."""
+        assert self.ws is not None
+        now = asyncio.get_running_loop().time()
+        if now - self._frozen_check < 1.0:
+            return
+        self._frozen_check = now
+        cg = self.link.app.backend.cgroup(self.ws.ws_id)
+        if cgroups.is_frozen(cg) and self.link.ref is not None:
+            tasks.spawn(
+                ready(self.link.app, self.link.caller, self.link.ref),
+                name=f"ssh-wake-{self.ws.ws_id}",
+            )
+
+
+def _set_size(fd: int, size: tuple[int, int, int, int]) -> None:
+    width, height, pw, ph = size
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, pw, ph))

@@ -1,0 +1,144 @@
+"""``python -I -m den.ssh.sftp_worker``: the sftp subsystem of a workspace that
+has no sftp server of its own.
+
+Started as root on the host, it joins the workspace as ``crun exec`` would:
+its cgroup, then every namespace of its init process (cgroup, ipc, uts, net,
+pid, mount, user), a chroot to the container's root, the workspace user's
+ids and, for root, only the capabilities the workspace's processes have.
+Then it serves SFTP on stdin/stdout. Everything is imported before the
+chroot; nothing from the host is reachable after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+from den.backends.bundle import CAPABILITIES
+from den.ssh import sftp_server
+
+_libc = ctypes.CDLL(None, use_errno=True)
+NAMESPACES = (
+    ("cgroup", 0x02000000),
+    ("ipc", 0x08000000),
+    ("uts", 0x04000000),
+    ("net", 0x40000000),
+    ("pid", 0x20000000),
+    ("mnt", 0x00020000),
+    ("user", 0x10000000),
+)
+PR_CAPBSET_DROP = 24
+CAP_LAST = 40
+_CAP_NUMBERS = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_NET_RAW": 13,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_MKNOD": 27,
+    "CAP_AUDIT_WRITE": 29,
+    "CAP_SETFCAP": 31,
+}
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def join_cgroup(cgroup: str) -> None:
+    root = Path("/sys/fs/cgroup")
+    rel = cgroup.strip("/")
+    targets = (
+        [root / rel / "cgroup.procs"]
+        if (root / "cgroup.controllers").exists()
+        else [
+            d / rel / "cgroup.procs" for d in root.iterdir() if (d / rel / "cgroup.procs").exists()
+        ]
+    )
+    for t in targets:
+        t.write_text(str(os.getpid()))
+
+
+def restrict_capabilities(root: bool) -> None:
+    """Keep only the capabilities a process of the workspace gets from crun: for
+    its root those of the bundle, for anyone else none (changing to a uid of the
+    user namespace does not clear them: the host's root was not its root)."""
+    keep = {_CAP_NUMBERS[c] for c in CAPABILITIES if c in _CAP_NUMBERS} if root else set()
+    for cap in range(CAP_LAST + 1):
+        if cap not in keep:
+            _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)  # EINVAL past the kernel's last: fine
+    mask = [0, 0]
+    for cap in keep:
+        mask[cap // 32] |= 1 << (cap % 32)
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)(*(_CapData(m, m, 0) for m in mask))
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def enter(pid: int, uid: int, gid: int, cgroup: str) -> None:
+    fds = [
+        (os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
+        for name, flag in NAMESPACES
+    ]
+    root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    join_cgroup(cgroup)
+    for fd, flag in fds:
+        _check(_libc.setns(fd, flag), "setns")
+        os.close(fd)
+    os.fchdir(root)
+    os.chroot(".")
+    os.close(root)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    restrict_capabilities(uid == 0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="den-sftp-worker")
+    p.add_argument("--pid", type=int, required=True, help="host pid of the workspace's init")
+    p.add_argument("--user", required=True, help="UID:GID inside the workspace")
+    p.add_argument("--home", required=True)
+    p.add_argument("--cgroup", required=True)
+    args = p.parse_args()
+    uid, gid = (int(x) for x in args.user.split(":"))
+    try:
+        enter(args.pid, uid, gid, args.cgroup)
+    except OSError as exc:
+        sys.stderr.write(f"den-sftp-worker: cannot enter the workspace: {exc}\n")
+        sys.exit(1)
+    os.umask(0o022)
+    try:
+        os.chdir(args.home)
+    except OSError:
+        os.chdir("/")
+    sftp_server.Server(0, 1, args.home).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The den shell: ``ssh -p 2222 HOST`` (prompt ``den>``) and ``ssh HOST CMD``.
+
+Its commands are the CLI generated from the method registry
+(:mod:`den.cli.generate`), run in-process in a worker thread with the SSH
+user's identity: each call goes through ``REGISTRY.call`` on the daemon's
+event loop, its output to this session's channel (:mod:`den.ssh.stdio`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import shlex
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+import typer
+
+from den import tasks
+from den.cli.client import RpcError
+from den.cli.generate import attach
+from den.errors import DenError
+from den.rpc.registry import REGISTRY, Method
+from den.ssh import stdio
+
+if TYPE_CHECKING:
+    from den.ssh.link import Link
+
+log = logging.getLogger(__name__)
+PROMPT = "den> "
+EXIT_CODES = {-32001: 3, -32003: 4, -32006: 4, -32002: 5, -32004: 6, -32005: 7, -32602: 2}
+ALIASES = {"ssh-key": "key", "list": "ls"}
+QUIT = {"exit", "quit", "logout"}
+_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="den-shell")
+_command: Any = None
+
+
+class ShellState:
+    """What a command running in a worker thread needs from its session."""
+
+    def __init__(self, link: Link, loop: asyncio.AbstractEventLoop) -> None:
+        self.link = link
+        self.loop = loop
+        self.pending: concurrent.futures.Future[Any] | None = None
+
+    def call(self, method: str, params: dict[str, Any]) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(
+            REGISTRY.call(self.link.app, self.link.caller, method, params), self.loop
+        )
+        self.pending = fut
+        try:
+            return fut.result()
+        except DenError as exc:
+            _fail(str(RpcError(exc.code, exc.message, exc.data)), EXIT_CODES.get(exc.code, 1))
+        except concurrent.futures.CancelledError:
+            _fail("interrupted", 130)
+        finally:
+            self.pending = None
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.text import Text
+
+    from den.cli import render
+
+    render.err_console.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
+    raise typer.Exit(code)
+
+
+def _invoke(ctx: typer.Context, m: Method, params: dict[str, Any]) -> Any:
+    state = ctx.find_object(ShellState)
+    assert state is not None
+    return state.call(m.name, params)
+
+
+def command() -> Any:
+    """The click command of the den shell (built once: the registry is fixed)."""
+    global _command
+    if _command is None:
+        stdio.install()
+        app = typer.Typer(
+            name="den",
+            help="The den shell: the den CLI over ssh. `help CMD` explains CMD; `exit` leaves.",
+            no_args_is_help=True,
+            add_completion=False,
+            pretty_exceptions_enable=False,
+            rich_markup_mode=None,
+        )
+        attach(app, REGISTRY, _invoke)
+        _command = typer.main.get_command(app)
+    return _command
+
+
+def words(line: str) -> list[str]:
+    argv = shlex.split(line)
+    if argv and argv[0] == "help":
+        argv = [*argv[1:], "--help"]
+    return [ALIASES.get(a, a) if i < 2 else a for i, a in enumerate(argv)]
+
+
+class DenShell(asyncssh.SSHServerSession[str]):
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.chan: asyncssh.SSHServerChannel[str] | None = None
+        self.tty = False
+        self.width = 0
+        self.lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self.cmd_input: queue.Queue[str | None] = queue.Queue()
+        self.buf = ""
+        self.running = False
+        self.one_shot = False
+        self.input_ended = False
+        self.closed = False
+        self.state: ShellState | None = None
+
+    # -- asyncssh callbacks ------------------------------------------------------
+    def connection_made(self, chan: asyncssh.SSHServerChannel[str]) -> None:
+        self.chan = chan
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]
+    ) -> bool:
+        self.tty = True
+        self.width = term_size[0]
+        return True
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        self.width = width
+
+    def shell_requested(self) -> bool:
+        self.link.session.opened("den")
+        tasks.spawn(self._interactive(), name=f"den-shell-{self.link.session.id}")
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.one_shot = True  # all input is the command's standard input
+        self.link.session.opened("den")
+        tasks.spawn(self._one(command), name=f"den-exec-{self.link.session.id}")
+        return True
+
+    def data_received(self, data: str, datatype: asyncssh.DataType) -> None:
+        self.link.count_in(len(data.encode()))
+        self.buf += data
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self._line(line.rstrip("\r") + "\n")
+
+    def _line(self, line: str | None) -> None:
+        if line is None:
+            self.input_ended = True
+        if self.running or self.one_shot:
+            self.cmd_input.put(line)
+        else:
+            self.lines.put_nowait(line)
+
+    def soft_eof_received(self) -> None:
+        self._line(None)
+
+    def eof_received(self) -> bool:
+        if self.buf:
+            self._line(self.buf)
+            self.buf = ""
+        self._line(None)
+        return True
+
+    def break_received(self, msec: int) -> bool:
+        if self.running and self.state is not None and self.state.pending is not None:
+            self.state.pending.cancel()
+        elif self.tty and self.chan is not None:
+            self.chan.clear_input()  # type: ignore[attr-defined]
+            self._write("^C\n" + PROMPT)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.cmd_input.put(None)
+        self.lines.put_nowait(None)
+
+    # -- output -----------------------------------------------------------------------
+    def _write(self, text: str) -> None:
+        if self.chan is not None and not self.closed:
+            self.link.count_out(len(text.encode()))
+            self.chan.write(text)
+
+    def _write_err(self, text: str) -> None:
+        if self.chan is None or self.closed:
+            return
+        if self.tty:
+            self._write(text)  # one terminal: the line editor keeps the prompt tidy
+        else:
+            self.link.count_out(len(text.encode()))
+            self.chan.write_stderr(text)
+
+    # -- running --------------------------------------------------------------------
+    async def _interactive(self) -> None:
+        c = self.link.caller
+        self._write(f"den shell: {c.name} ({c.role}). `help` lists the commands, `exit` leaves.\n")
+        while not self.closed:
+            if self.tty:
+                self._write(PROMPT)
+            line = await self.lines.get()
+            if line is None:
+                break
+            try:
+                argv = words(line)
+            except ValueError as exc:
+                self._write_err(f"error: {exc}\n")
+                continue
+            if not argv:
+                continue
+            if argv[0] in QUIT:
+                break
+            await self.run(argv)
+        self._exit(0)
+
+    async def _one(self, line: str) -> None:
+        try:
+            argv = words(line)
+        except ValueError as exc:
+            self._write_err(f"error: {exc}\n")
+            self._exit(2)
+            return
+        self._exit(await self.run(argv) if argv else 0)
+
+    def _exit(self, code: int) -> None:
+        if self.chan is not None and not self.closed:
+            self.chan.exit(code)
+
+    async def run(self, argv: list[str]) -> int:
+        """Run one CLI command in a worker thread; return its exit code."""
+        loop = asyncio.get_running_loop()
+        self.state = ShellState(self.link, loop)
+
+        def out(text: str) -> None:
+            loop.call_soon_threadsafe(self._write, text)
+
+        def err(text: str) -> None:
+            loop.call_soon_threadsafe(self._write_err, text)
+
+        def readline() -> str:
+            line = self.cmd_input.get()
+            return line or ""
+
+        streams = stdio.make_streams(out, err, readline, self.tty, self.width)
+        # A command may read the input that follows it (key add NAME -); what it
+        # leaves unread goes back to be the next commands.
+        while not self.lines.empty():
+            self.cmd_input.put(self.lines.get_nowait())
+        self.running = True
+        try:
+            return await loop.run_in_executor(_pool, self._run_sync, argv, streams, self.state)
+        finally:
+            self.running = False
+            # Lines typed ahead that the command did not read are the next commands.
+            while not self.cmd_input.empty():
+                self.lines.put_nowait(self.cmd_input.get_nowait())
+            if self.input_ended:  # the command may have read the end of input: it is ours too
+                self.lines.put_nowait(None)
+
+    def _run_sync(self, argv: list[str], streams: stdio.Streams, state: ShellState) -> int:
+        cmd = command()
+        with stdio.bound(streams):
+            try:
+                cmd.main(
+                    args=argv,
+                    prog_name="den",
+                    standalone_mode=True,
+                    obj=state,
+                    terminal_width=self.width or 100,
+                )
+            except SystemExit as exc:
+                code = exc.code
+                if code is None:
+                    return 0
+                if isinstance(code, int):
+                    return code
+                streams.stderr.write(f"{code}\n")
+                return 1
+            except Exception:
+                log.exception("den shell command failed", extra={"ctx": {"argv": argv[:3]}})
+                streams.stderr.write("error: internal error (see the daemon's log)\n")
+                return 1
+        return 0

@@ -1,0 +1,182 @@
+"""SSH fixtures: den users with keys, their workspaces, and the real OpenSSH client
+pointed at the session's pool daemon's gateway."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Daemon, ssh_key
+from tests.storage.conftest import CACHE, wait_job
+from tests.workspaces.conftest import Users, import_bb
+
+BB = "sshbb"
+DEB = "sshdeb"
+
+
+def ssh_port(d: Daemon) -> int:
+    return int(json.loads((d.data_dir / "serve.json").read_text())["ssh_port"])
+
+
+def audit(d: Daemon, count: int = 1, **params: Any) -> list[dict[str, Any]]:
+    """audit.list as root (its ``method`` parameter clashes with Daemon.call's).
+
+    Waits a little for ``count`` events: the gateway writes logins and denials
+    just after the connection ends.
+    """
+    c = d.client()
+    deadline = time.monotonic() + 5
+    try:
+        while True:
+            events: list[dict[str, Any]] = c.call("audit.list", params)
+            if len(events) >= count or time.monotonic() > deadline:
+                return events
+            time.sleep(0.1)
+    finally:
+        c.close()
+
+
+def ssh_opts(key: Path, port: int) -> list[str]:
+    return [
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=20",
+        "-i",
+        str(key),
+        "-p",
+        str(port),
+    ]
+
+
+@dataclass
+class Person:
+    """A den user with an SSH key, and how to reach the gateway as them."""
+
+    d: Daemon
+    name: str
+    key: Path
+    port: int
+
+    def opts(self) -> list[str]:
+        return ssh_opts(self.key, self.port)
+
+    def ssh(
+        self,
+        login: str,
+        *cmd: str,
+        input: str | bytes | None = None,
+        timeout: float = 120,
+        args: tuple[str, ...] = (),
+    ) -> subprocess.CompletedProcess[Any]:
+        """``ssh login@127.0.0.1 CMD`` (text unless ``input`` is bytes)."""
+        text = not isinstance(input, bytes)
+        return subprocess.run(
+            ["ssh", *self.opts(), *args, f"{login}@127.0.0.1", *cmd],
+            input=input,
+            capture_output=True,
+            text=text,
+            timeout=timeout,
+            check=False,
+        )
+
+    def scp(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        opts = [o if o != "-p" else "-P" for o in self.opts()]
+        return subprocess.run(
+            ["scp", "-q", *opts, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def sftp(
+        self, login: str, batch: str, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        opts = [o if o != "-p" else "-P" for o in self.opts()]
+        return subprocess.run(
+            ["sftp", "-q", *opts, "-b", "-", f"{login}@127.0.0.1"],
+            input=batch,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+def person(d: Daemon, users: Users, tmp: Path, role: str = "member") -> Person:
+    name = users.make(role=role)
+    key, pub = ssh_key(tmp, name)
+    d.call("key.add", user=name, key=pub)
+    return Person(d, name, key, ssh_port(d))
+
+
+@pytest.fixture(scope="session")
+def bb_image(pool_daemon: Daemon) -> str:
+    """The busybox image of the ssh tests (its own name: other test trees import theirs)."""
+    return import_bb(pool_daemon, BB)
+
+
+@pytest.fixture(scope="session")
+def debian_image(pool_daemon: Daemon) -> str:
+    """Debian bookworm minbase from the test cache (built by the image tests when missing)."""
+    d = pool_daemon
+    if CACHE.is_file():
+        job = d.call("image.import", name=DEB, path=str(CACHE))
+    else:
+        job = d.call("image.build", name=DEB, suite="bookworm", variant="minbase")
+    done = wait_job(d, job)
+    assert done["state"] == "done", done
+    return DEB
+
+
+@pytest.fixture
+def users(pool_daemon: Daemon) -> Iterator[Users]:
+    u = Users(pool_daemon)
+    try:
+        yield u
+    finally:
+        u.cleanup()
+
+
+@pytest.fixture
+def alice(pool_daemon: Daemon, users: Users, tmp_path: Path) -> Person:
+    return person(pool_daemon, users, tmp_path)
+
+
+@pytest.fixture
+def bob(pool_daemon: Daemon, users: Users, tmp_path: Path) -> Person:
+    return person(pool_daemon, users, tmp_path)
+
+
+@pytest.fixture
+def admin(pool_daemon: Daemon, users: Users, tmp_path: Path) -> Person:
+    return person(pool_daemon, users, tmp_path, role="admin")
+
+
+def make_ws(p: Person, image: str = BB, **kw: Any) -> str:
+    """A running workspace of ``p``'s; returns its name."""
+    name = f"ws{secrets.token_hex(3)}"
+    p.d.call("workspace.create", name=name, user=p.name, image=image, **kw)
+    return name
+
+
+@pytest.fixture
+def ws(alice: Person, bb_image: str) -> Iterator[str]:
+    yield make_ws(alice)
