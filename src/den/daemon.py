@@ -44,6 +44,9 @@ async def serve(settings: Settings) -> None:
     server = tcp_site._server
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else 0
+    # Workspaces may reach den's own listeners on the bridge: with port 0 the
+    # real ports are known only now.
+    await app.backend.network.set_ports([ssh_port, port])
     state = {
         "pid": os.getpid(),
         "socket": str(settings.socket),

@@ -120,8 +120,13 @@ def test_metrics_rows_appear_and_old_ones_are_dropped(idle_daemon: Daemon, ws: s
     d = idle_daemon
     d.call("workspace.idle", ref=ws, suspend="never")
     ws_id = d.call("workspace.get", ref=ws)["id"]
-    points = wait_for(lambda: len(d.call("workspace.metrics", ref=ws)) >= 3 and
-                      d.call("workspace.metrics", ref=ws), 15, "metric samples")
+    points = wait_for(
+        lambda: (
+            len(d.call("workspace.metrics", ref=ws)) >= 3 and d.call("workspace.metrics", ref=ws)
+        ),
+        15,
+        "metric samples",
+    )
     assert all(p["pids"] >= 2 for p in points)  # tini and its child
     assert all(p["memory_bytes"] >= 0 for p in points)
     # a sample older than the retention window is dropped by the next pass
@@ -135,10 +140,12 @@ def test_metrics_rows_appear_and_old_ones_are_dropped(idle_daemon: Daemon, ws: s
     db.commit()
 
     def old_rows() -> int:
-        return int(db.execute(
-            "SELECT count(*) FROM metric_samples WHERE workspace_id = ? AND at < ?",
-            (ws_id, (datetime.now(UTC) - timedelta(days=2)).isoformat(sep=" ")),
-        ).fetchone()[0])
+        return int(
+            db.execute(
+                "SELECT count(*) FROM metric_samples WHERE workspace_id = ? AND at < ?",
+                (ws_id, (datetime.now(UTC) - timedelta(days=2)).isoformat(sep=" ")),
+            ).fetchone()[0]
+        )
 
     assert old_rows() == 1
     wait_for(lambda: old_rows() == 0, 10, "the old sample to be dropped")
@@ -156,9 +163,15 @@ def test_prometheus_endpoint_parses_and_has_the_series(idle_daemon: Daemon, ws: 
         text = resp.read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in (
-        "den_rpc_calls", "den_rpc_latency_seconds", "den_workspaces", "den_sessions",
-        "den_workspace_transitions", "den_resume_seconds", "den_suspend_seconds",
-        "den_workspace_cpu_seconds", "den_workspace_memory_bytes",
+        "den_rpc_calls",
+        "den_rpc_latency_seconds",
+        "den_workspaces",
+        "den_sessions",
+        "den_workspace_transitions",
+        "den_resume_seconds",
+        "den_suspend_seconds",
+        "den_workspace_cpu_seconds",
+        "den_workspace_memory_bytes",
     ):
         assert name in families, name
     calls = {
@@ -183,3 +196,90 @@ def test_stats_and_top(idle_daemon: Daemon, ws: str) -> None:
     assert ws in out.stdout
     usage = d.call("workspace.usage")
     assert any(u["ref"] == ws for u in usage)
+
+
+# -- SSH sessions: silence is not activity, typing is ---------------------------------
+
+
+def ssh_argv(d: Daemon, key: Any, login: str, *cmd: str, tty: bool = True) -> list[str]:
+    from tests.ssh.conftest import ssh_opts, ssh_port
+
+    return [
+        "ssh",
+        *(["-tt"] if tty else []),
+        *ssh_opts(key, ssh_port(d)),
+        f"{login}@127.0.0.1",
+        *cmd,
+    ]
+
+
+@pytest.fixture
+def typist(idle_daemon: Daemon, tmp_path: Any) -> Iterator[tuple[str, Any]]:
+    from tests.conftest import ssh_key
+
+    d = idle_daemon
+    name = f"t{abs(hash(tmp_path.name)) % 10**5}"
+    d.call("user.create", name=name)
+    key, pub = ssh_key(tmp_path, name)
+    d.call("key.add", user=name, key=pub)
+    d.call("workspace.create", name="w", user=name)
+    try:
+        yield name, key
+    finally:
+        d.call("workspace.delete", ref=f"{name}/w")
+        d.call("user.delete", name=name)
+
+
+def test_an_open_but_silent_ssh_session_does_not_keep_it_awake(
+    idle_daemon: Daemon, typist: tuple[str, Any]
+) -> None:
+    import subprocess
+
+    d = idle_daemon
+    name, key = typist
+    ssh = subprocess.Popen(
+        ssh_argv(d, key, "w"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: d.call("session.list"), 20, "the ssh session")
+        wait_for(lambda: state(d, f"{name}/w") == "suspended", 25, "the idle suspend")
+        assert ssh.poll() is None  # the connection stays open while the workspace sleeps
+        # connecting again resumes it
+        out = subprocess.run(
+            ssh_argv(d, key, "w", "echo", "back", tty=False),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0 and "back" in out.stdout
+        assert state(d, f"{name}/w") == "running"
+    finally:
+        ssh.kill()
+        ssh.wait()
+
+
+def test_someone_typing_keeps_it_awake(idle_daemon: Daemon, typist: tuple[str, Any]) -> None:
+    import subprocess
+
+    d = idle_daemon
+    name, key = typist
+    ssh = subprocess.Popen(
+        ssh_argv(d, key, "w"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert ssh.stdin is not None
+        for _ in range(16):  # twice the idle timeout and more, typing all along
+            ssh.stdin.write(b"echo typing\n")
+            ssh.stdin.flush()
+            time.sleep(0.5)
+            assert state(d, f"{name}/w") == "running"
+        assert d.call("workspace.get", ref=f"{name}/w")["last_activity_kind"] == "ssh"
+    finally:
+        ssh.kill()
+        ssh.wait()

@@ -96,6 +96,14 @@ class Network:
             "ip_forward_before": self.forward_before(),
         }
 
+    async def set_ports(self, ports: list[int]) -> None:
+        """The ports of den's listeners workspaces may reach; re-applied if in place."""
+        if sorted(ports) == sorted(self.ports):
+            return
+        self.ports = ports
+        if self._ensured:
+            await self.ensure(check=True)
+
     # -- per workspace ---------------------------------------------------------
     async def attach(self, ws_id: str, address: str) -> None:
         ns = names.netns(self.instance, ws_id)

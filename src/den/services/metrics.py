@@ -36,6 +36,12 @@ async def sample_once(app: App) -> int:
             app.metrics.workspaces.labels(st).set(0)
         for st, n in states:
             app.metrics.workspaces.labels(st).set(n)
+        kinds: dict[str, int] = {}
+        for sess in app.ssh_sessions.list():
+            for kind in sess.kinds or ["idle"]:
+                kinds[kind] = kinds.get(kind, 0) + 1
+        for kind in {"shell", "exec", "sftp", "forward", "den", "idle", *kinds}:
+            app.metrics.sessions.labels(kind).set(kinds.get(kind, 0))
         for ws, owner in rows:
             try:
                 stats = await app.backend.stats(
@@ -246,8 +252,7 @@ async def stats(ctx: Context, p: NoParams) -> NodeStats:
     total, avail = _meminfo()
     pool_root = ctx.app.pool.root if ctx.app.pool.root.exists() else ctx.app.settings.data_dir
     du = shutil.disk_usage(pool_root)
-    sessions = getattr(ctx.app, "sessions_registry", None)
-    count = len(sessions) if sessions is not None and hasattr(sessions, "__len__") else 0
+    count = len(ctx.app.ssh_sessions.list())
     return NodeStats(
         users=users,
         workspaces={str(k): int(v) for k, v in by_state.items()},
