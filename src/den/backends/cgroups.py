@@ -10,6 +10,7 @@ from pathlib import Path
 from den.errors import BackendFailure
 
 ROOT = Path("/sys/fs/cgroup")
+# On a hybrid host crun also makes each cgroup in the cgroup2 mount ("unified").
 V1_CONTROLLERS = (
     "cpu",
     "cpuacct",
@@ -24,6 +25,7 @@ V1_CONTROLLERS = (
     "net_prio",
     "perf_event",
     "systemd",
+    "unified",
 )
 
 
