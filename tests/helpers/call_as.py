@@ -26,7 +26,9 @@ def main() -> None:
         req["params"] = params
     conn = UnixConnection(path)
     try:
-        conn.request("POST", "/rpc", body=json.dumps(req), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/rpc", body=json.dumps(req), headers={"Content-Type": "application/json"}
+        )
         resp = conn.getresponse()
         body = resp.read()
     except PermissionError:

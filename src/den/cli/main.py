@@ -106,7 +106,9 @@ def serve(
     socket: Annotated[Path | None, typer.Option("--socket", help="API unix socket.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
     http_port: Annotated[int | None, typer.Option(help="HTTP port (0: any free port).")] = None,
-    ssh_port: Annotated[int | None, typer.Option(help="SSH gateway port (0: any free port).")] = None,
+    ssh_port: Annotated[
+        int | None, typer.Option(help="SSH gateway port (0: any free port).")
+    ] = None,
     database_url: Annotated[str | None, typer.Option(help="Database URL.")] = None,
 ) -> None:
     """Run the den daemon in the foreground (SIGTERM or Ctrl-C stops it)."""
