@@ -100,7 +100,9 @@ class BenchDaemon:
         except KeyError:
             pass
         shutil.rmtree(self.base, ignore_errors=True)
-        os.close(self._lock_fd)
+        from den.host.instances import release
+
+        release(self.instance, self._lock_fd, "bench")
 
     def _unmount_pool(self) -> None:
         from den.storage.mounts import mounts_under

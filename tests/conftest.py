@@ -121,7 +121,9 @@ class Daemon:
                 try:
                     remove_accounts(self.prefix, self.group)
                 finally:
-                    os.close(self._instance_lock)
+                    from den.host.instances import release
+
+                    release(self.instance, self._instance_lock, "test")
 
     # -- calling ---------------------------------------------------------------
     def client(self, token: str | None = None, tcp: bool = False) -> Client:
