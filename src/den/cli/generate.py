@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import inspect
 import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import orjson
 import typer
-from pydantic.fields import FieldInfo
 
-from den.cli import render
-from den.rpc.registry import CliArg, CliOpt, Method, Registry
+from den.cli import render, spec
+from den.cli.spec import FieldSpec, MethodSpec
 
-Invoke = Callable[[typer.Context, Method, dict[str, Any]], Any]
+Invoke = Callable[[typer.Context, MethodSpec, dict[str, Any]], Any]
 _SIMPLE = (int, float, str, bool)
-
-
-def _unwrap(tp: Any) -> tuple[Any, bool]:
-    """(inner type, is optional)."""
-    if get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _meta(info: FieldInfo, cls: type) -> Any:
-    return next((m for m in info.metadata if isinstance(m, cls)), None)
 
 
 def read_input(path: str) -> str:
@@ -51,26 +36,24 @@ def read_input(path: str) -> str:
 class _Field:
     """How one params field is taken from the command line."""
 
-    def __init__(self, name: str, info: FieldInfo) -> None:
-        self.name = name
-        tp, _optional = _unwrap(info.annotation)
-        self.is_list = get_origin(tp) is list
-        inner = get_args(tp)[0] if self.is_list else tp
-        self.as_json = not (inner in _SIMPLE or get_origin(inner) is Literal)
-        self.arg: CliArg | None = _meta(info, CliArg)
-        self.opt: CliOpt | None = _meta(info, CliOpt)
-        self.read_file = bool(
-            (self.arg and self.arg.read_file) or (self.opt and self.opt.read_file)
-        )
-        self.flag_value = self.opt.flag_value if self.opt else None
+    def __init__(self, f: FieldSpec) -> None:
+        self.name = name = f.name
+        self.is_list = f.is_list
+        self.as_json = f.kind == "json"
+        self.arg = f.arg
+        self.abs_path = f.abs_path
+        self.read_file = f.read_file
+        self.flag_value = f.flag_value
+        inner: Any = {"int": int, "float": float, "bool": bool}.get(f.kind, str)
+        if f.kind == "choice":
+            inner = Literal.__getitem__(tuple(f.choices))
         cli_inner = str if (self.as_json or self.read_file) else inner
-        help_text = (info.description or "") + (
-            " (a file; - reads stdin)" if self.read_file else ""
-        )
+        help_text = f.description + (" (a file; - reads stdin)" if self.read_file else "")
         dash = name.replace("_", "-")
-        required = info.is_required()
+        required = f.required
         metavar = "FILE" if self.read_file else None
-        if self.arg is not None:
+        flags = tuple(f.flags) or (f"--{dash}",)
+        if self.arg:
             ann: Any = list[cli_inner] if self.is_list else cli_inner  # type: ignore[valid-type]
             param: Any = typer.Argument(
                 help=help_text, metavar=metavar or name.upper(), show_default=False
@@ -79,16 +62,14 @@ class _Field:
             if not required:
                 ann = ann | None
         elif self.flag_value is not None:
-            flags = self.opt.flags if self.opt and self.opt.flags else (f"--{dash}",)
             ann = bool
             param = typer.Option(*flags, help=help_text)
             default = False
-        elif inner is bool:
+        elif f.kind == "bool":
             ann = bool | None
             param = typer.Option(f"--{dash}/--no-{dash}", help=help_text, show_default=False)
             default = None
         else:
-            flags = self.opt.flags if self.opt and self.opt.flags else (f"--{dash}",)
             ann = list[cli_inner] | None if self.is_list else cli_inner | None  # type: ignore[valid-type]
             param = typer.Option(*flags, help=help_text, metavar=metavar, show_default=False)
             default = ... if required else None
@@ -111,7 +92,7 @@ class _Field:
     def _one(self, v: Any) -> Any:
         if self.read_file:
             return read_input(v)
-        if self.arg is not None and self.arg.abs_path:
+        if self.abs_path:
             return str(Path(v).expanduser().absolute())
         if self.as_json and isinstance(v, str):
             try:
@@ -121,11 +102,11 @@ class _Field:
         return v
 
 
-def make_command(m: Method, invoke: Invoke) -> Callable[..., Any]:
+def make_command(m: MethodSpec, invoke: Invoke) -> Callable[..., Any]:
     """A Typer command function for ``m`` with a generated signature."""
     assert m.cli is not None
     cli = m.cli
-    fields = [_Field(name, info) for name, info in m.params.model_fields.items()]
+    fields = [_Field(f) for f in m.fields]
     sig = [
         inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
         *(f.parameter for f in fields),
@@ -181,14 +162,14 @@ def make_command(m: Method, invoke: Invoke) -> Callable[..., Any]:
 
     command.__signature__ = inspect.Signature(sig)  # type: ignore[attr-defined]
     command.__name__ = m.name.replace(".", "_")
-    command.__doc__ = f"{m.doc}\n\nRPC method: {m.name} (right: {m.right.name})"
+    command.__doc__ = f"{m.doc}\n\nRPC method: {m.name} (right: {m.right})"
     return command
 
 
-def attach(app: typer.Typer, registry: Registry, invoke: Invoke) -> None:
-    """Add a command for every method that has a CLI path."""
+def attach(app: typer.Typer, invoke: Invoke, specs: list[MethodSpec] | None = None) -> None:
+    """Add a command for every method that has a CLI path (from :mod:`den.cli.spec`)."""
     groups: dict[str, typer.Typer] = {}
-    for m in sorted(registry.methods.values(), key=lambda m: m.name):
+    for m in specs if specs is not None else spec.load():
         if m.cli is None:
             continue
         *parents, leaf = m.cli.path.split()

@@ -8,17 +8,17 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from den import config as den_config
 from den.cli import render
-from den.config import Settings
 from den.errors import Conflict, DenError
-from den.host import checks as host_checks
-from den.host import prepare
-from den.services.common import NAME_RE
+
+if TYPE_CHECKING:  # the rest is imported when the command runs: `den --help` stays fast
+    from den.config import Settings
+    from den.host import checks as host_checks
+    from den.host import prepare
 
 
 def _print_checks(results: list[host_checks.Check]) -> None:
@@ -43,6 +43,11 @@ def init(
     ] = None,
 ) -> None:
     """Check this host and prepare it for den; safe to run again."""
+    from den import config as den_config
+    from den.host import checks as host_checks
+    from den.host import prepare
+    from den.services.common import NAME_RE
+
     if image is not None and not NAME_RE.fullmatch(image):
         render.err_console.print(f"error: {image!r} is not an image name ([a-z][a-z0-9-]{{0,30}})")
         raise typer.Exit(2)

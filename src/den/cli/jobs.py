@@ -25,7 +25,7 @@ from rich.progress import (
 )
 
 from den.cli import render
-from den.rpc.registry import REGISTRY, Method
+from den.cli.spec import MethodSpec
 
 POLL_SECONDS = 0.3
 
@@ -68,7 +68,7 @@ def _exit_code(code: Any) -> int:
 
 def follow(
     ctx: typer.Context,
-    invoke: Callable[[typer.Context, Method, dict[str, Any]], Any],
+    invoke: Callable[[typer.Context, MethodSpec, dict[str, Any]], Any],
     job: Any,
     *,
     quiet: bool = False,
@@ -76,7 +76,7 @@ def follow(
     """Poll ``job`` to its end; return its result, or print its error and exit non-zero."""
     if not isinstance(job, dict) or "id" not in job:
         return job
-    get = REGISTRY.get("job.get")
+    get = MethodSpec.named("job.get")
     title = f"{job.get('kind', 'job')} {job.get('target', '')}".strip()
     try:
         with Bar(title, quiet=quiet) as bar:

@@ -11,11 +11,10 @@ import orjson
 import typer
 from rich.text import Text
 
-from den import config as den_config
 from den.cli import init_cmd, render, top
 from den.cli.client import Client, ConnectError, RpcError
 from den.cli.generate import attach
-from den.rpc.registry import REGISTRY, Method
+from den.cli.spec import MethodSpec
 
 app = typer.Typer(
     name="den",
@@ -48,6 +47,8 @@ class State:
             sock = self.socket
             if sock is None and not self.url:
                 overrides = {"instance": self.instance} if self.instance is not None else {}
+                from den import config as den_config
+
                 settings, _ = den_config.load(overrides)
                 sock = settings.socket
             self._client = Client(str(sock) if sock else None, self.url, self.token)
@@ -80,7 +81,7 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def invoke(ctx: typer.Context, m: Method, params: dict[str, Any]) -> Any:
+def invoke(ctx: typer.Context, m: MethodSpec, params: dict[str, Any]) -> Any:
     state = ctx.find_object(State)
     assert state is not None
     return call(state, m.name, params)
@@ -125,6 +126,8 @@ def serve(
         "database_url": database_url,
     }
     try:
+        from den import config as den_config
+
         settings, _ = den_config.load(overrides, config)
     except ValueError as exc:
         fail(f"bad configuration: {exc}")
@@ -140,6 +143,8 @@ def config_show(
 ) -> None:
     """Print the effective configuration and where each value comes from."""
     try:
+        from den import config as den_config
+
         settings, sources = den_config.load({"instance": instance}, config)
     except ValueError as exc:
         fail(f"bad configuration: {exc}")
@@ -183,10 +188,7 @@ def build() -> typer.Typer:
     """The whole CLI: the hand-written commands plus one per registered method."""
     global _built
     if not _built:
-        from den.services import load_all
-
-        load_all()
-        attach(app, REGISTRY, invoke)
+        attach(app, invoke)
         _built = True
     return app
 

@@ -23,8 +23,9 @@ import typer
 from den import tasks
 from den.cli.client import RpcError
 from den.cli.generate import attach
+from den.cli.spec import MethodSpec
 from den.errors import DenError
-from den.rpc.registry import REGISTRY, Method
+from den.rpc.registry import REGISTRY
 from den.ssh import stdio
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _invoke(ctx: typer.Context, m: Method, params: dict[str, Any]) -> Any:
+def _invoke(ctx: typer.Context, m: MethodSpec, params: dict[str, Any]) -> Any:
     state = ctx.find_object(ShellState)
     assert state is not None
     return state.call(m.name, params)
@@ -90,7 +91,7 @@ def command() -> Any:
             pretty_exceptions_enable=False,
             rich_markup_mode=None,
         )
-        attach(app, REGISTRY, _invoke)
+        attach(app, _invoke)
         _command = typer.main.get_command(app)
     return _command
 
