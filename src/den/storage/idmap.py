@@ -87,6 +87,11 @@ def idmapped_bind(src: Path, dst: Path, start: int, count: int) -> None:
         ret = _libc.syscall(
             _SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)
         )
+        if ret < 0 and ctypes.get_errno() == 22:  # EINVAL: the filesystem refuses idmapping
+            raise BackendFailure(
+                f"{src} cannot be idmapped on this kernel (overlayfs, for one, cannot): "
+                "workspaces need their pool on btrfs; run `den init`"
+            )
         _check(ret, "idmapping", src)
         ret = _libc.syscall(
             _SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, str(dst).encode(), _MOVE_MOUNT_F_EMPTY_PATH
