@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from pathlib import Path
@@ -29,8 +30,17 @@ V1_CONTROLLERS = (
 )
 
 
+@functools.cache
 def unified() -> bool:
+    """Pure cgroup v2 (the layout does not change while den runs)."""
     return (ROOT / "cgroup.controllers").exists()
+
+
+def _file(controller: str, path: str, name: str) -> str:
+    """The path of a cgroup file, as a plain string: these are read on hot paths."""
+    if unified():
+        return f"/sys/fs/cgroup{path}/{name}"
+    return f"/sys/fs/cgroup/{controller}{path}/{name}"
 
 
 def _v1(controller: str, path: str) -> Path:
@@ -72,16 +82,18 @@ def _set_frozen(path: str, frozen: bool, timeout: float) -> None:
 def is_frozen(path: str) -> bool:
     try:
         if unified():
-            events = _v2(path).joinpath("cgroup.events").read_text()
-            return "frozen 1" in events
-        return _v1("freezer", path).joinpath("freezer.state").read_text().strip() == "FROZEN"
+            with open(_file("", path, "cgroup.events")) as f:
+                return "frozen 1" in f.read()
+        with open(_file("freezer", path, "freezer.state")) as f:
+            return f.read().strip() == "FROZEN"
     except FileNotFoundError:
         return False
 
 
-def _read_int(p: Path) -> int:
+def _read_int(p: str) -> int:
     try:
-        return int(p.read_text().split()[0])
+        with open(p) as f:
+            return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -89,33 +101,32 @@ def _read_int(p: Path) -> int:
 def cpu_seconds(path: str) -> float:
     if unified():
         try:
-            for line in _v2(path).joinpath("cpu.stat").read_text().splitlines():
-                if line.startswith("usage_usec"):
-                    return int(line.split()[1]) / 1e6
+            with open(_file("", path, "cpu.stat")) as f:
+                for line in f:
+                    if line.startswith("usage_usec"):
+                        return int(line.split()[1]) / 1e6
         except OSError:
             return 0.0
         return 0.0
-    return _read_int(_v1("cpuacct", path) / "cpuacct.usage") / 1e9
+    return _read_int(_file("cpuacct", path, "cpuacct.usage")) / 1e9
 
 
 def memory_bytes(path: str) -> int:
     """Memory in use, without the page cache that can be dropped."""
     if unified():
-        return _read_int(_v2(path) / "memory.current")
-    base = _v1("memory", path)
-    usage = _read_int(base / "memory.usage_in_bytes")
+        return _read_int(_file("", path, "memory.current"))
+    usage = _read_int(_file("memory", path, "memory.usage_in_bytes"))
     inactive = 0
-    with contextlib.suppress(OSError):
-        for line in (base / "memory.stat").read_text().splitlines():
+    with contextlib.suppress(OSError, ValueError), open(_file("memory", path, "memory.stat")) as f:
+        for line in f:
             if line.startswith("total_inactive_file "):
                 inactive = int(line.split()[1])
+                break
     return max(0, usage - inactive)
 
 
 def pids(path: str) -> int:
-    if unified():
-        return _read_int(_v2(path) / "pids.current")
-    return _read_int(_v1("pids", path) / "pids.current")
+    return _read_int(_file("pids", path, "pids.current"))
 
 
 def oom_kills(path: str) -> int:

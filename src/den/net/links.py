@@ -191,10 +191,12 @@ def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gat
 
 def counters(host_if: str) -> tuple[int, int]:
     """(rx, tx) bytes as the workspace sees them (the host side counts the reverse)."""
-    base = Path("/sys/class/net") / host_if / "statistics"
+    base = f"/sys/class/net/{host_if}/statistics/"
     try:
-        tx_host = int((base / "tx_bytes").read_text())
-        rx_host = int((base / "rx_bytes").read_text())
+        with open(base + "tx_bytes") as f:
+            tx_host = int(f.read())
+        with open(base + "rx_bytes") as f:
+            rx_host = int(f.read())
     except (OSError, ValueError):
         return 0, 0
     return tx_host, rx_host

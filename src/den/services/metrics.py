@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, Field
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 
 from den import tasks
 from den.db.models import MetricSample, User, Workspace
@@ -42,6 +42,7 @@ async def sample_once(app: App) -> int:
                 kinds[kind] = kinds.get(kind, 0) + 1
         for kind in {"shell", "exec", "sftp", "forward", "den", "idle", *kinds}:
             app.metrics.sessions.labels(kind).set(kinds.get(kind, 0))
+        samples: list[dict[str, object]] = []
         for ws, owner in rows:
             try:
                 stats = await app.backend.stats(
@@ -53,18 +54,21 @@ async def sample_once(app: App) -> int:
             ref = f"{owner.name}/{ws.name}"
             app.metrics.ws_cpu.labels(ref).set(stats.cpu_seconds)
             app.metrics.ws_memory.labels(ref).set(stats.memory_bytes)
-            db.add(
-                MetricSample(
-                    workspace_id=ws.id,
-                    at=now,
-                    cpu_seconds=stats.cpu_seconds,
-                    memory_bytes=stats.memory_bytes,
-                    pids=stats.pids,
-                    net_rx_bytes=stats.net_rx_bytes,
-                    net_tx_bytes=stats.net_tx_bytes,
-                    disk_bytes=None,
-                )
+            samples.append(
+                {
+                    "workspace_id": ws.id,
+                    "at": now,
+                    "cpu_seconds": stats.cpu_seconds,
+                    "memory_bytes": stats.memory_bytes,
+                    "pids": stats.pids,
+                    "net_rx_bytes": stats.net_rx_bytes,
+                    "net_tx_bytes": stats.net_tx_bytes,
+                    "disk_bytes": None,
+                }
             )
+        if samples:
+            # One executemany, not an ORM flush of one object per workspace.
+            await db.execute(insert(MetricSample), samples)
         cutoff = now - timedelta(seconds=app.settings.metrics_retention)
         await db.execute(delete(MetricSample).where(MetricSample.at < cutoff))
         await db.commit()
