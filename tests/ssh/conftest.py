@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Daemon, ssh_key
-from tests.storage.conftest import CACHE, wait_job
+from tests.storage.conftest import debian_image_as
 from tests.workspaces.conftest import Users, import_bb
 
 BB = "sshbb"
@@ -135,15 +135,8 @@ def bb_image(pool_daemon: Daemon) -> str:
 
 @pytest.fixture(scope="session")
 def debian_image(pool_daemon: Daemon) -> str:
-    """Debian bookworm minbase from the test cache (built by the image tests when missing)."""
-    d = pool_daemon
-    if CACHE.is_file():
-        job = d.call("image.import", name=DEB, path=str(CACHE))
-    else:
-        job = d.call("image.build", name=DEB, suite="bookworm", variant="minbase")
-    done = wait_job(d, job)
-    assert done["state"] == "done", done
-    return DEB
+    """Debian bookworm minbase from the test cache (built when missing)."""
+    return str(debian_image_as(pool_daemon, DEB)["name"])
 
 
 @pytest.fixture

@@ -65,14 +65,13 @@ def tar_dir(src: Path, out: Path, compress: str = "--zstd") -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def base_image(pool_daemon: Daemon) -> dict[str, Any]:
-    """The session's image ``base`` (bookworm minbase): imported from the cache or built."""
-    d = pool_daemon
+def debian_image_as(d: Daemon, name: str) -> dict[str, Any]:
+    """Debian bookworm minbase as image ``name`` on ``d``: imported from the cached
+    tarball, else built with debootstrap (and then cached for later sessions)."""
     if CACHE.is_file():
-        job = d.call("image.import", name=BASE, path=str(CACHE))
+        job = d.call("image.import", name=name, path=str(CACHE))
     else:
-        job = d.call("image.build", name=BASE, suite="bookworm", variant="minbase")
+        job = d.call("image.build", name=name, suite="bookworm", variant="minbase")
     done = wait_job(d, job)
     if done["state"] != "done" and CACHE.is_file():
         CACHE.unlink()  # a stale or broken cache: build next time
@@ -81,11 +80,17 @@ def base_image(pool_daemon: Daemon) -> dict[str, Any]:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         tmp = CACHE.with_suffix(f".tmp{os.getpid()}")
         try:
-            tar_dir(images_dir(d) / BASE, tmp)
+            tar_dir(images_dir(d) / name, tmp)
             tmp.rename(CACHE)
         finally:
             tmp.unlink(missing_ok=True)
-    return {"name": BASE, "path": images_dir(d) / BASE, "job": done}
+    return {"name": name, "path": images_dir(d) / name, "job": done}
+
+
+@pytest.fixture(scope="session")
+def base_image(pool_daemon: Daemon) -> dict[str, Any]:
+    """The session's image ``base`` (bookworm minbase): imported from the cache or built."""
+    return debian_image_as(pool_daemon, BASE)
 
 
 @contextmanager

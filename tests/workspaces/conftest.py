@@ -26,7 +26,7 @@ import pytest
 
 from den.cli.client import RpcError
 from tests.conftest import Daemon, dispose, init_pool, make_base
-from tests.storage.conftest import CACHE, images_dir, tar_dir, wait_job
+from tests.storage.conftest import debian_image_as, tar_dir, wait_job
 
 BB = "bb"
 DEB = "deb"
@@ -106,22 +106,7 @@ def bb_image(pool_daemon: Daemon) -> str:
 @pytest.fixture(scope="session")
 def debian_image(pool_daemon: Daemon) -> str:
     """Debian bookworm minbase as image ``deb``: from the cached tarball, else built."""
-    d = pool_daemon
-    if CACHE.is_file():
-        job = d.call("image.import", name=DEB, path=str(CACHE))
-    else:
-        job = d.call("image.build", name=DEB, suite="bookworm", variant="minbase")
-    done = wait_job(d, job)
-    assert done["state"] == "done", done
-    if not CACHE.is_file():
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE.with_suffix(f".tmp{os.getpid()}")
-        try:
-            tar_dir(images_dir(d) / DEB, tmp)
-            tmp.rename(CACHE)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return DEB
+    return str(debian_image_as(pool_daemon, DEB)["name"])
 
 
 # -- a daemon with a pool of its own ------------------------------------------------

@@ -245,7 +245,14 @@ def test_an_open_but_silent_ssh_session_does_not_keep_it_awake(
     )
     try:
         wait_for(lambda: d.call("session.list"), 20, "the ssh session")
-        wait_for(lambda: state(d, f"{name}/w") == "suspended", 25, "the idle suspend")
+        try:
+            wait_for(lambda: state(d, f"{name}/w") == "suspended", 45, "the idle suspend")
+        except AssertionError:
+            got = d.call("workspace.get", ref=f"{name}/w")
+            raise AssertionError(
+                f"not suspended: {got['state']}, last activity {got['last_activity_kind']} "
+                f"at {got['last_activity_at']}"
+            ) from None
         assert ssh.poll() is None  # the connection stays open while the workspace sleeps
         # connecting again resumes it
         out = subprocess.run(

@@ -53,8 +53,27 @@ class UserOut(BaseModel):
         )
 
 
-class UserCreate(Params):
+class _Named(Params):
     name: Annotated[Name, CliArg()] = Field(description="User name: [a-z][a-z0-9-]{0,30}.")
+
+
+class _Quotas(Params):
+    max_workspaces: Quota = Field(
+        None, description="Most workspaces the user may own (-1: no limit)."
+    )
+    max_cpu: Quota = Field(
+        None, description="Most CPUs across the user's workspaces (-1: no limit)."
+    )
+    max_memory_mb: Quota = Field(
+        None, description="Most memory in MiB across workspaces (-1: no limit)."
+    )
+    max_disk_mb: Quota = Field(
+        None, description="Most disk in MiB across workspaces (-1: no limit)."
+    )
+
+
+# Bases in this order put `name` first, for positional params.
+class UserCreate(_Quotas, _Named):
     role: Annotated[Role, CliOpt(flags=("--admin",), flag_value="admin")] = Field(
         "member", description="admin or member."
     )
@@ -62,40 +81,15 @@ class UserCreate(Params):
     keys: Annotated[list[str], CliOpt(flags=("--key",), read_file=True)] = Field(
         default_factory=list, max_length=100, description="OpenSSH public keys of the user."
     )
-    max_workspaces: Quota = Field(
-        None, description="Most workspaces the user may own (-1: no limit)."
-    )
-    max_cpu: Quota = Field(
-        None, description="Most CPUs across the user's workspaces (-1: no limit)."
-    )
-    max_memory_mb: Quota = Field(
-        None, description="Most memory in MiB across workspaces (-1: no limit)."
-    )
-    max_disk_mb: Quota = Field(
-        None, description="Most disk in MiB across workspaces (-1: no limit)."
-    )
 
 
 class UserRef(Params):
     name: Annotated[Name, CliArg()] = Field(description="User name.")
 
 
-class UserUpdate(Params):
-    name: Annotated[Name, CliArg()] = Field(description="User name.")
+class UserUpdate(_Quotas, _Named):
     role: Role | None = Field(None, description="New role (admins only).")
     display_name: str | None = Field(None, max_length=200, description="New display name.")
-    max_workspaces: Quota = Field(
-        None, description="Most workspaces the user may own (-1: no limit)."
-    )
-    max_cpu: Quota = Field(
-        None, description="Most CPUs across the user's workspaces (-1: no limit)."
-    )
-    max_memory_mb: Quota = Field(
-        None, description="Most memory in MiB across workspaces (-1: no limit)."
-    )
-    max_disk_mb: Quota = Field(
-        None, description="Most disk in MiB across workspaces (-1: no limit)."
-    )
 
 
 def _quota(v: int | None) -> int | None:
