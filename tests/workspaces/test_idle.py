@@ -237,6 +237,10 @@ def test_an_open_but_silent_ssh_session_does_not_keep_it_awake(
 
     d = idle_daemon
     name, key = typist
+    ref = f"{name}/w"
+    # No suspension while the session starts (a slow login on a loaded host must
+    # not race the 4 s timeout); the default policy again once the shell runs.
+    d.call("workspace.idle", ref=ref, suspend="never")
     ssh = subprocess.Popen(
         ssh_argv(d, key, "w"),
         stdin=subprocess.PIPE,
@@ -244,7 +248,11 @@ def test_an_open_but_silent_ssh_session_does_not_keep_it_awake(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: d.call("session.list"), 20, "the ssh session")
+        wait_for(
+            lambda: any("shell" in s["kind"] for s in d.call("session.list")), 30, "the ssh shell"
+        )
+        time.sleep(1)
+        d.call("workspace.idle", ref=ref, suspend="default")
         try:
             wait_for(lambda: state(d, f"{name}/w") == "suspended", 45, "the idle suspend")
         except AssertionError:

@@ -98,7 +98,9 @@ class IdleChecker:
         last = ws.last_activity_at.timestamp() if ws.last_activity_at else ws.created_at.timestamp()
         if kind is not None:
             last = now
-        elif reported is not None and reported[0] > last:
+        elif reported is not None and reported[0] > last + 0.001:
+            # (the database keeps microseconds: a float time read back can be a
+            # fraction lower, and must not count as new activity on every pass)
             last, kind = reported
         if kind is not None:
             ws.last_activity_at = datetime.fromtimestamp(last, UTC)
