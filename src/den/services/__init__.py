@@ -11,6 +11,8 @@ MODULES = (
     "tokens",
     "audit",
     "workspaces",
+    "power",
+    "compute",
     "code",
     "images",
     "jobs",

@@ -7,13 +7,11 @@ interrupts: ``creating`` rows are undone, ``deleting`` rows are finished.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
@@ -21,11 +19,18 @@ from sqlalchemy.exc import IntegrityError
 
 from den.backends.base import Spec
 from den.db.models import Image, User, Workspace
-from den.errors import BackendFailure, Conflict, InvalidParams, NotFound, QuotaExceeded
+from den.errors import BackendFailure, Conflict, InvalidParams, NotFound
 from den.log import timed
 from den.net import ipam
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import Name, find_user, user_or_self
+from den.services.quotas import (
+    apply_disk_limit,
+    check_quota,
+    check_resources,
+    parse_disk,
+    parse_mib,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,7 +38,6 @@ if TYPE_CHECKING:
     from den.app import App
 
 REF_RE = re.compile(r"(?:([a-z][a-z0-9-]{0,30})/)?([a-z][a-z0-9-]{0,30})")
-SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)i?B?", re.I)
 DEFAULT_NAME = "default"
 
 
@@ -47,20 +51,6 @@ def parse_ref(ref: str) -> tuple[str | None, str]:
             field="ref",
         )
     return m.group(1), m.group(2)
-
-
-def parse_mib(text: str, field: str) -> int:
-    """A size like 512M, 2G, 1.5G or a number of MiB -> MiB."""
-    m = SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise InvalidParams(f"{text[:40]!r} is not a size like 512M or 2G", field=field)
-    value, unit = float(m.group(1)), m.group(2).upper()
-    factor = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
-    return int(value * factor)
-
-
-def host_memory_mib() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
 
 
 class WorkspaceOut(BaseModel):
@@ -204,115 +194,11 @@ class WsClone(Params):
     name: Annotated[Name, CliArg()] = Field(description="Name of the copy (yours).")
 
 
-class ExecParams(Params):
-    ref: Annotated[str, CliArg()] = Field(max_length=80, description="NAME or OWNER/NAME.")
-    argv: Annotated[list[str], CliArg()] = Field(
-        min_length=1, max_length=4096, description="Command and arguments (after --)."
-    )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
-    cwd: str = Field("", max_length=4096, description="Working directory (default: the home).")
-    stdin: str = Field("", max_length=16 << 20, description="Text given on standard input.")
-    timeout: float = Field(
-        60.0, gt=0, le=86400, description="Seconds before the command is killed."
-    )
-    user: str = Field("root", max_length=64, description="User inside the workspace.")
-
-
-class ExecOut(BaseModel):
-    exit_code: int
-    stdout: str
-    stderr: str
-    timed_out: bool
-
-
 class Deleted(BaseModel):
     deleted: str
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-async def check_quota(
-    ctx: Context,
-    owner: User,
-    cpu: float,
-    memory_mb: int,
-    disk_mb: int | None = None,
-    exclude: str | None = None,
-) -> None:
-    """Refuse what would pass one of the owner's quotas, naming the limit and the use."""
-    q = select(
-        func.count(Workspace.id),
-        func.coalesce(func.sum(Workspace.cpu), 0),
-        func.coalesce(func.sum(Workspace.memory_mb), 0),
-        func.coalesce(func.sum(Workspace.disk_mb), 0),
-    ).where(Workspace.user_id == owner.id)
-    if exclude is not None:
-        q = q.where(Workspace.id != exclude)
-    count, cpu_used, mem_used, disk_used = (await ctx.db.execute(q)).one()
-    if exclude is None and owner.max_workspaces is not None and count + 1 > owner.max_workspaces:
-        raise QuotaExceeded(
-            f"quota max_workspaces is {owner.max_workspaces} and {owner.name} has {count} workspaces"
-        )
-    if owner.max_cpu is not None and float(cpu_used) + cpu > owner.max_cpu:
-        raise QuotaExceeded(
-            f"quota max_cpu is {owner.max_cpu}: {owner.name}'s other workspaces use "
-            f"{float(cpu_used):g} CPUs and this one asks for {cpu:g}"
-        )
-    if owner.max_memory_mb is not None and int(mem_used) + memory_mb > owner.max_memory_mb:
-        raise QuotaExceeded(
-            f"quota max_memory_mb is {owner.max_memory_mb}: {owner.name}'s other workspaces use "
-            f"{int(mem_used)} MiB and this one asks for {memory_mb} MiB"
-        )
-    if owner.max_disk_mb is not None:
-        if disk_mb is None:
-            raise QuotaExceeded(
-                f"{owner.name} has a disk quota (max_disk_mb {owner.max_disk_mb}): give the "
-                "workspace a disk size (--disk)"
-            )
-        if int(disk_used or 0) + disk_mb > owner.max_disk_mb:
-            raise QuotaExceeded(
-                f"quota max_disk_mb is {owner.max_disk_mb}: {owner.name}'s other workspaces use "
-                f"{int(disk_used or 0)} MiB and this one asks for {disk_mb} MiB"
-            )
-
-
-def check_resources(cpu: float, memory_mb: int, pids: int) -> None:
-    ncpu = os.cpu_count() or 1
-    if not 0.05 <= cpu <= ncpu:
-        raise InvalidParams(f"cpu must be between 0.05 and {ncpu} (this host's CPUs)", field="cpu")
-    total = host_memory_mib()
-    if not 32 <= memory_mb <= total:
-        raise InvalidParams(
-            f"memory must be between 32M and {total}M (this host's memory)", field="mem"
-        )
-    if not 16 <= pids <= 4_194_304:
-        raise InvalidParams("pids must be between 16 and 4194304", field="pids")
-
-
-def parse_disk(ctx: Context, disk: str | None) -> int | None:
-    if disk is None:
-        return None
-    if not ctx.app.settings.disk_quota or ctx.app.pool.driver != "btrfs":
-        raise InvalidParams(
-            "disk limits need btrfs quotas: set disk_quota = true in den.toml and run `den init`",
-            field="disk",
-        )
-    disk_mb = parse_mib(disk, "disk")
-    if disk_mb < 64:
-        raise InvalidParams("a disk limit is at least 64M", field="disk")
-    return disk_mb
-
-
-async def apply_disk_limit(ctx: Context, ws: Workspace) -> None:
-    """Limit the space the workspace's snapshots hold on their own (btrfs qgroups)."""
-    if ws.disk_mb is None:
-        return
-    from den.storage import btrfs
-
-    vdir = ctx.app.pool.volume_dir(ws.id)
-    for part in ("rootfs", "code"):
-        await btrfs.qgroup_limit_exclusive(ctx.app.pool.root, vdir / part, ws.disk_mb << 20)
 
 
 async def _allocate_address(ctx: Context) -> str:
@@ -383,36 +269,6 @@ async def insert_row(ctx: Context, ws: Workspace) -> None:
             if "address" not in str(exc.orig):
                 raise Conflict(f"a workspace named {ws.name!r} exists already") from None
     raise Conflict("could not allocate an address; try again")
-
-
-async def resume_now(ctx: Context, ws: Workspace, owner: User, cause: str) -> None:
-    """Thaw a suspended workspace, timing it for /metrics."""
-    start = time.perf_counter()
-    async with ctx.app.ws_lock(ws.id):
-        spec = spec_of(ctx.app, ws, owner)
-        ws.backend_state = await ctx.app.backend.resume(spec, dict(ws.backend_state or {}))
-        ws.state = "running"
-        ws.state_reason = ""
-        await ctx.db.commit()
-    m = ctx.app.metrics
-    m.resume_latency.labels(cause).observe(time.perf_counter() - start)
-    m.transitions.labels("resume", cause).inc()
-    ctx.app.activity.touch(ws.id, cause)
-
-
-async def ensure_running(ctx: Context, ws: Workspace, owner: User, cause: str = "exec") -> None:
-    """Resume a suspended workspace transparently; refuse a stopped one."""
-    if ws.state == "running":
-        return
-    if ws.state == "suspended":
-        await resume_now(ctx, ws, owner, cause)
-        return
-    raise Conflict(
-        f"workspace {owner.name}/{ws.name} is {ws.state}; start it with `den start {ws.name}`"
-    )
-
-
-# -- methods ----------------------------------------------------------------------
 
 
 @method("workspace.create", right=Right.write, cli=Cli("new"))
@@ -487,106 +343,6 @@ async def workspace_get(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Show one workspace: state, address, image, resources, activity."""
     ws, owner = await find_workspace(ctx, p.ref)
     return ws_out(ws, owner.name)
-
-
-async def _transition(
-    ctx: Context,
-    ref: str,
-    verb: str,
-    allowed: set[str],
-    target_state: str,
-    act: Callable[[Spec, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
-    force: bool = False,
-) -> WorkspaceOut:
-    ws, owner = await find_workspace(ctx, ref)
-    ctx.target = f"workspace:{owner.name}/{ws.name}"
-    async with ctx.app.ws_lock(ws.id):
-        await ctx.db.refresh(ws)
-        if ws.state == target_state and not force:
-            return ws_out(ws, owner.name)
-        if ws.state not in allowed:
-            raise Conflict(f"cannot {verb} {owner.name}/{ws.name}: it is {ws.state}")
-        spec = spec_of(ctx.app, ws, owner)
-        state = dict(ws.backend_state or {})
-        if act is not None:
-            state = await act(spec, state)
-        ws.backend_state = state
-        ws.state = target_state
-        ws.state_reason = ""
-        await ctx.db.commit()
-    return ws_out(ws, owner.name)
-
-
-def timed_act(
-    ctx: Context, action: str, cause: str
-) -> Callable[[Spec, dict[str, Any]], Awaitable[dict[str, Any]]]:
-    """The backend's suspend or resume, counted and timed for /metrics."""
-    fn = ctx.app.backend.suspend if action == "suspend" else ctx.app.backend.resume
-    hist = (
-        ctx.app.metrics.suspend_latency if action == "suspend" else ctx.app.metrics.resume_latency
-    )
-
-    async def act(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
-        start = time.perf_counter()
-        out = await fn(spec, state)
-        hist.labels(cause).observe(time.perf_counter() - start)
-        ctx.app.metrics.transitions.labels(action, cause).inc()
-        return out
-
-    return act
-
-
-@method("workspace.start", right=Right.write, cli=Cli("start"))
-async def workspace_start(ctx: Context, p: WsRef) -> WorkspaceOut:
-    """Start a stopped (or failed) workspace; resume a suspended one."""
-    b = ctx.app.backend
-    return await _transition(
-        ctx, p.ref, "start", {"stopped", "failed", "suspended"}, "running", b.start
-    )
-
-
-@method("workspace.stop", right=Right.write, cli=Cli("stop"))
-async def workspace_stop(ctx: Context, p: WsRef) -> WorkspaceOut:
-    """Stop a workspace: every process ends, its files and address are kept."""
-    b = ctx.app.backend
-    return await _transition(
-        ctx, p.ref, "stop", {"running", "suspended", "failed"}, "stopped", b.stop
-    )
-
-
-@method("workspace.restart", right=Right.write, cli=Cli("restart"))
-async def workspace_restart(ctx: Context, p: WsRef) -> WorkspaceOut:
-    """Stop the workspace if it runs, then start it again."""
-    b = ctx.app.backend
-
-    async def both(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
-        return await b.start(spec, await b.stop(spec, state))
-
-    return await _transition(
-        ctx,
-        p.ref,
-        "restart",
-        {"running", "stopped", "suspended", "failed"},
-        "running",
-        both,
-        force=True,
-    )
-
-
-@method("workspace.suspend", right=Right.write, cli=Cli("suspend"))
-async def workspace_suspend(ctx: Context, p: WsRef) -> WorkspaceOut:
-    """Freeze a running workspace: memory kept, no CPU used until resumed."""
-    return await _transition(
-        ctx, p.ref, "suspend", {"running"}, "suspended", timed_act(ctx, "suspend", "rpc")
-    )
-
-
-@method("workspace.resume", right=Right.write, cli=Cli("resume"))
-async def workspace_resume(ctx: Context, p: WsRef) -> WorkspaceOut:
-    """Thaw a suspended workspace; its processes continue where they were."""
-    return await _transition(
-        ctx, p.ref, "resume", {"suspended"}, "running", timed_act(ctx, "resume", "rpc")
-    )
 
 
 @method("workspace.rename", right=Right.write, cli=Cli("rename"))
@@ -690,79 +446,3 @@ async def workspace_delete(ctx: Context, p: WsRef) -> Deleted:
     ctx.target = f"workspace:{ref}"
     await delete_workspace(ctx, ws, owner)
     return Deleted(deleted=ref)
-
-
-@method("workspace.exec", right=Right.write, cli=Cli("exec", exec_output=True))
-async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
-    """Run a command in a workspace and return its exit code and output.
-
-    A suspended workspace is resumed first.
-    """
-    from den.backends.base import ExecRequest
-
-    ws, owner = await find_workspace(ctx, p.ref)
-    ctx.target = f"workspace:{owner.name}/{ws.name}"
-    await ensure_running(ctx, ws, owner)
-    spec = spec_of(ctx.app, ws, owner)
-    req = ExecRequest(
-        argv=p.argv, env=p.env, cwd=p.cwd, stdin=p.stdin.encode(), timeout=p.timeout, user=p.user
-    )
-    with ctx.app.activity.busy(ws.id, "exec"):
-        res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
-    ws.last_activity_at = datetime.now(UTC)
-    ws.last_activity_kind = "exec"
-    return ExecOut(
-        exit_code=res.exit_code,
-        stdout=res.stdout.decode(errors="replace"),
-        stderr=res.stderr.decode(errors="replace"),
-        timed_out=res.timed_out,
-    )
-
-
-# -- the compute manager's calls, on a user's default workspace -------------------
-
-
-class UserWs(Params):
-    user: Annotated[Name | None, CliArg()] = Field(None, description="The user (default: you).")
-
-
-async def _default_ref(ctx: Context, user: str | None) -> str:
-    owner = await user_or_self(ctx, user)
-    return f"{owner.name}/{DEFAULT_NAME}"
-
-
-@method("user.provision", right=Right.write, cli=Cli("user provision"))
-async def user_provision(ctx: Context, p: UserWs) -> WorkspaceOut:
-    """Create and start the user's default workspace (named "default") if missing."""
-    owner = await user_or_self(ctx, p.user)
-    try:
-        ws, _ = await find_workspace(ctx, f"{owner.name}/{DEFAULT_NAME}")
-        return ws_out(ws, owner.name)
-    except NotFound:
-        pass
-    user = owner.name if owner.id != ctx.caller.user_id else None
-    return await workspace_create(ctx, WsCreate(name=DEFAULT_NAME, user=user))
-
-
-@method("user.deprovision", right=Right.write, cli=Cli("user deprovision"))
-async def user_deprovision(ctx: Context, p: UserWs) -> Deleted:
-    """Delete the user's default workspace."""
-    return await workspace_delete(ctx, WsRef(ref=await _default_ref(ctx, p.user)))
-
-
-@method("user.vm", right=Right.read, cli=Cli("user vm"))
-async def user_vm(ctx: Context, p: UserWs) -> WorkspaceOut:
-    """Show the user's default workspace."""
-    return await workspace_get(ctx, WsRef(ref=await _default_ref(ctx, p.user)))
-
-
-@method("user.start", right=Right.write, cli=Cli("user start"))
-async def user_start(ctx: Context, p: UserWs) -> WorkspaceOut:
-    """Start the user's default workspace."""
-    return await workspace_start(ctx, WsRef(ref=await _default_ref(ctx, p.user)))
-
-
-@method("user.stop", right=Right.write, cli=Cli("user stop"))
-async def user_stop(ctx: Context, p: UserWs) -> WorkspaceOut:
-    """Stop the user's default workspace."""
-    return await workspace_stop(ctx, WsRef(ref=await _default_ref(ctx, p.user)))

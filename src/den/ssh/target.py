@@ -17,7 +17,8 @@ from sqlalchemy import select
 from den.db.models import User, Workspace
 from den.errors import Conflict
 from den.rpc.registry import REGISTRY, Caller, Context, Right
-from den.services.workspaces import ensure_running, find_workspace, spec_of
+from den.services.power import ensure_running
+from den.services.workspaces import find_workspace, spec_of
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession

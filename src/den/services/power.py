@@ -1,0 +1,197 @@
+"""Whether a workspace runs: start, stop, restart, suspend, resume, and exec in it.
+
+Every path that needs a running workspace goes through :func:`ensure_running`,
+which resumes a suspended one transparently (and times it for /metrics).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+from den.backends.base import ExecRequest, Spec
+from den.db.models import User, Workspace
+from den.errors import Conflict
+from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
+from den.services.workspaces import WorkspaceOut, WsRef, find_workspace, spec_of, ws_out
+
+
+async def resume_now(ctx: Context, ws: Workspace, owner: User, cause: str) -> None:
+    """Thaw a suspended workspace, timing it for /metrics."""
+    start = time.perf_counter()
+    async with ctx.app.ws_lock(ws.id):
+        spec = spec_of(ctx.app, ws, owner)
+        ws.backend_state = await ctx.app.backend.resume(spec, dict(ws.backend_state or {}))
+        ws.state = "running"
+        ws.state_reason = ""
+        await ctx.db.commit()
+    m = ctx.app.metrics
+    m.resume_latency.labels(cause).observe(time.perf_counter() - start)
+    m.transitions.labels("resume", cause).inc()
+    ctx.app.activity.touch(ws.id, cause)
+
+
+async def ensure_running(ctx: Context, ws: Workspace, owner: User, cause: str = "exec") -> None:
+    """Resume a suspended workspace transparently; refuse a stopped one."""
+    if ws.state == "running":
+        return
+    if ws.state == "suspended":
+        await resume_now(ctx, ws, owner, cause)
+        return
+    raise Conflict(
+        f"workspace {owner.name}/{ws.name} is {ws.state}; start it with `den start {ws.name}`"
+    )
+
+
+# -- methods ----------------------------------------------------------------------
+
+
+async def _transition(
+    ctx: Context,
+    ref: str,
+    verb: str,
+    allowed: set[str],
+    target_state: str,
+    act: Callable[[Spec, dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+    force: bool = False,
+) -> WorkspaceOut:
+    ws, owner = await find_workspace(ctx, ref)
+    ctx.target = f"workspace:{owner.name}/{ws.name}"
+    async with ctx.app.ws_lock(ws.id):
+        await ctx.db.refresh(ws)
+        if ws.state == target_state and not force:
+            return ws_out(ws, owner.name)
+        if ws.state not in allowed:
+            raise Conflict(f"cannot {verb} {owner.name}/{ws.name}: it is {ws.state}")
+        spec = spec_of(ctx.app, ws, owner)
+        state = dict(ws.backend_state or {})
+        if act is not None:
+            state = await act(spec, state)
+        ws.backend_state = state
+        ws.state = target_state
+        ws.state_reason = ""
+        await ctx.db.commit()
+    return ws_out(ws, owner.name)
+
+
+def timed_act(
+    ctx: Context, action: str, cause: str
+) -> Callable[[Spec, dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """The backend's suspend or resume, counted and timed for /metrics."""
+    fn = ctx.app.backend.suspend if action == "suspend" else ctx.app.backend.resume
+    hist = (
+        ctx.app.metrics.suspend_latency if action == "suspend" else ctx.app.metrics.resume_latency
+    )
+
+    async def act(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        out = await fn(spec, state)
+        hist.labels(cause).observe(time.perf_counter() - start)
+        ctx.app.metrics.transitions.labels(action, cause).inc()
+        return out
+
+    return act
+
+
+@method("workspace.start", right=Right.write, cli=Cli("start"))
+async def workspace_start(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Start a stopped (or failed) workspace; resume a suspended one."""
+    b = ctx.app.backend
+    return await _transition(
+        ctx, p.ref, "start", {"stopped", "failed", "suspended"}, "running", b.start
+    )
+
+
+@method("workspace.stop", right=Right.write, cli=Cli("stop"))
+async def workspace_stop(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Stop a workspace: every process ends, its files and address are kept."""
+    b = ctx.app.backend
+    return await _transition(
+        ctx, p.ref, "stop", {"running", "suspended", "failed"}, "stopped", b.stop
+    )
+
+
+@method("workspace.restart", right=Right.write, cli=Cli("restart"))
+async def workspace_restart(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Stop the workspace if it runs, then start it again."""
+    b = ctx.app.backend
+
+    async def both(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
+        return await b.start(spec, await b.stop(spec, state))
+
+    return await _transition(
+        ctx,
+        p.ref,
+        "restart",
+        {"running", "stopped", "suspended", "failed"},
+        "running",
+        both,
+        force=True,
+    )
+
+
+@method("workspace.suspend", right=Right.write, cli=Cli("suspend"))
+async def workspace_suspend(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Freeze a running workspace: memory kept, no CPU used until resumed."""
+    return await _transition(
+        ctx, p.ref, "suspend", {"running"}, "suspended", timed_act(ctx, "suspend", "rpc")
+    )
+
+
+@method("workspace.resume", right=Right.write, cli=Cli("resume"))
+async def workspace_resume(ctx: Context, p: WsRef) -> WorkspaceOut:
+    """Thaw a suspended workspace; its processes continue where they were."""
+    return await _transition(
+        ctx, p.ref, "resume", {"suspended"}, "running", timed_act(ctx, "resume", "rpc")
+    )
+
+
+class ExecParams(Params):
+    ref: Annotated[str, CliArg()] = Field(max_length=80, description="NAME or OWNER/NAME.")
+    argv: Annotated[list[str], CliArg()] = Field(
+        min_length=1, max_length=4096, description="Command and arguments (after --)."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    cwd: str = Field("", max_length=4096, description="Working directory (default: the home).")
+    stdin: str = Field("", max_length=16 << 20, description="Text given on standard input.")
+    timeout: float = Field(
+        60.0, gt=0, le=86400, description="Seconds before the command is killed."
+    )
+    user: str = Field("root", max_length=64, description="User inside the workspace.")
+
+
+class ExecOut(BaseModel):
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+
+
+@method("workspace.exec", right=Right.write, cli=Cli("exec", exec_output=True))
+async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
+    """Run a command in a workspace and return its exit code and output.
+
+    A suspended workspace is resumed first.
+    """
+
+    ws, owner = await find_workspace(ctx, p.ref)
+    ctx.target = f"workspace:{owner.name}/{ws.name}"
+    await ensure_running(ctx, ws, owner)
+    spec = spec_of(ctx.app, ws, owner)
+    req = ExecRequest(
+        argv=p.argv, env=p.env, cwd=p.cwd, stdin=p.stdin.encode(), timeout=p.timeout, user=p.user
+    )
+    with ctx.app.activity.busy(ws.id, "exec"):
+        res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
+    ws.last_activity_at = datetime.now(UTC)
+    ws.last_activity_kind = "exec"
+    return ExecOut(
+        exit_code=res.exit_code,
+        stdout=res.stdout.decode(errors="replace"),
+        stderr=res.stderr.decode(errors="replace"),
+        timed_out=res.timed_out,
+    )

@@ -1,0 +1,111 @@
+"""Limits of workspaces: sizes, sane resources, per-user quotas, disk limits."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from sqlalchemy import func, select
+
+from den.db.models import User, Workspace
+from den.errors import InvalidParams, QuotaExceeded
+from den.rpc.registry import Context
+
+SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)i?B?", re.I)
+
+
+def parse_mib(text: str, field: str) -> int:
+    """A size like 512M, 2G, 1.5G or a number of MiB -> MiB."""
+    m = SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise InvalidParams(f"{text[:40]!r} is not a size like 512M or 2G", field=field)
+    value, unit = float(m.group(1)), m.group(2).upper()
+    factor = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
+    return int(value * factor)
+
+
+def host_memory_mib() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+
+
+async def check_quota(
+    ctx: Context,
+    owner: User,
+    cpu: float,
+    memory_mb: int,
+    disk_mb: int | None = None,
+    exclude: str | None = None,
+) -> None:
+    """Refuse what would pass one of the owner's quotas, naming the limit and the use."""
+    q = select(
+        func.count(Workspace.id),
+        func.coalesce(func.sum(Workspace.cpu), 0),
+        func.coalesce(func.sum(Workspace.memory_mb), 0),
+        func.coalesce(func.sum(Workspace.disk_mb), 0),
+    ).where(Workspace.user_id == owner.id)
+    if exclude is not None:
+        q = q.where(Workspace.id != exclude)
+    count, cpu_used, mem_used, disk_used = (await ctx.db.execute(q)).one()
+    if exclude is None and owner.max_workspaces is not None and count + 1 > owner.max_workspaces:
+        raise QuotaExceeded(
+            f"quota max_workspaces is {owner.max_workspaces} and {owner.name} has {count} workspaces"
+        )
+    if owner.max_cpu is not None and float(cpu_used) + cpu > owner.max_cpu:
+        raise QuotaExceeded(
+            f"quota max_cpu is {owner.max_cpu}: {owner.name}'s other workspaces use "
+            f"{float(cpu_used):g} CPUs and this one asks for {cpu:g}"
+        )
+    if owner.max_memory_mb is not None and int(mem_used) + memory_mb > owner.max_memory_mb:
+        raise QuotaExceeded(
+            f"quota max_memory_mb is {owner.max_memory_mb}: {owner.name}'s other workspaces use "
+            f"{int(mem_used)} MiB and this one asks for {memory_mb} MiB"
+        )
+    if owner.max_disk_mb is not None:
+        if disk_mb is None:
+            raise QuotaExceeded(
+                f"{owner.name} has a disk quota (max_disk_mb {owner.max_disk_mb}): give the "
+                "workspace a disk size (--disk)"
+            )
+        if int(disk_used or 0) + disk_mb > owner.max_disk_mb:
+            raise QuotaExceeded(
+                f"quota max_disk_mb is {owner.max_disk_mb}: {owner.name}'s other workspaces use "
+                f"{int(disk_used or 0)} MiB and this one asks for {disk_mb} MiB"
+            )
+
+
+def check_resources(cpu: float, memory_mb: int, pids: int) -> None:
+    ncpu = os.cpu_count() or 1
+    if not 0.05 <= cpu <= ncpu:
+        raise InvalidParams(f"cpu must be between 0.05 and {ncpu} (this host's CPUs)", field="cpu")
+    total = host_memory_mib()
+    if not 32 <= memory_mb <= total:
+        raise InvalidParams(
+            f"memory must be between 32M and {total}M (this host's memory)", field="mem"
+        )
+    if not 16 <= pids <= 4_194_304:
+        raise InvalidParams("pids must be between 16 and 4194304", field="pids")
+
+
+def parse_disk(ctx: Context, disk: str | None) -> int | None:
+    if disk is None:
+        return None
+    if not ctx.app.settings.disk_quota or ctx.app.pool.driver != "btrfs":
+        raise InvalidParams(
+            "disk limits need btrfs quotas: set disk_quota = true in den.toml and run `den init`",
+            field="disk",
+        )
+    disk_mb = parse_mib(disk, "disk")
+    if disk_mb < 64:
+        raise InvalidParams("a disk limit is at least 64M", field="disk")
+    return disk_mb
+
+
+async def apply_disk_limit(ctx: Context, ws: Workspace) -> None:
+    """Limit the space the workspace's snapshots hold on their own (btrfs qgroups)."""
+    if ws.disk_mb is None:
+        return
+    from den.storage import btrfs
+
+    vdir = ctx.app.pool.volume_dir(ws.id)
+    for part in ("rootfs", "code"):
+        await btrfs.qgroup_limit_exclusive(ctx.app.pool.root, vdir / part, ws.disk_mb << 20)
