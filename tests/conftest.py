@@ -7,6 +7,7 @@ fails.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -232,28 +233,32 @@ def make_base() -> Path:
     return base
 
 
-@pytest.fixture
-def fresh_daemon() -> Iterator[Daemon]:
-    """A daemon of the test's own, for tests that restart or kill it."""
-    base = make_base()
-    d = Daemon(base)
+@contextlib.contextmanager
+def running_daemon(env: dict[str, str] | None = None, pool: str | None = None) -> Iterator[Daemon]:
+    """A started daemon of its own (with a loopback pool of size ``pool``), disposed of after."""
+    d = Daemon(make_base())
+    d.env.update(env or {})
     try:
+        if pool is not None:
+            init_pool(d, size=pool)
         d.start()
         yield d
     finally:
-        dispose(d)
+        dispose(d, pool=pool is not None)
+
+
+@pytest.fixture
+def fresh_daemon() -> Iterator[Daemon]:
+    """A daemon of the test's own, for tests that restart or kill it."""
+    with running_daemon() as d:
+        yield d
 
 
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Daemon]:
     """One daemon shared by the session: tests use names of their own."""
-    base = make_base()
-    d = Daemon(base)
-    try:
-        d.start()
+    with running_daemon() as d:
         yield d
-    finally:
-        dispose(d)
 
 
 def dispose(d: Daemon, pool: bool = False) -> None:
@@ -300,14 +305,8 @@ def teardown_pool(d: Daemon) -> None:
 @pytest.fixture(scope="session")
 def pool_daemon() -> Iterator[Daemon]:
     """A daemon on a btrfs loopback pool made by `den init`, shared by the session."""
-    base = make_base()
-    d = Daemon(base)
-    try:
-        init_pool(d)
-        d.start()
+    with running_daemon(pool="8G") as d:
         yield d
-    finally:
-        dispose(d, pool=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pwd
 import re
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 from den.cli.client import Client
 from den.rpc.registry import REGISTRY
 from den.services import load_all
-from tests.conftest import Daemon, make_base
+from tests.conftest import Daemon, running_daemon
 
 load_all()
 METHODS = sorted(REGISTRY.methods)
@@ -37,14 +36,8 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def fuzz_daemon() -> Iterator[Daemon]:
     """A daemon of this module's own: fuzzed calls may create and delete anything."""
-    base = make_base()
-    d = Daemon(base)
-    try:
-        d.start()
+    with running_daemon() as d:
         yield d
-    finally:
-        d.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Daemon, dispose, init_pool, make_base
+from tests.conftest import ROOT, Daemon, running_daemon
 
 CACHE = ROOT / ".cache" / "images" / "bookworm-minbase.tar.zst"
 BASE = "base"
@@ -96,14 +96,8 @@ def base_image(pool_daemon: Daemon) -> dict[str, Any]:
 @contextmanager
 def own_pool_daemon(size: str) -> Iterator[Daemon]:
     """A daemon with a loopback pool of its own (for tests that fill or kill it)."""
-    base = make_base()
-    d = Daemon(base)
-    try:
-        init_pool(d, size=size)
-        d.start()
+    with running_daemon(pool=size) as d:
         yield d
-    finally:
-        dispose(d, pool=True)
 
 
 def make_rootfs(root: Path, victim: Path) -> Path:

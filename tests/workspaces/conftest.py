@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from den.cli.client import RpcError
-from tests.conftest import Daemon, dispose, init_pool, make_base
+from tests.conftest import Daemon, running_daemon
 from tests.storage.conftest import debian_image_as, tar_dir, wait_job
 
 BB = "bb"
@@ -115,16 +115,9 @@ def debian_image(pool_daemon: Daemon) -> str:
 @contextlib.contextmanager
 def own_daemon(env: dict[str, str] | None = None, size: str = "4G") -> Iterator[Daemon]:
     """A daemon on a loopback pool of its own, with the bb image, for tests that kill it."""
-    base = make_base()
-    d = Daemon(base)
-    d.env.update(env or {})
-    try:
-        init_pool(d, size=size)
-        d.start()
+    with running_daemon(env, pool=size) as d:
         import_bb(d)
         yield d
-    finally:
-        dispose(d, pool=True)
 
 
 @pytest.fixture(scope="session")
