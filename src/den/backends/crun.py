@@ -10,7 +10,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from den import proc
 from den.errors import BackendFailure
@@ -59,34 +59,25 @@ class Crun:
     def _base(self) -> list[str]:
         return ["crun", "--root", str(self.root), "--cgroup-manager", "cgroupfs"]
 
-    async def state(self, cid: str) -> dict[str, Any] | None:
-        """crun's view of a container, or None when crun does not know it."""
-        if not (self.root / cid).exists():
-            return None
-        res = await proc.run([*self._base(), "state", cid], check=False)
-        if res.returncode != 0:
-            return None
-        data: dict[str, Any] = json.loads(res.stdout)
-        return data
-
-    def quick_state(self, cid: str) -> str | None:
-        """ "running" or "stopped" from crun's state file and /proc, without running crun.
-
-        None when crun does not know the container.
-        """
+    def init_pid(self, cid: str) -> int | None:
+        """The host pid of the container's init while it runs, from crun's state file
+        and /proc, without running crun."""
         try:
             status = json.loads((self.root / cid / "status").read_text())
             pid, started = int(status["pid"]), int(status["process-start-time"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None if not (self.root / cid).exists() else "stopped"
-        try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return "stopped"
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None
         # fields[0] is the state, fields[19] the start time: a reused pid is not ours.
         if fields[0] in ("Z", "X") or int(fields[19]) != started:
-            return "stopped"
-        return "running"
+            return None
+        return pid
+
+    def quick_state(self, cid: str) -> str | None:
+        """ "running" or "stopped" (crun knows it), or None (crun does not)."""
+        if not (self.root / cid).exists():
+            return None
+        return "running" if self.init_pid(cid) is not None else "stopped"
 
     async def run(self, cid: str, bundle: Path) -> None:
         """Create and start the container detached; returns once init runs.

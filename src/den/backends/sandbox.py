@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from den.backends import cgroups
@@ -127,8 +128,8 @@ class SandboxBackend(Backend):
 
     async def start(self, spec: Spec, state: State) -> State:
         cid = self.cid(spec.id)
-        st = await self.crun.state(cid)
-        if st is not None and st.get("status") == "running":
+        st = self.crun.quick_state(cid)
+        if st == "running":
             if cgroups.is_frozen(self.cgroup(spec.id)):
                 await self.resume(spec, state)
             return state
@@ -169,16 +170,15 @@ class SandboxBackend(Backend):
 
     async def stop(self, spec: Spec, state: State) -> State:
         cid = self.cid(spec.id)
-        st = await self.crun.state(cid)
+        st = self.crun.quick_state(cid)
         if st is None:
             return state
         if cgroups.is_frozen(self.cgroup(spec.id)):
             await asyncio.to_thread(cgroups.thaw, self.cgroup(spec.id))
-        if st.get("status") == "running":
+        if st == "running":
             await self.crun.kill(cid, "TERM")
             for _ in range(100):  # tini forwards TERM; give the processes 2 s
-                st = await self.crun.state(cid)
-                if st is None or st.get("status") != "running":
+                if self.crun.quick_state(cid) != "running":
                     break
                 await asyncio.sleep(0.02)
             else:
@@ -208,7 +208,7 @@ class SandboxBackend(Backend):
     async def update_resources(self, spec: Spec, state: State) -> State:
         await asyncio.to_thread(self._write_bundle, spec)
         cid = self.cid(spec.id)
-        if await self.crun.state(cid) is not None:
+        if self.crun.quick_state(cid) == "running":
             period = 100_000
             await self.crun.update(
                 cid, int(spec.cpu * period), period, spec.memory_mb << 20, spec.pids
@@ -280,7 +280,7 @@ class SandboxBackend(Backend):
     async def remove_orphan(self, ws_id: str) -> None:
         """Remove what the backend left on the host for a workspace with no record."""
         cid = self.cid(ws_id)
-        if await self.crun.state(cid) is not None:
+        if self.crun.quick_state(cid) is not None:
             if cgroups.is_frozen(self.cgroup(ws_id)):
                 cgroups.thaw(self.cgroup(ws_id))
             await self.crun.kill(cid, "KILL", all_processes=True)
@@ -339,26 +339,46 @@ def read_inside(rootfs: Path, *parts: str) -> str:
         return f.read(1 << 20)
 
 
-def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
-    """("uid:gid", home) of a user inside the workspace, from its /etc/passwd."""
-    if user in ("", "root", "0"):
-        return "0:0", "/root"
+@dataclass(frozen=True)
+class Account:
+    """A user inside a workspace, from its /etc/passwd."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+    @property
+    def ids(self) -> str:
+        return f"{self.uid}:{self.gid}"
+
+
+def account(rootfs: Path, user: str) -> Account:
+    """The workspace's /etc/passwd entry of ``user`` (by name or uid; root needs none)."""
     try:
         lines = read_inside(rootfs, "etc", "passwd").splitlines()
     except OSError:
         lines = []
     for line in lines:
-        parts = line.split(":")
-        named = len(parts) >= 6 and user in (parts[0], parts[2])
-        if named and parts[2].isdigit() and parts[3].isdigit():
-            return f"{parts[2]}:{parts[3]}", parts[5] or "/"
-    if user.isdigit():
-        return f"{user}:{user}", "/"
+        f = line.split(":")
+        if len(f) >= 6 and user in (f[0], f[2]) and f[2].isdigit() and f[3].isdigit():
+            shell = f[6] if len(f) >= 7 and f[6] else "/bin/sh"
+            return Account(f[0], int(f[2]), int(f[3]), f[5] or "/", shell)
+    if user in ("", "root", "0"):
+        return Account("root", 0, 0, "/root", "/bin/sh")
     raise InvalidParams(f"no user {user!r} in the workspace's /etc/passwd", field="user")
 
 
-def check_tini() -> None:
-    from den.backends.bundle import TINI
-
-    if not TINI.exists():
-        raise BackendFailure(f"{TINI} is missing: install the Debian package tini (den init)")
+def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
+    """("uid:gid", home) for exec: a passwd entry, or a bare numeric uid."""
+    if user in ("", "root", "0"):
+        return "0:0", "/root"
+    if user.isdigit():
+        try:
+            acct = account(rootfs, user)
+        except InvalidParams:
+            return f"{user}:{user}", "/"
+        return acct.ids, acct.home
+    acct = account(rootfs, user)
+    return acct.ids, acct.home

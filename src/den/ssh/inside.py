@@ -5,39 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from den.backends.sandbox import read_inside
-from den.errors import InvalidParams
+from den.backends.sandbox import Account, account, read_inside
 
-
-@dataclass(frozen=True)
-class Account:
-    name: str
-    uid: int
-    gid: int
-    home: str
-    shell: str
-
-    @property
-    def ids(self) -> str:
-        return f"{self.uid}:{self.gid}"
-
-
-def account(rootfs: Path, user: str) -> Account:
-    """The workspace's /etc/passwd entry of ``user`` (root works without one)."""
-    try:
-        lines = read_inside(rootfs, "etc", "passwd").splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        f = line.split(":")
-        if len(f) >= 7 and (f[0] == user or f[2] == user) and f[2].isdigit() and f[3].isdigit():
-            return Account(f[0], int(f[2]), int(f[3]), f[5] or "/", f[6] or "/bin/sh")
-    if user in ("root", "0"):
-        return Account("root", 0, 0, "/root", "/bin/sh")
-    raise InvalidParams(f"no user {user!r} in the workspace's /etc/passwd", field="user")
+__all__ = ["Account", "account", "exists", "read_inside"]
 
 
 def exists(rootfs: Path, rel: str) -> bool:

@@ -35,8 +35,8 @@ async def server_argv(app: App, ws: Ready, acct: inside.Account, pid_file: Path)
             return backend.crun.exec_argv(
                 cid, [f"/{rel}"], env=env, cwd=acct.home, user=acct.ids, pid_file=pid_file
             )
-    st = await backend.crun.state(cid)
-    if not st or not st.get("pid"):
+    pid = backend.crun.init_pid(cid)
+    if pid is None:
         raise BackendFailure("the workspace has no running init to serve sftp in")
     return [
         sys.executable,
@@ -44,7 +44,7 @@ async def server_argv(app: App, ws: Ready, acct: inside.Account, pid_file: Path)
         "-m",
         "den.ssh.sftp_worker",
         "--pid",
-        str(st["pid"]),
+        str(pid),
         "--user",
         acct.ids,
         "--home",

@@ -181,10 +181,7 @@ def _discard(pool: Pool, path: Path) -> None:
     """Remove a failed build; retried because dying helpers may still hold it briefly."""
     for attempt in range(50):
         try:
-            if path.is_symlink() or (path.exists() and not path.is_dir()):
-                path.unlink()
-            else:
-                pool.discard(path)
+            pool.discard(path)  # files, directories and subvolumes alike
             return
         except (DenError, OSError) as exc:
             if attempt == 49:
