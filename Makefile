@@ -4,7 +4,7 @@ VENV := .venv
 DEN := $(VENV)/bin/den
 PYTEST_ARGS ?=
 
-.PHONY: run test deps test-deps lint bench clean
+.PHONY: run test deps test-deps bench-deps lint bench clean
 
 deps:
 	@scripts/install-deps run
@@ -12,6 +12,9 @@ deps:
 test-deps:
 	@scripts/install-deps test
 	@scripts/fetch-test-data
+
+bench-deps:
+	@scripts/install-deps bench
 
 run: deps
 	$(DEN) init --yes --image debian
@@ -27,7 +30,7 @@ lint: deps
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
-bench: deps
+bench: bench-deps
 	for b in rpc snapshot lifecycle idle ssh; do $(VENV)/bin/python bench/$$b.py || exit 1; done
 
 clean:
