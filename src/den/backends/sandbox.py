@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from den.backends import cgroups
 from den.backends.base import Backend, ExecRequest, ExecResult, Spec, State, Stats, Status
 from den.backends.bundle import config
 from den.backends.crun import Crun
-from den.errors import BackendFailure, InvalidParams
+from den.errors import BackendFailure, Conflict, InvalidParams
 from den.log import timed
 from den.net.network import Network
 from den.storage import idmap, mounts
@@ -216,7 +218,7 @@ class SandboxBackend(Backend):
         return state
 
     async def exec(self, spec: Spec, state: State, req: ExecRequest) -> ExecResult:
-        user, home = resolve_user(spec.rootfs, req.user)
+        user, home = await resolve_user(spec.rootfs, req.user)
         env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": home,
@@ -319,24 +321,56 @@ def host_resolvers() -> str:
     )
 
 
-def read_inside(rootfs: Path, *parts: str) -> str:
-    """Read a file of a workspace's rootfs without following any symlink.
+# A workspace controls every byte of its rootfs: den reads from it only small
+# regular files, through descriptors that follow no symlink and never wait.
+READ_LIMIT = 1 << 20
+READ_TIMEOUT = 5.0
 
-    The workspace owns its rootfs; a symlink there must not make den (root on
-    the host) read a host file.
+
+class NotReadable(Exception):
+    """A workspace file den will not read (not a regular file, or too large)."""
+
+
+def read_inside(rootfs: Path, *parts: str, limit: int = READ_LIMIT) -> str:
+    """Read a small regular file of a workspace's rootfs without following any symlink.
+
+    The workspace owns its rootfs: a symlink there must not make den (root on
+    the host) read a host file, and a FIFO or device must not make it wait
+    (the open is O_PATH, then the same inode is reopened non-blocking only once
+    fstat says it is a regular file). Raises OSError when a part is missing or
+    a symlink, :class:`NotReadable` for anything else den will not read.
     """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(rootfs, flags | os.O_DIRECTORY)
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(rootfs, flags | os.O_PATH | os.O_DIRECTORY)
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            # O_DIRECTORY: a FIFO or device on the way fails with ENOTDIR, unopened.
+            nxt = os.open(part, flags | os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = nxt
-        file_fd = os.open(parts[-1], flags, dir_fd=fd)
+        path_fd = os.open(parts[-1], flags | os.O_PATH, dir_fd=fd)
     finally:
         os.close(fd)
-    with os.fdopen(file_fd, errors="replace") as f:
-        return f.read(1 << 20)
+    try:
+        st = os.fstat(path_fd)
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, "a symlink", "/".join(parts))
+        if not stat.S_ISREG(st.st_mode):
+            raise NotReadable(f"/{'/'.join(parts)} is not a regular file")
+        if st.st_size > limit:
+            raise NotReadable(f"/{'/'.join(parts)} is larger than {limit >> 10} KiB")
+        # Reopening through the O_PATH descriptor opens that very inode, whatever
+        # the workspace renames meanwhile; O_NONBLOCK so that nothing can wait.
+        file_fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+    with os.fdopen(file_fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NotReadable(f"/{'/'.join(parts)} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise NotReadable(f"/{'/'.join(parts)} is larger than {limit >> 10} KiB")
+    return data.decode(errors="replace")
 
 
 @dataclass(frozen=True)
@@ -354,12 +388,16 @@ class Account:
         return f"{self.uid}:{self.gid}"
 
 
-def account(rootfs: Path, user: str) -> Account:
-    """The workspace's /etc/passwd entry of ``user`` (by name or uid; root needs none)."""
+def _passwd_lines(rootfs: Path) -> list[str]:
     try:
-        lines = read_inside(rootfs, "etc", "passwd").splitlines()
+        return read_inside(rootfs, "etc", "passwd").splitlines()
+    except NotReadable as exc:
+        raise Conflict(f"den cannot use the workspace's /etc/passwd: {exc}") from None
     except OSError:
-        lines = []
+        return []  # missing (or a symlink): only root, with its defaults
+
+
+def _find(lines: list[str], user: str) -> Account:
     for line in lines:
         f = line.split(":")
         if len(f) >= 6 and user in (f[0], f[2]) and f[2].isdigit() and f[3].isdigit():
@@ -370,15 +408,34 @@ def account(rootfs: Path, user: str) -> Account:
     raise InvalidParams(f"no user {user!r} in the workspace's /etc/passwd", field="user")
 
 
-def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
+def account(rootfs: Path, user: str) -> Account:
+    """The workspace's /etc/passwd entry of ``user`` (by name or uid; root needs none).
+
+    Never waits on the workspace (see :func:`read_inside`); prefer
+    :func:`load_account`, which also keeps the disk read off the event loop.
+    """
+    return _find(_passwd_lines(rootfs), user)
+
+
+async def load_account(rootfs: Path, user: str, timeout: float = READ_TIMEOUT) -> Account:
+    """:func:`account` in a thread, given up after ``timeout`` seconds."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(account, rootfs, user), timeout)
+    except TimeoutError:
+        raise Conflict(
+            f"the workspace's /etc/passwd took longer than {timeout:g} s to read"
+        ) from None
+
+
+async def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
     """("uid:gid", home) for exec: a passwd entry, or a bare numeric uid."""
     if user in ("", "root", "0"):
         return "0:0", "/root"
     if user.isdigit():
         try:
-            acct = account(rootfs, user)
+            acct = await load_account(rootfs, user)
         except InvalidParams:
             return f"{user}:{user}", "/"
         return acct.ids, acct.home
-    acct = account(rootfs, user)
+    acct = await load_account(rootfs, user)
     return acct.ids, acct.home

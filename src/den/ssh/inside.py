@@ -7,9 +7,11 @@ import contextlib
 import os
 from pathlib import Path
 
-from den.backends.sandbox import Account, account, read_inside
+from den.backends.sandbox import Account, account, load_account, read_inside
 
-__all__ = ["Account", "account", "exists", "read_inside"]
+# account() never waits on the workspace (no FIFO, no device, size-capped);
+# load_account() also keeps the disk read off the event loop, with a timeout.
+__all__ = ["Account", "account", "exists", "load_account", "read_inside"]
 
 
 def exists(rootfs: Path, rel: str) -> bool:

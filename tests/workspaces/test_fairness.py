@@ -1,0 +1,81 @@
+"""No tenant can stall den for the others: a FIFO where den reads a workspace's
+/etc/passwd, long execs, and concurrent creates against a quota."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from den.cli.client import RpcError
+from tests.conftest import Daemon
+from tests.ssh.conftest import person
+from tests.workspaces.conftest import Users, create, ok, sh
+
+
+class Prober:
+    """Times one call (``rpc.health`` by default) again and again in a thread."""
+
+    def __init__(self, d: Daemon, method: str = "rpc.health", **params: Any) -> None:
+        self.d, self.method, self.params = d, method, params
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        c = self.d.client()
+        try:
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                c.call(self.method, self.params)
+                self.seconds.append(time.perf_counter() - start)
+                self._stop.wait(0.02)
+        finally:
+            c.close()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Prober]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(90)
+
+
+def unblock_fifo(path: Path) -> None:
+    """Give a reader stuck on the FIFO its writer (what old dens waited for)."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_fifo_passwd_does_not_stall_the_daemon(
+    pool_daemon: Daemon, bb_image: str, users: Users, tmp_path: Path
+) -> None:
+    d = pool_daemon
+    alice = person(d, users, tmp_path)
+    ws = create(d, alice.name, "fifo")
+    ok(d, ws["ref"], "rm /etc/passwd && mkfifo /etc/passwd")
+    fifo = d.data_dir / "pool" / "volumes" / ws["id"] / "rootfs" / "etc" / "passwd"
+    try:
+        with Prober(d).running() as probe:
+            res = alice.ssh(f"{alice.name}.fifo", "echo in", timeout=30)
+            with pytest.raises(RpcError) as err:
+                sh(d, ws["ref"], "id -u", user="dev")
+            time.sleep(0.3)  # a few probes after both
+    finally:
+        unblock_fifo(fifo)
+    assert res.returncode != 0
+    assert "/etc/passwd is not a regular file" in res.stderr, res.stderr
+    assert err.value.code == -32002
+    assert "/etc/passwd is not a regular file" in err.value.message
+    assert len(probe.seconds) >= 5
+    assert max(probe.seconds) < 0.1, sorted(probe.seconds)[-5:]
+    # root needs no passwd entry, and the workspace is still fine.
+    assert ok(d, ws["ref"], "echo alive") == "alive\n"
