@@ -46,6 +46,7 @@ RUNNERS = {
     "os.execvp",
     "os.execv",
 }
+WORDS = RUNNERS | {"git.run"}  # a file naming none of these runs nothing
 # Wrappers that put the program in front of the argv they are given.
 PREFIXED = {"git.run": "git"}  # den.storage.git.run
 
@@ -109,45 +110,37 @@ def _dotted(node: ast.AST) -> str:
     return ""
 
 
-class Module:
-    """One source file and what the resolver needs to follow names in it."""
+Scope = ast.Module | ast.FunctionDef | ast.AsyncFunctionDef
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tree = ast.parse(path.read_text(), str(path))
-        self.parents: dict[ast.AST, ast.AST] = {}
+
+class Module:
+    """One source file, read in one pass into what the resolver looks up."""
+
+    def __init__(self, text: str, path: Path) -> None:
+        self.tree = ast.parse(text, str(path))
+        self.scope_of: dict[ast.AST, Scope] = {}  # node -> innermost function (or module)
         self.functions: dict[str, list[ast.FunctionDef | ast.AsyncFunctionDef]] = {}
-        for node in ast.walk(self.tree):
-            for child in ast.iter_child_nodes(node):
-                self.parents[child] = node
+        self.calls: dict[str, list[ast.Call]] = {}  # last name of the callee -> calls
+        self.assigned: dict[tuple[Scope, str], list[ast.expr]] = {}
+        todo: list[tuple[ast.AST, Scope]] = [(self.tree, self.tree)]
+        while todo:
+            node, scope = todo.pop()
+            self.scope_of[node] = scope
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 self.functions.setdefault(node.name, []).append(node)
+                scope = node
+            elif isinstance(node, ast.Call):
+                self.calls.setdefault(_dotted(node.func).split(".")[-1], []).append(node)
+            elif isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Name):
+                        self.assigned.setdefault((scope, t.id), []).append(node.value)
+            todo.extend((child, scope) for child in ast.iter_child_nodes(node))
 
-    def scope(self, node: ast.AST) -> ast.AST:
-        """The innermost function around ``node``, else the module."""
-        cur = self.parents.get(node)
-        while cur is not None and not isinstance(cur, ast.FunctionDef | ast.AsyncFunctionDef):
-            cur = self.parents.get(cur)
-        return cur if cur is not None else self.tree
-
-    def calls_to(self, name: str) -> Iterator[ast.Call]:
-        for node in ast.walk(self.tree):
-            if isinstance(node, ast.Call) and _dotted(node.func).split(".")[-1] == name:
-                yield node
-
-
-def _assigned(scope: ast.AST, name: str) -> Iterator[ast.expr]:
-    for node in ast.walk(scope):
-        if isinstance(node, ast.Assign):
-            if any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-                yield node.value
-        elif (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and node.target.id == name
-            and node.value is not None
-        ):
-            yield node.value
+    def all_calls(self) -> Iterator[ast.Call]:
+        for calls in self.calls.values():
+            yield from calls
 
 
 def _programs(mod: Module, expr: ast.expr, at: ast.AST, depth: int = 0) -> set[str]:
@@ -172,10 +165,10 @@ def _programs(mod: Module, expr: ast.expr, at: ast.AST, depth: int = 0) -> set[s
                     out |= _programs(mod, node.value, node, depth + 1)
         return out
     if isinstance(expr, ast.Name):
-        scope = mod.scope(at)
+        scope = mod.scope_of[at]
         out = set()
-        for scope_ in (scope, mod.tree) if scope is not mod.tree else (mod.tree,):
-            for value in _assigned(scope_, expr.id):
+        for scope_ in dict.fromkeys((scope, mod.tree)):  # the function's, else the module's
+            for value in mod.assigned.get((scope_, expr.id), []):
                 out |= _programs(mod, value, value, depth + 1)
             if out:
                 return out
@@ -192,7 +185,7 @@ def _from_callers(
     if positional and positional[0] in ("self", "cls"):
         positional = positional[1:]
     out: set[str] = set()
-    for call in mod.calls_to(fn.name):
+    for call in mod.calls.get(fn.name, []):
         if fn.args.vararg is not None and fn.args.vararg.arg == param:
             idx = len(positional)
         elif param in positional:
@@ -212,10 +205,13 @@ def scan(root: Path = ROOT) -> dict[str, Use]:
     found: dict[str, Use] = {}
     for top in SCANNED:
         for path in sorted((root / top).rglob("*.py")):
-            mod = Module(path)
+            text = path.read_text()
+            if not any(word in text for word in WORDS):
+                continue
+            mod = Module(text, path)
             rel = path.relative_to(root)
-            for node in ast.walk(mod.tree):
-                if not isinstance(node, ast.Call) or not node.args:
+            for node in sorted(mod.all_calls(), key=lambda n: n.lineno):
+                if not node.args:
                     continue
                 fn = _dotted(node.func)
                 if fn in PREFIXED:
