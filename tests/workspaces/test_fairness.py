@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,32 @@ def test_fifo_passwd_does_not_stall_the_daemon(
     assert max(probe.seconds) < 0.1, sorted(probe.seconds)[-5:]
     # root needs no passwd entry, and the workspace is still fine.
     assert ok(d, ws["ref"], "echo alive") == "alive\n"
+
+
+@pytest.mark.slow
+def test_long_execs_hold_no_database_session(
+    pool_daemon: Daemon, bb_image: str, users: Users
+) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "long")
+    started = time.monotonic()
+    with ThreadPoolExecutor(30) as pool:
+        execs = [pool.submit(sh, d, ws["ref"], "sleep 20; echo done") for _ in range(30)]
+        # Wait until every exec runs in the workspace (not only was sent); init's
+        # child is a sleep too.
+        deadline = time.monotonic() + 15
+        count = "cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep"
+        while (n := int(ok(d, ws["ref"], count)) - 1) < 30:
+            assert time.monotonic() < deadline, f"only {n} of the 30 execs started"
+            time.sleep(0.2)
+        with Prober(d, "user.list").running() as probe:
+            time.sleep(5)
+        results = [f.result(timeout=60) for f in execs]
+    assert time.monotonic() - started < 45
+    assert all(r["exit_code"] == 0 and r["stdout"] == "done\n" for r in results), results[:2]
+    assert len(probe.seconds) >= 20
+    assert statistics.median(probe.seconds) < 0.1, sorted(probe.seconds)
+    assert max(probe.seconds) < 1.0, sorted(probe.seconds)[-5:]
+    got = d.call("workspace.get", ref=ws["ref"])
+    assert got["last_activity_kind"] == "exec"

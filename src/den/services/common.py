@@ -28,6 +28,19 @@ def _check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 
 
+async def release_db(ctx: Context) -> None:
+    """Commit the call's session before host work, so that none is held across it.
+
+    A session holds a pooled connection (and, once it wrote, SQLite's one write
+    lock) until it ends: an exec of minutes would keep both that long, and a few
+    such calls empty the pool for everyone. Objects stay usable (the sessions
+    do not expire on commit); the next use of ``ctx.db`` opens a fresh, short
+    transaction for what the call records afterwards (activity, audit).
+    """
+    if ctx._db is not None and ctx._db.in_transaction():
+        await ctx._db.commit()
+
+
 async def find_user(ctx: Context, name: str) -> User:
     """The user ``name`` as the caller may see it: members see only themselves."""
     if not ctx.caller.is_admin and name != ctx.caller.name:

@@ -12,11 +12,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
+from sqlalchemy import update
 
 from den.backends.base import ExecRequest, Spec
 from den.db.models import User, Workspace
 from den.errors import Conflict
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
+from den.services.common import release_db
 from den.services.workspaces import WorkspaceOut, WsRef, find_workspace, spec_of, ws_out
 
 
@@ -24,6 +26,7 @@ async def resume_now(ctx: Context, ws: Workspace, owner: User, cause: str) -> No
     """Thaw a suspended workspace, timing it for /metrics."""
     start = time.perf_counter()
     async with ctx.app.ws_lock(ws.id):
+        await release_db(ctx)
         spec = spec_of(ctx.app, ws, owner)
         ws.backend_state = await ctx.app.backend.resume(spec, dict(ws.backend_state or {}))
         ws.state = "running"
@@ -70,6 +73,7 @@ async def _transition(
         spec = spec_of(ctx.app, ws, owner)
         state = dict(ws.backend_state or {})
         if act is not None:
+            await release_db(ctx)
             state = await act(spec, state)
         ws.backend_state = state
         ws.state = target_state
@@ -185,10 +189,15 @@ async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
     req = ExecRequest(
         argv=p.argv, env=p.env, cwd=p.cwd, stdin=p.stdin.encode(), timeout=p.timeout, user=p.user
     )
+    await release_db(ctx)  # an exec may run for a day
     with ctx.app.activity.busy(ws.id, "exec"):
         res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
-    ws.last_activity_at = datetime.now(UTC)
-    ws.last_activity_kind = "exec"
+    # A fresh short transaction, committed with the audit event by the registry.
+    await ctx.db.execute(
+        update(Workspace)
+        .where(Workspace.id == ws.id)
+        .values(last_activity_at=datetime.now(UTC), last_activity_kind="exec")
+    )
     return ExecOut(
         exit_code=res.exit_code,
         stdout=res.stdout.decode(errors="replace"),
