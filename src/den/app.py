@@ -13,9 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from den.config import Settings
 from den.db.engine import make_engine, migrate, sessionmaker
 from den.db.models import AuditEvent
+from den.log import input_shapes
 from den.services.accounts import Accounts
 from den.services.activity import Activity
 from den.services.prom import Metrics
+from den.services.revocation import Revocations
 from den.ssh.table import SessionTable
 from den.storage.pool import Pool
 
@@ -60,6 +62,8 @@ class App:
         # The SSH gateway's live sessions and its actual port (set when it listens).
         self.ssh_sessions = SessionTable()
         self.ssh_port = 0
+        # Removed keys, deleted or demoted users: open SSH connections listen here.
+        self.revocations = Revocations()
 
     @property
     def backend(self) -> SandboxBackend:
@@ -99,12 +103,17 @@ class App:
     ) -> AuditEvent:
         from den.rpc.registry import audit_params
 
+        # Command input (exec argv, env, stdin) is shaped before anything else
+        # sees it, from the validated params or, when they failed, the raw ones.
+        data = params.model_dump(mode="json") if params is not None else raw
+        if isinstance(data, dict):
+            data = input_shapes(data)
         return AuditEvent(
             actor=ctx.caller.name,
             via=ctx.caller.via,
             method=ctx.method.name,
             target=ctx.target[:200],
-            params=_truncate(audit_params(params, raw)),
+            params=_truncate(audit_params(None, data)),
             outcome=outcome,
             error=error[:2000],
             duration_ms=round((time.perf_counter() - start) * 1e3, 3),

@@ -40,6 +40,40 @@ def redact(value: Any) -> Any:
     return value
 
 
+# Fields that carry a command's input (workspace.exec and any method named
+# alike): anyone's secrets may be in them, so only their shape is kept.
+INPUT_FIELDS = frozenset({"argv", "env", "stdin"})
+_PROGRAM_RE = re.compile(r"[A-Za-z0-9_./+-]{1,64}")
+
+
+def _size(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return f"<{len(text.encode(errors='replace'))} bytes>"
+
+
+def input_shapes(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with command input reduced to names and lengths.
+
+    ``env`` keeps its variable names, ``stdin`` becomes its length, ``argv``
+    keeps the program name (argv[0], when it looks like one) and the length
+    of every argument.
+    """
+    out = dict(params)
+    for key in INPUT_FIELDS & out.keys():
+        value = out[key]
+        if key == "env" and isinstance(value, dict):
+            out[key] = {str(k)[:64]: _size(v) for k, v in list(value.items())[:100]}
+        elif key == "argv" and isinstance(value, list):
+            head = value[:1]
+            shown = [
+                h if isinstance(h, str) and _PROGRAM_RE.fullmatch(h) else _size(h) for h in head
+            ]
+            out[key] = shown + [_size(v) for v in value[1:100]]
+        else:
+            out[key] = _size(value)
+    return out
+
+
 class ContextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)

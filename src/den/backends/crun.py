@@ -10,7 +10,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from den import proc
 from den.errors import BackendFailure
@@ -50,6 +50,59 @@ async def _feed(p: asyncio.subprocess.Process, data: bytes) -> None:
         pass  # the command did not read all of its input
     finally:
         p.stdin.close()
+
+
+# How long a memfd handed to ``crun exec --process`` by path may stay open when
+# crun never writes its pid file (it failed): long enough for a loaded host.
+PROCESS_FD_TTL = 60.0
+
+
+def process_spec(
+    argv: list[str], *, env: dict[str, str], cwd: str, user: str, tty: bool
+) -> dict[str, Any]:
+    """The OCI process of an exec: what ``crun exec --cwd --user --env --tty`` would build."""
+    uid, _, gid = user.partition(":")
+    return {
+        "args": argv,
+        "env": [f"{k}={v}" for k, v in env.items()],
+        "cwd": cwd,
+        "user": {"uid": int(uid), "gid": int(gid or uid)},
+        "terminal": tty,
+    }
+
+
+def process_memfd(argv: list[str], *, env: dict[str, str], cwd: str, user: str, tty: bool) -> int:
+    """A memfd holding the process spec, at offset 0; the caller closes it.
+
+    Anonymous memory, so the secrets in it never touch a disk, and no other
+    host user can open it (``/proc/PID/fd`` needs ptrace rights on den).
+    """
+    data = json.dumps(process_spec(argv, env=env, cwd=cwd, user=user, tty=tty)).encode()
+    fd = os.memfd_create("den-exec", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _close_when_started(fd: int, pid_file: Path) -> None:
+    """Close ``fd`` once ``pid_file`` exists (crun read the spec before writing it),
+    or after PROCESS_FD_TTL seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PROCESS_FD_TTL
+
+    def check() -> None:
+        if pid_file.exists() or loop.time() >= deadline:
+            os.close(fd)
+        else:
+            loop.call_later(0.1, check)
+
+    loop.call_later(0.1, check)
 
 
 class Crun:
@@ -163,13 +216,19 @@ class Crun:
         sends over that unix socket (SCM_RIGHTS); without, it keeps the standard
         streams it is given. crun exits with the process's status (128+N when
         signal N killed it).
+
+        The command, its environment and its user travel in a process spec that
+        crun reads from a memfd of this daemon (``/proc/PID/fd/N``, which only
+        root can open), never on the command line, where every host user sees
+        them in ``ps``. The memfd is closed once crun has written ``pid_file``
+        (it has read the spec by then), or after PROCESS_FD_TTL seconds.
         """
-        cmd = [*self._base(), "exec", "--pid-file", str(pid_file), "--cwd", cwd, "--user", user]
+        fd = process_memfd(argv, env=env, cwd=cwd, user=user, tty=console_socket is not None)
+        _close_when_started(fd, pid_file)
+        cmd = [*self._base(), "exec", "--pid-file", str(pid_file)]
         if console_socket is not None:
-            cmd += ["--tty", "--console-socket", str(console_socket)]
-        for k, v in env.items():
-            cmd += ["--env", f"{k}={v}"]
-        return [*cmd, cid, *argv]
+            cmd += ["--console-socket", str(console_socket)]
+        return [*cmd, "--process", f"/proc/{os.getpid()}/fd/{fd}", cid]
 
     def ids(self, prefix: str) -> list[str]:
         if not self.root.exists():
@@ -193,10 +252,18 @@ class Crun:
         """Run ``argv`` in the container; on timeout kill it (not the container)."""
         pid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         pid_file = pid_dir / f"exec-{os.getpid()}-{time.monotonic_ns()}.pid"
-        cmd = [*self._base(), "exec", "--pid-file", str(pid_file), "--cwd", cwd, "--user", user]
-        for k, v in env.items():
-            cmd += ["--env", f"{k}={v}"]
-        cmd += [cid, *argv]
+        # The spec (command, environment, user) goes through a memfd crun
+        # inherits: nothing of it on the command line.
+        spec_fd = process_memfd(argv, env=env, cwd=cwd, user=user, tty=False)
+        cmd = [
+            *self._base(),
+            "exec",
+            "--pid-file",
+            str(pid_file),
+            "--process",
+            f"/proc/self/fd/{spec_fd}",
+            cid,
+        ]
         # Output through pipes of our own, not communicate(): a process the
         # command leaves in the background keeps them open, and the call must
         # still return when the command ends (or times out).
@@ -205,7 +272,7 @@ class Crun:
         files = [os.fdopen(out_r, "rb", buffering=0), os.fdopen(err_r, "rb", buffering=0)]
         try:
             p = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.PIPE, stdout=out_w, stderr=err_w
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=out_w, stderr=err_w, pass_fds=[spec_fd]
             )
         except FileNotFoundError:
             for f in files:
@@ -214,6 +281,7 @@ class Crun:
         finally:
             os.close(out_w)
             os.close(err_w)
+            os.close(spec_fd)
         out_buf, err_buf = bytearray(), bytearray()
         readers = [
             asyncio.ensure_future(_collect(files[0], out_buf)),
