@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,10 @@ def make_engine(url: str) -> AsyncEngine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        file = Path(path) if path and path != ":memory:" else None
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            private_files(file)
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -41,9 +46,26 @@ def make_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            if file is not None:
+                private_files(file)  # the -wal and -shm exist now
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def private_files(db: Path) -> None:
+    """Make the SQLite database and its journal files readable by root only.
+
+    They hold the audit log and token hashes. A missing database is created
+    0600 before SQLite opens it, so the -wal and -shm it makes take the same
+    mode; files an older den left 0644 are fixed here, at every start.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    for f in (db, *(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(f.lstat().st_mode) & 0o077 and not f.is_symlink():
+                os.chmod(f, 0o600)
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[Any]:
