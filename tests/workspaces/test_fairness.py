@@ -110,3 +110,26 @@ def test_long_execs_hold_no_database_session(
     assert max(probe.seconds) < 1.0, sorted(probe.seconds)[-5:]
     got = d.call("workspace.get", ref=ws["ref"])
     assert got["last_activity_kind"] == "exec"
+
+
+def test_concurrent_creates_never_exceed_the_quota(
+    pool_daemon: Daemon, bb_image: str, users: Users
+) -> None:
+    d = pool_daemon
+    owner = users.make(max_workspaces=3)
+
+    def attempt(i: int) -> str:
+        try:
+            create(d, owner, f"q{i}")
+            return "ok"
+        except RpcError as exc:
+            assert exc.code == -32004, exc  # quota exceeded, nothing else
+            return "quota"
+
+    with ThreadPoolExecutor(10) as pool:
+        outcomes = list(pool.map(attempt, range(10)))
+    assert outcomes.count("ok") == 3, outcomes
+    rows = d.call("workspace.list", user=owner)
+    assert len(rows) == 3
+    for w in rows:
+        assert ok(d, w["ref"], "echo alive") == "alive\n"

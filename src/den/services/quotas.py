@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
+import weakref
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
 from den.db.models import User, Workspace
 from den.errors import InvalidParams, QuotaExceeded
 from den.rpc.registry import Context
+
+if TYPE_CHECKING:
+    from den.app import App
 
 SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)i?B?", re.I)
 
@@ -26,6 +34,26 @@ def parse_mib(text: str, field: str) -> int:
 
 def host_memory_mib() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+
+
+_owner_locks: weakref.WeakKeyDictionary[App, dict[int, asyncio.Lock]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def owner_lock(ctx: Context, owner: User) -> AsyncIterator[None]:
+    """Serialise one owner's creates, clones and resizes from quota check to commit.
+
+    Without it, two calls both pass :func:`check_quota` before either row is
+    written, and together exceed the quota. Hold it around the check and the
+    commit of the row, never around host work. The lock lives in this
+    process, which is right for one node; a fleet of daemons sharing one
+    PostgreSQL will need a row lock on the owner (``SELECT ... FOR UPDATE``)
+    in the same place.
+    """
+    locks = _owner_locks.setdefault(ctx.app, {})
+    lock = locks.setdefault(owner.id, asyncio.Lock())
+    async with lock:
+        yield
 
 
 async def check_quota(

@@ -28,6 +28,7 @@ from den.services.quotas import (
     apply_disk_limit,
     check_quota,
     check_resources,
+    owner_lock,
     parse_disk,
     parse_mib,
 )
@@ -271,6 +272,16 @@ async def insert_row(ctx: Context, ws: Workspace) -> None:
     raise Conflict("could not allocate an address; try again")
 
 
+async def _name_free(ctx: Context, owner: User, name: str) -> None:
+    dup = await ctx.db.execute(
+        select(Workspace.state).where(Workspace.user_id == owner.id, Workspace.name == name)
+    )
+    row = dup.first()
+    if row is not None:
+        being = " (it is being deleted)" if row[0] == "deleting" else ""
+        raise Conflict(f"{owner.name} has a workspace named {name!r} already{being}")
+
+
 @method("workspace.create", right=Right.write, cli=Cli("new"))
 async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     """Create a workspace from an image and start it; returns once it can run exec."""
@@ -286,12 +297,6 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     check_resources(cpu, memory_mb, pids)
     disk_mb = parse_disk(ctx, p.disk)
     await _image_ready(ctx, image)
-    dup = await ctx.db.execute(
-        select(Workspace.id).where(Workspace.user_id == owner.id, Workspace.name == p.name)
-    )
-    if dup.first() is not None:
-        raise Conflict(f"{owner.name} has a workspace named {p.name!r} already")
-    await check_quota(ctx, owner, cpu, memory_mb, disk_mb)
     ws = Workspace(
         id=new_id(),
         user_id=owner.id,
@@ -304,7 +309,10 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
         pids=pids,
         disk_mb=disk_mb,
     )
-    await insert_row(ctx, ws)
+    async with owner_lock(ctx, owner):
+        await _name_free(ctx, owner, p.name)
+        await check_quota(ctx, owner, cpu, memory_mb, disk_mb)
+        await insert_row(ctx, ws)
     pool = ctx.app.pool
 
     async def storage() -> None:
@@ -372,14 +380,22 @@ async def workspace_resize(ctx: Context, p: WsResize) -> WorkspaceOut:
     pids = p.pids if p.pids is not None else ws.pids
     disk_mb = parse_disk(ctx, p.disk) if p.disk else ws.disk_mb
     check_resources(cpu, memory_mb, pids)
-    await check_quota(ctx, owner, cpu, memory_mb, disk_mb, exclude=ws.id)
-    async with ctx.app.ws_lock(ws.id):
+    before = ws.cpu, ws.memory_mb, ws.pids, ws.disk_mb
+    async with owner_lock(ctx, owner):
+        await check_quota(ctx, owner, cpu, memory_mb, disk_mb, exclude=ws.id)
         ws.cpu, ws.memory_mb, ws.pids, ws.disk_mb = cpu, memory_mb, pids, disk_mb
+        await ctx.db.commit()  # the new sizes count for the owner's next quota check
+    async with ctx.app.ws_lock(ws.id):
         spec = spec_of(ctx.app, ws, owner)
-        ws.backend_state = await ctx.app.backend.update_resources(
-            spec, dict(ws.backend_state or {})
-        )
-        await apply_disk_limit(ctx, ws)
+        try:
+            ws.backend_state = await ctx.app.backend.update_resources(
+                spec, dict(ws.backend_state or {})
+            )
+            await apply_disk_limit(ctx, ws)
+        except BaseException:
+            ws.cpu, ws.memory_mb, ws.pids, ws.disk_mb = before
+            await ctx.db.commit()
+            raise
     return ws_out(ws, owner.name)
 
 
@@ -389,12 +405,6 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     src, src_owner = await find_workspace(ctx, p.source)
     owner = await user_or_self(ctx, None) if ctx.caller.user_id is not None else src_owner
     ctx.target = f"workspace:{owner.name}/{p.name}"
-    dup = await ctx.db.execute(
-        select(Workspace.id).where(Workspace.user_id == owner.id, Workspace.name == p.name)
-    )
-    if dup.first() is not None:
-        raise Conflict(f"{owner.name} has a workspace named {p.name!r} already")
-    await check_quota(ctx, owner, src.cpu, src.memory_mb, src.disk_mb)
     ws = Workspace(
         id=new_id(),
         user_id=owner.id,
@@ -408,7 +418,10 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
         disk_mb=src.disk_mb,
     )
     src_id = src.id
-    await insert_row(ctx, ws)
+    async with owner_lock(ctx, owner):
+        await _name_free(ctx, owner, p.name)
+        await check_quota(ctx, owner, src.cpu, src.memory_mb, src.disk_mb)
+        await insert_row(ctx, ws)
     pool = ctx.app.pool
 
     async def storage() -> None:
