@@ -14,8 +14,11 @@ from den.db.models import SshKey, User
 from den.errors import Conflict, InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import Name, find_user, user_or_self
+from den.services.revocation import Revoked
 
 MAX_KEY_TEXT = 16384
+# Whose key it is stays unsaid: a public key is no proof of anything.
+TAKEN = "this key is already registered; use another key"
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,14 @@ async def key_add(ctx: Context, p: KeyAdd) -> KeyOut:
     if owner == user.id:
         raise Conflict(f"{p.user} has the key {parsed.fingerprint} already")
     if owner is not None:
-        raise Conflict(f"the key {parsed.fingerprint} belongs to another user")
+        raise Conflict(TAKEN)
     key = SshKey(user_id=user.id, **parsed.columns())
     ctx.db.add(key)
     try:
         await ctx.db.flush()
     except IntegrityError:
         # A concurrent key.add of the same key committed after our check above.
-        raise Conflict(f"the key {parsed.fingerprint} belongs to another user") from None
+        raise Conflict(TAKEN) from None
     return _out(key, user.name)
 
 
@@ -152,4 +155,5 @@ async def key_remove(ctx: Context, p: KeyRemove) -> KeyOut:
         raise NotFound(f"{p.user} has no key {p.fingerprint}; `den key ls {p.user}` lists them")
     out = _out(key, user.name)
     await ctx.db.delete(key)
+    ctx.app.revocations.after_commit(ctx, Revoked("key", user.id, user.name, key.fingerprint))
     return out

@@ -13,7 +13,8 @@ from den.db.models import SshKey, User, Workspace
 from den.errors import Conflict, Forbidden, InvalidParams
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
 from den.services.common import Name, find_user
-from den.services.keys import parse_public_key
+from den.services.keys import TAKEN, parse_public_key
+from den.services.revocation import Revoked
 
 Role = Literal["admin", "member"]
 Quota = Annotated[int | None, Field(ge=-1, le=1_000_000)]
@@ -137,9 +138,9 @@ async def user_create(ctx: Context, p: UserCreate) -> UserOut:
         try:
             dup = await ctx.db.execute(same)
         except IntegrityError:  # autoflush of the previous key, taken by a concurrent call
-            raise Conflict("one of the keys belongs to another user already") from None
+            raise Conflict(TAKEN) from None
         if dup.first() is not None:
-            raise Conflict(f"the key {key.fingerprint} belongs to another user already")
+            raise Conflict(TAKEN)
         ctx.db.add(SshKey(user_id=user.id, **key.columns()))
     account = await ctx.app.accounts.ensure(p.name)
     try:
@@ -190,8 +191,9 @@ async def user_update(ctx: Context, p: UserUpdate) -> UserOut:
     changing = {f for f in p.model_fields_set if getattr(p, f) is not None} - {"name"}
     if changing & admin_fields and not ctx.caller.is_admin:
         raise Forbidden("only an admin may change a role or quotas")
-    if p.role is not None:
+    if p.role is not None and p.role != user.role:
         user.role = p.role
+        ctx.app.revocations.after_commit(ctx, Revoked("role", user.id, user.name, role=p.role))
     if p.display_name is not None:
         user.display_name = p.display_name
     for f in ("max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb"):
@@ -222,5 +224,6 @@ async def user_delete(ctx: Context, p: UserRef) -> Deleted:
         )
     await ctx.db.delete(user)
     await ctx.db.flush()
+    ctx.app.revocations.after_commit(ctx, Revoked("user", user.id, user.name))
     await ctx.app.accounts.remove(p.name)
     return Deleted(deleted=p.name)

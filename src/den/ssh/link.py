@@ -14,11 +14,13 @@ if TYPE_CHECKING:
 @dataclass
 class Link:
     app: App
-    caller: Caller
+    caller: Caller  # replaced when the user's role changes (see Connection.revoked)
     ref: str | None  # "OWNER/NAME" of the workspace, or None for the den shell
     session: SshSession
     client: tuple[str, int]
     server: tuple[str, int]
+    fingerprint: str = ""  # of the key the connection logged in with
+    revoked: bool = False  # the key or user is gone: nothing more runs for it
 
     def count_in(self, n: int) -> None:
         self.session.bytes_in += n

@@ -1,9 +1,16 @@
 """The den shell: ``ssh -p 2222 HOST`` (prompt ``den>``) and ``ssh HOST CMD``.
 
 Its commands are the CLI generated from the method registry
-(:mod:`den.cli.generate`), run in-process in a worker thread with the SSH
+(:mod:`den.cli.generate`), run in-process in a thread of their own with the SSH
 user's identity: each call goes through ``REGISTRY.call`` on the daemon's
 event loop, its output to this session's channel (:mod:`den.ssh.stdio`).
+
+A command may wait for its user (``key add NAME -`` reads standard input, ``rm``
+asks for confirmation), so no pool is shared between users: each user runs at
+most ``MAX_PER_USER`` commands at once, and a command waiting more than
+``INPUT_TIMEOUT`` seconds for input fails. Before each call the connection's
+key and the user's role are read again: a removed key or a demotion counts
+from the next call on, even inside a command that was already running.
 """
 
 from __future__ import annotations
@@ -13,9 +20,9 @@ import concurrent.futures
 import logging
 import queue
 import shlex
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncssh
 import typer
@@ -24,9 +31,10 @@ from den import tasks
 from den.cli.client import RpcError
 from den.cli.generate import attach
 from den.cli.spec import MethodSpec
-from den.errors import DenError
+from den.errors import DenError, Unauthenticated
 from den.rpc.registry import REGISTRY
 from den.ssh import stdio
+from den.ssh.target import current_caller
 
 if TYPE_CHECKING:
     from den.ssh.link import Link
@@ -36,7 +44,9 @@ PROMPT = "den> "
 EXIT_CODES = {-32001: 3, -32003: 4, -32006: 4, -32002: 5, -32004: 6, -32005: 7, -32602: 2}
 ALIASES = {"ssh-key": "key", "list": "ls"}
 QUIT = {"exit", "quit", "logout"}
-_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="den-shell")
+MAX_PER_USER = 8  # commands one user runs at once, over all connections
+INPUT_TIMEOUT = 60.0  # seconds a command waits for a line of input
+_running: dict[str, int] = {}  # user name -> commands running (touched on the loop only)
 _command: Any = None
 
 
@@ -48,10 +58,15 @@ class ShellState:
         self.loop = loop
         self.pending: concurrent.futures.Future[Any] | None = None
 
+    async def _call(self, method: str, params: dict[str, Any]) -> Any:
+        link = self.link
+        if link.revoked:
+            raise Unauthenticated("this ssh connection was revoked")
+        link.caller = await current_caller(link.app, link.caller.user_id, link.fingerprint)
+        return await REGISTRY.call(link.app, link.caller, method, params)
+
     def call(self, method: str, params: dict[str, Any]) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(
-            REGISTRY.call(self.link.app, self.link.caller, method, params), self.loop
-        )
+        fut = asyncio.run_coroutine_threadsafe(self._call(method, params), self.loop)
         self.pending = fut
         try:
             return fut.result()
@@ -63,7 +78,7 @@ class ShellState:
             self.pending = None
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     from rich.text import Text
 
     from den.cli import render
@@ -234,7 +249,7 @@ class DenShell(asyncssh.SSHServerSession[str]):
     async def run(self, argv: list[str]) -> int:
         """Run one CLI command in a worker thread; return its exit code."""
         loop = asyncio.get_running_loop()
-        self.state = ShellState(self.link, loop)
+        state = self.state = ShellState(self.link, loop)
 
         def out(text: str) -> None:
             loop.call_soon_threadsafe(self._write, text)
@@ -243,9 +258,20 @@ class DenShell(asyncssh.SSHServerSession[str]):
             loop.call_soon_threadsafe(self._write_err, text)
 
         def readline() -> str:
-            line = self.cmd_input.get()
+            try:
+                line = self.cmd_input.get(timeout=INPUT_TIMEOUT)
+            except queue.Empty:
+                _fail(f"no input for {INPUT_TIMEOUT:.0f} s: the command was cancelled", 1)
             return line or ""
 
+        user = self.link.caller.name
+        if _running.get(user, 0) >= MAX_PER_USER:
+            self._write_err(
+                f"error: {user} runs {MAX_PER_USER} den shell commands already "
+                "(the most at once); wait for one to end\n"
+            )
+            return EXIT_CODES[-32006]
+        _running[user] = _running.get(user, 0) + 1
         streams = stdio.make_streams(out, err, readline, self.tty, self.width)
         # A command may read the input that follows it (key add NAME -); what it
         # leaves unread goes back to be the next commands.
@@ -253,8 +279,11 @@ class DenShell(asyncssh.SSHServerSession[str]):
             self.cmd_input.put(self.lines.get_nowait())
         self.running = True
         try:
-            return await loop.run_in_executor(_pool, self._run_sync, argv, streams, self.state)
+            return await _in_thread(lambda: self._run_sync(argv, streams, state))
         finally:
+            _running[user] -= 1
+            if not _running[user]:
+                del _running[user]
             self.running = False
             # Lines typed ahead that the command did not read are the next commands.
             while not self.cmd_input.empty():
@@ -286,3 +315,23 @@ class DenShell(asyncssh.SSHServerSession[str]):
                 streams.stderr.write("error: internal error (see the daemon's log)\n")
                 return 1
         return 0
+
+
+def _in_thread(fn: Callable[[], int]) -> asyncio.Future[int]:
+    """Run ``fn`` in a new thread (none is shared, so no user can use all of them up)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    def settle(code: int) -> None:
+        if not fut.done():
+            fut.set_result(code)
+
+    def main() -> None:
+        code = 1  # _run_sync catches what commands raise; anything else still ends the wait
+        try:
+            code = fn()
+        finally:
+            loop.call_soon_threadsafe(settle, code)
+
+    threading.Thread(target=main, name="den-shell", daemon=True).start()
+    return fut

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from den.db.models import User, Workspace
-from den.errors import Conflict
+from den.db.models import SshKey, User, Workspace
+from den.errors import Conflict, Unauthenticated
 from den.rpc.registry import REGISTRY, Caller, Context, Right
 from den.services.power import ensure_running
 from den.services.workspaces import find_workspace, spec_of
@@ -34,6 +34,21 @@ NAME_RE = re.compile(NAME)
 def caller_of(user: User) -> Caller:
     right = Right.admin if user.role == "admin" else Right.write
     return Caller(user.name, user.role, right, "ssh", user_id=user.id)
+
+
+async def current_caller(app: App, user_id: int | None, fingerprint: str) -> Caller:
+    """The caller a connection stands for now: its key must still be the user's,
+    and the role is today's, not the one at login."""
+    async with app.sessions() as db:
+        q = (
+            select(User)
+            .join(SshKey, SshKey.user_id == User.id)
+            .where(User.id == user_id, SshKey.fingerprint == fingerprint)
+        )
+        user = (await db.execute(q)).scalar_one_or_none()
+    if user is None:
+        raise Unauthenticated("the key this ssh connection logged in with is no longer valid")
+    return caller_of(user)
 
 
 def parse_login(login: str) -> tuple[str | None, str] | None:
