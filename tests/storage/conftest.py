@@ -1,7 +1,8 @@
 """Image fixtures: one debootstrap image per test session, cached as a tarball.
 
-The first session builds ``bookworm`` minbase with debootstrap and keeps the
-result as ``.cache/images/bookworm-minbase.tar.zst``; later sessions import
+The first session builds ``bookworm`` minbase (with git, which code.push runs
+inside a workspace) with debootstrap and keeps the result as
+``.cache/images/bookworm-minbase-git.tar.zst``; later sessions import
 that tarball instead (seconds instead of a minute). ``test_images`` keeps one
 real debootstrap build that always runs.
 """
@@ -20,7 +21,7 @@ import pytest
 
 from tests.conftest import ROOT, Daemon, running_daemon
 
-CACHE = ROOT / ".cache" / "images" / "bookworm-minbase.tar.zst"
+CACHE = ROOT / ".cache" / "images" / "bookworm-minbase-git.tar.zst"
 BASE = "base"
 
 
@@ -66,12 +67,12 @@ def tar_dir(src: Path, out: Path, compress: str = "--zstd") -> Path:
 
 
 def debian_image_as(d: Daemon, name: str) -> dict[str, Any]:
-    """Debian bookworm minbase as image ``name`` on ``d``: imported from the cached
-    tarball, else built with debootstrap (and then cached for later sessions)."""
+    """Debian bookworm minbase with git as image ``name`` on ``d``: imported from the
+    cached tarball, else built with debootstrap (and then cached for later sessions)."""
     if CACHE.is_file():
         job = d.call("image.import", name=name, path=str(CACHE))
     else:
-        job = d.call("image.build", name=name, suite="bookworm", variant="minbase")
+        job = d.call("image.build", name=name, suite="bookworm", variant="minbase", include=["git"])
     done = wait_job(d, job)
     if done["state"] != "done" and CACHE.is_file():
         CACHE.unlink()  # a stale or broken cache: build next time

@@ -8,12 +8,15 @@ directories (changes and push need no workspace there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +24,12 @@ from typing import Any
 
 import pytest
 
+from den import proc
 from den.errors import BackendFailure, Conflict, NotFound
 from den.storage import code
+from den.storage import git as gitrun
 from tests.conftest import Daemon
+from tests.helpers.outside import outside_host
 
 GIT_ENV = {
     **os.environ,
@@ -400,10 +406,13 @@ ME = code.Identity("Alice Dev", "alice@den.test")
 ROOT = code.Identity("root", "root@den.test")
 
 
-def _push(tree: Path, rel: str, message: str, allowed: set[str]) -> code.Pushed:
-    return asyncio.run(
-        code.push(tree, rel, message, author=ME, committer=ROOT, allowed_remotes=allowed)
-    )
+def _push(tree: Path, rel: str, message: str) -> code.Pushed:
+    """code.push with git run in the test's own tree (in a workspace it runs inside)."""
+
+    async def run(args: list[str], stdin: bytes, env: dict[str, str]) -> proc.Result:
+        return await gitrun.run(*args, repo=tree / rel, input=stdin, extra_env=env, check=False)
+
+    return asyncio.run(code.push(run, rel, message, author=ME, committer=ROOT))
 
 
 def test_changes_and_push(scratch: Path, tree: Path) -> None:
@@ -418,7 +427,7 @@ def test_changes_and_push(scratch: Path, tree: Path) -> None:
     assert changed.path == r.rel and changed.dirty and changed.unpushed == 0
     assert sorted(changed.files) == ["README", "new.txt"]
 
-    pushed = _push(tree, r.rel, "work from the workspace\n\nwith a body", {str(r.bare)})
+    pushed = _push(tree, r.rel, "work from the workspace\n\nwith a body")
     assert pushed.commit is not None and pushed.commits == 1 and pushed.ref == "refs/heads/main"
     assert r.log()[0] == "work from the workspace|Alice Dev|root"
     assert asyncio.run(code.changes(tree)) == []
@@ -429,35 +438,30 @@ def test_changes_and_push(scratch: Path, tree: Path) -> None:
     git("commit", "-q", "-m", "committed inside", cwd=repo)
     (ahead,) = asyncio.run(code.changes(tree))
     assert ahead.unpushed == 1 and not ahead.dirty
-    pushed = _push(tree, r.rel, "unused", {str(r.bare)})
+    pushed = _push(tree, r.rel, "unused")
     assert pushed.commit is None and pushed.commits == 1
     assert r.log()[0].startswith("committed inside|")
 
     with pytest.raises(Conflict, match="nothing to commit or push"):
-        _push(tree, r.rel, "again", {str(r.bare)})
+        _push(tree, r.rel, "again")
 
 
 def test_push_errors(scratch: Path, tree: Path) -> None:
     r = make_remote(scratch)
     repo = _clone(tree, r)
-    allowed = {str(r.bare)}
     with pytest.raises(NotFound):
-        _push(tree, f"local/{r.org}/nope", "m", allowed)
+        _push(tree, f"local/{r.org}/nope", "m")
 
     (repo / "a.txt").write_text("a\n")
-    with pytest.raises(Conflict, match="only to the remotes"):
-        _push(tree, r.rel, "m", {"/somewhere/else.git"})
-    assert r.log() == ["first|Tess Ter|Tess Ter"]
-
     r.commit("theirs.txt", "theirs\n")  # the remote moves on: the push is rejected
     with pytest.raises(Conflict, match="rejected") as info:
-        _push(tree, r.rel, "mine", allowed)
+        _push(tree, r.rel, "mine")
     assert "stays in the workspace" in str(info.value)
     assert git("log", "-1", "--format=%s", cwd=repo) == "mine"  # committed, not lost
 
     git("remote", "remove", "origin", cwd=repo)
     with pytest.raises(Conflict, match="no remote"):
-        _push(tree, r.rel, "m", allowed)
+        _push(tree, r.rel, "m")
 
 
 def test_workspace_repos_cannot_make_root_run_programs(scratch: Path, tree: Path) -> None:
@@ -468,21 +472,28 @@ def test_workspace_repos_cannot_make_root_run_programs(scratch: Path, tree: Path
     hook.write_text(f"#!/bin/sh\ntouch {ran}\n")
     hook.chmod(0o755)
     (repo / "x.txt").write_text("x\n")
-    _push(tree, r.rel, "hooks do not run", {str(r.bare)})
+    _push(tree, r.rel, "hooks do not run")
     assert not ran.exists()
 
-    git("config", "core.fsmonitor", f"touch {ran}", cwd=repo)
-    (repo / "y.txt").write_text("y\n")
-    (state,) = asyncio.run(code.changes(tree))
-    assert state.problem is not None and "core.fsmonitor" in state.problem
-    with pytest.raises(Conflict, match=r"core\.fsmonitor"):
-        _push(tree, r.rel, "m", {str(r.bare)})
-    git("config", "--unset", "core.fsmonitor", cwd=repo)
+    for key, value in (
+        ("core.fsmonitor", f"touch {ran}"),
+        ("filter.x.clean", f"touch {ran}"),
+        ("core.sshCommand", f"touch {ran}"),
+        ("include.path", "/nonexistent/den-include"),
+    ):
+        git("config", key, value, cwd=repo)
+        (repo / ".gitattributes").write_text("* filter=x\n")
+        (state,) = asyncio.run(code.changes(tree))
+        assert state.problem is not None and key.lower() in state.problem, (key, state)
+        git("config", "--file", ".git/config", "--unset", key, cwd=repo)
+        (repo / ".gitattributes").unlink()
+    assert not ran.exists()
 
+    # A config that is a symlink is refused before it is read (it could be any host file).
     (repo / ".git" / "config").rename(repo / ".git" / "config.real")
     (repo / ".git" / "config").symlink_to(repo / ".git" / "config.real")
-    with pytest.raises(Conflict, match="symlink"):
-        _push(tree, r.rel, "m", {str(r.bare)})
+    (state,) = asyncio.run(code.changes(tree))
+    assert state.problem is not None and "symlink" in state.problem
     assert not ran.exists()
 
 
@@ -492,9 +503,6 @@ def test_symlinked_repos_are_not_followed(scratch: Path, tree: Path) -> None:
     (tree / "local" / "elsewhere" / "repo").symlink_to(r.work)
     (r.work / "dirty.txt").write_text("dirty\n")
     assert asyncio.run(code.changes(tree)) == []
-    with pytest.raises(Conflict, match="symlink"):
-        _push(tree, "local/elsewhere/repo", "m", {str(r.bare)})
-    assert len(r.log()) == 1
 
 
 # -- per workspace, through the daemon ------------------------------------------------------
@@ -531,51 +539,171 @@ def workspace(
         pool_daemon.call("workspace.delete", ref=ref)
 
 
+@contextlib.contextmanager
+def git_server(scratch: Path) -> Iterator[str]:
+    """``git daemon`` serving SCRATCH/srv (pushes allowed) on an outside host; its URL."""
+    with outside_host() as host:
+        srv = scratch / "srv"
+        srv.mkdir(exist_ok=True)
+        daemon = host.start(
+            [
+                "git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack",
+                f"--base-path={srv}", f"--listen={host.address}", "--port=9418", str(srv),
+            ],
+            scratch / "git-daemon.log",
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection((host.address, 9418), timeout=1).close()
+                break
+            except OSError:
+                assert daemon.poll() is None and time.monotonic() < deadline, "no git daemon"
+                time.sleep(0.1)
+        url = f"git://{host.address}"
+        yield url
+
+
+def _served_repo(d: Daemon, scratch: Path, url: str, shared: list[str]) -> tuple[Remote, str]:
+    """A remote served by the git server, cloned into the shared tree over git://."""
+    r = make_remote(scratch)
+    res = d.call("code.clone", url=f"{url}/{r.org}/{r.repo}.git")
+    shared.append(res["path"].rsplit("/", 1)[0])
+    return r, str(res["path"])
+
+
+def _exec(d: Daemon, ref: str, script: str, user: str | None = None) -> str:
+    params = {"ref": ref, "argv": ["sh", "-c", script], "timeout": 60}
+    res = (
+        d.call_as(user, "workspace.exec", params)["result"]
+        if user
+        else d.call("workspace.exec", **params)
+    )
+    assert res["exit_code"] == 0, res
+    return str(res["stdout"])
+
+
 def test_workspace_changes_and_push(
     pool_daemon: Daemon, scratch: Path, shared: list[str], workspace: dict[str, Any], name: str
 ) -> None:
-    r = make_remote(scratch)
-    shared.append(f"local/{r.org}")
-    pool_daemon.call("code.clone", url=str(r.bare))
-    ws = workspace["create"]()
-    owner = workspace["owner"]
-    snap = pool_daemon.data_dir / "pool" / "volumes" / ws["id"] / "code"
-    shared_repo = code_dir(pool_daemon) / r.rel
-    head_before = git("rev-parse", "HEAD", cwd=shared_repo)
+    """Changes are read from a frozen snapshot; the push runs git inside the workspace,
+    over the workspace's own network, to a git server outside this machine's namespaces."""
+    with git_server(scratch) as url:
+        r, rel = _served_repo(pool_daemon, scratch, url, shared)
+        ws = workspace["create"]()
+        owner = workspace["owner"]
+        snap = pool_daemon.data_dir / "pool" / "volumes" / ws["id"] / "code"
+        shared_repo = code_dir(pool_daemon) / rel
+        head_before = git("rev-parse", "HEAD", cwd=shared_repo)
 
-    (snap / r.rel / "README").write_text("from the workspace\n")
-    (snap / r.rel / "only-here.txt").write_text("x\n")
-    assert not (shared_repo / "only-here.txt").exists()  # the snapshot is independent
+        (snap / rel / "README").write_text("from the workspace\n")
+        (snap / rel / "only-here.txt").write_text("x\n")
+        assert not (shared_repo / "only-here.txt").exists()  # the snapshot is independent
 
-    resp = pool_daemon.call_as(owner, "code.changes", {"workspace": "code"})
-    (row,) = [c for c in resp["result"] if c["path"] == r.rel]
-    assert row["dirty"] and sorted(row["files"]) == ["README", "only-here.txt"]
-    res = pool_daemon.cli("code", "changes", f"{owner}/code", "--json", check=True)
-    assert r.rel in {c["path"] for c in json.loads(res.stdout)}
+        resp = pool_daemon.call_as(owner, "code.changes", {"workspace": "code"})
+        (row,) = [c for c in resp["result"] if c["path"] == rel]
+        assert row["dirty"] and sorted(row["files"]) == ["README", "only-here.txt"]
+        assert row["remote"] == f"{url}/{r.org}/{r.repo}.git"
+        res = pool_daemon.cli("code", "changes", f"{owner}/code", "--json", check=True)
+        assert rel in {c["path"] for c in json.loads(res.stdout)}
+        # Reading changed nothing in the workspace's repo and left no snapshot behind.
+        assert not (snap / rel / ".git" / "index.lock").exists()
+        assert list((pool_daemon.data_dir / "pool" / "frozen").iterdir()) == []
 
-    res = pool_daemon.cli(
-        "code", "push", "code", "--repo", r.rel, "--message", "from den", user=owner
-    )
-    assert res.returncode == 0, res.stderr
-    subject, author, committer = r.log()[0].split("|")
-    assert subject == "from den" and author == owner and committer == owner
-    assert git("rev-parse", "HEAD", cwd=shared_repo) == head_before
-    assert (shared_repo / "README").read_text() == "hello\n"
-    assert pool_daemon.call("code.changes", workspace=f"{owner}/code") == []
+        res = pool_daemon.cli(
+            "code", "push", "code", "--repo", rel, "--message", "from den", user=owner
+        )
+        assert res.returncode == 0, res.stderr
+        subject, author, committer = r.log()[0].split("|")
+        assert subject == "from den" and author == owner and committer == owner
+        assert git("rev-parse", "HEAD", cwd=shared_repo) == head_before
+        assert (shared_repo / "README").read_text() == "hello\n"
+        assert pool_daemon.call("code.changes", workspace=f"{owner}/code") == []
+        # The commit was made inside: the workspace's own git sees it.
+        log = _exec(pool_daemon, ws["ref"], f"git -C /code/{rel} log -1 --format=%s")
+        assert log == "from den\n"
 
-    (snap / r.rel / "second.txt").write_text("2\n")  # the only repo with changes: no --repo
-    out = pool_daemon.call("code.push", workspace=f"{owner}/code", message="second")
-    assert (out["repo"], out["commits"], out["ref"]) == (r.rel, 1, "refs/heads/main")
-    assert r.log()[0] == f"second|{owner}|root"  # an admin pushing: the committer
+        (snap / rel / "second.txt").write_text("2\n")  # the only repo with changes: no --repo
+        out = pool_daemon.call("code.push", workspace=f"{owner}/code", message="second")
+        assert (out["repo"], out["commits"], out["ref"]) == (rel, 1, "refs/heads/main")
+        assert r.log()[0] == f"second|{owner}|root"  # an admin pushing: the committer
 
-    err = pool_daemon.error("code.push", workspace=f"{owner}/code", repo=r.rel, message="m")
-    assert err.code == CONFLICT and "nothing to commit" in err.message
-    err = pool_daemon.error(
-        "code.push", workspace=f"{owner}/code", repo="local/no/such", message="m"
-    )
-    assert err.code == NOT_FOUND
-    events = audit(pool_daemon, method="code.push", target=f"code:{owner}/code:{r.rel}")
-    assert [e["outcome"] for e in events][-1] == "ok"
+        err = pool_daemon.error("code.push", workspace=f"{owner}/code", repo=rel, message="m")
+        assert err.code == CONFLICT and "nothing to commit" in err.message
+        err = pool_daemon.error(
+            "code.push", workspace=f"{owner}/code", repo="local/no/such", message="m"
+        )
+        assert err.code == NOT_FOUND
+        events = audit(pool_daemon, method="code.push", target=f"code:{owner}/code:{rel}")
+        assert [e["outcome"] for e in events][-1] == "ok"
+
+        # The remote moves on: the push is refused, and the commit stays in the workspace.
+        git("pull", "-q", "--ff-only", cwd=r.work)
+        r.commit("theirs.txt", "theirs\n")
+        (snap / rel / "third.txt").write_text("3\n")
+        err = pool_daemon.error("code.push", workspace=f"{owner}/code", message="third")
+        assert err.code == CONFLICT and "stays in the workspace" in err.message
+        log = _exec(pool_daemon, ws["ref"], f"git -C /code/{rel} log -1 --format=%s")
+        assert log == "third\n"
+
+
+RACER = r"""
+cd /code/{rel}/.git
+cp config config.good
+{{ cat config.good; printf '[filter "x"]\n\tclean = touch {mark}\n\tsmudge = touch {mark}\n'
+  printf '[core]\n\tfsmonitor = touch {mark}\n\tsshCommand = touch {mark}\n'
+  printf '[include]\n\tpath = /etc/passwd\n'; }} > config.bad
+echo '* filter=x' > ../.gitattributes
+end=$(( $(date +%s) + 300 )); i=0
+while [ "$(date +%s)" -lt "$end" ]; do
+  cp config.bad config.new && mv config.new config
+  for f in COMMIT_EDITMSG index.lock ORIG_HEAD FETCH_HEAD HEAD.lock refs/heads/main.lock            logs/HEAD packed-refs.lock; do
+    ln -sfn {victim} "$f" 2>/dev/null
+  done
+  echo "$i" > ../race-$((i % 3)).txt; i=$((i + 1))
+  cp config.good config.new && mv config.new config
+  rm -f COMMIT_EDITMSG index.lock HEAD.lock refs/heads/main.lock packed-refs.lock
+done
+"""
+
+
+@pytest.mark.slow
+def test_a_racing_workspace_cannot_run_or_write_on_the_host(
+    pool_daemon: Daemon, scratch: Path, shared: list[str], workspace: dict[str, Any], name: str
+) -> None:
+    """The workspace swaps a program-running .git/config in and out and plants symlinks to a
+    host path at every place git writes, while code.changes and code.push run 50 times:
+    nothing runs and nothing is written on the host."""
+    tag = secrets.token_hex(4)
+    mark, victim = Path(f"/tmp/den-pwned-{tag}"), Path(f"/tmp/den-victim-{tag}")
+    with git_server(scratch) as url:
+        _r, rel = _served_repo(pool_daemon, scratch, url, shared)
+        ws = workspace["create"]()
+        owner = workspace["owner"]
+        racer = RACER.format(rel=rel, mark=mark, victim=victim)
+        _exec(pool_daemon, ws["ref"], f"cat > /racer.sh <<'EOF'\n{racer}\nEOF\n")
+        _exec(
+            pool_daemon,
+            ws["ref"],
+            "setsid sh /racer.sh </dev/null >/dev/null 2>&1 & echo $! >/racer.pid",
+        )
+        problems, outcomes = 0, set()
+        try:
+            for _ in range(50):
+                resp = pool_daemon.call_as(owner, "code.changes", {"workspace": "code"})
+                assert "result" in resp, resp
+                problems += sum(1 for c in resp["result"] if c["problem"])
+                resp = pool_daemon.call_as(
+                    owner, "code.push", {"workspace": "code", "repo": rel, "message": "race"}
+                )
+                outcomes.add(resp["error"]["code"] if "error" in resp else "ok")
+                assert not mark.exists() and not os.path.lexists(victim)
+        finally:
+            _exec(pool_daemon, ws["ref"], "kill $(cat /racer.pid) || true")
+            mark.unlink(missing_ok=True)
+            victim.unlink(missing_ok=True)
+        assert problems > 0  # the frozen snapshot caught the hostile config at least once
+        assert -32603 not in outcomes, outcomes  # refused or failed cleanly, never internal
 
 
 def test_members_see_only_their_own_workspaces(

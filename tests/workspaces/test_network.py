@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
+from tests.helpers.outside import outside_host
 from tests.workspaces.conftest import (
     Users,
     assert_gone,
@@ -78,83 +79,32 @@ class Outside:
         return f"http://{self.address}:{self.port}/"
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-def _free_third_octet() -> int:
-    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
-    for _ in range(100):
-        third = random.randint(1, 254)
-        if f"198.18.{third}." not in routes:
-            return third
-    raise RuntimeError("no free 198.18.x.0/24")
-
-
 @contextlib.contextmanager
 def outside_server() -> Iterator[Outside]:
-    tag = secrets.token_hex(2)
-    ns, host_if, peer_if = f"dtnet{tag}", f"dth{tag}", f"dtp{tag}"
-    third = _free_third_octet()
-    host_ip, srv_ip = f"198.18.{third}.1", f"198.18.{third}.2"
+    """An HTTP server on an outside host, serving a token of its own."""
     port = random.randint(20000, 30000)
     docroot = Path(tempfile.mkdtemp(prefix="den-outside-"))
     token = secrets.token_hex(8)
     (docroot / "index.html").write_text(token + "\n")
     log = docroot / "server.log"
-    server: subprocess.Popen[bytes] | None = None
     try:
-        _ip("netns", "add", ns)
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        _ip("link", "set", peer_if, "netns", ns)
-        _ip("addr", "add", f"{host_ip}/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", ns, "addr", "add", f"{srv_ip}/24", "dev", peer_if)
-        _ip("-n", ns, "link", "set", peer_if, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        with open(log, "wb") as logf:
-            server = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "/usr/bin/python3",
-                    "-m",
-                    "http.server",
-                    "--bind",
-                    srv_ip,
-                    "--directory",
-                    str(docroot),
-                    str(port),
-                ],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://{srv_ip}:{port}/", timeout=2) as resp:
-                    assert resp.read().decode().strip() == token
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.1)
-        yield Outside(srv_ip, port, token, log)
+        with outside_host() as host:
+            argv = ["/usr/bin/python3", "-m", "http.server", "--bind", host.address]
+            server = host.start([*argv, "--directory", str(docroot), str(port)], log)
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    url = f"http://{host.address}:{port}/"
+                    with urllib.request.urlopen(url, timeout=2) as resp:
+                        assert resp.read().decode().strip() == token
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise
+                    time.sleep(0.1)
+            yield Outside(host.address, port, token, log)
     finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         shutil.rmtree(docroot, ignore_errors=True)
-    assert not link_exists(host_if)
-    assert not Path("/var/run/netns", ns).exists()
 
 
 def test_ruleset_isolation_and_nat(pool_daemon: Daemon, bb_image: str, users: Users) -> None:

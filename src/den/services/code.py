@@ -16,12 +16,17 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
+from den import proc
+from den.backends.base import ExecRequest
 from den.db.models import User, Workspace
-from den.errors import Conflict, InvalidParams, NotFound
+from den.errors import BackendFailure, Conflict, InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
+from den.services.power import ensure_running
+from den.services.workspaces import spec_of
 from den.storage import code, giturl
 from den.storage.git import RepoState
 
+_GIT_TIMEOUT = 600.0
 _REF_RE = re.compile(r"(?:([a-z][a-z0-9-]{0,30})/)?([a-z][a-z0-9-]{0,30})")
 
 
@@ -148,17 +153,28 @@ async def code_reorganize(ctx: Context, p: ReorganizeParams) -> list[MoveOut]:
 async def code_changes(ctx: Context, p: WorkspaceParams) -> list[ChangeOut]:
     """List the repos in a workspace's /code with uncommitted or unpushed work."""
     _ws, _owner, tree = await _snapshot(ctx, p.workspace)
-    return [_change(s) for s in await code.changes(tree)]
+    return [_change(s) for s in await _frozen_changes(ctx, tree)]
+
+
+async def _frozen_changes(ctx: Context, tree: Path) -> list[RepoState]:
+    """The changes of a workspace's tree, read from a frozen read-only snapshot of it."""
+    await ctx.db.commit()  # no database transaction held across the host work
+    async with ctx.app.pool.frozen(tree) as frozen:
+        return await code.changes(frozen)
 
 
 @method("code.push", right=Right.write, cli=Cli("code push"))
 async def code_push(ctx: Context, p: PushParams) -> PushOut:
-    """Commit a workspace repo's changes (git add -A) and push them to its upstream branch."""
+    """Commit a workspace repo's changes (git add -A) and push them to its upstream branch.
+
+    git runs inside the workspace (which needs git installed), as its user, with
+    its network and credentials (its own keys, or a forwarded agent).
+    """
     ws, owner, tree = await _snapshot(ctx, p.workspace)
     ref = f"{owner.name}/{ws.name}"
     rel = p.repo
     if rel is None:
-        pending = [s.path for s in await code.changes(tree)]
+        pending = [s.path for s in await _frozen_changes(ctx, tree)]
         if len(pending) != 1:
             listed = ", ".join(pending[:10]) or "none"
             raise InvalidParams(
@@ -168,14 +184,45 @@ async def code_push(ctx: Context, p: PushParams) -> PushOut:
     ctx.target = f"code:{ref}:{rel}"
     author = code.Identity(owner.display_name or owner.name, f"{owner.name}@{_host()}")
     committer = await _committer(ctx, author)
-    allowed = await code.remote_urls(ctx.app.pool.code)
-    pushed = await code.push(
-        tree, rel, p.message, author=author, committer=committer, allowed_remotes=allowed
-    )
+    run = await _git_inside(ctx, ws, owner, rel)
+    pushed = await code.push(run, rel, p.message, author=author, committer=committer)
     return PushOut(
         workspace=ref, repo=pushed.path, branch=pushed.branch, remote=pushed.remote,
         ref=pushed.ref, commit=pushed.commit, head=pushed.head, commits=pushed.commits,
     )  # fmt: skip
+
+
+async def _git_inside(ctx: Context, ws: Workspace, owner: User, rel: str) -> code.GitRunner:
+    """A runner of git in ``/code/REL`` inside the running (or resumed) workspace."""
+    await ensure_running(ctx, ws, owner, "exec")
+    spec = spec_of(ctx.app, ws, owner)
+    state = dict(ws.backend_state or {})
+    user = ctx.app.settings.ssh_user
+    await ctx.db.commit()  # no database transaction held while git runs
+    where = f"{owner.name}/{ws.name}"
+
+    async def run(args: list[str], stdin: bytes, env: dict[str, str]) -> proc.Result:
+        argv = ["git", "-C", f"/code/{rel}", *args]
+        req = ExecRequest(
+            argv=argv, env={"GIT_TERMINAL_PROMPT": "0", **env}, cwd="/", stdin=stdin,
+            timeout=_GIT_TIMEOUT, user=user,
+        )  # fmt: skip
+        with ctx.app.activity.busy(ws.id, "exec"):
+            res = await ctx.app.backend.exec(spec, state, req)
+        out = proc.Result(
+            argv, res.exit_code, res.stdout.decode(errors="replace"),
+            res.stderr.decode(errors="replace"), 0.0,
+        )  # fmt: skip
+        if res.timed_out:
+            raise BackendFailure(f"git {args[0]} in {where} did not finish in {_GIT_TIMEOUT:.0f}s")
+        if res.exit_code == 127:
+            raise Conflict(
+                f"git is not installed in workspace {where}; install it there "
+                "(e.g. apt-get install git) and push again"
+            )
+        return out
+
+    return run
 
 
 def _host() -> str:

@@ -1,10 +1,11 @@
 """The code tree: ``<server>/<org>/<repo>`` git repos under one root.
 
 The same functions serve the shared tree (``pool.code``, written only by
-den as root: trusted) and a workspace's copy-on-write snapshot of it
-(written by the workspace: untrusted, see :mod:`den.storage.git`). Every git
-command goes through :func:`den.storage.git.run`: an argv list, never a
-shell.
+den as root: trusted) and a frozen read-only snapshot of a workspace's copy
+of it (written by the workspace: untrusted, see :mod:`den.storage.git`).
+Every git command on the host goes through :func:`den.storage.git.run`: an
+argv list, never a shell. Pushing runs git through a :data:`GitRunner`,
+inside the workspace.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,17 +72,6 @@ async def changes(root: Path, *, untrusted: bool = True) -> list[RepoState]:
     """Repos with uncommitted changes or commits not on their upstream (or any remote)."""
     states = await list_repos(root, untrusted=untrusted)
     return [s for s in states if s.dirty or s.unpushed or s.problem]
-
-
-async def remote_urls(root: Path) -> set[str]:
-    """Every remote URL configured in the tree's repos."""
-    urls: set[str] = set()
-    for rel in repo_paths(root):
-        cfg = await git.read_config(root / rel)
-        for key, values in cfg.items():
-            if key.startswith("remote.") and key.endswith(".url"):
-                urls.update(values)
-    return urls
 
 
 # -- clone -------------------------------------------------------------------------
@@ -277,61 +268,60 @@ class Pushed:
     commits: int  # how many commits the push sent
 
 
-async def push(
-    root: Path,
-    rel: str,
-    message: str,
-    *,
-    author: Identity,
-    committer: Identity,
-    allowed_remotes: set[str] | None,
-) -> Pushed:
-    """In the untrusted tree ``root``: ``git add -A``, commit, push to the upstream branch.
+GitRunner = Callable[[list[str], bytes, dict[str, str]], Awaitable[proc.Result]]
+"""Runs ``git ARGS`` (with stdin and extra environment) in one repo and returns
+its result; for a workspace, inside it (see :mod:`den.storage.git`)."""
 
-    With ``allowed_remotes``, the repo's remote URL (and push URL) must be one
-    of them: a workspace cannot redirect den's credentials elsewhere.
+
+async def push(
+    run: GitRunner, rel: str, message: str, *, author: Identity, committer: Identity
+) -> Pushed:
+    """``git add -A``, commit and push to the upstream branch, each step through ``run``.
+
+    Everything git does here happens where ``run`` runs it (inside the
+    workspace): its config, hooks and credentials are the workspace's own.
     """
-    place = giturl.check_rel(rel)
-    rel = place.rel
-    repo = root / rel
-    if not os.path.lexists(repo / ".git"):
-        raise NotFound(f"no git repo at {rel} in this code tree")
-    config = await git.read_config(repo)
-    try:
-        git.check_untrusted(root, rel, config)
-    except git.UnsafeRepo as exc:
-        raise Conflict(f"den will not run git in {rel}: {exc}") from None
-    state = await git.status(root, rel, untrusted=False)
-    if state.problem:
-        raise BackendFailure(f"git status failed in {rel}: {state.problem}")
+    rel = giturl.check_rel(rel).rel
+    res = await run(
+        ["status", "--porcelain=v2", "--branch", "-z", "--ignore-submodules=all"], b"", {}
+    )
+    if res.returncode != 0:
+        if "not a git repository" in res.stderr or "cannot change to" in res.stderr:
+            raise NotFound(f"no git repo at {rel} in this code tree")
+        raise BackendFailure(f"git status failed in {rel}: {_last_line(res)}")
+    state = RepoState(path=rel)
+    initial = git.parse_status(res.stdout, state)
     if state.branch is None:
         raise Conflict(f"{rel} has a detached HEAD; check out a branch first")
+    config = git.parse_config((await run(["config", "--null", "--list"], b"", {})).stdout)
     remote = git.chosen_remote(config, state.branch)
     if remote is None:
         raise Conflict(f"{rel} has no remote to push to (git remote add origin URL)")
     urls = config.get(f"remote.{remote}.url", []) + config.get(f"remote.{remote}.pushurl", [])
-    if allowed_remotes is not None:
-        for u in urls:
-            if u not in allowed_remotes:
-                raise Conflict(
-                    f"den pushes only to the remotes of repos in the shared code tree, and "
-                    f"{u[:200]!r} is not one; an admin can add it with `den code clone`"
-                )
     ref = (config.get(f"branch.{state.branch}.merge") or [f"refs/heads/{state.branch}"])[-1]
     await _check_ref(ref)
-    if not state.dirty and not state.unpushed:
+    if state.upstream is not None and state.ahead is not None:
+        unpushed = state.ahead
+    elif initial:
+        unpushed = 0
+    else:
+        count = await run(["rev-list", "--count", "HEAD", "--not", "--remotes"], b"", {})
+        unpushed = int(count.stdout.strip() or 0) if count.returncode == 0 else 0
+    if not state.dirty and not unpushed:
         raise Conflict(f"nothing to commit or push in {rel}")
     commit = None
     if state.dirty:
-        commit = await _commit(repo, rel, message, author.clean(), committer.clean())
-    head = (await git.run("rev-parse", "HEAD", repo=repo)).stdout.strip()
-    res = await git.run("push", "--porcelain", remote, f"HEAD:{ref}", repo=repo, check=False)
+        commit = await _commit(run, rel, message, author.clean(), committer.clean())
+    head = (await run(["rev-parse", "HEAD"], b"", {})).stdout.strip()
+    res = await run(["push", "--porcelain", remote, f"HEAD:{ref}"], b"", {})
     if res.returncode != 0:
         _push_failed(rel, res, commit)
     log.info("pushed", extra={"ctx": {"path": rel, "ref": ref, "head": head}})
-    return Pushed(
-        rel, state.branch, urls[0], ref, commit, head, state.unpushed + (commit is not None)
-    )
+    return Pushed(rel, state.branch, urls[0], ref, commit, head, unpushed + (commit is not None))
+
+
+def _last_line(res: proc.Result) -> str:
+    return (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1][:300]
 
 
 async def _check_ref(ref: str) -> None:
@@ -342,24 +332,25 @@ async def _check_ref(ref: str) -> None:
         raise Conflict(f"the upstream {ref[:100]!r} is not a valid branch name")
 
 
-async def _commit(repo: Path, rel: str, message: str, author: Identity, committer: Identity) -> str:
-    await git.run("add", "-A", repo=repo)
+async def _commit(
+    run: GitRunner, rel: str, message: str, author: Identity, committer: Identity
+) -> str:
+    res = await run(["add", "-A"], b"", {})
+    if res.returncode != 0:
+        raise BackendFailure(f"git add failed in {rel}: {_last_line(res)}")
     env = {
         "GIT_AUTHOR_NAME": author.name,
         "GIT_AUTHOR_EMAIL": author.email,
         "GIT_COMMITTER_NAME": committer.name,
         "GIT_COMMITTER_EMAIL": committer.email,
     }
-    res = await git.run(
-        "commit", "--no-verify", "--quiet", "-F", "-",
-        repo=repo, input=message.encode(), extra_env=env, check=False,
-    )  # fmt: skip
+    res = await run(["commit", "--no-verify", "--quiet", "-F", "-"], message.encode(), env)
     if res.returncode != 0:
         text = (res.stdout + res.stderr).strip()
         if "nothing to commit" in text or "nothing added to commit" in text:
             raise Conflict(f"nothing to commit in {rel}")
         raise BackendFailure(f"git commit failed: {text[-500:]}")
-    return (await git.run("rev-parse", "HEAD", repo=repo)).stdout.strip()
+    return (await run(["rev-parse", "HEAD"], b"", {})).stdout.strip()
 
 
 def _push_failed(rel: str, res: proc.Result, commit: str | None) -> None:

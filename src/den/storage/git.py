@@ -1,16 +1,26 @@
-"""Running git as root on repos that a workspace may have written.
+"""Running git as root on repos, trusted or written by a workspace.
 
-den runs git as root, and a workspace controls every byte of its code
-snapshot (files it writes are owned by uid 0 on disk). A repo's own
-configuration can make git run programs (hooks, ``core.fsmonitor``, filters,
-``credential.helper``, ``remote.*.receivepack``, ``core.sshCommand``...), and
-a symlink can point git at files outside the snapshot. So for an *untrusted*
-repo den first checks that ``.git`` is a plain directory with no symlinks,
-no ``commondir`` and no alternates, and that its config sets only keys from a
-short allow-list; every git command also runs with hooks, fsmonitor,
-transport helpers, auto-gc and submodule recursion switched off from the
-command line (which outranks the repo's config), with an explicit
-``--git-dir`` so that git never discovers a repo somewhere above.
+A workspace controls every byte of its code snapshot and can change any of
+them at any instant: a check of its ``.git`` followed by a git command on
+the live snapshot is a race the workspace wins (a filter or
+``core.sshCommand`` swapped in between runs as root; a symlink planted where
+git writes sends the write onto the host). So den runs git on a workspace's
+repos in only two ways:
+
+- *reading* (``code.changes``): on a frozen, read-only btrfs snapshot of the
+  workspace's tree (:meth:`den.storage.pool.Pool.frozen`), which nothing can
+  change while git reads it and git cannot write to. The checks below then
+  hold for the whole run: ``.git`` is a plain directory with no symlinks, no
+  ``commondir`` and no alternates, and its config sets only keys from a short
+  allow-list; system and global config are ignored, and every command runs
+  with hooks, fsmonitor, transport helpers, auto-gc and submodule recursion
+  switched off from the command line (which outranks the repo's config), with
+  an explicit ``--git-dir`` so that git never discovers a repo somewhere above.
+- *writing* (``code.push``): inside the workspace, with its own git, ids,
+  namespaces, network and credentials (:func:`den.storage.code.push` with a
+  runner that executes there); nothing runs on the host.
+
+The shared tree is written only by den for admins and is trusted.
 """
 
 from __future__ import annotations
@@ -60,9 +70,19 @@ class UnsafeRepo(Exception):
     """A repo den will not run git in as root; the message says why."""
 
 
+# For repos a workspace wrote: no configuration but the repo's own (checked) one.
+UNTRUSTED_ENV = {
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_ATTR_NOSYSTEM": "1",
+    "HOME": "/nonexistent",
+    "XDG_CONFIG_HOME": "/nonexistent",
+}
+
+
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The daemon's environment without GIT_* variables, never prompting."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "XDG_"))}
     out.update(
         GIT_TERMINAL_PROMPT="0",
         GIT_OPTIONAL_LOCKS="0",  # status must not fight git running inside the workspace
@@ -94,13 +114,20 @@ async def read_config(repo: Path) -> dict[str, list[str]]:
     cfg = repo / ".git" / "config"
     if not cfg.is_file():
         return {}
-    res = await run("config", "--file", str(cfg), "--null", "--list", check=False)
-    out: dict[str, list[str]] = {}
-    for item in res.stdout.split("\0"):
+    res = await run(
+        "config", "--file", str(cfg), "--null", "--list", check=False, extra_env=UNTRUSTED_ENV
+    )
+    return parse_config(res.stdout)
+
+
+def parse_config(out: str) -> dict[str, list[str]]:
+    """``git config --null --list`` output as key -> values."""
+    config: dict[str, list[str]] = {}
+    for item in out.split("\0"):
         if item:
             key, _, value = item.partition("\n")
-            out.setdefault(key, []).append(value)
-    return out
+            config.setdefault(key, []).append(value)
+    return config
 
 
 def _no_symlinks(gitdir: Path) -> None:
@@ -115,8 +142,8 @@ def _no_symlinks(gitdir: Path) -> None:
                     stack.append(Path(entry.path))
 
 
-def check_untrusted(root: Path, rel: str, config: dict[str, list[str]]) -> None:
-    """Raise :class:`UnsafeRepo` unless git may run as root in ``root/rel``."""
+def check_layout(root: Path, rel: str) -> None:
+    """Raise :class:`UnsafeRepo` unless ``root/rel/.git`` is a plain, self-contained repo."""
     repo = root / rel
     if os.path.realpath(repo) != os.path.join(os.path.realpath(root), rel):
         raise UnsafeRepo("its path goes through a symlink")
@@ -127,6 +154,10 @@ def check_untrusted(root: Path, rel: str, config: dict[str, list[str]]) -> None:
         if os.path.lexists(gitdir / name):
             raise UnsafeRepo(f".git/{name} points git at another repo")
     _no_symlinks(gitdir)
+
+
+def check_config(config: dict[str, list[str]]) -> None:
+    """Raise :class:`UnsafeRepo` unless the repo's config sets only allow-listed keys."""
     for key in config:
         if not _SAFE_KEY.fullmatch(key):
             raise UnsafeRepo(
@@ -168,24 +199,32 @@ def chosen_remote(config: dict[str, list[str]], branch: str | None) -> str | Non
 
 
 async def status(root: Path, rel: str, *, untrusted: bool) -> RepoState:
-    """Branch, remote, ahead/behind (as of the last fetch), dirty files of ``root/rel``."""
+    """Branch, remote, ahead/behind (as of the last fetch), dirty files of ``root/rel``.
+
+    ``untrusted``: ``root`` is a frozen snapshot of a workspace's tree (see
+    the module's docstring); the repo is checked first and git sees no
+    configuration but its own.
+    """
     repo = root / rel
     state = RepoState(path=rel)
-    config = await read_config(repo)
-    if untrusted:
-        try:
-            check_untrusted(root, rel, config)
-        except UnsafeRepo as exc:
-            state.problem = str(exc)
-            return state
+    try:
+        if untrusted:
+            check_layout(root, rel)  # before reading: .git/config may be a symlink
+        config = await read_config(repo)
+        if untrusted:
+            check_config(config)
+    except UnsafeRepo as exc:
+        state.problem = str(exc)
+        return state
+    extra = UNTRUSTED_ENV if untrusted else None
     res = await run(
         "status", "--porcelain=v2", "--branch", "-z", "--ignore-submodules=all",
-        repo=repo, check=False,
+        repo=repo, check=False, extra_env=extra,
     )  # fmt: skip
     if res.returncode != 0:
         state.problem = (res.stderr.strip().splitlines() or ["git status failed"])[-1][:300]
         return state
-    initial = _parse_status(res.stdout, state)
+    initial = parse_status(res.stdout, state)
     remote = chosen_remote(config, state.branch)
     if remote is not None:
         state.remote = config[f"remote.{remote}.url"][-1]
@@ -193,13 +232,14 @@ async def status(root: Path, rel: str, *, untrusted: bool) -> RepoState:
         state.unpushed = state.ahead
     elif not initial:
         count = await run(
-            "rev-list", "--count", "HEAD", "--not", "--remotes", repo=repo, check=False
-        )
+            "rev-list", "--count", "HEAD", "--not", "--remotes",
+            repo=repo, check=False, extra_env=extra,
+        )  # fmt: skip
         state.unpushed = int(count.stdout.strip() or 0) if count.returncode == 0 else 0
     return state
 
 
-def _parse_status(out: str, state: RepoState) -> bool:
+def parse_status(out: str, state: RepoState) -> bool:
     """Fill ``state`` from ``git status --porcelain=v2 --branch -z``; True when no commit yet."""
     initial = False
     items = iter(out.split("\0"))

@@ -6,6 +6,7 @@ Layout under the pool root::
     images/.build-*      images being built (removed when a build fails)
     code/                the shared code tree /code/<server>/<org>/<repo>
     volumes/ID/          writable snapshots (a workspace's rootfs and code)
+    frozen/*             read-only snapshots den reads a workspace's files from
 
 On btrfs every image, the code tree and every volume is a subvolume and a
 snapshot is O(1). When the pool cannot be btrfs, the overlayfs driver mounts
@@ -16,8 +17,11 @@ upper layer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +42,7 @@ class Pool:
         self.images = root / "images"
         self.code = root / "code"
         self.volumes = root / "volumes"
+        self.frozen_dir = root / "frozen"
 
     @classmethod
     def detect(cls, root: Path, wanted: str = "auto") -> Pool:
@@ -52,8 +57,11 @@ class Pool:
     def prepare(self) -> None:
         """Create the layout (the code tree as a subvolume on btrfs)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for d in (self.images, self.volumes):
+        for d in (self.images, self.volumes, self.frozen_dir):
             d.mkdir(exist_ok=True, mode=0o700)
+        for left in sorted(self.frozen_dir.iterdir()):
+            log.warning("removing a leftover frozen snapshot", extra={"ctx": {"path": left}})
+            self.discard(left)
         if not self.code.exists():
             if self.driver == "btrfs":
                 btrfs.create_subvolume(self.code)
@@ -158,6 +166,23 @@ class Pool:
         for child in sorted(vdir.iterdir()):
             await asyncio.to_thread(self.discard, child)
         vdir.rmdir()
+
+    @contextlib.asynccontextmanager
+    async def frozen(self, src: Path) -> AsyncIterator[Path]:
+        """A read-only O(1) snapshot of the subvolume ``src``, removed on exit.
+
+        A workspace can change its own files at any instant; what den reads
+        or runs git on must hold still, so den reads this copy instead. Only
+        btrfs can make one (workspaces need btrfs anyway).
+        """
+        if self.driver != "btrfs":
+            raise Conflict("reading a workspace's files needs a btrfs pool; run `den init`")
+        dst = self.frozen_dir / secrets.token_hex(8)
+        await asyncio.to_thread(btrfs.snapshot, src, dst, read_only=True)
+        try:
+            yield dst
+        finally:
+            await asyncio.to_thread(self.discard, dst)
 
     def volume_ids(self) -> list[str]:
         return sorted(p.name for p in self.volumes.iterdir()) if self.volumes.exists() else []
