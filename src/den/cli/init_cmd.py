@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # the rest is imported when the command runs: `den --help` st
     from den.host import checks as host_checks
     from den.host import prepare
 
+# git for code.push (it runs inside the workspace), with what its transports need.
+DEFAULT_INCLUDE = ["git", "ca-certificates", "openssh-client"]
+
 
 def _print_checks(results: list[host_checks.Check]) -> None:
     for c in results:
@@ -131,8 +134,10 @@ async def ensure_image(settings: Settings, name: str, say: prepare.Say) -> None:
             say(f"image {name}: exists ({svc.human_size(img.size_bytes)}), reused")
             return
         say(f"building image {name}: debootstrap bookworm minbase (a minute or so)")
-        await svc.claim(app, name, "debootstrap", "bookworm", [])
-        produce = svc.builder(app, name, secrets.token_hex(4), "bookworm", [], "minbase")
+        await svc.claim(app, name, "debootstrap", "bookworm", DEFAULT_INCLUDE)
+        produce = svc.builder(
+            app, name, secrets.token_hex(4), "bookworm", DEFAULT_INCLUDE, "minbase"
+        )
         start = time.monotonic()
         with Bar(f"image {name}") as bar:
             out = await svc.make(app, name, produce, bar.update)
