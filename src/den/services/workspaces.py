@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from den.backends.base import Spec
 from den.db.models import Image, User, Workspace
-from den.errors import BackendFailure, Conflict, InvalidParams, NotFound
+from den.errors import BackendFailure, Conflict, DenError, InvalidParams, NotFound
 from den.log import timed
 from den.net import ipam
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
@@ -94,8 +94,13 @@ def ws_out(ws: Workspace, owner: str) -> WorkspaceOut:
     )
 
 
-async def find_workspace(ctx: Context, ref: str) -> tuple[Workspace, User]:
-    """The workspace a caller names; another user's is "not found" for members."""
+async def find_workspace(
+    ctx: Context, ref: str, *, deleting: bool = False
+) -> tuple[Workspace, User]:
+    """The workspace a caller names; another user's is "not found" for members.
+
+    One being deleted is refused with its reason, unless ``deleting`` (show, rm).
+    """
     owner_name, name = parse_ref(ref)
     if owner_name is None:
         if ctx.caller.user_id is None:
@@ -111,9 +116,13 @@ async def find_workspace(ctx: Context, ref: str) -> tuple[Workspace, User]:
         .where(User.name == owner_name, Workspace.name == name)
     )
     row = (await ctx.db.execute(q)).first()
-    if row is None or row[0].state == "deleting":
+    if row is None:
         raise NotFound(f"no workspace {ref!r}; `den ls` lists yours")
-    return row[0], row[1]
+    ws, owner = row
+    if ws.state == "deleting" and not deleting:
+        why = f": {ws.state_reason}" if ws.state_reason else ""
+        raise Conflict(f"workspace {owner.name}/{ws.name} is being deleted{why}")
+    return ws, owner
 
 
 def spec_of(app: App, ws: Workspace, owner: User) -> Spec:
@@ -332,7 +341,6 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
 async def workspace_list(ctx: Context, p: WsList) -> list[WorkspaceOut]:
     """List workspaces: yours, or (admins) a user's or everyone's with --all."""
     q = select(Workspace, User.name).join(User, Workspace.user_id == User.id)
-    q = q.where(Workspace.state != "deleting")
     if p.user is not None:
         owner = await find_user(ctx, p.user)
         q = q.where(Workspace.user_id == owner.id)
@@ -349,7 +357,7 @@ async def workspace_list(ctx: Context, p: WsList) -> list[WorkspaceOut]:
 @method("workspace.get", right=Right.read, cli=Cli("show"))
 async def workspace_get(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Show one workspace: state, address, image, resources, activity."""
-    ws, owner = await find_workspace(ctx, p.ref)
+    ws, owner = await find_workspace(ctx, p.ref, deleting=True)
     return ws_out(ws, owner.name)
 
 
@@ -433,14 +441,37 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     return ws_out(ws, owner.name)
 
 
+def failure_reason(exc: BaseException) -> str:
+    """What made a host operation fail, for a workspace's state_reason."""
+    text = exc.message if isinstance(exc, DenError) else f"{type(exc).__name__}: {exc}"
+    return text[:500]
+
+
+async def remove_from_host(app: App, ws: Workspace, owner: User) -> None:
+    """Tear a workspace down and remove its storage; done parts are skipped on a retry."""
+    await app.backend.delete(spec_of(app, ws, owner), dict(ws.backend_state or {}))
+    await app.pool.delete_volume(ws.id)
+
+
 async def delete_workspace(ctx: Context, ws: Workspace, owner: User) -> None:
-    """Mark, tear down, remove storage, drop the row (each step survives a crash)."""
+    """Mark, tear down, remove storage, drop the row (each step survives a crash).
+
+    When the host refuses, the row stays ``deleting`` with the reason, shown by
+    ls and show; the reconciler tries again on each pass (and so does ``rm``).
+    """
     async with ctx.app.ws_lock(ws.id):
         ws.state = "deleting"
+        ws.state_reason = ""
         await ctx.db.commit()
-        spec = spec_of(ctx.app, ws, owner)
-        await ctx.app.backend.delete(spec, dict(ws.backend_state or {}))
-        await ctx.app.pool.delete_volume(ws.id)
+        try:
+            await remove_from_host(ctx.app, ws, owner)
+        except Exception as exc:
+            ws.state_reason = failure_reason(exc)
+            await ctx.db.commit()
+            raise BackendFailure(
+                f"could not delete {owner.name}/{ws.name}: {ws.state_reason}. It stays listed "
+                "as deleting; den tries again on every reconciler pass"
+            ) from exc
         await ctx.db.delete(ws)
         await ctx.db.commit()
     ctx.app.ws_locks.pop(ws.id, None)
@@ -454,7 +485,7 @@ async def delete_workspace(ctx: Context, ws: Workspace, owner: User) -> None:
 )
 async def workspace_delete(ctx: Context, p: WsRef) -> Deleted:
     """Delete a workspace: processes, snapshot, cgroup, network and address all go."""
-    ws, owner = await find_workspace(ctx, p.ref)
+    ws, owner = await find_workspace(ctx, p.ref, deleting=True)
     ref = f"{owner.name}/{ws.name}"
     ctx.target = f"workspace:{ref}"
     await delete_workspace(ctx, ws, owner)
