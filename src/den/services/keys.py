@@ -60,6 +60,11 @@ def parse_public_key(text: str) -> ParsedKey:
             "not an OpenSSH public key (expected a line like 'ssh-ed25519 AAAA... comment')",
             field="key",
         ) from None
+    if key.get_algorithm() == "ssh-dss":
+        raise InvalidParams(
+            "DSA keys are not accepted (obsolete); use an ed25519 key (ssh-keygen -t ed25519)",
+            field="key",
+        )
     comment = key.get_comment() or ""
     return ParsedKey(
         algorithm=key.get_algorithm(),
