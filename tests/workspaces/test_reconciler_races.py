@@ -63,6 +63,8 @@ def test_failed_delete_is_listed_with_its_reason_and_retried(busy_reconciler: Da
             row = listed(d, owner)["stuck"]
             assert row["state"] == "deleting"
             assert "rootfs" in row["state_reason"], row
+            table = d.cli("ls", "--user", owner, check=True).stdout
+            assert "deleting" in table and "Operation not permitted" in table, table
             shown = d.call("workspace.get", ref=ws["ref"])
             assert shown["state"] == "deleting" and shown["state_reason"]
             # Passes keep failing while the cause stays, and keep the reason.

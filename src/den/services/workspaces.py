@@ -23,7 +23,7 @@ from den.errors import BackendFailure, Conflict, DenError, InvalidParams, NotFou
 from den.log import timed
 from den.net import ipam
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
-from den.services.common import Name, find_user, user_or_self
+from den.services.common import Name, find_user, release_db, user_or_self
 from den.services.quotas import (
     apply_disk_limit,
     check_quota,
@@ -262,6 +262,7 @@ async def undo_create(ctx: Context, ws: Workspace, owner: User) -> None:
 async def maybe_teardown_network(ctx: Context) -> None:
     """Undo the instance's host network changes when no workspace is left."""
     left = (await ctx.db.execute(select(func.count(Workspace.id)))).scalar_one()
+    await release_db(ctx)
     if left == 0:
         await ctx.app.backend.teardown_host()
 
@@ -336,7 +337,19 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
 @method(
     "workspace.list",
     right=Right.read,
-    cli=Cli("ls", columns=("ref", "state", "address", "image", "cpu", "memory_mb", "created_at")),
+    cli=Cli(
+        "ls",
+        columns=(
+            "ref",
+            "state",
+            "address",
+            "image",
+            "cpu",
+            "memory_mb",
+            "created_at",
+            "state_reason",
+        ),
+    ),
 )
 async def workspace_list(ctx: Context, p: WsList) -> list[WorkspaceOut]:
     """List workspaces: yours, or (admins) a user's or everyone's with --all."""
