@@ -71,6 +71,18 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds over which failed ssh logins are counted, and a block lasts.",
     )
+    api_max_auth_failures: int = Field(
+        20,
+        ge=1,
+        le=1_000_000,
+        description="Failed API token checks from one address within api_auth_failure_window before its failures are held off.",
+    )
+    api_auth_failure_window: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="Seconds over which failed API token checks are counted, and a hold lasts.",
+    )
     database_url: str = Field(
         "",
         description="SQLAlchemy URL of the state database; empty means SQLite at DATA_DIR/den.db.",

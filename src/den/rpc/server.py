@@ -17,16 +17,18 @@ from aiohttp import web
 from sqlalchemy import select
 
 from den.db.models import User
-from den.errors import DenError, InvalidRequest, Unauthenticated
+from den.errors import DenError, Forbidden, InvalidRequest, Unauthenticated
+from den.rpc.authlimit import AuthFailures
 from den.rpc.jsonrpc import error_response, handle_body
 from den.rpc.registry import ANONYMOUS_TCP, ANONYMOUS_UNIX, ROOT, Caller, Right
-from den.services.tokens import authenticate
+from den.services.tokens import TOKEN_PREFIX, authenticate
 
 if TYPE_CHECKING:
     from den.app import App
 
 log = logging.getLogger(__name__)
 APP_KEY = web.AppKey("den_app", object)
+FAILURES_KEY = web.AppKey("den_auth_failures", AuthFailures)
 _PEERCRED = struct.Struct("3i")
 JSON = "application/json"
 
@@ -59,6 +61,55 @@ def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type=JSON)
 
 
+def _error(err: DenError, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(error_response(err)),
+        status=status,
+        content_type=JSON,
+        headers=headers,
+    )
+
+
+def _token_shaped(header: str) -> bool:
+    scheme, _, value = header.partition(" ")
+    tid, _, secret = value.strip().removeprefix(TOKEN_PREFIX).partition("_")
+    return (
+        scheme.lower() == "bearer"
+        and value.strip().startswith(TOKEN_PREFIX)
+        and bool(tid and secret)
+    )
+
+
+async def request_caller(request: web.Request) -> Caller | web.Response:
+    """The caller of a request (peer credentials on the unix socket, a bearer token
+    on TCP), or the error response to send instead."""
+    app: App = request.app[APP_KEY]  # type: ignore[assignment]
+    uid = peer_uid(request)
+    if uid is not None:
+        return await unix_caller(app, uid)
+    failures = request.app[FAILURES_KEY]
+    addr = request.remote or "?"
+    try:
+        return await authenticate(app, request.headers.get("Authorization")) or ANONYMOUS_TCP
+    except Unauthenticated as err:
+        # Only a den token that fails counts: a malformed header is refused
+        # before the database is asked, and says nothing about any secret.
+        if not _token_shaped(request.headers.get("Authorization", "")):
+            return _error(err, 401, {"WWW-Authenticate": "Bearer"})
+        wait = failures.retry_after(addr)
+        failures.failed(addr)
+        if not wait:
+            return _error(err, 401, {"WWW-Authenticate": "Bearer"})
+        log.info("api authentication refused: address on hold", extra={"ctx": {"client": addr}})
+        held = Unauthenticated(
+            f"too many failed authentications from {addr}; retry in {wait} s",
+            data={"retry_after": wait},
+        )
+        return _error(held, 429, {"Retry-After": str(wait)})
+    except DenError as err:
+        return _error(err, 500)
+
+
 async def rpc_handler(request: web.Request) -> web.StreamResponse:
     app: App = request.app[APP_KEY]  # type: ignore[assignment]
     limit = app.settings.max_body_bytes
@@ -67,21 +118,14 @@ async def rpc_handler(request: web.Request) -> web.StreamResponse:
         data={"reason": f"the request body is larger than the limit of {limit} bytes"},
     )
     if request.content_length is not None and request.content_length > limit:
-        return _json(orjson.dumps(error_response(too_big)), 413)
+        return _error(too_big, 413)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _json(orjson.dumps(error_response(too_big)), 413)
-    uid = peer_uid(request)
-    try:
-        if uid is not None:
-            caller = await unix_caller(app, uid)
-        else:
-            caller = await authenticate(app, request.headers.get("Authorization")) or ANONYMOUS_TCP
-    except Unauthenticated as err:
-        return _json(orjson.dumps(error_response(err)), 401)
-    except DenError as err:
-        return _json(orjson.dumps(error_response(err)), 500)
+        return _error(too_big, 413)
+    caller = await request_caller(request)
+    if isinstance(caller, web.Response):
+        return caller
     out = await handle_body(app, caller, body)
     if out is None:
         return web.Response(status=204)
@@ -95,10 +139,20 @@ async def openrpc_handler(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    """Prometheus text format, from the daemon's own registry."""
+    """Prometheus text format, from the daemon's own registry, for admins only:
+    it names every owner and workspace. Root or an admin on the unix socket, or
+    an admin-right token on TCP (Prometheus: ``authorization: {credentials: TOKEN}``)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     app: App = request.app[APP_KEY]  # type: ignore[assignment]
+    caller = await request_caller(request)
+    if isinstance(caller, web.Response):
+        return caller
+    if not caller.authenticated:
+        err = Unauthenticated("/metrics needs an admin credential: a bearer token of an admin")
+        return _error(err, 401, {"WWW-Authenticate": "Bearer"})
+    if not caller.is_admin or caller.right < Right.admin:
+        return _error(Forbidden("/metrics is for admins (a token with the admin right)"), 403)
     body = generate_latest(app.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -106,6 +160,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 def make_web_app(app: App) -> web.Application:
     web_app = web.Application(client_max_size=app.settings.max_body_bytes)
     web_app[APP_KEY] = app
+    web_app[FAILURES_KEY] = AuthFailures(
+        app.settings.api_max_auth_failures, app.settings.api_auth_failure_window
+    )
     web_app.router.add_post("/rpc", rpc_handler)
     web_app.router.add_get("/openrpc.json", openrpc_handler)
     web_app.router.add_get("/metrics", metrics_handler)

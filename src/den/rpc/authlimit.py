@@ -1,0 +1,59 @@
+"""Failed API authentications per client address, for the TCP listener.
+
+``limit`` failed den tokens (unknown, expired, revoked) within ``window`` seconds
+put an address on hold: its
+further failures are answered at once with -32006 and ``Retry-After`` until
+the oldest counted failure leaves the window. A valid token is still served
+while its address is on hold, so one client cannot lock out the others that
+share its address (every local user is 127.0.0.1); guessing a 256-bit token
+secret is hopeless anyway, what the hold stops is a client hammering the
+database with bad tokens. At most ``max_entries`` addresses are remembered:
+the least recently failed are forgotten first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+
+MAX_ENTRIES = 10_000
+
+
+class AuthFailures:
+    def __init__(self, limit: int, window: float, max_entries: int = MAX_ENTRIES) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_entries = max_entries
+        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, addr: str, now: float) -> deque[float] | None:
+        q = self._seen.get(addr)
+        if q is None:
+            return None
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if not q:
+            del self._seen[addr]
+            return None
+        return q
+
+    def retry_after(self, addr: str) -> int:
+        """Whole seconds until ``addr`` may fail again; 0 when it is not on hold."""
+        now = time.monotonic()
+        q = self._recent(addr, now)
+        if q is None or len(q) < self.limit:
+            return 0
+        return max(1, math.ceil(q[0] + self.window - now))
+
+    def failed(self, addr: str) -> None:
+        now = time.monotonic()
+        q = self._recent(addr, now) or deque(maxlen=self.limit)
+        q.append(now)
+        self._seen[addr] = q
+        self._seen.move_to_end(addr)
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
