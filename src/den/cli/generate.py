@@ -9,6 +9,7 @@ runs the same commands.
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,9 @@ from den.cli.spec import FieldSpec, MethodSpec
 
 Invoke = Callable[[typer.Context, MethodSpec, dict[str, Any]], Any]
 _SIMPLE = (int, float, str, bool)
+# Values a user field may never take: a shell's or a JSON habit for "nothing".
+NULL_LIKE = frozenset({"", "null", "none", "nil"})
+INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def read_input(path: str) -> str:
@@ -40,6 +44,7 @@ class _Field:
         self.name = name = f.name
         self.is_list = f.is_list
         self.as_json = f.kind == "json"
+        self.kind = f.kind
         self.arg = f.arg
         self.abs_path = f.abs_path
         self.read_file = f.read_file
@@ -47,9 +52,9 @@ class _Field:
         inner: Any = {"int": int, "float": float, "bool": bool}.get(f.kind, str)
         if f.kind == "choice":
             inner = Literal.__getitem__(tuple(f.choices))
-        cli_inner = str if (self.as_json or self.read_file) else inner
+        cli_inner = str if (self.as_json or self.read_file or f.kind == "map") else inner
         help_text = f.description + (" (a file; - reads stdin)" if self.read_file else "")
-        dash = name.replace("_", "-")
+        self.dash = dash = name.replace("_", "-")
         required = f.required
         metavar = "FILE" if self.read_file else None
         flags = tuple(f.flags) or (f"--{dash}",)
@@ -65,6 +70,15 @@ class _Field:
             ann = bool
             param = typer.Option(*flags, help=help_text)
             default = False
+        elif f.kind == "map":
+            # Repeatable: --env A=1 --env B=2, or a JSON object, or both.
+            ann = list[str] | None
+            param = typer.Option(
+                *flags,
+                help=help_text + " KEY=VALUE (repeat) or a JSON object.",
+                metavar="KEY=VALUE",
+            )
+            default = None
         elif f.kind == "bool":
             ann = bool | None
             param = typer.Option(f"--{dash}/--no-{dash}", help=help_text, show_default=False)
@@ -83,13 +97,44 @@ class _Field:
             return ...
         if self.flag_value is not None:
             return self.flag_value
+        if self.kind == "map":
+            return self._map(value) if value else ...
         if self.is_list:
             if not value:
                 return ...
             return [self._one(v) for v in value]
         return self._one(value)
 
+    def _map(self, values: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for v in values:
+            if v.lstrip().startswith("{"):
+                try:
+                    obj = orjson.loads(v)
+                except orjson.JSONDecodeError as exc:
+                    raise typer.BadParameter(f"--{self.dash}: not a JSON object: {exc}") from None
+                if not isinstance(obj, dict):
+                    raise typer.BadParameter(f"--{self.dash}: not a JSON object")
+                out.update(obj)
+                continue
+            key, eq, val = v.partition("=")
+            if not eq or not key:
+                raise typer.BadParameter(
+                    f"--{self.dash}: {v[:40]!r} is not KEY=VALUE (nor a JSON object)"
+                )
+            out[key] = val
+        return out
+
     def _one(self, v: Any) -> Any:
+        if self.name == "user" and isinstance(v, str) and v.strip().lower() in NULL_LIKE:
+            # Never "no user": leaving --user out is how to mean yourself.
+            raise typer.BadParameter(
+                f"--user: {v!r} is not a user name (leave --user out to mean yourself)"
+            )
+        if isinstance(v, int) and not isinstance(v, bool) and not INT64[0] <= v <= INT64[1]:
+            raise typer.BadParameter(f"--{self.dash}: {v} is out of range")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise typer.BadParameter(f"--{self.dash}: {v} is not a finite number")
         if self.read_file:
             return read_input(v)
         if self.abs_path:

@@ -16,7 +16,7 @@ import tempfile
 import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from den import __version__
 from den.rpc.registry import Cli, CliArg, CliOpt
@@ -31,7 +31,7 @@ class FieldSpec:
     description: str
     required: bool
     is_list: bool
-    kind: str  # int, float, str, bool, choice or json
+    kind: str  # int, float, str, bool, choice, map (str -> str) or json
     choices: list[str] = field(default_factory=list)
     arg: bool = False
     read_file: bool = False
@@ -59,7 +59,11 @@ def _unwrap(tp: Any) -> Any:
     if get_origin(tp) in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
+            tp = args[0]
+    # A validated str (a Name) is still a str: taken as JSON, "null" would turn
+    # into None and mean "not given".
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
     return tp
 
 
@@ -73,6 +77,8 @@ def _field(name: str, info: Any) -> FieldSpec:
         kind, choices = _SIMPLE[inner], []
     elif get_origin(inner) is Literal:
         kind, choices = "choice", [str(a) for a in get_args(inner)]
+    elif get_origin(inner) is dict and get_args(inner) == (str, str):
+        kind, choices = "map", []
     else:
         kind, choices = "json", []
     return FieldSpec(

@@ -60,19 +60,43 @@ async def user_or_self(ctx: Context, name: str | None) -> User:
     return await find_user(ctx, name)
 
 
-_DURATION_RE = re.compile(r"(\d+)\s*([smhdw])")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# The longest duration den takes anywhere (an idle timeout, "since", an expiry):
+# past it a value is a typo, and far past it datetime arithmetic overflows.
+MAX_DURATION = 366 * 86400
+
+
+def is_duration(text: str) -> bool:
+    """Whether ``text`` is written as a duration: 30s, 5m, 1.5h, 1h30m, 2w."""
+    t = text.strip().lower()
+    return bool(t) and _DURATION_RE.search(t) is not None and _DURATION_RE.sub("", t).strip() == ""
+
+
+def parse_duration(value: str, *, field: str, limit: int = MAX_DURATION) -> int:
+    """Seconds of a duration (30s, 5m, 1.5h, 1h30m, 2w, or bare seconds), at most ``limit``."""
+    text = value.strip().lower()
+    if text.isdigit():
+        seconds = float(text)
+    elif is_duration(text):
+        seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_RE.findall(text))
+    else:
+        raise InvalidParams(
+            f"{value[:40]!r} is not a duration: write 30s, 5m, 2h, 1h30m, 7d or 2w", field=field
+        )
+    if not seconds <= limit:  # also inf, from a number of hundreds of digits
+        raise InvalidParams(f"a duration is at most {limit // 86400} days ({limit} s)", field=field)
+    return round(seconds)
 
 
 def parse_when(value: str, *, field: str, future: bool) -> datetime:
     """A moment given as a duration ("30d", "12h", "1h30m") or an ISO 8601 time.
 
-    A duration counts forward from now when ``future``, else backward.
+    A duration counts forward from now when ``future``, else backward; it is at
+    most MAX_DURATION long.
     """
-    text = value.strip().lower()
-    if text and _DURATION_RE.sub("", text).strip() == "" and _DURATION_RE.search(text):
-        seconds = sum(int(n) * _UNITS[u] for n, u in _DURATION_RE.findall(text))
-        delta = timedelta(seconds=seconds)
+    if is_duration(value):
+        delta = timedelta(seconds=parse_duration(value, field=field))
         return datetime.now(UTC) + delta if future else datetime.now(UTC) - delta
     try:
         moment = datetime.fromisoformat(value.strip())

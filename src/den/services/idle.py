@@ -23,7 +23,7 @@ from den import tasks
 from den.db.models import AuditEvent, User, Workspace
 from den.errors import DenError, InvalidParams
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
-from den.services.common import Name, user_or_self
+from den.services.common import Name, parse_duration, user_or_self
 from den.services.workspaces import find_workspace, live_workspaces, spec_of
 
 if TYPE_CHECKING:
@@ -182,13 +182,7 @@ def parse_policy(value: str | None, field: str) -> int | None:
         return 0
     if text == "default":
         return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        seconds = int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
-    except (ValueError, IndexError):
-        raise InvalidParams(
-            f"{value[:20]!r} is not a duration: write 30s, 5m, 2h, never or default", field=field
-        ) from None
+    seconds = parse_duration(text, field=field)
     if seconds < 10:
         raise InvalidParams("an idle timeout is at least 10 s (or never)", field=field)
     return seconds
