@@ -1,14 +1,13 @@
 """Failed API authentications per client address, for the TCP listener.
 
-``limit`` failed den tokens (unknown, expired, revoked) within ``window`` seconds
-put an address on hold: its
-further failures are answered at once with -32006 and ``Retry-After`` until
-the oldest counted failure leaves the window. A valid token is still served
-while its address is on hold, so one client cannot lock out the others that
-share its address (every local user is 127.0.0.1); guessing a 256-bit token
-secret is hopeless anyway, what the hold stops is a client hammering the
-database with bad tokens. At most ``max_entries`` addresses are remembered:
-the least recently failed are forgotten first.
+``limit`` failed den tokens (unknown, expired, revoked) within ``window``
+seconds put an address on hold: its further failures are answered at once
+with -32006 and ``Retry-After`` until the oldest counted failure leaves the
+window. A valid token is still served while its address is on hold, so one
+client cannot lock out the others that share its address (every local user
+is 127.0.0.1); guessing a 256-bit token secret is hopeless anyway, what the
+hold stops is a client hammering the database with bad tokens. At most
+``max_entries`` addresses are remembered: the least recently failed are forgotten first.
 """
 
 from __future__ import annotations
