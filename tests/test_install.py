@@ -13,6 +13,7 @@ installs Depends and Pre-Depends), or to be on every Debian system
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -20,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,14 +112,20 @@ def _dotted(node: ast.AST) -> str:
     return ""
 
 
+@functools.cache
+def _parse(path: Path) -> tuple[str, ast.Module]:
+    text = path.read_text()
+    return text, ast.parse(text, str(path))
+
+
 Scope = ast.Module | ast.FunctionDef | ast.AsyncFunctionDef
 
 
 class Module:
     """One source file, read in one pass into what the resolver looks up."""
 
-    def __init__(self, text: str, path: Path) -> None:
-        self.tree = ast.parse(text, str(path))
+    def __init__(self, tree: ast.Module) -> None:
+        self.tree = tree
         self.scope_of: dict[ast.AST, Scope] = {}  # node -> innermost function (or module)
         self.functions: dict[str, list[ast.FunctionDef | ast.AsyncFunctionDef]] = {}
         self.calls: dict[str, list[ast.Call]] = {}  # last name of the callee -> calls
@@ -205,10 +213,10 @@ def scan(root: Path = ROOT) -> dict[str, Use]:
     found: dict[str, Use] = {}
     for top in SCANNED:
         for path in sorted((root / top).rglob("*.py")):
-            text = path.read_text()
+            text, tree = _parse(path)
             if not any(word in text for word in WORDS):
                 continue
-            mod = Module(text, path)
+            mod = Module(tree)
             rel = path.relative_to(root)
             for node in sorted(mod.all_calls(), key=lambda n: n.lineno):
                 if not node.args:
@@ -259,24 +267,23 @@ def _candidates(path: Path) -> list[str]:
     return out
 
 
+_OWNER: dict[Path, str | None] = {}  # dpkg -S reads every file list: once per path
+
+
 def owners(paths: Iterable[Path]) -> dict[Path, str]:
-    """The package that ships each path (one dpkg -S call for all)."""
-    cands = {p: _candidates(p) for p in paths}
+    """The package that ships each path (one dpkg -S call for the new ones)."""
+    cands = {p: _candidates(p) for p in paths if p not in _OWNER}
     every = sorted({c for cs in cands.values() for c in cs})
     res = subprocess.run(["dpkg", "-S", *every], capture_output=True, text=True, check=False)
     by_file: dict[str, str] = {}
-    for line in res.stdout.splitlines():
+    for line in res.stdout.splitlines() if every else []:
         if line.startswith("diversion by") or ": " not in line:
             continue
         pkgs, _, file = line.partition(": ")
         by_file[file.strip()] = pkgs.split(",")[0].strip().split(":")[0]
-    out = {}
     for p, cs in cands.items():
-        for c in cs:
-            if c in by_file:
-                out[p] = by_file[c]
-                break
-    return out
+        _OWNER[p] = next((by_file[c] for c in cs if c in by_file), None)
+    return {p: pkg for p, pkg in _OWNER.items() if pkg is not None}
 
 
 @dataclass
@@ -444,7 +451,7 @@ def test_den_init_names_the_packages_install_deps_installs(inst: Installed) -> N
 def _imports(paths: Iterable[Path]) -> set[str]:
     out: set[str] = set()
     for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_parse(path)[1]):
             if isinstance(node, ast.Import):
                 out |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -467,14 +474,37 @@ def test_python_imports_come_from_the_lock_file_or_install_deps(inst: Installed)
     dists = importlib.metadata.packages_distributions()
     lists = install_lists()
     debian = pulled_in(lists["RUN"] | lists["TEST"] | lists["BENCH"], inst) | inst.base
-    bad = []
+    origins = {}
     for mod in third:
         names = {d.lower().replace("_", "-") for d in dists.get(mod, [])}
-        if names & locked:
-            continue
-        spec = importlib.util.find_spec(mod)
-        origin = Path(spec.origin) if spec is not None and spec.origin else None
-        pkg = owners([origin]).get(origin) if origin is not None else None
-        if pkg is None or pkg not in debian:
-            bad.append(f"{mod} (distribution {sorted(names) or '?'}, file {origin}, package {pkg})")
+        if not names & locked:
+            spec = importlib.util.find_spec(mod)
+            origins[mod] = Path(spec.origin) if spec is not None and spec.origin else None
+    pkg_of = owners(p for p in origins.values() if p is not None)
+    bad = [
+        f"{mod} (file {origin}, package {pkg_of.get(origin) if origin else None})"
+        for mod, origin in origins.items()
+        if origin is None or pkg_of.get(origin) not in debian
+    ]
     assert not bad, f"imported but neither locked nor installed by install-deps: {bad}"
+
+
+def test_the_editable_install_finds_its_build_tools(inst: Installed) -> None:
+    """install-deps runs `pip install --no-build-isolation -e .`: pyproject's
+    build requirements and wheel (setuptools' bdist_wheel) come from the venv
+    (which `python3 -m venv` fills from /usr/share/python-wheels) or the system
+    site-packages, so from Debian packages install-deps must name."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = [re.split(r"[<>=!~\[ ;]", r)[0] for r in pyproject["build-system"]["requires"]]
+    run = pulled_in(install_lists()["RUN"], inst) | inst.base
+    venv = Path(sys.prefix)
+    for name in [*needed, "wheel"]:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, f"{name} is not importable"
+        origin = Path(spec.origin)
+        if origin.is_relative_to(venv):  # put there by ensurepip from a bundled wheel
+            wheels = sorted(Path("/usr/share/python-wheels").glob(f"{name}-*.whl"))
+            assert wheels, f"{name} is in {venv} but not from /usr/share/python-wheels"
+            origin = wheels[-1]
+        pkg = owners([origin]).get(origin)
+        assert pkg in run, f"{name} ({origin}) is from {pkg}, which install-deps run does not name"
