@@ -40,6 +40,17 @@ def test_durations_are_bounded_over_rpc(pool_daemon: Daemon, bb_image: str, user
     assert isinstance(d.call("workspace.metrics", ref=ref, since="366d"), list)
 
 
+def test_sizes_are_bounded_over_rpc(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ref = create(d, owner, "size", image=BB)["ref"]
+    for bad in ("9999999999999T", "9" * 40, "2048T"):
+        msg = invalid(d, "workspace.resize", "mem", ref=ref, mem=bad)
+        assert "limit" in msg or "at most" in msg, msg
+        msg = invalid(d, "workspace.create", "disk", name="big", user=owner, image=BB, disk=bad)
+        assert "limit" in msg or "at most" in msg or "disk_quota" in msg, msg
+
+
 def test_bad_input_through_the_cli(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
     d = pool_daemon
     owner = users.make()

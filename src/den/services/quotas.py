@@ -19,7 +19,8 @@ from den.rpc.registry import Context
 if TYPE_CHECKING:
     from den.app import App
 
-SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)i?B?", re.I)
+SIZE_RE = re.compile(r"([0-9]{1,15}(?:\.[0-9]{1,6})?)\s*([KMGT]?)i?B?", re.I)
+MAX_MIB = 1 << 30  # 1 PiB: past any disk, and far inside a 64-bit byte count
 
 
 def parse_mib(text: str, field: str) -> int:
@@ -29,7 +30,10 @@ def parse_mib(text: str, field: str) -> int:
         raise InvalidParams(f"{text[:40]!r} is not a size like 512M or 2G", field=field)
     value, unit = float(m.group(1)), m.group(2).upper()
     factor = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
-    return int(value * factor)
+    mib = int(value * factor)
+    if mib > MAX_MIB:
+        raise InvalidParams(f"{text[:40]!r} is more than the limit of 1024T (1 PiB)", field=field)
+    return mib
 
 
 def host_memory_mib() -> int:
