@@ -186,9 +186,9 @@ class Connection(asyncssh.SSHServer):
         self.server = ("?", 0)
         self.login = ""
         self.began = False
-        # Per key fingerprint: its den user and what the login means for them
-        # (the workspace, None for the den shell, or a Denied), or None: no one's.
-        self.tried: dict[str, tuple[User, str | Denied | None] | None] = {}
+        # Per (key fingerprint, login): its den user and what the login means for
+        # them (the workspace, None for the den shell, or a Denied), or None: no one's.
+        self.tried: dict[tuple[str, str], tuple[User, str | Denied | None] | None] = {}
         self.failures = 0
         self.reason = ""
         self.user: User | None = None
@@ -256,7 +256,8 @@ class Connection(asyncssh.SSHServer):
             "ssh denied",
             extra={"ctx": {"client": self._client(), "login": self.login[:64], "reason": reason}},
         )
-        self.gw.denials.add(self.client[0], self.login, actor, reason, sorted(self.tried))
+        keys = sorted({fp for fp, _login in self.tried})
+        self.gw.denials.add(self.client[0], self.login, actor, reason, keys)
 
     def _client(self) -> str:
         return f"{self.client[0]}:{self.client[1]}"
@@ -286,9 +287,9 @@ class Connection(asyncssh.SSHServer):
         if self.gw.limit.blocked(addr, fp):
             self.reason = "too many failed logins with this key from this address"
             return self._failed(fp, count=False)
-        if fp not in self.tried:
-            self.tried[fp] = await self._lookup(fp, username)
-        found = self.tried[fp]
+        if (fp, username) not in self.tried:
+            self.tried[fp, username] = await self._lookup(fp, username)
+        found = self.tried[fp, username]
         if found is None:
             return self._failed(fp, count=True)
         self.user, self.ref = found
@@ -303,7 +304,7 @@ class Connection(asyncssh.SSHServer):
         if count:
             self.gw.limit.failed(self.client[0], fp)
         self.failures += 1
-        if self.failures >= MAX_AUTH_TRIES and self.conn is not None:
+        if self.failures == MAX_AUTH_TRIES and self.conn is not None:
             self.reason = self.reason or "unknown key"
             self.reason += f"; {MAX_AUTH_TRIES} keys refused: disconnected"
             conn = self.conn
