@@ -489,6 +489,14 @@ def test_workspace_repos_cannot_make_root_run_programs(scratch: Path, tree: Path
         (repo / ".gitattributes").unlink()
     assert not ran.exists()
 
+    # A FIFO in .git would make git wait: refused before git runs.
+    fifo = repo / ".git" / "info" / "exclude"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    (state,) = asyncio.run(asyncio.wait_for(code.changes(tree), 10))
+    assert state.problem is not None and "neither a file nor a directory" in state.problem
+    fifo.unlink()
+
     # A config that is a symlink is refused before it is read (it could be any host file).
     (repo / ".git" / "config").rename(repo / ".git" / "config.real")
     (repo / ".git" / "config").symlink_to(repo / ".git" / "config.real")

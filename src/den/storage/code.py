@@ -28,6 +28,8 @@ from den.storage.git import RepoState
 log = logging.getLogger(__name__)
 TMP_PREFIX = ".den-clone-"
 _PARALLEL = 8
+MAX_REPOS = 200  # looked at in one workspace's tree
+CHANGES_TIMEOUT = 300.0
 _REORGANIZE_DEPTH = 8
 
 
@@ -69,8 +71,22 @@ async def list_repos(root: Path, *, untrusted: bool = False) -> list[RepoState]:
 
 
 async def changes(root: Path, *, untrusted: bool = True) -> list[RepoState]:
-    """Repos with uncommitted changes or commits not on their upstream (or any remote)."""
-    states = await list_repos(root, untrusted=untrusted)
+    """Repos with uncommitted changes or commits not on their upstream (or any remote).
+
+    For a workspace's (frozen) tree, at most :data:`MAX_REPOS` repos are looked
+    at, the scan runs off the event loop and the whole call has a time limit.
+    """
+    rels = await asyncio.to_thread(repo_paths, root)
+    if untrusted and len(rels) > MAX_REPOS:
+        log.warning("too many repos in a workspace tree", extra={"ctx": {"repos": len(rels)}})
+        rels = rels[:MAX_REPOS]
+    try:
+        async with asyncio.timeout(CHANGES_TIMEOUT):
+            states = await _gather_status(root, rels, untrusted)
+    except TimeoutError:
+        raise BackendFailure(
+            f"reading the workspace's repos took longer than {CHANGES_TIMEOUT:.0f}s"
+        ) from None
     return [s for s in states if s.dirty or s.unpushed or s.problem]
 
 

@@ -25,6 +25,7 @@ The shared tree is written only by den for admins and is trusted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ _SAFE_KEY = re.compile(
     re.X,
 )
 MAX_FILES = 100
+MAX_GIT_ENTRIES = 200_000
+MAX_CONFIG = 1 << 20
+UNTRUSTED_TIMEOUT = 60.0  # per git command on a workspace's snapshot
 
 
 class UnsafeRepo(Exception):
@@ -130,16 +134,28 @@ def parse_config(out: str) -> dict[str, list[str]]:
     return config
 
 
-def _no_symlinks(gitdir: Path) -> None:
-    stack = [gitdir]
+def _plain_files(gitdir: Path) -> None:
+    """Every entry of ``gitdir`` a directory or a small-enough regular file, and not too many.
+
+    No symlink leads out; no FIFO or device can make git (or den) wait.
+    """
+    stack, seen = [gitdir], 0
     while stack:
         with os.scandir(stack.pop()) as it:
             for entry in it:
+                seen += 1
+                if seen > MAX_GIT_ENTRIES:
+                    raise UnsafeRepo(f".git holds more than {MAX_GIT_ENTRIES} entries")
+                rel = Path(entry.path).relative_to(gitdir.parent)
                 if entry.is_symlink():
-                    rel = Path(entry.path).relative_to(gitdir.parent)
                     raise UnsafeRepo(f"{rel} is a symlink")
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
+                elif not entry.is_file(follow_symlinks=False):
+                    raise UnsafeRepo(f"{rel} is neither a file nor a directory")
+    config = gitdir / "config"
+    if os.path.lexists(config) and config.lstat().st_size > MAX_CONFIG:
+        raise UnsafeRepo(f".git/config is larger than {MAX_CONFIG >> 10} KiB")
 
 
 def check_layout(root: Path, rel: str) -> None:
@@ -153,7 +169,7 @@ def check_layout(root: Path, rel: str) -> None:
     for name in ("commondir", "objects/info/alternates", "objects/info/http-alternates"):
         if os.path.lexists(gitdir / name):
             raise UnsafeRepo(f".git/{name} points git at another repo")
-    _no_symlinks(gitdir)
+    _plain_files(gitdir)
 
 
 def check_config(config: dict[str, list[str]]) -> None:
@@ -208,8 +224,8 @@ async def status(root: Path, rel: str, *, untrusted: bool) -> RepoState:
     repo = root / rel
     state = RepoState(path=rel)
     try:
-        if untrusted:
-            check_layout(root, rel)  # before reading: .git/config may be a symlink
+        if untrusted:  # before reading: .git/config may be a symlink; off the loop: may be big
+            await asyncio.to_thread(check_layout, root, rel)
         config = await read_config(repo)
         if untrusted:
             check_config(config)
@@ -217,9 +233,10 @@ async def status(root: Path, rel: str, *, untrusted: bool) -> RepoState:
         state.problem = str(exc)
         return state
     extra = UNTRUSTED_ENV if untrusted else None
+    limit = UNTRUSTED_TIMEOUT if untrusted else 300.0
     res = await run(
         "status", "--porcelain=v2", "--branch", "-z", "--ignore-submodules=all",
-        repo=repo, check=False, extra_env=extra,
+        repo=repo, check=False, extra_env=extra, timeout=limit,
     )  # fmt: skip
     if res.returncode != 0:
         state.problem = (res.stderr.strip().splitlines() or ["git status failed"])[-1][:300]
@@ -233,7 +250,7 @@ async def status(root: Path, rel: str, *, untrusted: bool) -> RepoState:
     elif not initial:
         count = await run(
             "rev-list", "--count", "HEAD", "--not", "--remotes",
-            repo=repo, check=False, extra_env=extra,
+            repo=repo, check=False, extra_env=extra, timeout=limit,
         )  # fmt: skip
         state.unpushed = int(count.stdout.strip() or 0) if count.returncode == 0 else 0
     return state
