@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.workspaces.conftest import (
     create,
     make_users,
     ok,
+    own_daemon,
     sh,
     wait_for,
 )
@@ -114,3 +116,23 @@ def test_memory_hog_is_oom_killed_inside(
     finally:
         d.call("workspace.delete", ref=ref)
     assert_gone(d, wid)
+
+
+def test_a_workspace_full_to_its_disk_limit_is_still_deleted() -> None:
+    """A subvolume at its disk limit cannot delete a subvolume nested in it (EDQUOT):
+    den lifts the limit and deletes it anyway, leaving nothing behind."""
+    with own_daemon({"DEN_DISK_QUOTA": "true"}) as d, make_users(d) as users:
+        ws = create(d, users.make(), "full", disk="64M")
+        rootfs = d.data_dir / "pool" / "volumes" / ws["id"] / "rootfs"
+        # What the workspace can do itself with the subvolume ioctl: a nested subvolume.
+        subprocess.run(["btrfs", "subvolume", "create", str(rootfs / "nested")], check=True)
+        res = d.call(
+            "workspace.exec",
+            ref=ws["ref"],
+            argv=["sh", "-c", "dd if=/dev/urandom of=/fill bs=1M count=200; sync; true"],
+            timeout=120,
+        )
+        assert "Disk quota exceeded" in res["stderr"] or "No space" in res["stderr"], res
+        d.call("workspace.delete", ref=ws["ref"])
+        assert not (d.data_dir / "pool" / "volumes" / ws["id"]).exists()
+        assert_gone(d, ws["id"])

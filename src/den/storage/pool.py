@@ -164,8 +164,25 @@ class Pool:
         for mp in mounts.mounts_under(vdir):
             await proc.run(["umount", "--lazy", mp])
         for child in sorted(vdir.iterdir()):
-            await asyncio.to_thread(self.discard, child)
+            try:
+                await asyncio.to_thread(self.discard, child)
+            except BackendFailure:
+                if not await self._lift_limit(child):
+                    raise
+                # A subvolume at its disk limit cannot even delete what it holds
+                # (EDQUOT): a workspace could make itself undeletable.
+                await asyncio.to_thread(self.discard, child)
         vdir.rmdir()
+
+    async def _lift_limit(self, subvol: Path) -> bool:
+        """Lift a disk limit on ``subvol``; False when there was none to lift."""
+        if self.driver != "btrfs" or not btrfs.is_subvolume(subvol):
+            return False
+        try:
+            await btrfs.qgroup_limit_exclusive(self.root, subvol, None)
+        except BackendFailure:
+            return False
+        return True
 
     @contextlib.asynccontextmanager
     async def frozen(self, src: Path) -> AsyncIterator[Path]:
