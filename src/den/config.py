@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     ssh_max_failures: int = Field(
         20,
         ge=1,
-        description="Failed ssh logins from one address within ssh_failure_window before it is blocked.",
+        description="Refusals of one key from one address within ssh_failure_window before that key is blocked there.",
     )
     ssh_failure_window: float = Field(
         300.0,

@@ -104,3 +104,8 @@ def test_null_like_user_is_refused(
     assert info.value.code in (-32001, -32602), info.value
     assert {w["ref"] for w in d.call("workspace.list", all=True)} == before
     assert d.call("workspace.list", user=owner) == []
+
+
+@pytest.mark.parametrize("name", ["null", "none", "nil"])
+def test_null_like_user_names_are_reserved(pool_daemon: Daemon, name: str) -> None:
+    assert "reserved" in invalid(pool_daemon, "user.create", "name", name=name)

@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import time
@@ -397,10 +398,13 @@ def _passwd_lines(rootfs: Path) -> list[str]:
         return []  # missing (or a symlink): only root, with its defaults
 
 
+_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() takes "²"
+
+
 def _find(lines: list[str], user: str) -> Account:
     for line in lines:
         f = line.split(":")
-        if len(f) >= 6 and user in (f[0], f[2]) and f[2].isdigit() and f[3].isdigit():
+        if len(f) >= 6 and user in (f[0], f[2]) and _ID.fullmatch(f[2]) and _ID.fullmatch(f[3]):
             shell = f[6] if len(f) >= 7 and f[6] else "/bin/sh"
             return Account(f[0], int(f[2]), int(f[3]), f[5] or "/", shell)
     if user in ("", "root", "0"):

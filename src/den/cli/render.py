@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -25,6 +26,9 @@ def _cell(value: Any) -> Text:
     return Text(_plain(value))
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def _plain(value: Any) -> str:
     if value is None:
         return "-"
@@ -32,7 +36,8 @@ def _plain(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, dict | list):
         return orjson.dumps(value).decode()
-    text = str(value)
+    # Names and messages may come from a workspace: no escape sequence reaches the terminal.
+    text = _CONTROL.sub("\ufffd", str(value))
     # ISO timestamps: seconds are enough on a screen.
     if len(text) >= 19 and text[4] == "-" and text[10] == "T":
         return text[:19].replace("T", " ")

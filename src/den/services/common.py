@@ -26,6 +26,17 @@ def _check_name(value: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_check_name)]
+# A user called "null" would be read as "nobody given" by every tool that passes JSON around.
+_RESERVED_USERS = {"null", "none", "nil", "undefined"}
+
+
+def _check_user_name(value: str) -> str:
+    if value in _RESERVED_USERS:
+        raise ValueError(f"{value!r} is reserved; choose another user name")
+    return value
+
+
+UserName = Annotated[Name, AfterValidator(_check_user_name)]
 
 
 async def release_db(ctx: Context) -> None:

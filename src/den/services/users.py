@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from den.db.models import SshKey, User, Workspace
 from den.errors import Conflict, Forbidden, InvalidParams
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
-from den.services.common import Name, find_user
+from den.services.common import Name, UserName, find_user
 from den.services.keys import TAKEN, parse_public_key
 from den.services.revocation import Revoked
 
@@ -55,7 +55,7 @@ class UserOut(BaseModel):
 
 
 class _Named(Params):
-    name: Annotated[Name, CliArg()] = Field(description="User name: [a-z][a-z0-9-]{0,30}.")
+    name: Annotated[UserName, CliArg()] = Field(description="User name: [a-z][a-z0-9-]{0,30}.")
 
 
 class _Quotas(Params):

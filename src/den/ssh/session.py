@@ -166,7 +166,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         assert self.ws is not None and self.chan is not None
         app = self.link.app
         backend = app.backend
-        acct = inside.account(self.ws.spec.rootfs, app.settings.ssh_user)
+        acct = await inside.load_account(self.ws.spec.rootfs, app.settings.ssh_user)
         self.pid_file = backend.bundle(self.ws.ws_id) / f"ssh-{secrets.token_hex(6)}.pid"
         if kind == "sftp":
             argv = await sftp.server_argv(app, self.ws, acct, self.pid_file)

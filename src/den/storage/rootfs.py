@@ -91,8 +91,13 @@ def _write(dir_fd: int, name: str, content: str, mode: int = 0o644) -> None:
 
 
 def _read(dir_fd: int, name: str) -> str:
+    # Non-blocking and no controlling tty: a FIFO or a device there is never waited on.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            return ""  # a device is never even opened
+        fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError:
         return ""
     try:
