@@ -147,14 +147,19 @@ class Daemon:
         return info.value
 
     def cli(
-        self, *args: str, user: str | None = None, input: str | None = None, check: bool = False
+        self,
+        *args: str,
+        user: str | None = None,
+        input: str | None = None,
+        check: bool = False,
+        timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
         """Run the `den` CLI, as root or as a den user's host account."""
         kw: dict[str, Any] = {"env": self.env}
         if user is not None:
             kw.update(self._as(user))
         res = subprocess.run(
-            [DEN, *args], input=input, capture_output=True, text=True, timeout=60, **kw
+            [DEN, *args], input=input, capture_output=True, text=True, timeout=timeout, **kw
         )
         if check and res.returncode != 0:
             raise AssertionError(f"den {' '.join(args)} failed ({res.returncode}): {res.stderr}")

@@ -129,7 +129,8 @@ def test_debootstrap_build_with_cli(pool_daemon: Daemon) -> None:
     d = pool_daemon
     name = _name("deb")
     start = time.monotonic()
-    res = d.cli("image", "build", name, "--include", "less,openssh-server", "--json")
+    # A real download from the Debian mirror: a minute here, longer on a loaded machine.
+    res = d.cli("image", "build", name, "--include", "less,openssh-server", "--json", timeout=900)
     seconds = time.monotonic() - start
     assert res.returncode == 0, res.stderr
     assert f'"name": "{name}"' in res.stdout and '"state": "ready"' in res.stdout
