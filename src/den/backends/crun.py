@@ -115,6 +115,11 @@ class Crun:
     def init_pid(self, cid: str) -> int | None:
         """The host pid of the container's init while it runs, from crun's state file
         and /proc, without running crun."""
+        found = self.init_process(cid)
+        return None if found is None else found[0]
+
+    def init_process(self, cid: str) -> tuple[int, int] | None:
+        """(pid, start time in clock ticks) of the container's init while it runs."""
         try:
             status = json.loads((self.root / cid / "status").read_text())
             pid, started = int(status["pid"]), int(status["process-start-time"])
@@ -124,7 +129,7 @@ class Crun:
         # fields[0] is the state, fields[19] the start time: a reused pid is not ours.
         if fields[0] in ("Z", "X") or int(fields[19]) != started:
             return None
-        return pid
+        return pid, started
 
     def quick_state(self, cid: str) -> str | None:
         """ "running" or "stopped" (crun knows it), or None (crun does not)."""

@@ -35,9 +35,10 @@ async def server_argv(app: App, ws: Ready, acct: inside.Account, pid_file: Path)
             return backend.crun.exec_argv(
                 cid, [f"/{rel}"], env=env, cwd=acct.home, user=acct.ids, pid_file=pid_file
             )
-    pid = backend.crun.init_pid(cid)
-    if pid is None:
+    init = backend.crun.init_process(cid)
+    if init is None:
         raise BackendFailure("the workspace has no running init to serve sftp in")
+    pid, started = init
     return [
         sys.executable,
         "-I",
@@ -45,6 +46,8 @@ async def server_argv(app: App, ws: Ready, acct: inside.Account, pid_file: Path)
         "den.ssh.sftp_worker",
         "--pid",
         str(pid),
+        "--start-time",
+        str(started),
         "--user",
         acct.ids,
         "--home",

@@ -100,12 +100,34 @@ def restrict_capabilities(root: bool) -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
-def enter(pid: int, uid: int, gid: int, cgroup: str) -> None:
+def open_process(pid: int, start_time: int) -> int:
+    """A directory fd of ``/proc/PID`` if that pid is still the process started at
+    ``start_time``: a pid reused by another workspace's process is refused. Later
+    opens relative to the fd fail (ESRCH) once the process is gone, so what is
+    opened through it belongs to the process checked here."""
+    proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        stat_fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+        try:
+            fields = os.read(stat_fd, 4096).decode().rsplit(")", 1)[1].split()
+        finally:
+            os.close(stat_fd)
+        if fields[0] in ("Z", "X") or int(fields[19]) != start_time:
+            raise OSError(3, f"process {pid} is not the workspace's init any more")
+    except BaseException:
+        os.close(proc)
+        raise
+    return proc
+
+
+def enter(pid: int, start_time: int, uid: int, gid: int, cgroup: str) -> None:
+    proc = open_process(pid, start_time)
     fds = [
-        (os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag)
+        (os.open(f"ns/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc), flag)
         for name, flag in NAMESPACES
     ]
-    root = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root = os.open("root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
+    os.close(proc)
     join_cgroup(cgroup)
     for fd, flag in fds:
         _check(_libc.setns(fd, flag), "setns")
@@ -122,13 +144,14 @@ def enter(pid: int, uid: int, gid: int, cgroup: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(prog="den-sftp-worker")
     p.add_argument("--pid", type=int, required=True, help="host pid of the workspace's init")
+    p.add_argument("--start-time", type=int, required=True, help="its start time (clock ticks)")
     p.add_argument("--user", required=True, help="UID:GID inside the workspace")
     p.add_argument("--home", required=True)
     p.add_argument("--cgroup", required=True)
     args = p.parse_args()
     uid, gid = (int(x) for x in args.user.split(":"))
     try:
-        enter(args.pid, uid, gid, args.cgroup)
+        enter(args.pid, args.start_time, uid, gid, args.cgroup)
     except OSError as exc:
         sys.stderr.write(f"den-sftp-worker: cannot enter the workspace: {exc}\n")
         sys.exit(1)
