@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
-import threading
-import time
-from pathlib import Path
 from typing import Any
 
 from tests.conftest import Daemon
+from tests.helpers.cmdlines import watch_while
 from tests.workspaces.conftest import BB, Users, create, run
-
-
-def host_cmdlines() -> dict[int, bytes]:
-    """Every host process's command line, as any host user reads it in ``ps``."""
-    out = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            with contextlib.suppress(OSError):  # gone meanwhile
-                out[int(p.name)] = (p / "cmdline").read_bytes()
-    return out
 
 
 def test_exec_env_is_not_on_any_host_command_line(
@@ -47,22 +34,8 @@ def test_exec_env_is_not_on_any_host_command_line(
             )
         )
 
-    t = threading.Thread(target=go)
-    t.start()
-    seen_crun_exec = False
-    try:
-        deadline = time.monotonic() + 2.5
-        while time.monotonic() < deadline:
-            for pid, cmd in host_cmdlines().items():
-                assert env_secret.encode() not in cmd, (pid, cmd)
-                args = cmd.split(b"\0")
-                if args[0].endswith(b"crun") and b"exec" in args:
-                    seen_crun_exec = True
-                    # The command itself is in the process spec too, not in crun's argv.
-                    assert arg_secret.encode() not in cmd, cmd
-            time.sleep(0.02)
-    finally:
-        t.join(30)
+    # The command itself is in the process spec too, not in crun's argv.
+    seen_crun_exec = watch_while(go, 2.5, env_secret.encode(), arg_secret.encode(), join=30)
     assert seen_crun_exec, "the exec was never seen running"
     assert result["exit_code"] == 0, result
 
