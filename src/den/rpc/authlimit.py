@@ -15,29 +15,35 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 MAX_ENTRIES = 10_000
+K = TypeVar("K", bound=Hashable)
 
 
-class AuthFailures:
+class Failures(Generic[K]):
+    """Failures per key within a sliding window, in a table of bounded size
+    (the least recently failed keys are forgotten first)."""
+
     def __init__(self, limit: int, window: float, max_entries: int = MAX_ENTRIES) -> None:
         self.limit = limit
         self.window = window
         self.max_entries = max_entries
-        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+        self.failures: OrderedDict[K, deque[float]] = OrderedDict()
 
-    def _recent(self, addr: str, now: float) -> deque[float] | None:
-        q = self._seen.get(addr)
+    def _recent(self, addr: K, now: float) -> deque[float] | None:
+        q = self.failures.get(addr)
         if q is None:
             return None
         while q and q[0] <= now - self.window:
             q.popleft()
         if not q:
-            del self._seen[addr]
+            del self.failures[addr]
             return None
         return q
 
-    def retry_after(self, addr: str) -> int:
+    def retry_after(self, addr: K) -> int:
         """Whole seconds until ``addr`` may fail again; 0 when it is not on hold."""
         now = time.monotonic()
         q = self._recent(addr, now)
@@ -45,14 +51,17 @@ class AuthFailures:
             return 0
         return max(1, math.ceil(q[0] + self.window - now))
 
-    def failed(self, addr: str) -> None:
+    def failed(self, addr: K) -> None:
         now = time.monotonic()
         q = self._recent(addr, now) or deque(maxlen=self.limit)
         q.append(now)
-        self._seen[addr] = q
-        self._seen.move_to_end(addr)
-        while len(self._seen) > self.max_entries:
-            self._seen.popitem(last=False)
+        self.failures[addr] = q
+        self.failures.move_to_end(addr)
+        while len(self.failures) > self.max_entries:
+            self.failures.popitem(last=False)
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self.failures)
+
+
+AuthFailures = Failures[str]  # per client address

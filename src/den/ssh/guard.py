@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from sqlalchemy import update
 
 from den import tasks
 from den.db.models import AuditEvent
+from den.rpc.authlimit import Failures
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -30,41 +30,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class FailureLimit:
+class FailureLimit(Failures[tuple[str, str]]):
     """Failed logins per (address, key fingerprint); ``limit`` of them within
-    ``window`` seconds block that pair. At most ``max_entries`` pairs are
-    remembered: the least recently failed are forgotten first."""
-
-    def __init__(self, limit: int, window: float, max_entries: int = 10_000) -> None:
-        self.limit = limit
-        self.window = window
-        self.max_entries = max_entries
-        self.failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
-
-    def _recent(self, key: tuple[str, str]) -> deque[float] | None:
-        q = self.failures.get(key)
-        if q is None:
-            return None
-        cutoff = time.monotonic() - self.window
-        while q and q[0] < cutoff:
-            q.popleft()
-        if not q:
-            del self.failures[key]
-            return None
-        return q
+    ``window`` seconds block that pair."""
 
     def blocked(self, addr: str, fingerprint: str) -> bool:
-        q = self._recent((addr, fingerprint))
-        return q is not None and len(q) >= self.limit
+        return self.retry_after((addr, fingerprint)) > 0
 
-    def failed(self, addr: str, fingerprint: str) -> None:
-        key = (addr, fingerprint)
-        q = self._recent(key) or deque(maxlen=self.limit)
-        q.append(time.monotonic())
-        self.failures[key] = q
-        self.failures.move_to_end(key)
-        while len(self.failures) > self.max_entries:
-            self.failures.popitem(last=False)
+    def failed(self, addr: str, fingerprint: str) -> None:  # type: ignore[override]
+        super().failed((addr, fingerprint))
 
 
 OVERFLOW = ("*", "*", "anonymous", "refused connections beyond the audit's per-window cap")
