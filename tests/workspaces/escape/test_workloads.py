@@ -419,3 +419,22 @@ def test_ping_without_net_raw(pool_daemon: Daemon, ws: Ws) -> None:
             res = sh(d, ws.ref, f"ping -c 2 -i 0.2 -W 2 {target}", user=user)
             assert res["exit_code"] == 0, (target, user, res)
             assert "2 received" in res["stdout"], res
+
+
+# -- the controls ran confined -------------------------------------------------------
+
+CAP_SYS_PTRACE = 19
+CAP_NET_RAW = 13
+
+
+def test_the_controls_run_confined(pool_daemon: Daemon, ws: Ws) -> None:
+    """The tests above mean something only under the hardened sandbox itself."""
+    status = dict(
+        line.split(":\t", 1)
+        for line in as_dev(pool_daemon, ws.ref, "cat /proc/self/status").splitlines()
+        if ":\t" in line
+    )
+    assert status["Seccomp"].strip() == "2", status  # a filter, not "0" (none)
+    bounding = int(status["CapBnd"], 16)
+    assert not bounding & (1 << CAP_SYS_PTRACE | 1 << CAP_NET_RAW), hex(bounding)
+    assert status["NoNewPrivs"].strip() == "0", status  # sudo above needs setuid
