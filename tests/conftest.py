@@ -61,6 +61,9 @@ class Daemon:
             "DEN_LOG_LEVEL": "debug",
             "DEN_INSTANCE": str(self.instance),
             "DEN_FSTAB": str(base / "fstab"),
+            # Test pools are 4-8G: the 10G default would pass a member's disk quota
+            # (a share of the pool) with the first workspace.
+            "DEN_DEFAULT_DISK": "512M",
         }
         if database_url:
             self.env["DEN_DATABASE_URL"] = database_url

@@ -101,7 +101,17 @@ class Settings(BaseSettings):
         "auto", description="auto: btrfs when the pool is on btrfs, else the overlayfs fallback."
     )
     disk_quota: bool = Field(
-        False, description="Enforce per-workspace disk limits with btrfs qgroups (slows snapshots)."
+        True,
+        description="Give every workspace a disk limit (btrfs simple quotas, Linux 6.7+); "
+        "false: no disk limits at all.",
+    )
+    # 10G holds a toolchain, dependencies and build output of a typical repo, and
+    # was twice what the member who filled the pool wrote; what the image shares
+    # is not counted. A 50G pool (pool_size) holds five full ones.
+    default_disk: str = Field(
+        "10G",
+        pattern=r"^[0-9]{1,9}[KMGT]?$",
+        description="Disk limit of a new workspace unless --disk is given (disk_quota = true).",
     )
     fstab: Path = Field(
         Path("/etc/fstab"), description="Where den records the pool mount for reboots."

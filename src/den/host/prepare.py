@@ -66,16 +66,20 @@ async def setup_pool(settings: Settings, say: Say) -> Pool:
                 f"{image} exists but holds no btrfs filesystem; move it away and run `den init` again"
             )
         say(f"mounting {image} at {pool_dir}")
-        await proc.run(["mount", "-t", "btrfs", "-o", "loop", str(image), str(pool_dir)])
+        # discard=async: space freed in the pool goes back to the host as holes in
+        # the image file (den also trims the pool after deleting a workspace).
+        await proc.run(
+            ["mount", "-t", "btrfs", "-o", "loop,discard=async", str(image), str(pool_dir)]
+        )
         if settings.fstab and not fstab_has(settings):
             say(f"recording the pool mount in {settings.fstab}")
             with settings.fstab.open("a") as f:
-                f.write(f"{image} {pool_dir} btrfs loop,nofail 0 0\n")
+                f.write(f"{image} {pool_dir} btrfs loop,discard=async,nofail 0 0\n")
     pool = Pool.detect(pool_dir, settings.storage_driver)
     pool.prepare()
     if settings.disk_quota and pool.driver == "btrfs":
-        say("enabling btrfs quotas on the pool (per-workspace disk limits)")
-        await btrfs.quota_enable(pool_dir)
+        say("enabling btrfs simple quotas on the pool (per-workspace disk limits)")
+        btrfs.quota_enable(pool_dir)
     return pool
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, select
 
 from den.db.models import User, Workspace
-from den.errors import InvalidParams, QuotaExceeded
+from den.errors import BackendFailure, InvalidParams, QuotaExceeded
 from den.rpc.registry import Context
 
 if TYPE_CHECKING:
@@ -118,13 +118,31 @@ def check_resources(cpu: float, memory_mb: int, pids: int) -> None:
         raise InvalidParams("pids must be between 16 and 4194304", field="pids")
 
 
+def default_disk(ctx: Context) -> str | None:
+    """The disk limit of a new workspace given none: every one gets one while
+    disk_quota is on (the default)."""
+    s = ctx.app.settings
+    return s.default_disk if s.disk_quota else None
+
+
 def parse_disk(ctx: Context, disk: str | None) -> int | None:
     if disk is None:
         return None
-    if not ctx.app.settings.disk_quota or ctx.app.pool.driver != "btrfs":
+    if not ctx.app.settings.disk_quota:
         raise InvalidParams(
-            "disk limits need btrfs quotas: set disk_quota = true in den.toml and run `den init`",
-            field="disk",
+            "disk limits are off on this server (disk_quota = false in den.toml)", field="disk"
+        )
+    if not ctx.app.pool.quotas():
+        # Refused rather than run unlimited: disk limits are on, so a workspace
+        # without one would be the escape they exist to prevent.
+        why = (
+            "the pool is not btrfs (overlay driver)"
+            if ctx.app.pool.driver != "btrfs"
+            else "btrfs simple quotas are not on in the pool"
+        )
+        raise BackendFailure(
+            f"disk limits are on (disk_quota = true) but {why}: run `den init` (btrfs and "
+            "Linux 6.7 or newer), or set disk_quota = false to run workspaces without disk limits"
         )
     disk_mb = parse_mib(disk, "disk")
     if disk_mb < 64:
@@ -133,11 +151,8 @@ def parse_disk(ctx: Context, disk: str | None) -> int | None:
 
 
 async def apply_disk_limit(ctx: Context, ws: Workspace) -> None:
-    """Limit the space the workspace's snapshots hold on their own (btrfs qgroups)."""
+    """Limit what the workspace's snapshots, and any subvolume made inside them, hold
+    together (its level-1 btrfs qgroup; see den.storage.btrfs)."""
     if ws.disk_mb is None:
         return
-    from den.storage import btrfs
-
-    vdir = ctx.app.pool.volume_dir(ws.id)
-    for part in ("rootfs", "code"):
-        await btrfs.qgroup_limit_exclusive(ctx.app.pool.root, vdir / part, ws.disk_mb << 20)
+    await ctx.app.pool.limit_volume(ws.id, ws.disk_mb << 20)

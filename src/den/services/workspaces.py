@@ -28,6 +28,7 @@ from den.services.quotas import (
     apply_disk_limit,
     check_quota,
     check_resources,
+    default_disk,
     owner_lock,
     parse_disk,
     parse_mib,
@@ -177,7 +178,7 @@ class WsCreate(Params):
     mem: str | None = Field(None, max_length=16, description="Memory, e.g. 512M or 2G.")
     pids: int | None = Field(None, description="Most processes at once.")
     disk: str | None = Field(
-        None, max_length=16, description="Disk limit, e.g. 10G (needs disk_quota = true)."
+        None, max_length=16, description="Disk limit, e.g. 10G (default: default_disk)."
     )
 
 
@@ -305,7 +306,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     memory_mb = parse_mib(p.mem, "mem") if p.mem else parse_mib(s.default_memory, "mem")
     pids = p.pids if p.pids is not None else s.default_pids
     check_resources(cpu, memory_mb, pids)
-    disk_mb = parse_disk(ctx, p.disk)
+    disk_mb = parse_disk(ctx, p.disk if p.disk is not None else default_disk(ctx))
     await _image_ready(ctx, image)
     ws = Workspace(
         id=new_id(),
@@ -436,7 +437,8 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
         cpu=src.cpu,
         memory_mb=src.memory_mb,
         pids=src.pids,
-        disk_mb=src.disk_mb,
+        # A source from before disk limits were on has none; its copy gets the default.
+        disk_mb=src.disk_mb if src.disk_mb is not None else parse_disk(ctx, default_disk(ctx)),
     )
     src_id = src.id
     async with owner_lock(ctx, owner):

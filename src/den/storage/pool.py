@@ -12,6 +12,11 @@ On btrfs every image, the code tree and every volume is a subvolume and a
 snapshot is O(1). When the pool cannot be btrfs, the overlayfs driver mounts
 an overlay of the image instead (still O(1) to create; a clone copies the
 upper layer).
+
+With simple quotas on (``disk_quota``), the snapshots of volume ID join the
+level-1 qgroup of ID, which carries its disk limit (see den.storage.btrfs).
+After a volume is deleted the pool trims its free space, so that a loop-backed
+pool gives the space back to the host.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-from den import proc
+from den import proc, tasks
 from den.errors import BackendFailure, Conflict, NotFound
 from den.storage import btrfs, mounts
 
@@ -43,6 +48,10 @@ class Pool:
         self.code = root / "code"
         self.volumes = root / "volumes"
         self.frozen_dir = root / "frozen"
+        # qgroups of deleted volumes, removed (and the pool trimmed) by one task at a time
+        self._reclaim: set[int] = set()
+        self._dirty = False
+        self._reclaiming: asyncio.Task[None] | None = None
 
     @classmethod
     def detect(cls, root: Path, wanted: str = "auto") -> Pool:
@@ -122,9 +131,32 @@ class Pool:
         if self.driver == "btrfs":
             if dst.exists():
                 return dst
-            await asyncio.to_thread(btrfs.snapshot, src, dst)
+            if self.quotas():
+                group = btrfs.workspace_qgroup(vid)
+                await asyncio.to_thread(btrfs.qgroup_create, self.root, group)
+                await asyncio.to_thread(btrfs.snapshot_into, src, dst, group)
+            else:
+                await asyncio.to_thread(btrfs.snapshot, src, dst)
             return dst
         return await self._overlay(src, vdir, part)
+
+    def quotas(self) -> bool:
+        """Whether this pool can limit the disk of volumes (btrfs with simple quotas on)."""
+        return self.driver == "btrfs" and btrfs.quota_mode(self.root) == "squota"
+
+    async def limit_volume(self, vid: str, limit_bytes: int | None) -> None:
+        """Limit what volume ``vid``'s snapshots (and subvolumes made inside them) hold.
+
+        Also puts the parts in the volume's group when they are not yet (a volume
+        made before quotas were on), so the limit never misses one.
+        """
+        group = btrfs.workspace_qgroup(vid)
+        await asyncio.to_thread(btrfs.qgroup_create, self.root, group)
+        vdir = self.volume_dir(vid)
+        for part in sorted(vdir.iterdir()) if vdir.exists() else []:
+            if btrfs.is_subvolume(part):
+                await asyncio.to_thread(btrfs.qgroup_assign, self.root, part, group)
+        await asyncio.to_thread(btrfs.qgroup_limit, self.root, group, limit_bytes)
 
     async def _overlay(self, lower: Path, vdir: Path, part: str) -> Path:
         upper, work, merged = vdir / f"{part}.upper", vdir / f"{part}.work", vdir / part
@@ -163,26 +195,38 @@ class Pool:
             return
         for mp in mounts.mounts_under(vdir):
             await proc.run(["umount", "--lazy", mp])
+        quotas = self.quotas()
         for child in sorted(vdir.iterdir()):
             try:
                 await asyncio.to_thread(self.discard, child)
             except BackendFailure:
-                if not await self._lift_limit(child):
+                if not quotas:
                     raise
                 # A subvolume at its disk limit cannot even delete what it holds
                 # (EDQUOT): a workspace could make itself undeletable.
+                await self.limit_volume(vid, None)
                 await asyncio.to_thread(self.discard, child)
         vdir.rmdir()
+        if self.driver == "btrfs":
+            if quotas:
+                self._reclaim.add(btrfs.workspace_qgroup(vid))
+            self._dirty = True
+            if self._reclaiming is None or self._reclaiming.done():
+                self._reclaiming = tasks.spawn(self._give_back(), name="pool-reclaim")
 
-    async def _lift_limit(self, subvol: Path) -> bool:
-        """Lift a disk limit on ``subvol``; False when there was none to lift."""
-        if self.driver != "btrfs" or not btrfs.is_subvolume(subvol):
-            return False
-        try:
-            await btrfs.qgroup_limit_exclusive(self.root, subvol, None)
-        except BackendFailure:
-            return False
-        return True
+    async def _give_back(self) -> None:
+        """Once the cleaner has freed the deleted subvolumes: drop their qgroups and trim
+        the pool, so that a loop-backed pool.img shrinks. All of it off the event loop;
+        deletions meanwhile make one more round. A group whose extents a clone still
+        holds stays, and is tried again after the next deletion."""
+        while self._dirty:
+            self._dirty = False
+            if await asyncio.to_thread(btrfs.wait_cleaned, self.root, 600.0):
+                for group in sorted(self._reclaim):
+                    if await asyncio.to_thread(btrfs.qgroup_destroy, self.root, group):
+                        self._reclaim.discard(group)
+            trimmed = await asyncio.to_thread(btrfs.fitrim, self.root)
+            log.debug("pool trimmed", extra={"ctx": {"bytes": trimmed}})
 
     @contextlib.asynccontextmanager
     async def frozen(self, src: Path) -> AsyncIterator[Path]:
