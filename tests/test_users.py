@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grp
 import itertools
+import os
 import pwd
 import secrets
 import subprocess
@@ -191,6 +192,7 @@ def test_quotas_stored_and_cleared(daemon: Daemon, name: str) -> None:
         cleared = daemon.call("user.update", name=name, max_workspaces=-1, max_disk_mb=-1)
         assert cleared["max_workspaces"] is None and cleared["max_disk_mb"] is None
         assert cleared["max_cpu"] == 8 and cleared["max_memory_mb"] == 2048
+        assert cleared["quota_defaults"] == []  # -1 is this user's own: no limit
         got = daemon.call("user.get", name=name)
         assert (got["max_workspaces"], got["max_disk_mb"]) == (None, None)
         assert daemon.error("user.update", name=name, max_cpu=-2).code == -32602
@@ -216,7 +218,9 @@ def test_member_updates_own_display_name_only(daemon: Daemon, user: str) -> None
         resp = daemon.call_as(user, "user.update", {"name": user, **change})
         assert resp["error"]["code"] == -32003, resp
     got = daemon.call("user.get", name=user)
-    assert got["role"] == "member" and got["max_cpu"] is None
+    # Unchanged: still the server's default, not the member's 64 (nor no limit).
+    assert got["role"] == "member" and "max_cpu" in got["quota_defaults"]
+    assert got["max_cpu"] == 2 * (os.cpu_count() or 1)
     assert got["display_name"] == "Me Myself"
 
 

@@ -138,6 +138,35 @@ class Settings(BaseSettings):
         1024, ge=16, description="Process limit of a new workspace unless given."
     )
     default_image: str = Field("debian", description="Image of a new workspace unless given.")
+    # Quotas of a member whose own quota is unset (`den user set --max-...` overrides them;
+    # admins get none). Shares of the host follow it when it grows.
+    default_max_workspaces: int = Field(
+        10, ge=-1, description="Workspaces a member may own (-1: no limit)."
+    )
+    default_max_cpu: str = Field(
+        "200%",
+        pattern=r"^(-1|[0-9]{1,6}|[0-9]{1,5}%)$",
+        description="CPUs over a member's workspaces: a number or a share of the host's (-1: no limit).",
+    )
+    default_max_memory: str = Field(
+        "50%",
+        pattern=r"^(-1|[0-9]{1,15}[KMGT]?|[0-9]{1,5}%)$",
+        description="Memory over a member's workspaces: a size or a share of the host's (-1: no limit).",
+    )
+    default_max_disk: str = Field(
+        "100%",
+        pattern=r"^(-1|[0-9]{1,15}[KMGT]?|[0-9]{1,5}%)$",
+        description="Disk limits over a member's workspaces: a size or a share of the pool (-1: no limit).",
+    )
+    exec_max_output: int = Field(
+        1 << 20,
+        ge=4096,
+        le=1 << 30,
+        description="Bytes of stdout and of stderr one workspace.exec returns; the rest is dropped.",
+    )
+    exec_max_concurrent: int = Field(
+        8, ge=1, le=10_000, description="workspace.exec calls one member may run at once."
+    )
     reconcile_interval: float = Field(
         30.0, ge=0, description="Seconds between reconciler passes (0: only at start)."
     )

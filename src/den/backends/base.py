@@ -53,6 +53,7 @@ class ExecRequest:
     stdin: bytes = b""
     timeout: float = 60.0
     user: str = "root"
+    max_output: int = 1 << 20  # bytes kept of stdout and of stderr each; the rest is dropped
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
+    truncated: bool = False  # stdout or stderr had more than ``max_output`` bytes
 
 
 @dataclass
@@ -145,7 +147,9 @@ class Backend(ABC):
         """Run a command inside a running workspace and wait for it.
 
         The caller resumes a suspended workspace first. A timeout kills the
-        command (not the workspace) and sets ``timed_out``.
+        command (not the workspace) and sets ``timed_out``. Output past
+        ``req.max_output`` per stream is read and dropped (never held), and
+        sets ``truncated``.
         """
 
     @abstractmethod

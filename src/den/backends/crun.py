@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -22,22 +23,93 @@ class ExecOutcome:
     stdout: bytes
     stderr: bytes
     timed_out: bool
+    truncated: bool = False  # stdout or stderr had more than the call's cap
 
 
-MAX_OUTPUT = 16 << 20
+class _Capped:
+    """What a pipe gave, up to ``cap`` bytes; the rest is read and dropped, so the
+    command never blocks on a full pipe and the daemon never holds more than the cap."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.data = bytearray()
+        self.dropped = 0
+
+    async def collect(self, pipe: BinaryIO) -> None:
+        """Read the pipe until EOF or cancelled."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 16)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            while chunk := await reader.read(1 << 16):
+                room = self.cap - len(self.data)
+                if room > 0:
+                    self.data += chunk[:room]
+                self.dropped += max(0, len(chunk) - max(room, 0))
+        finally:
+            transport.close()
 
 
-async def _collect(pipe: BinaryIO, buf: bytearray) -> None:
-    """Read a pipe into ``buf`` (at most MAX_OUTPUT bytes kept) until EOF or cancelled."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+def pidfd_of_child(pid: int) -> int | None:
+    """A pidfd of a child of ours, taken at once after spawning it (it cannot have been
+    reaped yet, so the pid is still its own); None if it is already gone."""
     try:
-        while chunk := await reader.read(1 << 16):
-            if len(buf) < MAX_OUTPUT:
-                buf += chunk[: MAX_OUTPUT - len(buf)]
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def _exited(pidfd: int) -> bool:
+    # A pidfd polls readable once its process has ended (reaped or not).
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def signal_exec(pid_file: Path, crun_pid: int, crun_fd: int, sig: int) -> bool:
+    """Send ``sig`` to the process a running ``crun exec`` (our child ``crun_pid``, whose
+    pidfd is ``crun_fd``) started and wrote into ``pid_file``.
+
+    A pid file outlives its process, and the number may by then be another process's,
+    of this tenant or any other. So: a pidfd of the pid is opened first, then the pid
+    must still be a child of that crun, and crun still alive (so its own pid was not
+    reused either); only then the signal goes through the pidfd, which names the
+    process that had the pid when it was opened: if that one has ended meanwhile,
+    the signal goes nowhere (ESRCH). Returns whether it was sent.
+    """
+    try:
+        pid = int(pid_file.read_text())
+        fd = os.pidfd_open(pid)
+    except (OSError, ValueError):
+        return False
+    try:
+        if _parent(pid) != crun_pid or _exited(crun_fd):
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except OSError:
+        return False
     finally:
-        transport.close()
+        os.close(fd)
+
+
+def signal_child(pidfd: int | None, sig: int) -> bool:
+    """Send ``sig`` to a child of ours through the pidfd taken when it was spawned."""
+    if pidfd is None:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except OSError:
+        return False
 
 
 async def _feed(p: asyncio.subprocess.Process, data: bytes) -> None:
@@ -253,8 +325,13 @@ class Crun:
         stdin: bytes,
         timeout: float,
         pid_dir: Path,
+        max_output: int,
     ) -> ExecOutcome:
-        """Run ``argv`` in the container; on timeout kill it (not the container)."""
+        """Run ``argv`` in the container; on timeout kill it (not the container).
+
+        At most ``max_output`` bytes of stdout and of stderr are kept; past that
+        the output is read and dropped and the outcome says ``truncated``.
+        """
         pid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         pid_file = pid_dir / f"exec-{os.getpid()}-{time.monotonic_ns()}.pid"
         # The spec (command, environment, user) goes through a memfd crun
@@ -287,10 +364,11 @@ class Crun:
             os.close(out_w)
             os.close(err_w)
             os.close(spec_fd)
-        out_buf, err_buf = bytearray(), bytearray()
+        crun_fd = pidfd_of_child(p.pid)
+        out, err = _Capped(max_output), _Capped(max_output)
         readers = [
-            asyncio.ensure_future(_collect(files[0], out_buf)),
-            asyncio.ensure_future(_collect(files[1], err_buf)),
+            asyncio.ensure_future(out.collect(files[0])),
+            asyncio.ensure_future(err.collect(files[1])),
         ]
         feeder = asyncio.ensure_future(_feed(p, stdin))
         timed_out = False
@@ -299,13 +377,12 @@ class Crun:
                 await asyncio.wait_for(p.wait(), timeout)
             except TimeoutError:
                 timed_out = True
-                with contextlib.suppress(OSError, ValueError):
-                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                if crun_fd is not None:
+                    signal_exec(pid_file, p.pid, crun_fd, signal.SIGKILL)
                 try:
                     await asyncio.wait_for(p.wait(), 5)
                 except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        p.kill()
+                    signal_child(crun_fd, signal.SIGKILL)
                     await p.wait()
             # Take what is there; do not wait for background processes to end.
             await asyncio.wait(readers, timeout=0.2)
@@ -315,20 +392,23 @@ class Crun:
             await asyncio.gather(*readers, feeder, return_exceptions=True)
             for f in files:
                 f.close()
+            if crun_fd is not None:
+                os.close(crun_fd)
             pid_file.unlink(missing_ok=True)
-        out, err = bytes(out_buf), bytes(err_buf)
+        truncated = bool(out.dropped or err.dropped)
+        stdout, stderr = bytes(out.data), bytes(err.data)
         rc = p.returncode if p.returncode is not None else -1
-        if (rc != 0 and err.startswith(b"crun: ")) or b"\ncrun: " in err[-500:]:
-            text = err.decode(errors="replace").strip().splitlines()[-1]
+        if (rc != 0 and stderr.startswith(b"crun: ")) or b"\ncrun: " in stderr[-500:]:
+            text = stderr.decode(errors="replace").strip().splitlines()[-1]
             if "executable file" in text or "No such file" in text:
-                return ExecOutcome(127, out[:MAX_OUTPUT], err[:MAX_OUTPUT], timed_out)
-        if rc == 255 and not out:
+                return ExecOutcome(127, stdout, stderr, timed_out, truncated)
+        if rc == 255 and not stdout:
             # crun 1.8 reports a command it could not start with no "crun: "
             # prefix and exit 255: give the shell's codes instead.
-            lines = err.decode(errors="replace").strip().splitlines()
+            lines = stderr.decode(errors="replace").strip().splitlines()
             text = lines[-1] if lines else ""
             if text.startswith("executable file `") and text.endswith("No such file or directory"):
-                return ExecOutcome(127, out, err[:MAX_OUTPUT], timed_out)
+                return ExecOutcome(127, stdout, stderr, timed_out, truncated)
             if text.startswith("open executable: "):
-                return ExecOutcome(126, out, err[:MAX_OUTPUT], timed_out)
-        return ExecOutcome(124 if timed_out else rc, out[:MAX_OUTPUT], err[:MAX_OUTPUT], timed_out)
+                return ExecOutcome(126, stdout, stderr, timed_out, truncated)
+        return ExecOutcome(124 if timed_out else rc, stdout, stderr, timed_out, truncated)

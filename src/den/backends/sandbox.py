@@ -237,8 +237,9 @@ class SandboxBackend(Backend):
                 stdin=req.stdin,
                 timeout=req.timeout,
                 pid_dir=self.bundle(spec.id),
+                max_output=req.max_output,
             )
-        return ExecResult(out.exit_code, out.stdout, out.stderr, out.timed_out)
+        return ExecResult(out.exit_code, out.stdout, out.stderr, out.timed_out, out.truncated)
 
     async def status(self, spec: Spec, state: State) -> Status:
         st = self.crun.quick_state(self.cid(spec.id))

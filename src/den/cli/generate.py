@@ -196,6 +196,11 @@ def make_command(m: MethodSpec, invoke: Invoke) -> Callable[..., Any]:
             sys.stdout.write(result.get("stdout", ""))
             sys.stdout.flush()
             sys.stderr.write(result.get("stderr", ""))
+            if result.get("truncated"):
+                sys.stderr.write(
+                    "\nden: output truncated at the server's exec_max_output bytes per stream "
+                    "(use ssh to stream all of it)\n"
+                )
             sys.stderr.flush()
             raise typer.Exit(int(result.get("exit_code", 1)))
         if as_json:

@@ -6,20 +6,26 @@ which resumes a suspended one transparently (and times it for /metrics).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+import weakref
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import update
 
 from den.backends.base import ExecRequest, Spec
 from den.db.models import User, Workspace
-from den.errors import Conflict
+from den.errors import Conflict, QuotaExceeded
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import release_db
 from den.services.workspaces import WorkspaceOut, WsRef, find_workspace, spec_of, ws_out
+
+if TYPE_CHECKING:
+    from den.app import App
 
 
 async def resume_now(ctx: Context, ws: Workspace, owner: User, cause: str) -> None:
@@ -173,25 +179,65 @@ class ExecOut(BaseModel):
     stdout: str
     stderr: str
     timed_out: bool
+    truncated: bool = Field(
+        False, description="stdout or stderr was cut at the server's exec_max_output bytes."
+    )
+
+
+# workspace.exec calls running now, per member: each holds up to twice
+# exec_max_output bytes in this process until it returns.
+_running: weakref.WeakKeyDictionary[App, Counter[str]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def exec_slot(ctx: Context) -> Iterator[None]:
+    """Count one exec of the caller for as long as it runs; refuse one past
+    exec_max_concurrent. Admins are not counted: they set the limits."""
+    if ctx.caller.is_admin:
+        yield
+        return
+    running = _running.setdefault(ctx.app, Counter())
+    who, limit = ctx.caller.name, ctx.app.settings.exec_max_concurrent
+    if running[who] >= limit:
+        raise QuotaExceeded(
+            f"busy: {limit} execs already running for {who} (exec_max_concurrent); "
+            "wait for one to finish"
+        )
+    running[who] += 1
+    try:
+        yield
+    finally:
+        running[who] -= 1
+        if running[who] <= 0:
+            del running[who]
 
 
 @method("workspace.exec", right=Right.write, cli=Cli("exec", exec_output=True))
 async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
     """Run a command in a workspace and return its exit code and output.
 
-    A suspended workspace is resumed first.
+    A suspended workspace is resumed first. Output past the server's
+    exec_max_output bytes per stream is dropped and ``truncated`` is set (ssh
+    streams any amount); a member runs at most exec_max_concurrent at once.
     """
 
     ws, owner = await find_workspace(ctx, p.ref)
     ctx.target = f"workspace:{owner.name}/{ws.name}"
-    await ensure_running(ctx, ws, owner)
-    spec = spec_of(ctx.app, ws, owner)
-    req = ExecRequest(
-        argv=p.argv, env=p.env, cwd=p.cwd, stdin=p.stdin.encode(), timeout=p.timeout, user=p.user
-    )
-    await release_db(ctx)  # an exec may run for a day
-    with ctx.app.activity.busy(ws.id, "exec"):
-        res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
+    with exec_slot(ctx):
+        await ensure_running(ctx, ws, owner)
+        spec = spec_of(ctx.app, ws, owner)
+        req = ExecRequest(
+            argv=p.argv,
+            env=p.env,
+            cwd=p.cwd,
+            stdin=p.stdin.encode(),
+            timeout=p.timeout,
+            user=p.user,
+            max_output=ctx.app.settings.exec_max_output,
+        )
+        await release_db(ctx)  # an exec may run for a day
+        with ctx.app.activity.busy(ws.id, "exec"):
+            res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
     # A fresh short transaction, committed with the audit event by the registry.
     await ctx.db.execute(
         update(Workspace)
@@ -203,4 +249,5 @@ async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
         stdout=res.stdout.decode(errors="replace"),
         stderr=res.stderr.decode(errors="replace"),
         timed_out=res.timed_out,
+        truncated=res.truncated,
     )

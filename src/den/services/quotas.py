@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
@@ -60,6 +62,85 @@ async def owner_lock(ctx: Context, owner: User) -> AsyncIterator[None]:
         yield
 
 
+QUOTAS = ("max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb")
+# A quota given as a share of the host: "50%" of its memory, "200%" of its CPUs.
+SHARE_RE = re.compile(r"([0-9]{1,5})%")
+
+
+def pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 32768  # the kernel's default
+
+
+def workspace_pids_bound() -> int:
+    """The most processes one workspace may be allowed: a quarter of the host's pid_max,
+    so that no single workspace can take the pids every other process needs."""
+    return pid_max() // 4
+
+
+def user_pids_bound() -> int:
+    """The most processes a member's workspaces may be allowed together: half of pid_max,
+    so that one member filling all of theirs still leaves the host and others room."""
+    return pid_max() // 2
+
+
+def _default(text: str, whole: float, parse: Callable[[str], float]) -> int | None:
+    """A default quota from the settings: -1 (none), a share of ``whole``, or a value."""
+    text = text.strip()
+    if text == "-1":
+        return None
+    m = SHARE_RE.fullmatch(text)
+    value = whole * int(m.group(1)) / 100 if m else parse(text)
+    return max(1, int(value))
+
+
+def pool_mib(app: App) -> int:
+    try:
+        return int(shutil.disk_usage(app.pool.root).total >> 20)
+    except OSError:
+        return 0
+
+
+def effective_quotas(app: App, role: str, own: dict[str, int | None]) -> dict[str, int | None]:
+    """Each quota as it applies to a user: their own (-1: no limit), else, for a member,
+    the server's default from the settings. None means no limit.
+
+    Admins get no defaults: they may set any user's quota, their own included, so a
+    default would only be a step in their way, not a bound.
+    """
+    out: dict[str, int | None] = {}
+    for f in QUOTAS:
+        value = own.get(f)
+        if value is not None:
+            out[f] = None if value < 0 else value
+        elif role == "admin":
+            out[f] = None
+        else:
+            out[f] = _server_default(app, f)
+    return out
+
+
+def _server_default(app: App, field: str) -> int | None:
+    s = app.settings
+    if field == "max_workspaces":
+        return None if s.default_max_workspaces < 0 else s.default_max_workspaces
+    if field == "max_cpu":
+        return _default(s.default_max_cpu, os.cpu_count() or 1, float)
+    if field == "max_memory_mb":
+        return _default(s.default_max_memory, host_memory_mib(), lambda t: parse_mib(t, field))
+    total = pool_mib(app)
+    if total == 0 and s.default_max_disk.endswith("%"):
+        return None  # no pool yet: nothing to take a share of, and no disk limit to count
+    return _default(s.default_max_disk, total, lambda t: parse_mib(t, field))
+
+
+def defaulted(role: str, own: dict[str, int | None]) -> list[str]:
+    """The quotas of a user that come from the server's defaults."""
+    return [] if role == "admin" else [f for f in QUOTAS if own.get(f) is None]
+
+
 async def check_quota(
     ctx: Context,
     owner: User,
@@ -67,6 +148,7 @@ async def check_quota(
     memory_mb: int,
     disk_mb: int | None = None,
     exclude: str | None = None,
+    pids: int = 0,
 ) -> None:
     """Refuse what would pass one of the owner's quotas, naming the limit and the use."""
     q = select(
@@ -74,35 +156,51 @@ async def check_quota(
         func.coalesce(func.sum(Workspace.cpu), 0),
         func.coalesce(func.sum(Workspace.memory_mb), 0),
         func.coalesce(func.sum(Workspace.disk_mb), 0),
+        func.coalesce(func.sum(Workspace.pids), 0),
     ).where(Workspace.user_id == owner.id)
     if exclude is not None:
         q = q.where(Workspace.id != exclude)
-    count, cpu_used, mem_used, disk_used = (await ctx.db.execute(q)).one()
-    if exclude is None and owner.max_workspaces is not None and count + 1 > owner.max_workspaces:
+    count, cpu_used, mem_used, disk_used, pids_used = (await ctx.db.execute(q)).one()
+    own = {f: getattr(owner, f) for f in QUOTAS}
+    limits = effective_quotas(ctx.app, owner.role, own)
+    # Where a limit comes from, for the message: an admin changes a user's own with
+    # `den user set`, the defaults in den.toml.
+    src = {f: f if own[f] is not None else f"{f} (the default for members)" for f in QUOTAS}
+    max_ws, max_cpu = limits["max_workspaces"], limits["max_cpu"]
+    max_mem, max_disk = limits["max_memory_mb"], limits["max_disk_mb"]
+    if exclude is None and max_ws is not None and count + 1 > max_ws:
         raise QuotaExceeded(
-            f"quota max_workspaces is {owner.max_workspaces} and {owner.name} has {count} workspaces"
+            f"quota {src['max_workspaces']} is {max_ws} and {owner.name} has {count} workspaces"
         )
-    if owner.max_cpu is not None and float(cpu_used) + cpu > owner.max_cpu:
+    if max_cpu is not None and float(cpu_used) + cpu > max_cpu:
         raise QuotaExceeded(
-            f"quota max_cpu is {owner.max_cpu}: {owner.name}'s other workspaces use "
+            f"quota {src['max_cpu']} is {max_cpu}: {owner.name}'s other workspaces use "
             f"{float(cpu_used):g} CPUs and this one asks for {cpu:g}"
         )
-    if owner.max_memory_mb is not None and int(mem_used) + memory_mb > owner.max_memory_mb:
+    if max_mem is not None and int(mem_used) + memory_mb > max_mem:
         raise QuotaExceeded(
-            f"quota max_memory_mb is {owner.max_memory_mb}: {owner.name}'s other workspaces use "
+            f"quota {src['max_memory_mb']} is {max_mem}: {owner.name}'s other workspaces use "
             f"{int(mem_used)} MiB and this one asks for {memory_mb} MiB"
         )
-    if owner.max_disk_mb is not None:
-        if disk_mb is None:
-            raise QuotaExceeded(
-                f"{owner.name} has a disk quota (max_disk_mb {owner.max_disk_mb}): give the "
-                "workspace a disk size (--disk)"
-            )
-        if int(disk_used or 0) + disk_mb > owner.max_disk_mb:
-            raise QuotaExceeded(
-                f"quota max_disk_mb is {owner.max_disk_mb}: {owner.name}'s other workspaces use "
-                f"{int(disk_used or 0)} MiB and this one asks for {disk_mb} MiB"
-            )
+    if max_disk is not None and disk_mb is None and own["max_disk_mb"] is not None:
+        # The default counts disk limits only: a workspace without one (disk limits
+        # off) has none to count. A quota set for this user asks for one.
+        raise QuotaExceeded(
+            f"{owner.name} has a disk quota (max_disk_mb {max_disk}): give the "
+            "workspace a disk size (--disk)"
+        )
+    if max_disk is not None and disk_mb is not None and int(disk_used or 0) + disk_mb > max_disk:
+        raise QuotaExceeded(
+            f"quota {src['max_disk_mb']} is {max_disk}: {owner.name}'s other workspaces "
+            f"use {int(disk_used or 0)} MiB and this one asks for {disk_mb} MiB"
+        )
+    bound = user_pids_bound()
+    if owner.role != "admin" and pids and int(pids_used) + pids > bound:
+        raise QuotaExceeded(
+            f"pids of {owner.name}'s workspaces together may not pass {bound} (half of this "
+            f"host's pid_max, {pid_max()}): the others have {int(pids_used)} and this one "
+            f"asks for {pids}"
+        )
 
 
 def check_resources(cpu: float, memory_mb: int, pids: int) -> None:
@@ -114,8 +212,12 @@ def check_resources(cpu: float, memory_mb: int, pids: int) -> None:
         raise InvalidParams(
             f"memory must be between 32M and {total}M (this host's memory)", field="mem"
         )
-    if not 16 <= pids <= 4_194_304:
-        raise InvalidParams("pids must be between 16 and 4194304", field="pids")
+    bound = workspace_pids_bound()
+    if not 16 <= pids <= bound:
+        raise InvalidParams(
+            f"pids must be between 16 and {bound} (a quarter of this host's pid_max, {pid_max()})",
+            field="pids",
+        )
 
 
 def default_disk(ctx: Context) -> str | None:

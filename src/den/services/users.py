@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
@@ -14,7 +14,11 @@ from den.errors import Conflict, Forbidden, InvalidParams
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
 from den.services.common import Name, UserName, find_user
 from den.services.keys import TAKEN, parse_public_key
+from den.services.quotas import QUOTAS, defaulted, effective_quotas
 from den.services.revocation import Revoked
+
+if TYPE_CHECKING:
+    from den.app import App
 
 Role = Literal["admin", "member"]
 Quota = Annotated[int | None, Field(ge=-1, le=1_000_000)]
@@ -32,25 +36,27 @@ class UserOut(BaseModel):
     max_cpu: int | None
     max_memory_mb: int | None
     max_disk_mb: int | None
+    quota_defaults: list[str] = Field(
+        default_factory=list, description="The max_* above that are the server's defaults."
+    )
     keys: int
     created_at: datetime
 
     @classmethod
-    def of(cls, u: User, keys: int) -> UserOut:
-        return cls(
-            name=u.name,
-            role=u.role,
-            display_name=u.display_name,
-            account=u.account,
-            uid=u.uid,
-            subuid_start=u.subuid_start,
-            subuid_count=u.subuid_count,
-            max_workspaces=u.max_workspaces,
-            max_cpu=u.max_cpu,
-            max_memory_mb=u.max_memory_mb,
-            max_disk_mb=u.max_disk_mb,
-            keys=keys,
-            created_at=u.created_at,
+    def of(cls, u: User, keys: int, app: App) -> UserOut:
+        return cls.of_row({c.name: getattr(u, c.name) for c in User.__table__.columns}, keys, app)
+
+    @classmethod
+    def of_row(cls, row: dict[str, Any], keys: int, app: App) -> UserOut:
+        """The user as shown: each quota as it applies (None: no limit)."""
+        own = {f: row[f] for f in QUOTAS}
+        return cls.model_validate(
+            {
+                **row,
+                **effective_quotas(app, row["role"], own),
+                "quota_defaults": defaulted(row["role"], own),
+                "keys": keys,
+            }
         )
 
 
@@ -59,17 +65,18 @@ class _Named(Params):
 
 
 class _Quotas(Params):
+    # Unset: the server's default for members (settings default_max_*); -1: no limit.
     max_workspaces: Quota = Field(
-        None, description="Most workspaces the user may own (-1: no limit)."
+        None, description="Most workspaces the user may own (-1: no limit; unset: default)."
     )
     max_cpu: Quota = Field(
-        None, description="Most CPUs across the user's workspaces (-1: no limit)."
+        None, description="Most CPUs across the user's workspaces (-1: no limit; unset: default)."
     )
     max_memory_mb: Quota = Field(
-        None, description="Most memory in MiB across workspaces (-1: no limit)."
+        None, description="Most memory in MiB across workspaces (-1: no limit; unset: default)."
     )
     max_disk_mb: Quota = Field(
-        None, description="Most disk in MiB across workspaces (-1: no limit)."
+        None, description="Most disk in MiB across workspaces (-1: no limit; unset: default)."
     )
 
 
@@ -91,10 +98,6 @@ class UserRef(Params):
 class UserUpdate(_Quotas, _Named):
     role: Role | None = Field(None, description="New role (admins only).")
     display_name: str | None = Field(None, max_length=200, description="New display name.")
-
-
-def _quota(v: int | None) -> int | None:
-    return None if v is None or v < 0 else v
 
 
 async def _key_count(ctx: Context, user_id: int) -> int:
@@ -120,10 +123,10 @@ async def user_create(ctx: Context, p: UserCreate) -> UserOut:
         role=p.role,
         display_name=p.display_name,
         account=account_name,
-        max_workspaces=_quota(p.max_workspaces),
-        max_cpu=_quota(p.max_cpu),
-        max_memory_mb=_quota(p.max_memory_mb),
-        max_disk_mb=_quota(p.max_disk_mb),
+        max_workspaces=p.max_workspaces,
+        max_cpu=p.max_cpu,
+        max_memory_mb=p.max_memory_mb,
+        max_disk_mb=p.max_disk_mb,
     )
     ctx.db.add(user)
     try:
@@ -154,14 +157,14 @@ async def user_create(ctx: Context, p: UserCreate) -> UserOut:
     except BaseException:
         await ctx.app.accounts.remove(p.name)
         raise
-    return UserOut.of(user, len(parsed))
+    return UserOut.of(user, len(parsed), ctx.app)
 
 
 @method("user.get", right=Right.read, cli=Cli("user show"))
 async def user_get(ctx: Context, p: UserRef) -> UserOut:
     """Show one user."""
     user = await find_user(ctx, p.name)
-    return UserOut.of(user, await _key_count(ctx, user.id))
+    return UserOut.of(user, await _key_count(ctx, user.id), ctx.app)
 
 
 @method(
@@ -179,7 +182,7 @@ async def user_list(ctx: Context, p: NoParams) -> list[UserOut]:
     if not ctx.caller.is_admin:
         q = q.where(User.name == ctx.caller.name)
     rows = (await ctx.db.execute(q.order_by(User.name))).mappings().all()
-    return [UserOut.model_validate(dict(r)) for r in rows]
+    return [UserOut.of_row(dict(r), int(r["keys"]), ctx.app) for r in rows]
 
 
 @method("user.update", right=Right.write, cli=Cli("user set"))
@@ -187,7 +190,7 @@ async def user_update(ctx: Context, p: UserUpdate) -> UserOut:
     """Change a user's display name (yourself), or role and quotas (admins)."""
     ctx.target = f"user:{p.name}"
     user = await find_user(ctx, p.name)
-    admin_fields = {"role", "max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb"}
+    admin_fields = {"role", *QUOTAS}
     changing = {f for f in p.model_fields_set if getattr(p, f) is not None} - {"name"}
     if changing & admin_fields and not ctx.caller.is_admin:
         raise Forbidden("only an admin may change a role or quotas")
@@ -196,11 +199,11 @@ async def user_update(ctx: Context, p: UserUpdate) -> UserOut:
         ctx.app.revocations.after_commit(ctx, Revoked("role", user.id, user.name, role=p.role))
     if p.display_name is not None:
         user.display_name = p.display_name
-    for f in ("max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb"):
+    for f in QUOTAS:
         if f in changing:
-            setattr(user, f, _quota(getattr(p, f)))
+            setattr(user, f, getattr(p, f))
     await ctx.db.flush()
-    return UserOut.of(user, await _key_count(ctx, user.id))
+    return UserOut.of(user, await _key_count(ctx, user.id), ctx.app)
 
 
 class Deleted(BaseModel):

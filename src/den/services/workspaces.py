@@ -322,7 +322,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     )
     async with owner_lock(ctx, owner):
         await _name_free(ctx, owner, p.name)
-        await check_quota(ctx, owner, cpu, memory_mb, disk_mb)
+        await check_quota(ctx, owner, cpu, memory_mb, disk_mb, pids=pids)
         await insert_row(ctx, ws)
     pool = ctx.app.pool
 
@@ -404,7 +404,7 @@ async def workspace_resize(ctx: Context, p: WsResize) -> WorkspaceOut:
     check_resources(cpu, memory_mb, pids)
     before = ws.cpu, ws.memory_mb, ws.pids, ws.disk_mb
     async with owner_lock(ctx, owner):
-        await check_quota(ctx, owner, cpu, memory_mb, disk_mb, exclude=ws.id)
+        await check_quota(ctx, owner, cpu, memory_mb, disk_mb, exclude=ws.id, pids=pids)
         ws.cpu, ws.memory_mb, ws.pids, ws.disk_mb = cpu, memory_mb, pids, disk_mb
         await ctx.db.commit()  # the new sizes count for the owner's next quota check
     async with ctx.app.ws_lock(ws.id):
@@ -443,7 +443,7 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     src_id = src.id
     async with owner_lock(ctx, owner):
         await _name_free(ctx, owner, p.name)
-        await check_quota(ctx, owner, src.cpu, src.memory_mb, src.disk_mb)
+        await check_quota(ctx, owner, src.cpu, src.memory_mb, src.disk_mb, pids=src.pids)
         await insert_row(ctx, ws)
     pool = ctx.app.pool
 

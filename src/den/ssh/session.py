@@ -29,6 +29,7 @@ import asyncssh
 from den import tasks
 from den.backends import cgroups
 from den.backends.bundle import PATH
+from den.backends.crun import pidfd_of_child, signal_child, signal_exec
 from den.errors import BackendFailure, DenError
 from den.ssh import inside, sftp
 from den.ssh.relay import FdReader, FdWriter, receive_fd
@@ -58,6 +59,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         self.eof = False
         self.pid_file: Path | None = None
         self.proc: asyncio.subprocess.Process | None = None
+        self.proc_fd: int | None = None  # pidfd of ``proc``, taken when it was spawned
         self.ws: Ready | None = None
         self.closed = False
         self._frozen_check = 0.0
@@ -155,6 +157,9 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         finally:
             if self.pid_file is not None:
                 self.pid_file.unlink(missing_ok=True)
+            if self.proc_fd is not None:
+                os.close(self.proc_fd)
+                self.proc_fd = None
         if not self.closed:
             self.chan.exit(rc)
 
@@ -212,6 +217,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
             proc = self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=in_r, stdout=out_w, stderr=err_w, env=SPAWN_ENV
             )
+            self.proc_fd = pidfd_of_child(proc.pid)
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
                 os.close(fd)
@@ -283,13 +289,14 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
                 pid_file=self.pid_file,
                 console_socket=path,
             )
-            proc = await asyncio.create_subprocess_exec(
+            proc = self.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 env=SPAWN_ENV,
             )
+            self.proc_fd = pidfd_of_child(proc.pid)
             got = asyncio.ensure_future(receive_fd(listener))
             exited = asyncio.ensure_future(proc.wait())
             await asyncio.wait({got, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -333,14 +340,16 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
 
     def _kill(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the process the channel runs: the one crun started
-        (its pid file), else our own child (den's sftp worker)."""
-        try:
-            if self.pid_file is not None and self.pid_file.exists():
-                os.kill(int(self.pid_file.read_text()), sig)
-            elif self.proc is not None and self.proc.returncode is None:
-                self.proc.send_signal(sig)
-        except (OSError, ValueError):
-            pass
+        (its pid file), else our own child (crun before it wrote the pid file,
+        or den's sftp worker). Only through pidfds: a pid file outlives its
+        process, and that pid may be someone else's by now (:func:`signal_exec`)."""
+        proc, fd = self.proc, self.proc_fd
+        if proc is None or fd is None or proc.returncode is not None:
+            return
+        if self.pid_file is not None and self.pid_file.exists():
+            signal_exec(self.pid_file, proc.pid, fd, sig)
+        else:
+            signal_child(fd, sig)
 
     def _wake(self) -> None:
         """A keystroke into a workspace the idle checker froze thaws it."""
