@@ -233,8 +233,10 @@ def qgroup_limit(pool: Path, qgroupid: int, limit_bytes: int | None) -> None:
 
     Addressed by id on the pool root, so it also works on a group over its limit.
     """
-    flags = 0 if limit_bytes is None else _LIMIT_MAX_RFER | _LIMIT_MAX_EXCL
-    value = limit_bytes or 0
+    # Both limits, equal: squota charges an extent to one group only, so what a group
+    # references is what it holds. All ones is the kernel's "clear this limit".
+    flags = _LIMIT_MAX_RFER | _LIMIT_MAX_EXCL
+    value = (1 << 64) - 1 if limit_bytes is None else limit_bytes
     # btrfs_ioctl_qgroup_limit_args: qgroupid, then flags, max_rfer, max_excl, rsv_rfer, rsv_excl.
     buf = bytearray(struct.pack("=6Q", qgroupid, flags, value, value, 0, 0))
     try:
