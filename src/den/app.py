@@ -71,9 +71,11 @@ class App:
         if self._backend is None:
             from den.backends.sandbox import SandboxBackend
             from den.net.network import Network
+            from den.services import egress
 
             s = self.settings
             network = Network(s.instance, s.network_subnet, s.egress, [s.ssh_port, s.http_port])
+            network.exception_source = egress.exception_source(self)
             self._backend = SandboxBackend(s.instance, s.data_dir, self.pool.volumes, network)
         return self._backend
 

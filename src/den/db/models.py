@@ -176,3 +176,28 @@ class MetricSample(Base):
     net_rx_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     net_tx_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     disk_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class EgressRule(Base):
+    """An admin's exception to the default egress policy (allow or deny a destination).
+
+    Scope: every workspace (no user, no workspace), a user's workspaces, or one
+    workspace; rules go with the user or workspace they name.
+    """
+
+    __tablename__ = "egress_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action: Mapped[str] = mapped_column(String(8))  # allow | deny
+    dest: Mapped[str] = mapped_column(String(64))  # an IPv4 CIDR
+    proto: Mapped[str | None] = mapped_column(String(8))  # tcp | udp | None: every protocol
+    port: Mapped[int | None] = mapped_column(Integer)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

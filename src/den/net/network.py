@@ -2,6 +2,16 @@
 
 Host changes are undone when the last workspace goes: the bridge and the
 tables are removed and ip_forward gets back the value it had before den.
+
+Forwarding: on this kernel (6.18) net.ipv4.conf.<if>.forwarding is checked on
+the interface a packet arrives on. With it on for den's bridge only, a
+workspace's packets leave, but the de-NATed replies arrive on the uplink and
+are not forwarded (measured: the SYN goes out, the SYN-ACK counts as an
+InAddrError). Per-interface forwarding would need the uplink(s) too, which
+makes the host a router for everything arriving there, and the uplink can
+change. So den sets the global flag, and when it was off before den, each
+instance's table drops IPv4 forwarding that involves no den bridge
+(firewall.Policy.guard_forward): the host forwards for den and nobody else.
 """
 
 from __future__ import annotations
@@ -9,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from den.errors import BackendFailure
 from den.net import firewall, ipam, links, names
+from den.net.firewall import Exception4
 
 log = logging.getLogger(__name__)
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -19,6 +32,28 @@ IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 # turned it on, restored when the last den bridge goes. /run empties at boot,
 # as ip_forward resets.
 FORWARD_BEFORE = Path("/run/den/ip_forward.before")
+RESOLV_CONF = Path("/etc/resolv.conf")
+# Where the admin exceptions of every workspace come from (the database).
+ExceptionSource = Callable[[], Awaitable[list[Exception4]]]
+
+
+def host_resolvers4() -> list[str]:
+    """The host's IPv4 nameservers a workspace is given (not loopback ones)."""
+    found = []
+    try:
+        lines = RESOLV_CONF.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                addr = ipaddress.IPv4Address(parts[1])
+            except ValueError:
+                continue
+            if not addr.is_loopback:
+                found.append(str(addr))
+    return found
 
 
 class Network:
@@ -32,6 +67,9 @@ class Network:
         self.prefixlen = ipaddress.IPv4Network(subnet).prefixlen
         self._lock = asyncio.Lock()
         self._ensured = False
+        self.exceptions: list[Exception4] = []
+        # Set by the egress service; without it no exception is open.
+        self.exception_source: ExceptionSource | None = None
 
     # -- instance-wide ---------------------------------------------------------
     async def ensure(self, *, check: bool = False) -> None:
@@ -43,14 +81,45 @@ class Network:
         if self._ensured and not check:
             return
         async with self._lock:
+            if self.exception_source is not None:
+                self.exceptions = await self.exception_source()
             await asyncio.to_thread(self._ensure)
             self._ensured = True
 
+    def policy(self, *, guard_forward: bool) -> firewall.Policy:
+        return firewall.Policy(
+            bridge=self.bridge,
+            subnet=self.subnet,
+            ports=self.ports,
+            egress=self.egress,
+            resolvers=host_resolvers4(),
+            exceptions=self.exceptions,
+            guard_forward=guard_forward,
+        )
+
     def _ensure(self) -> None:
         links.ensure_bridge(self.bridge, str(self.gateway))
-        firewall.apply(self.instance, self.bridge, self.subnet, self.ports, self.egress)
+        # Decided before forwarding goes on, so that it never runs unguarded.
+        off_before = IP_FORWARD.read_text().strip() == "0" or self.forward_before() == "0"
+        firewall.apply(self.instance, self.policy(guard_forward=self.egress and off_before))
         if self.egress:
             self._set_forward()
+
+    async def refresh_exceptions(self) -> None:
+        """Bring the exception sets in step with the database (rules, workspaces)."""
+        if self.exception_source is None:
+            return
+        async with self._lock:
+            self.exceptions = await self.exception_source()
+            if self._ensured:
+                await asyncio.to_thread(self._update_exceptions)
+
+    def _update_exceptions(self) -> None:
+        try:
+            firewall.update_exceptions(self.instance, self.exceptions)
+        except BackendFailure:
+            # The table went (someone flushed the ruleset): put all of it back.
+            self._ensure()
 
     def _set_forward(self) -> None:
         current = IP_FORWARD.read_text().strip()
@@ -114,6 +183,7 @@ class Network:
             links.attach(ns, veth, self.bridge, address, self.prefixlen, str(self.gateway.ip))
 
         await asyncio.to_thread(work)
+        await self.refresh_exceptions()
 
     async def detach(self, ws_id: str) -> None:
         def work() -> None:
@@ -121,6 +191,8 @@ class Network:
             links.delete_netns(names.netns(self.instance, ws_id))
 
         await asyncio.to_thread(work)
+        # The address may go to another workspace next: its exceptions go now.
+        await self.refresh_exceptions()
 
     def netns_path(self, ws_id: str) -> Path:
         return links.NETNS_DIR / names.netns(self.instance, ws_id)

@@ -19,6 +19,7 @@ MODULES = (
     "metrics",
     "idle",
     "sessions",
+    "egress",
 )
 
 
