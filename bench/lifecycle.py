@@ -3,11 +3,13 @@
 For N workspaces (default 20): p50/p90 of create -> first exec, suspend,
 resume -> exec, stop, delete; beside it `podman run --rm --network none` of
 `true` on the same rootfs and the ratio; memory per idle workspace (from
-cgroups); create time of the 1st vs the 200th workspace. Prints a table and
+cgroups); create time of the 1st vs the 200th workspace; create -> first exec and the
+exec round trip with the seccomp profile on and off (two daemons, measured
+turn about). Prints a table and
 one JSON line. Needs root; makes its own daemon, pool and image, and removes
 them.
 
-    .venv/bin/python bench/lifecycle.py [--count 20] [--scale 200]
+    .venv/bin/python bench/lifecycle.py [--count 20] [--scale 200] [--seccomp-count 20]
 """
 
 from __future__ import annotations
@@ -105,10 +107,75 @@ def cgroup_memory(instance: int, ws_id: str) -> int:
     return usage
 
 
+def seccomp_on_off(count: int, execs: int) -> dict[str, Any]:
+    """create -> first exec and exec round trips with sandbox_seccomp on and off.
+
+    Two daemons, one per setting, measured turn about (on, off, on, ...) so
+    that drift of the machine falls on both alike.
+    """
+    times: dict[str, dict[str, list[float]]] = {
+        side: {"create_exec": [], "exec": []} for side in ("on", "off")
+    }
+    # Small disks: the pool holds every workspace; admins have no quotas.
+    env = {"DEN_EGRESS": "false", "DEN_DEFAULT_DISK": "256M"}
+    with (
+        BenchDaemon(pool_size="8G", extra_env={**env, "DEN_SANDBOX_SECCOMP": "true"}) as on,
+        BenchDaemon(pool_size="8G", extra_env={**env, "DEN_SANDBOX_SECCOMP": "false"}) as off,
+    ):
+        clients = {
+            "on": Client(socket_path=str(on.socket)),
+            "off": Client(socket_path=str(off.socket)),
+        }
+        for c in clients.values():
+            ensure_image(c)
+            c.call("user.create", {"name": "bench", "role": "admin"})
+        true = ["/bin/true"]
+        for i in range(count):
+            for side, c in clients.items():
+                times[side]["create_exec"].append(
+                    ms(
+                        lambda c=c, i=i: (
+                            c.call(
+                                "workspace.create",
+                                {"name": f"sc{i}", "user": "bench", "image": IMAGE},
+                            ),
+                            c.call("workspace.exec", {"ref": f"bench/sc{i}", "argv": true}),
+                        )
+                    )
+                )
+        for _ in range(execs):
+            for side, c in clients.items():
+                times[side]["exec"].append(
+                    ms(lambda c=c: c.call("workspace.exec", {"ref": "bench/sc0", "argv": true}))
+                )
+        for c in clients.values():
+            for i in range(count):
+                c.call("workspace.delete", {"ref": f"bench/sc{i}"})
+            c.close()
+    out: dict[str, Any] = {}
+    for step in ("create_exec", "exec"):
+        p50_on, p50_off = pct(times["on"][step], 0.5), pct(times["off"][step], 0.5)
+        out[step] = {
+            "on_p50_ms": p50_on,
+            "off_p50_ms": p50_off,
+            "on_p90_ms": pct(times["on"][step], 0.9),
+            "off_p90_ms": pct(times["off"][step], 0.9),
+            "slower_pct": round((p50_on / p50_off - 1) * 100, 1),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--count", type=int, default=20, help="Workspaces per lifecycle step.")
     ap.add_argument("--scale", type=int, default=200, help="Workspaces for the 1st-vs-Nth check.")
+    ap.add_argument(
+        "--seccomp-count",
+        type=int,
+        default=20,
+        help="Workspaces per side for the seccomp on/off comparison (0: skip it).",
+    )
+    ap.add_argument("--seccomp-execs", type=int, default=200, help="Exec round trips per side.")
     args = ap.parse_args()
     rows: dict[str, list[float]] = {
         k: [] for k in ("create_exec", "suspend", "resume", "resume_exec", "stop", "delete")
@@ -182,8 +249,22 @@ def main() -> None:
         "ratio": round(last / first, 3),
     }
     summary["idle_memory_bytes"] = int(statistics.mean(mem)) if mem else 0
+    seccomp = seccomp_on_off(args.seccomp_count, args.seccomp_execs) if args.seccomp_count else None
+    if seccomp:
+        summary["seccomp"] = seccomp
     summary["den_vs_podman"] = ratio
     Console().print(table)
+    if seccomp:
+        sc = Table(title="seccomp profile on vs off (same run, turn about)")
+        for col in ("step", "on p50 ms", "off p50 ms", "on p90 ms", "off p90 ms", "slower %"):
+            sc.add_column(col, justify="right")
+        for step, r in seccomp.items():
+            sc.add_row(
+                step,
+                *(str(r[k]) for k in ("on_p50_ms", "off_p50_ms", "on_p90_ms", "off_p90_ms")),
+                str(r["slower_pct"]),
+            )
+        Console().print(sc)
     Console().print(
         f"den/podman create->exec: {ratio}   idle memory per workspace: "
         f"{summary['idle_memory_bytes'] / 1024:.0f} KiB   create #1-5 vs #{args.scale - 4}-{args.scale}:"
@@ -193,6 +274,8 @@ def main() -> None:
         "create_exec_p50_lt_50ms": summary["create_exec"]["p50_ms"] < 50,
         "den_vs_podman_le_0.3": ratio is not None and ratio <= 0.3,
         "nth_within_20pct": last <= first * 1.2,
+        "seccomp_le_5pct_slower": seccomp is None
+        or all(r["slower_pct"] <= 5 for r in seccomp.values()),
     }
     print(json.dumps({"bench": "lifecycle", "results": summary, "goals": goals}))
 

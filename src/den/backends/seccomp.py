@@ -30,12 +30,14 @@ PROFILE = Path(__file__).with_name("seccomp.toml")
 LOW32 = 0xFFFF_FFFF
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")
 _GROUP_KEYS = {
-    "allow": {"group", "syscalls", "arg", "clear", "equal", "except", "bits"},
+    "allow": {"group", "syscalls", "when"},
     "deny": {"group", "syscalls", "errno"},
 }
+_WHEN_KEYS = {"arg", "clear", "equal", "except", "leave", "bits", "mask"}
 _CONDITIONS = ("clear", "equal", "except")
 
 Rule = dict[str, Any]
+Arg = dict[str, Any]  # one comparison of an OCI seccomp rule
 
 
 class ProfileError(ValueError):
@@ -90,63 +92,91 @@ def cover(
     return out
 
 
-def _allow_rules(group: dict[str, Any], where: str, names: list[str]) -> list[Rule]:
-    allow: Rule = {"names": names, "action": "SCMP_ACT_ALLOW"}
-    conditions = [k for k in _CONDITIONS if k in group]
-    if not conditions:
-        if "arg" in group or "bits" in group:
-            raise ProfileError(f"{where}: 'arg' and 'bits' go with one of {_CONDITIONS}")
-        return [allow]
-    if len(conditions) > 1:
-        raise ProfileError(f"{where}: only one of {_CONDITIONS} per group")
-    arg = group.get("arg")
-    if not isinstance(arg, int) or isinstance(arg, bool) or not 0 <= arg <= 5:
+def _int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _condition(when: Any, where: str) -> tuple[list[Arg], list[Arg]]:
+    """One [[allow.when]]: the comparisons that allow (any one) and those that get EPERM."""
+    if not isinstance(when, dict):
+        raise ProfileError(f"{where}: 'when' must be written [[allow.when]]")
+    extra = set(when) - _WHEN_KEYS
+    if extra:
+        raise ProfileError(f"{where}: unknown keys {sorted(extra)}")
+    kinds = [k for k in _CONDITIONS if k in when]
+    if len(kinds) != 1:
+        raise ProfileError(f"{where}: each [[allow.when]] takes one of {_CONDITIONS}")
+    kind = kinds[0]
+    arg = when.get("arg")
+    if not _int(arg, 0, 5):
         raise ProfileError(f"{where}: 'arg' must be the argument's index, 0 to 5")
-    kind = conditions[0]
-    if "bits" in group and kind != "except":
-        raise ProfileError(f"{where}: 'bits' goes with 'except' only")
-
-    def deny(value: int, mask: int = LOW32) -> Rule:
-        return {
-            "names": names,
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": errno.EPERM,
-            "args": [_masked(arg, mask, value)],
-        }
-
+    if any(k in when for k in ("bits", "mask", "leave")) and kind != "except":
+        raise ProfileError(f"{where}: 'bits', 'mask' and 'leave' go with 'except' only")
     if kind == "equal":
-        values = group["equal"]
+        values = when["equal"]
         if not isinstance(values, list) or not values:
             raise ProfileError(f"{where}: 'equal' must be a non-empty list of values")
-        return [
-            {**allow, "args": [{"index": arg, "value": _u32(v, where), "op": "SCMP_CMP_EQ"}]}
-            for v in values
-        ]
-    table = group[kind]
+        return [{"index": arg, "value": _u32(v, where), "op": "SCMP_CMP_EQ"} for v in values], []
+    table = when[kind]
     if not isinstance(table, dict) or not table:
         raise ProfileError(f"{where}: {kind!r} must be a table of NAME = value")
     named = {str(k): _u32(v, f"{where}, {k}") for k, v in table.items()}
+    left = when.get("leave", {})
+    if not isinstance(left, dict):
+        raise ProfileError(f"{where}: 'leave' must be a table of NAME = value")
+    named_left = {str(k): _u32(v, f"{where}, {k}") for k, v in left.items()}
     if kind == "clear":
         flags = 0
         for name, v in named.items():
             if v == 0:
                 raise ProfileError(f"{where}, {name}: a flag of 0 clears nothing")
             flags |= v
-        return [
-            {**allow, "args": [_masked(arg, flags, 0)]},
-            *(deny(v, v) for v in named.values()),
-        ]
-    bits = group.get("bits", 32)
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 32:
-        raise ProfileError(f"{where}: 'bits' must be 1 to 32")
-    above = LOW32 & ~((1 << bits) - 1)
-    for name, v in named.items():
-        if v & above:
-            raise ProfileError(f"{where}, {name}: {v:#x} does not fit in {bits} bits")
-    cubes = cover(set(named.values()), list(range(bits)), above, 0)
-    return [
-        *({**allow, "args": [_masked(arg, m, v)]} for m, v in cubes),
-        *(deny(v) for v in named.values()),
+        return [_masked(arg, flags, 0)], [_masked(arg, v, v) for v in named.values()]
+    # except: the bits compared are the low `bits` (the others must be 0) or
+    # those of `mask` (the others are free); by default all 32.
+    if "bits" in when and "mask" in when:
+        raise ProfileError(f"{where}: 'bits' or 'mask', not both")
+    if "mask" in when:
+        mask = _u32(when["mask"], f"{where}, mask")
+        fixed = 0
+    else:
+        bits = when.get("bits", 32)
+        if not _int(bits, 1, 32):
+            raise ProfileError(f"{where}: 'bits' must be 1 to 32")
+        mask = (1 << bits) - 1
+        fixed = LOW32 & ~mask
+    for name, v in {**named, **named_left}.items():
+        if v & ~mask:
+            raise ProfileError(f"{where}, {name}: {v:#x} has bits outside {mask:#x}")
+    free = [b for b in range(32) if mask >> b & 1]
+    cubes = cover({*named.values(), *named_left.values()}, free, fixed, 0)
+    return [_masked(arg, m, v) for m, v in cubes], [
+        _masked(arg, mask | fixed, v) for v in named.values()
+    ]
+
+
+def _allow_rules(group: dict[str, Any], where: str, names: list[str]) -> list[Rule]:
+    """Allow rules: one per combination of an allowed comparison of each condition.
+
+    The comparisons of one rule must all hold; the rules are alternatives.
+    What a condition denies gets EPERM when the conditions before it hold.
+    """
+    whens = group.get("when", [])
+    if not isinstance(whens, list):
+        raise ProfileError(f"{where}: 'when' must be written [[allow.when]]")
+    combos: list[list[Arg]] = [[]]
+    denied: list[Arg] = []
+    denied: list[list[Arg]] = []
+    for i, when in enumerate(whens):
+        allowed, deny = _condition(when, f"{where}, when #{i + 1}")
+        denied += [[*c, d] for c in combos for d in deny]
+        combos = [[*c, a] for c in combos for a in allowed]
+    allow = [
+        {"names": names, "action": "SCMP_ACT_ALLOW", **({"args": c} if c else {})} for c in combos
+    ]
+    return allow + [
+        {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM, "args": d}
+        for d in denied
     ]
 
 
@@ -164,7 +194,7 @@ def parse(text: str, machine: str, source: str = "seccomp profile") -> dict[str,
     if not isinstance(arches, list) or not arches or not all(isinstance(a, str) for a in arches):
         raise ProfileError(f"{source}: no [architectures] entry for this machine ({machine})")
     rules: list[Rule] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, bool]] = {}
     for kind in ("allow", "deny"):
         groups = data.get(kind, [])
         if not isinstance(groups, list):
@@ -180,9 +210,13 @@ def parse(text: str, machine: str, source: str = "seccomp profile") -> dict[str,
             for name in names:
                 if not isinstance(name, str) or not _NAME.fullmatch(name):
                     raise ProfileError(f"{where}: {name!r} is not a syscall name")
-                if name in seen:
-                    raise ProfileError(f"{where}: {name} is already in {seen[name]}")
-                seen[name] = where
+                # Several [[allow]] groups may name a syscall when each has
+                # conditions (they must not overlap: see 'leave'); an
+                # unconditional rule would swallow the others in libseccomp.
+                conditional = kind == "allow" and bool(group.get("when"))
+                if name in seen and not (conditional and seen[name][1]):
+                    raise ProfileError(f"{where}: {name} is already in {seen[name][0]}")
+                seen[name] = (where, conditional)
             if kind == "deny":
                 code = _errno(group.get("errno"), where)
                 rules.append({"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": code})
