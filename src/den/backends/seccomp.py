@@ -107,7 +107,7 @@ def _condition(when: Any, where: str) -> tuple[list[Arg], list[Arg]]:
     if len(kinds) != 1:
         raise ProfileError(f"{where}: each [[allow.when]] takes one of {_CONDITIONS}")
     kind = kinds[0]
-    arg = when.get("arg")
+    arg: int = when.get("arg", -1)
     if not _int(arg, 0, 5):
         raise ProfileError(f"{where}: 'arg' must be the argument's index, 0 to 5")
     if any(k in when for k in ("bits", "mask", "leave")) and kind != "except":
@@ -165,7 +165,6 @@ def _allow_rules(group: dict[str, Any], where: str, names: list[str]) -> list[Ru
     if not isinstance(whens, list):
         raise ProfileError(f"{where}: 'when' must be written [[allow.when]]")
     combos: list[list[Arg]] = [[]]
-    denied: list[Arg] = []
     denied: list[list[Arg]] = []
     for i, when in enumerate(whens):
         allowed, deny = _condition(when, f"{where}, when #{i + 1}")
