@@ -128,7 +128,9 @@ class Settings(BaseSettings):
         description="Private subnet of workspace addresses (instance N: 10.77+N.0.0/16).",
     )
     egress: bool = Field(
-        True, description="Let workspaces reach the outside world (NAT via nftables)."
+        True,
+        description="Let workspaces reach the internet (NAT via nftables); private, link-local "
+        "and reserved ranges and the host stay closed unless `den egress allow` opens them.",
     )
     default_cpu: float = Field(1.0, gt=0, description="CPUs of a new workspace unless given.")
     default_memory: str = Field(
