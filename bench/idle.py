@@ -65,7 +65,9 @@ def measure(count: int, seconds: float, env: dict[str, str]) -> dict[str, float]
         assert d.proc is not None
         c = Client(socket_path=str(d.socket))
         busybox_image(c)
-        c.call("user.create", {"name": "bench"})
+        # Hundreds of workspaces: past a member's default quotas.
+        unlimited = dict.fromkeys(("max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb"), -1)
+        c.call("user.create", {"name": "bench", **unlimited})
         for i in range(count):
             c.call("workspace.create", {"name": f"w{i}", "user": "bench"})
         time.sleep(2)  # let the creates settle

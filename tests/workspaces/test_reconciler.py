@@ -147,7 +147,8 @@ def _in_thread(fn: Any) -> threading.Thread:
 def test_kill_during_create_leaves_nothing_half_made(spare_daemon: Daemon) -> None:
     d = spare_daemon
     with make_users(d) as users:
-        owner = users.make()
+        # Five workspaces of 1 CPU each: more than a 2-core host's default max_cpu.
+        owner = users.make(max_cpu=-1)
         for i, delay in enumerate((0.03, 0.08, 0.13, 0.2, 0.3)):
             t = _in_thread(lambda i=i: d.call("workspace.create", name=f"k{i}", user=owner))
             time.sleep(delay)
@@ -166,7 +167,8 @@ def test_kill_during_create_leaves_nothing_half_made(spare_daemon: Daemon) -> No
 def test_kill_during_delete_finishes_it(spare_daemon: Daemon) -> None:
     d = spare_daemon
     with make_users(d) as users:
-        owner = users.make()
+        # Five workspaces of 1 CPU each: more than a 2-core host's default max_cpu.
+        owner = users.make(max_cpu=-1)
         keep = create(d, owner, "keep")
         for i, delay in enumerate((0.0, 0.03, 0.08, 0.15)):
             ws = create(d, owner, f"del{i}")

@@ -33,7 +33,8 @@ def busy_reconciler() -> Iterator[Daemon]:
 def test_creates_during_reconciler_passes_survive(busy_reconciler: Daemon) -> None:
     d = busy_reconciler
     with make_users(d) as users:
-        owner = users.make()
+        # 24 workspaces: more than a member's default quotas allow.
+        owner = users.make(max_workspaces=-1, max_cpu=-1, max_memory_mb=-1, max_disk_mb=-1)
         # Existing workspaces make each pass longer: one status read each.
         with ThreadPoolExecutor(4) as pool:
             made = list(pool.map(lambda i: create(d, owner, f"r{i}"), range(24)))

@@ -81,8 +81,10 @@ def workspace_pids_bound() -> int:
 
 
 def user_pids_bound() -> int:
-    """The most processes a member's workspaces may be allowed together: half of pid_max,
-    so that one member filling all of theirs still leaves the host and others room."""
+    """The most processes a member may give their workspaces together when raising a
+    workspace's pids past default_pids: half of pid_max, so that one member filling
+    all of theirs still leaves the host and the others room. (At the default, the
+    workspace count bounds them: 10 x 1024 on a 32768 host.)"""
     return pid_max() // 2
 
 
@@ -195,11 +197,12 @@ async def check_quota(
             f"use {int(disk_used or 0)} MiB and this one asks for {disk_mb} MiB"
         )
     bound = user_pids_bound()
-    if owner.role != "admin" and pids and int(pids_used) + pids > bound:
+    raising = pids > ctx.app.settings.default_pids and not ctx.caller.is_admin
+    if raising and owner.role != "admin" and int(pids_used) + pids > bound:
         raise QuotaExceeded(
             f"pids of {owner.name}'s workspaces together may not pass {bound} (half of this "
             f"host's pid_max, {pid_max()}): the others have {int(pids_used)} and this one "
-            f"asks for {pids}"
+            f"asks for {pids}; ask an admin for more"
         )
 
 

@@ -111,13 +111,18 @@ def test_member_cannot_ask_for_pids_beyond_the_hosts_share(
     ]
     err = error_of(as_member(d, member, "workspace.resize", ref=ws["ref"], pids=bound + 1))
     assert err["code"] == -32602 and str(bound) in field_messages(err)["pids"]
-    # Together a member's workspaces hold at most half of pid_max.
+    # Past the default, a member's workspaces hold at most half of pid_max together;
+    # an admin may give more.
     as_member(d, member, "workspace.create", name="top2", image=bb_image, pids=bound, cpu=0.1)
     err = error_of(
-        as_member(d, member, "workspace.create", name="top3", image=bb_image, pids=16, cpu=0.1)
+        as_member(d, member, "workspace.create", name="top3", image=bb_image, pids=2048, cpu=0.1)
     )
     assert err["code"] == -32004, err
     assert str(PID_MAX // 2) in err["message"] and "pid_max" in err["message"], err
+    small = as_member(d, member, "workspace.create", name="top3", image=bb_image, cpu=0.1)
+    assert small["result"]["pids"] == 1024, small
+    more = d.call("workspace.create", name="top4", user=member, image=bb_image, pids=2048, cpu=0.1)
+    assert more["pids"] == 2048
 
 
 # -- default quotas -----------------------------------------------------------------
