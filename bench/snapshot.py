@@ -5,10 +5,12 @@ generates a code tree of ~400 MB and one of ~4 GB of many files, then times:
 
 - a snapshot of each (libbtrfsutil, as den does; median of ``--runs``),
 - ``cp -a --reflink=never`` of the small tree (plus sync), and a reflink copy,
-- the same snapshots again with btrfs quotas (qgroups) enabled.
+- the same snapshots (and their deletes) with simple quotas on, as den makes
+  them: each snapshot joins a level-1 qgroup with a limit (den's disk limits),
+- the same again with full qgroups (what den used before simple quotas).
 
-Goal: a snapshot under 10 ms at both sizes with qgroups off. Prints a table
-and one JSON line.
+Goal: a snapshot under 10 ms at both sizes with quotas off, and den's disk
+limits (simple quotas) within 10% of that. Prints a table and one JSON line.
 
     .venv/bin/python bench/snapshot.py [--runs 20] [--small-mb 400] [--large-mb 4000]
 """
@@ -99,31 +101,54 @@ def fs_sync(mnt: Path) -> None:
     sh("btrfs", "filesystem", "sync", str(mnt))
 
 
-def time_snapshots(mnt: Path, src: Path, runs: int) -> dict[str, Any]:
-    """Milliseconds per snapshot of ``src``: back to back, then each right after deleting
-    the previous one (workspaces come and go; btrfs cleans deleted snapshots in the
-    background, and with qgroups that cleaning is what costs)."""
+def time_snapshots(mnt: Path, src: Path, runs: int, limited: bool = False) -> dict[str, Any]:
+    """Milliseconds per snapshot of ``src`` and per delete: back to back, then each
+    right after deleting the previous one (workspaces come and go; btrfs cleans deleted
+    snapshots in the background, and with qgroups that cleaning is what costs).
+
+    ``limited``: each snapshot joins a level-1 qgroup of its own with a 10G limit,
+    as den's workspaces do (simple quotas must be on)."""
     fs_sync(mnt)
     dsts = [mnt / f"snap-{src.name}-{i}" for i in range(runs)]
-    made, churn = [], []
-    for dst in dsts:
+    made, deleted, churn = [], [], []
+
+    def make(i: int, dst: Path) -> None:
+        if limited:
+            group = btrfs.workspace_qgroup(f"{i:012x}")
+            btrfs.qgroup_create(mnt, group)
+            btrfs.qgroup_limit(mnt, group, 10 << 30)
+            btrfs.snapshot_into(src, dst, group)
+        else:
+            btrfs.snapshot(src, dst)
+
+    for i, dst in enumerate(dsts):
         t0 = time.perf_counter()
-        btrfs.snapshot(src, dst)
+        make(i, dst)
         made.append((time.perf_counter() - t0) * 1e3)
     for dst in dsts:
+        t0 = time.perf_counter()
         btrfs.delete_subvolume(dst)
+        deleted.append((time.perf_counter() - t0) * 1e3)
     t0 = time.perf_counter()
     fs_sync(mnt)  # commits the deletions, which wakes the cleaner
     sh("btrfs", "subvolume", "sync", str(mnt))
     cleanup = time.perf_counter() - t0
-    for dst in dsts:
+    for i, dst in enumerate(dsts):
         t0 = time.perf_counter()
-        btrfs.snapshot(src, dst)
+        make(i, dst)
         churn.append((time.perf_counter() - t0) * 1e3)
         btrfs.delete_subvolume(dst)
     fs_sync(mnt)
     sh("btrfs", "subvolume", "sync", str(mnt))
-    return {"made": made, "churn": churn, "cleanup_s": round(cleanup, 2)}
+    if limited:
+        for i in range(runs):
+            btrfs.qgroup_destroy(mnt, btrfs.workspace_qgroup(f"{i:012x}"))
+    return {
+        "made": made,
+        "deleted": deleted,
+        "churn": churn,
+        "cleanup_s": round(cleanup, 2),
+    }
 
 
 def time_copies(mnt: Path, src: Path, runs: int, reflink: str) -> list[float]:
@@ -204,6 +229,7 @@ def main() -> None:
                 functools.partial(time_snapshots, mnt, src, args.runs),
             )
             rows.append(summary("snapshot", name, res["made"]))
+            rows.append(summary("delete", name, res["deleted"]))
             rows.append(summary("snapshot amid deletes", name, res["churn"]))
             cleanup[name] = res["cleanup_s"]
         samples = step(
@@ -217,9 +243,20 @@ def main() -> None:
         )
         rows.append(summary("cp -a --reflink=always, sync", "small", samples))
         if not args.no_qgroups:
+            step("enabling simple quotas", lambda: btrfs.quota_enable(mnt))
+            for name, src in (("small", small), ("large", large)):
+                res = step(
+                    f"{args.runs} limited snapshots of the {name} tree, simple quotas, twice",
+                    functools.partial(time_snapshots, mnt, src, args.runs, True),
+                )
+                rows.append(summary("snapshot +squota limit", name, res["made"]))
+                rows.append(summary("delete +squota limit", name, res["deleted"]))
+                rows.append(summary("snapshot amid deletes +squota limit", name, res["churn"]))
+                cleanup[f"{name}_squota"] = res["cleanup_s"]
             step(
-                "enabling quotas (and waiting for the rescan)",
+                "switching to full qgroups (and waiting for the rescan)",
                 lambda: (
+                    sh("btrfs", "quota", "disable", str(mnt)),
                     sh("btrfs", "quota", "enable", str(mnt)),
                     sh("btrfs", "quota", "rescan", "-w", str(mnt)),
                 ),
@@ -230,6 +267,7 @@ def main() -> None:
                     functools.partial(time_snapshots, mnt, src, args.runs),
                 )
                 rows.append(summary("snapshot +qgroups", name, res["made"]))
+                rows.append(summary("delete +qgroups", name, res["deleted"]))
                 rows.append(summary("snapshot amid deletes +qgroups", name, res["churn"]))
                 cleanup[f"{name}_qgroups"] = res["cleanup_s"]
 
@@ -249,8 +287,16 @@ def main() -> None:
             f"{r['max_ms']:.2f}",
         )
     Console().print(table)
-    plain = [r for r in rows if r["case"].startswith("snapshot") and "qgroups" not in r["case"]]
+    plain = [r for r in rows if r["case"].startswith("snapshot") and "+" not in r["case"]]
     goal = all(r["median_ms"] < GOAL_MS for r in plain)
+    by = {(r["case"], r["tree"]): r["median_ms"] for r in rows}
+    # den's disk limits against no quotas, per tree: snapshot and delete, in the same run.
+    limits_cost = {
+        f"{case}_{tree}": round(by[(f"{case} +squota limit", tree)] / by[(case, tree)], 2)
+        for case in ("snapshot", "delete")
+        for tree in trees
+        if (f"{case} +squota limit", tree) in by and by[(case, tree)] > 0
+    }
     print(
         json.dumps(
             {
@@ -261,6 +307,7 @@ def main() -> None:
                 "cleanup_of_deleted_snapshots_s": cleanup,
                 "goal_ms": GOAL_MS,
                 "goal_met": goal,
+                "squota_over_plain": limits_cost,
             }
         )
     )
