@@ -13,13 +13,17 @@ the argument to a value no denied request has (masked comparisons on the low
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import ctypes.util
 import errno
 import logging
+import os
 import platform
 import re
+import tempfile
 import tomllib
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -278,3 +282,114 @@ def load(path: Path = PROFILE, machine: str | None = None) -> dict[str, Any]:
                 kept.append({**rule, "names": names})
         profile["syscalls"] = kept
     return profile
+
+
+# -- compiled once, at daemon start ---------------------------------------------------
+
+# crun 1.8 compiles linux.seccomp with libseccomp at every `crun run` and reads
+# the whole profile back from config.json at every `crun exec` (measured: +12 ms
+# per start, +3 ms per exec). Given the filter as BPF (its annotation
+# run.oci.seccomp_bpf_data), it loads it as is. den compiles it here with the
+# same library and the same steps as crun (seccomp_init with the default
+# action, the architectures, one rule per name, rules with the default action
+# skipped), so the filter is the one crun would build.
+BPF_ANNOTATION = "run.oci.seccomp_bpf_data"
+_ALLOW = 0x7FFF0000  # SCMP_ACT_ALLOW
+_ERRNO = 0x00050000  # SCMP_ACT_ERRNO(0)
+_OPS = {"SCMP_CMP_EQ": 4, "SCMP_CMP_MASKED_EQ": 7}
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = (
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    )
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A workspace's filter: the OCI profile, and its BPF when den could compile it."""
+
+    profile: dict[str, Any]
+    bpf: bytes | None
+
+    def annotations(self) -> dict[str, str]:
+        """config.json's annotations: the BPF, when compiled."""
+        return {BPF_ANNOTATION: base64.b64encode(self.bpf).decode()} if self.bpf else {}
+
+    def linux(self) -> dict[str, Any]:
+        """Keys of config.json's linux section: the profile, for crun to compile, if not."""
+        return {} if self.bpf else {"seccomp": self.profile}
+
+
+def _action(name: str, errno_ret: int) -> int:
+    if name == "SCMP_ACT_ALLOW":
+        return _ALLOW
+    if name == "SCMP_ACT_ERRNO":
+        return _ERRNO | errno_ret
+    raise ProfileError(f"den does not compile the seccomp action {name}")
+
+
+def compile_bpf(profile: dict[str, Any]) -> bytes | None:
+    """The profile as BPF, as crun would build it; None without libseccomp."""
+    lib = _libseccomp()
+    if lib is None:
+        return None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
+    lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    default = _action(profile["defaultAction"], profile["defaultErrnoRet"])
+    ctx = lib.seccomp_init(default)
+    if not ctx:
+        raise ProfileError("libseccomp could not start a filter")
+    try:
+        for arch in profile["architectures"]:
+            token = lib.seccomp_arch_resolve_name(arch.removeprefix("SCMP_ARCH_").lower().encode())
+            rc = lib.seccomp_arch_add(ctx, token) if token else -errno.EINVAL
+            if rc < 0 and rc != -errno.EEXIST:
+                raise ProfileError(f"libseccomp refused the architecture {arch}")
+        for rule in profile["syscalls"]:
+            action = _action(rule["action"], rule.get("errnoRet", errno.EPERM))
+            if action == default:
+                continue
+            args = rule.get("args", [])
+            if len({a["index"] for a in args}) != len(args):
+                raise ProfileError("a rule compares one argument twice (crun would split it)")
+            cmps = (_ArgCmp * max(1, len(args)))(
+                *(
+                    _ArgCmp(a["index"], _OPS[a["op"]], a["value"], a.get("valueTwo", 0))
+                    for a in args
+                )
+            )
+            for name in rule["names"]:
+                nr = lib.seccomp_syscall_resolve_name(name.encode())
+                rc = lib.seccomp_rule_add_array(ctx, action, nr, len(args), cmps)
+                if rc < 0:
+                    raise ProfileError(f"libseccomp refused a rule for {name}: {os.strerror(-rc)}")
+        with tempfile.TemporaryFile() as f:
+            rc = lib.seccomp_export_bpf(ctx, f.fileno())
+            if rc < 0:
+                raise ProfileError(f"libseccomp could not export the filter: {os.strerror(-rc)}")
+            f.seek(0)
+            return f.read()
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def prepare(path: Path = PROFILE) -> Filter:
+    """The checked profile and its BPF: what the daemon hands every workspace."""
+    profile = load(path)
+    return Filter(profile, compile_bpf(profile))
