@@ -312,9 +312,13 @@ def test_exec_timeout_never_kills_what_a_stale_pid_file_names(
         t.join(30)
     assert got and got[0]["timed_out"] is True, got
     assert victim.poll() is None, "den killed an unrelated process"
-    # The normal case still works: a timeout kills the command.
+    # The normal case still works: a timeout kills the command itself (through its
+    # pidfd), not only crun five seconds later.
+    start = time.monotonic()
     res = sh(d, ws["ref"], "sleep 30", timeout=1)
     assert res["timed_out"] is True and res["exit_code"] == 124
+    assert time.monotonic() - start < 4
+    assert ok(d, ws["ref"], "ps -o args | grep -c '^sleep 30$' || true").strip() == "0"
 
 
 def test_ssh_hangup_never_signals_what_a_stale_pid_file_names(
@@ -336,13 +340,32 @@ def test_ssh_hangup_never_signals_what_a_stale_pid_file_names(
     )
     try:
         _plant(_wait_for("ssh-*.pid", bundle), victim.pid)
-        # Make sure the exec has started before dropping the connection
-        time.sleep(0.5)
+        time.sleep(0.5)  # the command runs: the hangup goes to what the file names
     finally:
         client.kill()  # the connection drops: den sends SIGHUP to the session's process
         client.wait()
     time.sleep(1.0)
     assert victim.poll() is None, "den sent SIGHUP to an unrelated process"
+    # A session whose pid file is right: the hangup ends its command in the workspace.
+    client = subprocess.Popen(
+        ["ssh", *alice.opts(), f"{alice.name}.hup@127.0.0.1", "sleep 301"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    running = "ps -o args | grep -c '^sleep 301' || true"
+    try:
+        deadline = time.monotonic() + 20
+        while ok(d, ws["ref"], running).strip() != "1":
+            assert time.monotonic() < deadline, "the ssh command did not start"
+            time.sleep(0.1)
+    finally:
+        client.kill()
+        client.wait()
+    deadline = time.monotonic() + 10
+    while ok(d, ws["ref"], running).strip() != "0":
+        assert time.monotonic() < deadline, "the hangup did not end the command"
+        time.sleep(0.1)
 
 
 def test_signal_exec_checks_the_process_is_cruns_child() -> None:
