@@ -78,8 +78,12 @@ async def setup_pool(settings: Settings, say: Say) -> Pool:
     pool = Pool.detect(pool_dir, settings.storage_driver)
     pool.prepare()
     if settings.disk_quota and pool.driver == "btrfs":
-        say("enabling btrfs simple quotas on the pool (per-workspace disk limits)")
-        btrfs.quota_enable(pool_dir)
+        say("enabling btrfs quotas on the pool (per-workspace disk limits)")
+        if btrfs.quota_enable(pool_dir) == "qgroup":
+            say(
+                f"this kernel ({os.uname().release}) has no btrfs simple quotas (Linux 6.7+): "
+                "using full qgroups, which make deleting workspaces slower"
+            )
     return pool
 
 

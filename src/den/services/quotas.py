@@ -243,11 +243,11 @@ def parse_disk(ctx: Context, disk: str | None) -> int | None:
         why = (
             "the pool is not btrfs (overlay driver)"
             if ctx.app.pool.driver != "btrfs"
-            else "btrfs simple quotas are not on in the pool"
+            else "btrfs quotas are not on in the pool"
         )
         raise BackendFailure(
-            f"disk limits are on (disk_quota = true) but {why}: run `den init` (btrfs and "
-            "Linux 6.7 or newer), or set disk_quota = false to run workspaces without disk limits"
+            f"disk limits are on (disk_quota = true) but {why}: run `den init` (it makes the "
+            "pool btrfs with quotas), or set disk_quota = false to run workspaces without disk limits"
         )
     disk_mb = parse_mib(disk, "disk")
     if disk_mb < 64:

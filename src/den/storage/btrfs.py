@@ -119,7 +119,7 @@ def subvolume_id(path: Path) -> int:
 # written blocks only.
 
 _MAGIC = 0x94
-_QUOTA_CTL_DISABLE, _QUOTA_CTL_ENABLE_SIMPLE = 2, 4
+_QUOTA_CTL_ENABLE, _QUOTA_CTL_DISABLE, _QUOTA_CTL_ENABLE_SIMPLE = 1, 2, 4
 _LIMIT_MAX_RFER, _LIMIT_MAX_EXCL = 1, 2
 
 
@@ -159,26 +159,31 @@ def quota_mode(pool: Path) -> str:
     return mode if mode in ("squota", "qgroup") else ""
 
 
-def quota_enable(pool: Path) -> None:
-    """Turn on simple quotas; full qgroups left by an older den are switched over.
+def quota_enable(pool: Path) -> str:
+    """Turn on simple quotas, else (before Linux 6.7) full qgroups; return the mode.
 
-    Raises BackendFailure where the kernel has no simple quotas (before 6.7).
+    Full qgroups left by an older den are switched over where simple quotas exist.
     """
     mode = quota_mode(pool)
     if mode == "squota":
-        return
+        return mode
     try:
         if mode == "qgroup":
             _ioctl(pool, _IOC_QUOTA_CTL, bytearray(struct.pack("=QQ", _QUOTA_CTL_DISABLE, 0)))
         _ioctl(pool, _IOC_QUOTA_CTL, bytearray(struct.pack("=QQ", _QUOTA_CTL_ENABLE_SIMPLE, 0)))
+        return "squota"
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTTY):
-            raise BackendFailure(
-                f"this kernel ({os.uname().release}) has no btrfs simple quotas (Linux 6.7 "
-                "or newer): workspaces cannot get disk limits. Upgrade the kernel, or set "
-                "disk_quota = false to run workspaces without disk limits"
-            ) from None
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTTY):
+            raise BackendFailure(f"cannot enable btrfs quotas on {pool}: {exc}") from None
+    # No simple quotas on this kernel (Debian 12's own is 6.1): full qgroups limit
+    # as well, at the price of slower snapshot deletes (bench/snapshot.py). A nested
+    # subvolume does not join its parent's group there; the seccomp profile's
+    # refusal of the subvolume ioctls is what holds the limit.
+    try:
+        _ioctl(pool, _IOC_QUOTA_CTL, bytearray(struct.pack("=QQ", _QUOTA_CTL_ENABLE, 0)))
+    except OSError as exc:
         raise BackendFailure(f"cannot enable btrfs quotas on {pool}: {exc}") from None
+    return "qgroup"
 
 
 def workspace_qgroup(vid: str) -> int:
@@ -233,9 +238,12 @@ def qgroup_limit(pool: Path, qgroupid: int, limit_bytes: int | None) -> None:
 
     Addressed by id on the pool root, so it also works on a group over its limit.
     """
-    # Both limits, equal: squota charges an extent to one group only, so what a group
-    # references is what it holds. All ones is the kernel's "clear this limit".
-    flags = _LIMIT_MAX_RFER | _LIMIT_MAX_EXCL
+    # Simple quotas: both limits, equal: squota charges an extent to one group only,
+    # so what a group references is what it holds. Full qgroups: the exclusive
+    # limit only, since what a group references includes the image's extents its
+    # snapshots share. All ones is the kernel's "clear this limit".
+    full = quota_mode(pool) == "qgroup"
+    flags = _LIMIT_MAX_EXCL if full else _LIMIT_MAX_RFER | _LIMIT_MAX_EXCL
     value = (1 << 64) - 1 if limit_bytes is None else limit_bytes
     # btrfs_ioctl_qgroup_limit_args: qgroupid, then flags, max_rfer, max_excl, rsv_rfer, rsv_excl.
     buf = bytearray(struct.pack("=6Q", qgroupid, flags, value, value, 0, 0))

@@ -131,7 +131,7 @@ class Pool:
         if self.driver == "btrfs":
             if dst.exists():
                 return dst
-            if self.quotas():
+            if self.simple_quotas():
                 group = btrfs.workspace_qgroup(vid)
                 await asyncio.to_thread(btrfs.qgroup_create, self.root, group)
                 await asyncio.to_thread(btrfs.snapshot_into, src, dst, group)
@@ -141,7 +141,11 @@ class Pool:
         return await self._overlay(src, vdir, part)
 
     def quotas(self) -> bool:
-        """Whether this pool can limit the disk of volumes (btrfs with simple quotas on)."""
+        """Whether this pool can limit the disk of volumes (btrfs with quotas on:
+        simple ones, or full qgroups on kernels before 6.7)."""
+        return self.driver == "btrfs" and btrfs.quota_mode(self.root) != ""
+
+    def simple_quotas(self) -> bool:
         return self.driver == "btrfs" and btrfs.quota_mode(self.root) == "squota"
 
     async def limit_volume(self, vid: str, limit_bytes: int | None) -> None:
@@ -150,9 +154,18 @@ class Pool:
         Also puts the parts in the volume's group when they are not yet (a volume
         made before quotas were on), so the limit never misses one.
         """
+        vdir = self.volume_dir(vid)
+        if not self.simple_quotas():
+            # Full qgroups (kernels before 6.7): putting a subvolume in a group
+            # leaves the accounting inconsistent, unenforced until a rescan of the
+            # whole pool. Each part's own group gets the limit instead.
+            for part in sorted(vdir.iterdir()) if vdir.exists() else []:
+                if btrfs.is_subvolume(part):
+                    sid = await asyncio.to_thread(btrfs.subvolume_id, part)
+                    await asyncio.to_thread(btrfs.qgroup_limit, self.root, sid, limit_bytes)
+            return
         group = btrfs.workspace_qgroup(vid)
         await asyncio.to_thread(btrfs.qgroup_create, self.root, group)
-        vdir = self.volume_dir(vid)
         for part in sorted(vdir.iterdir()) if vdir.exists() else []:
             if btrfs.is_subvolume(part):
                 await asyncio.to_thread(btrfs.qgroup_assign, self.root, part, group)
