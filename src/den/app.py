@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from den.backends import seccomp
 from den.config import Settings
 from den.db.engine import make_engine, migrate, sessionmaker
 from den.db.models import AuditEvent
@@ -49,6 +50,8 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Read and checked now: a broken profile stops the daemon at start.
+        self.seccomp = seccomp.prepare() if settings.sandbox_seccomp else None
         self.started_at = datetime.now(UTC)
         self.engine: AsyncEngine = make_engine(settings.db_url)
         self.sessions: async_sessionmaker[AsyncSession] = sessionmaker(self.engine)
@@ -76,7 +79,9 @@ class App:
             s = self.settings
             network = Network(s.instance, s.network_subnet, s.egress, [s.ssh_port, s.http_port])
             network.exception_source = egress.exception_source(self)
-            self._backend = SandboxBackend(s.instance, s.data_dir, self.pool.volumes, network)
+            self._backend = SandboxBackend(
+                s.instance, s.data_dir, self.pool.volumes, network, self.seccomp
+            )
         return self._backend
 
     def ws_lock(self, ws_id: str) -> asyncio.Lock:

@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     )
     disk_quota: bool = Field(
         True,
-        description="Give every workspace a disk limit (btrfs simple quotas, Linux 6.7+); "
+        description="Give every workspace a disk limit (btrfs simple quotas on Linux 6.7+, "
+        "else full qgroups); "
         "false: no disk limits at all.",
     )
     # 10G holds a toolchain, dependencies and build output of a typical repo, and
@@ -131,6 +132,10 @@ class Settings(BaseSettings):
         True,
         description="Let workspaces reach the internet (NAT via nftables); private, link-local "
         "and reserved ranges and the host stay closed unless `den egress allow` opens them.",
+    )
+    sandbox_seccomp: bool = Field(
+        True,
+        description="Confine workspaces with den's seccomp profile (false: no syscall filter).",
     )
     default_cpu: float = Field(1.0, gt=0, description="CPUs of a new workspace unless given.")
     default_memory: str = Field(

@@ -321,7 +321,7 @@ def instance_ids(d: Daemon) -> dict[str, list[str]]:
     pool = d.data_dir / "pool"
     for parent in (pool / "volumes", pool / "views", d.data_dir / "bundles"):
         if parent.exists():
-            ids |= {p.name for p in parent.iterdir()}
+            ids |= {p.name for p in parent.iterdir() if not p.name.startswith(".")}
     out = {i: traces(d, i) for i in ids}
     prefix = f"d{n}-"
     for link in os.listdir("/sys/class/net"):

@@ -3,33 +3,59 @@
 from __future__ import annotations
 
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from den.backends.base import Spec
+from den.backends.seccomp import Filter
 
 INIT_PATH = "/dev/init"
 TINI = Path("/usr/bin/tini-static")
 
-# Enough for apt-get, services and debuggers inside; every one of them is
-# confined to the workspace's own user namespace.
+
+@dataclass(frozen=True)
+class Views:
+    """The host mounts a workspace's container is made of (den.backends.view)."""
+
+    root: Path  # idmapped view of the rootfs snapshot
+    code: Path  # idmapped view of the code snapshot
+    sys: Path  # sysfs of the workspace's network namespace
+    etc: Path  # tmpfs with hostname, hosts, resolv.conf
+    init: Path  # the instance's shared copy of tini
+
+
+# Podman's default set, plus CAP_NET_RAW for ping; each is confined to the
+# workspace's own user namespace and its own files (ids are mapped, the rootfs
+# is the workspace's).
 CAPABILITIES = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_SETFCAP",
-    "CAP_NET_BIND_SERVICE",
+    "CAP_CHOWN",  # chown files to the workspace's users: apt, tar, useradd
+    "CAP_DAC_OVERRIDE",  # root reads and writes any file of the workspace
+    "CAP_FOWNER",  # chmod, utime and xattrs on files root does not own
+    "CAP_FSETID",  # keep setuid/setgid bits on chmod and writes (dpkg installing sudo)
+    "CAP_KILL",  # signal processes of other workspace users (service managers)
+    "CAP_NET_BIND_SERVICE",  # web servers on ports below 1024
+    # Debian's ping carries the file capability cap_net_raw=ep, and execve
+    # refuses a file whose capabilities the bounding set lacks. Inert otherwise:
+    # the workspace's network namespace belongs to the host's user namespace, so
+    # the kernel refuses raw and packet sockets to the workspace's root anyway
+    # (the seccomp profile refuses them too); ping uses its ICMP datagram socket.
     "CAP_NET_RAW",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_MKNOD",
-    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",  # file capabilities, which some packages set at install
+    "CAP_SETGID",  # su, sudo, setpriv and daemons changing group
+    "CAP_SETPCAP",  # drop capabilities from the bounding set (daemons, setpriv)
+    "CAP_SETUID",  # su, sudo, setpriv and daemons changing user
+    "CAP_SYS_CHROOT",  # chroot for build tools (debootstrap, dpkg --root)
 ]
+# Left out: CAP_SYS_PTRACE (root could attach to another user's process; gdb
+# and strace on one's own processes need no capability), CAP_MKNOD (device
+# nodes; the kernel and the device cgroup refuse them anyway) and
+# CAP_AUDIT_WRITE (the host's audit log; sudo works without it).
+#
+# no_new_privs stays off: with it, sudo and su (setuid binaries) would not gain
+# root. What a process gains that way is still bounded by this set, by the
+# seccomp profile and by the user namespace, so setuid root inside a workspace
+# is the workspace's root and nothing more.
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -44,13 +70,15 @@ def nofile_limit() -> dict[str, Any]:
 
 
 def config(
-    spec: Spec, bundle: Path, root_view: Path, code_view: Path, netns: Path, cgroup: str
+    spec: Spec, views: Views, netns: Path, cgroup: str, seccomp: Filter | None = None
 ) -> dict[str, Any]:
+    """The OCI config of ``spec``; ``views`` are the host mounts it is made of."""
     caps = {k: CAPABILITIES for k in ("bounding", "effective", "permitted")}
     mapping = [{"containerID": 0, "hostID": spec.uid_start, "size": spec.uid_count}]
     period = 100_000
     return {
         "ociVersion": "1.0.2",
+        "annotations": seccomp.annotations() if seccomp else {},
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
@@ -59,9 +87,9 @@ def config(
             "cwd": "/",
             "capabilities": {**caps, "inheritable": [], "ambient": []},
             "rlimits": [nofile_limit()],
-            "noNewPrivileges": False,
+            "noNewPrivileges": False,  # sudo inside: see CAPABILITIES
         },
-        "root": {"path": str(root_view), "readonly": False},
+        "root": {"path": str(views.root), "readonly": False},
         "hostname": spec.hostname,
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -96,13 +124,13 @@ def config(
                 "source": "mqueue",
                 "options": ["nosuid", "noexec", "nodev"],
             },
-            # The network namespace belongs to the host, so sysfs cannot be
-            # mounted fresh: a read-only bind, with the host's cgroups hidden.
+            # The sysfs of the workspace's own network namespace (see
+            # den.backends.view), with the host's cgroups hidden below.
             {
                 "destination": "/sys",
-                "type": "none",
-                "source": "/sys",
-                "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
+                "type": "bind",
+                "source": str(views.sys),
+                "options": ["bind", "nosuid", "noexec", "nodev", "ro"],
             },
             {
                 "destination": "/sys/fs/cgroup",
@@ -119,20 +147,20 @@ def config(
             {
                 "destination": INIT_PATH,
                 "type": "bind",
-                "source": str(TINI),
+                "source": str(views.init),
                 "options": ["bind", "ro", "nosuid", "nodev"],
             },
             {
                 "destination": "/code",
                 "type": "bind",
-                "source": str(code_view),
+                "source": str(views.code),
                 "options": ["rbind", "rw", "nodev"],
             },
             *(
                 {
                     "destination": f"/etc/{name}",
                     "type": "bind",
-                    "source": str(bundle / name),
+                    "source": str(views.etc / name),
                     "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
                 }
                 for name in ("hostname", "hosts", "resolv.conf")
@@ -151,6 +179,8 @@ def config(
                 {"type": "user"},
             ],
             "cgroupsPath": cgroup,
+            # den.backends.seccomp; None when the admin turned it off (sandbox_seccomp)
+            **(seccomp.linux() if seccomp else {}),
             "resources": {
                 "cpu": {"quota": int(spec.cpu * period), "period": period},
                 "memory": {"limit": spec.memory_mb << 20},

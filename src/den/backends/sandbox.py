@@ -21,12 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from den.backends import cgroups
+from den.backends import cgroups, view
 from den.backends.base import Backend, ExecRequest, ExecResult, Spec, State, Stats, Status
-from den.backends.bundle import config
+from den.backends.bundle import TINI, Views, config
 from den.backends.crun import Crun
+from den.backends.seccomp import Filter
 from den.errors import BackendFailure, Conflict, InvalidParams
 from den.log import timed
+from den.net import names
 from den.net.network import Network
 from den.storage import idmap, mounts
 
@@ -36,8 +38,16 @@ log = logging.getLogger(__name__)
 class SandboxBackend(Backend):
     name = "sandbox"
 
-    def __init__(self, instance: int, data_dir: Path, volumes: Path, network: Network) -> None:
+    def __init__(
+        self,
+        instance: int,
+        data_dir: Path,
+        volumes: Path,
+        network: Network,
+        seccomp: Filter | None = None,
+    ) -> None:
         self.instance = instance
+        self.seccomp = seccomp  # the OCI linux.seccomp of every workspace (den.backends.seccomp)
         self.prefix = f"den{instance}-"
         self.cgroup_parent = f"/den{instance}"
         self.bundles = data_dir / "bundles"
@@ -56,41 +66,54 @@ class SandboxBackend(Backend):
     def bundle(self, ws_id: str) -> Path:
         return self.bundles / ws_id
 
-    def views(self, ws_id: str) -> tuple[Path, Path]:
+    def views(self, ws_id: str) -> Views:
         # Raw snapshots stay in the root-only volumes directory: their files are
         # owned by uid 0 on disk. The workspace's root (a host uid of its own)
-        # reaches only these idmapped views, through traverse-only directories.
+        # reaches only these mounts, in a directory only it (and host root)
+        # may enter: host users cannot run its setuid files or read its files
+        # through the idmapped views.
         vdir = self.views_dir / ws_id
-        return vdir / "root", vdir / "code"
+        return Views(
+            root=vdir / "root",
+            code=vdir / "code",
+            sys=vdir / "sys",
+            etc=vdir / "etc",
+            init=self.views_dir / ".init" / view.INIT_NAME,
+        )
 
     # -- pieces ----------------------------------------------------------------
     def _mount_views(self, spec: Spec) -> None:
-        root_view, code_view = self.views(spec.id)
-        fresh = not root_view.parent.exists()
-        for d in (self.views_dir, root_view.parent):
-            d.mkdir(exist_ok=True, mode=0o711)
-            d.chmod(0o711)
+        v = self.views(spec.id)
+        vdir = v.root.parent
+        fresh = not vdir.exists()
+        self.views_dir.mkdir(exist_ok=True, mode=0o711)
+        self.views_dir.chmod(0o711)
+        vdir.mkdir(exist_ok=True, mode=0o700)
+        os.chown(vdir, spec.uid_start, spec.uid_start)
+        vdir.chmod(0o700)
+        view.ensure_init(v.init.parent, TINI)
         mounted = set() if fresh else mounts.mount_points()  # one read of mountinfo
-        for raw, view in ((spec.rootfs, root_view), (spec.code, code_view)):
-            view.mkdir(exist_ok=True)
-            if os.path.realpath(view) not in mounted:
-                idmap.idmapped_bind(raw, view, spec.uid_start, spec.uid_count)
+        for raw, target in ((spec.rootfs, v.root), (spec.code, v.code)):
+            target.mkdir(exist_ok=True)
+            if os.path.realpath(target) not in mounted:
+                idmap.idmapped_bind(raw, target, spec.uid_start, spec.uid_count)
+        view.mount_sysfs(v.sys, names.netns(self.instance, spec.id))
+        view.write_etc(v.etc, self._etc_files(spec))
 
     def _unmount_views(self, ws_id: str) -> None:
-        views = self.views(ws_id)
-        for view in views:
-            idmap.unmount(view)
-        for d in (*views, views[0].parent):
+        v = self.views(ws_id)
+        for target in (v.root, v.code, v.sys, v.etc):
+            view.unmount(target)
             with contextlib.suppress(OSError):
-                d.rmdir()
+                target.rmdir()
+        with contextlib.suppress(OSError):
+            v.root.parent.rmdir()
 
-    def _write_etc(self, spec: Spec) -> None:
-        # Written into the bundle (ours) and bind-mounted over the rootfs by
+    def _etc_files(self, spec: Spec) -> dict[str, str]:
+        # Served from a tmpfs of den's and bind-mounted over the rootfs by
         # crun, never written into the rootfs: its /etc is the workspace's to
         # replace, with symlinks that would lead a host-side write anywhere.
-        b = self.bundle(spec.id)
-        b.mkdir(parents=True, exist_ok=True, mode=0o711)
-        files = {
+        return {
             "hostname": spec.hostname + "\n",
             "hosts": (
                 "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -98,17 +121,16 @@ class SandboxBackend(Backend):
             ),
             "resolv.conf": host_resolvers(),
         }
-        for name, text in files.items():
-            path = b / name
-            path.write_text(text)
-            path.chmod(0o644)
 
     def _write_bundle(self, spec: Spec) -> None:
         b = self.bundle(spec.id)
         b.mkdir(parents=True, exist_ok=True, mode=0o711)
-        root_view, code_view = self.views(spec.id)
         cfg = config(
-            spec, b, root_view, code_view, self.network.netns_path(spec.id), self.cgroup(spec.id)
+            spec,
+            self.views(spec.id),
+            self.network.netns_path(spec.id),
+            self.cgroup(spec.id),
+            self.seccomp,
         )
         tmp = b / "config.json.tmp"
         tmp.write_text(json.dumps(cfg, indent=1))
@@ -125,7 +147,6 @@ class SandboxBackend(Backend):
         return {"container": self.cid(spec.id), "cgroup": self.cgroup(spec.id), "prepared": True}
 
     def _prepare(self, spec: Spec) -> None:
-        self._write_etc(spec)
         self._mount_views(spec)
         self._write_bundle(spec)
 
@@ -266,7 +287,9 @@ class SandboxBackend(Backend):
             found.update(p.name for p in self.bundles.iterdir() if p.is_dir())
         found.update(cgroups.children(self.cgroup_parent))
         if self.views_dir.exists():
-            found.update(p.name for p in self.views_dir.iterdir() if p.is_dir())
+            found.update(
+                p.name for p in self.views_dir.iterdir() if p.is_dir() and p.name != ".init"
+            )
         return sorted(found - known_ids)
 
     async def teardown_host(self) -> None:
@@ -275,6 +298,10 @@ class SandboxBackend(Backend):
 
         def empty_dirs() -> None:
             cgroups.remove(self.cgroup_parent)
+            init_dir = self.views(".").init.parent
+            view.unmount(init_dir)
+            with contextlib.suppress(OSError):
+                init_dir.rmdir()
             for d in (self.crun.root, self.views_dir):
                 with contextlib.suppress(OSError):
                     d.rmdir()

@@ -129,6 +129,10 @@ def serve(
         from den import config as den_config
 
         settings, _ = den_config.load(overrides, config)
+        if settings.sandbox_seccomp:
+            from den.backends import seccomp
+
+            seccomp.prepare()  # a broken profile: one line here rather than a traceback
     except ValueError as exc:
         fail(f"bad configuration: {exc}")
         return
