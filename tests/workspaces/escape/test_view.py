@@ -12,6 +12,7 @@ from __future__ import annotations
 import stat
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,16 @@ def test_host_users_cannot_enter_the_views(two: tuple[Daemon, dict[str, str]]) -
     )
     assert res.returncode != 0 and "Permission denied" in res.stderr, res
     assert stat.S_IMODE(vdir.stat().st_mode) == 0o700
+
+
+def test_other_tenants_disk_groups_are_hidden(two: tuple[Daemon, dict[str, str]]) -> None:
+    """The pool's qgroups in sysfs are named after workspace ids, with their usage."""
+    d, w = two
+    host = list(Path("/sys/fs/btrfs").glob("*/qgroups"))
+    assert host, "the host has btrfs quota groups in sysfs"
+    found = ok(
+        d,
+        w["a"],
+        "ls -A /sys/fs/btrfs 2>/dev/null; ls -A /sys/devices/virtual/powercap 2>/dev/null; true",
+    )
+    assert found.strip() == "", found
