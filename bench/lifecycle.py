@@ -180,10 +180,13 @@ def main() -> None:
     rows: dict[str, list[float]] = {
         k: [] for k in ("create_exec", "suspend", "resume", "resume_exec", "stop", "delete")
     }
-    with BenchDaemon(pool_size="20G", extra_env={"DEN_EGRESS": "false"}) as d:
+    # Disk limits on, as by default, at a size the pool holds --scale times over.
+    env = {"DEN_EGRESS": "false", "DEN_DEFAULT_DISK": "64M"}
+    with BenchDaemon(pool_size="20G", extra_env=env) as d:
         c = Client(socket_path=str(d.socket))
         ensure_image(c)
-        c.call("user.create", {"name": "bench"})
+        unlimited = dict.fromkeys(("max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb"), -1)
+        c.call("user.create", {"name": "bench", **unlimited})
         refs = [f"bench/w{i}" for i in range(args.count)]
         for i, ref in enumerate(refs):
             rows["create_exec"].append(
