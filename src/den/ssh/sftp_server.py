@@ -196,7 +196,10 @@ class Server:
             self._status(req_id, BAD_MESSAGE, "Bad message")
 
     def _status(self, req_id: int, code: int, message: str) -> None:
-        self._send(STATUS, U32.pack(req_id) + U32.pack(code) + s(message.encode()) + s(b"en"))
+        self._send(
+            STATUS,
+            U32.pack(req_id) + U32.pack(code) + s(message.encode(errors="replace")) + s(b"en"),
+        )
 
     # -- helpers -------------------------------------------------------------------
     @staticmethod

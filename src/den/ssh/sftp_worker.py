@@ -16,6 +16,7 @@ import ctypes
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from den.backends.bundle import CAPABILITIES
 from den.ssh import sftp_server
@@ -132,6 +133,7 @@ def enter(pid: int, start_time: int, uid: int, gid: int, cgroup: str) -> None:
     for fd, flag in fds:
         _check(_libc.setns(fd, flag), "setns")
         os.close(fd)
+    seal_imports()
     os.fchdir(root)
     os.chroot(".")
     os.close(root)
@@ -139,6 +141,31 @@ def enter(pid: int, start_time: int, uid: int, gid: int, cgroup: str) -> None:
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     restrict_capabilities(uid == 0)
+
+
+def seal_imports() -> None:
+    """No import after the chroot: the interpreter would look for modules under
+    the host's paths (sys.path, the encodings package) inside the workspace's
+    root, so a module the workspace planted there would run in this process,
+    which is outside the workspace's seccomp filter and pid namespace. A codec
+    lookup (a traceback reading a "coding:" cookie of a planted source file
+    did) then fails with LookupError instead."""
+    sys.meta_path.clear()
+    sys.path_hooks.clear()
+    sys.path_importer_cache.clear()
+    sys.path.clear()
+    sys.excepthook = quiet_excepthook
+    sys.unraisablehook = quiet_unraisablehook
+
+
+def quiet_excepthook(kind: type[BaseException], exc: BaseException, tb: object) -> None:
+    # The default hooks print source lines, opening the host's source paths in
+    # the workspace's root: name the error only.
+    sys.stderr.write(f"den-sftp-worker: {kind.__name__}\n")
+
+
+def quiet_unraisablehook(unraisable: Any) -> None:
+    sys.stderr.write(f"den-sftp-worker: {type(unraisable.exc_value).__name__}\n")
 
 
 def main() -> None:
