@@ -201,6 +201,12 @@ def config(
                 "/sys/fs/btrfs",
                 # Energy counters: a side channel on what other tenants compute.
                 "/sys/devices/virtual/powercap",
+                # Block devices: each loop device's backing_file names a host
+                # path (every den pool.img on the host), and their counters
+                # show other tenants' I/O.
+                "/sys/block",
+                "/sys/class/block",
+                "/sys/devices/virtual/block",
                 "/proc/scsi",
             ],
             "readonlyPaths": [

@@ -104,3 +104,15 @@ def test_sftp_worker_runs_no_module_the_workspace_planted(
     assert [k for k, _ in kinds] == [VERSION, STATUS], (kinds, p.stderr)
     assert struct.unpack(">II", kinds[1][1][:8]) == (7, NO_SUCH_FILE)
     assert p.returncode == 0, p.stderr
+
+
+def test_sysfs_names_no_loop_device_backing_file(
+    pool_daemon: Daemon, bb_image: str, users: Users
+) -> None:
+    """Before: /sys/block/loopN/loop/backing_file named the host path of every
+    den pool image on the host (other instances' data directories too)."""
+    d = pool_daemon
+    ws = create(d, users.make(), "blockview", image=bb_image)
+    found = ok(d, ws["ref"], "find /sys -name backing_file 2>/dev/null; ls /sys/block; true")
+    assert found.strip() == "", found
+    assert str(d.data_dir) not in ok(d, ws["ref"], "cat /sys/block/*/loop/backing_file; true")
