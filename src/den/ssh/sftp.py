@@ -54,4 +54,6 @@ async def server_argv(app: App, ws: Ready, acct: inside.Account, pid_file: Path)
         acct.home,
         "--cgroup",
         backend.cgroup(ws.ws_id),
+        "--bundle",
+        str(backend.bundle(ws.ws_id)),
     ]

@@ -4,15 +4,18 @@ has no sftp server of its own.
 Started as root on the host, it joins the workspace as ``crun exec`` would:
 its cgroup, then every namespace of its init process (cgroup, ipc, uts, net,
 pid, mount, user), a chroot to the container's root, the workspace user's
-ids and, for root, only the capabilities the workspace's processes have.
-Then it serves SFTP on stdin/stdout. Everything is imported before the
-chroot; nothing from the host is reachable after it.
+ids and, for root, only the capabilities the workspace's processes have,
+then the workspace's own seccomp filter (read from its bundle, den's, before
+entering), with no_new_privs. Then it serves SFTP on stdin/stdout. Everything
+is imported before the chroot; nothing from the host is reachable after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
+import json
 import os
 import sys
 from pathlib import Path
@@ -32,6 +35,9 @@ NAMESPACES = (
     ("user", 0x10000000),
 )
 PR_CAPBSET_DROP = 24
+PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 22, 38
+SECCOMP_MODE_FILTER = 2
+BPF_ANNOTATION = "run.oci.seccomp_bpf_data"
 CAP_LAST = 40
 _CAP_NUMBERS = {
     "CAP_CHOWN": 0,
@@ -51,6 +57,10 @@ _CAP_NUMBERS = {
     "CAP_AUDIT_WRITE": 29,
     "CAP_SETFCAP": 31,
 }
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
 class _CapHeader(ctypes.Structure):
@@ -121,7 +131,35 @@ def open_process(pid: int, start_time: int) -> int:
     return proc
 
 
-def enter(pid: int, start_time: int, uid: int, gid: int, cgroup: str) -> None:
+def workspace_filter(bundle: Path) -> bytes | None:
+    """The compiled seccomp filter the workspace's processes run under (None:
+    the workspace has none). Read from den's bundle, never from the workspace."""
+    config = json.loads((bundle / "config.json").read_text())
+    data = config.get("annotations", {}).get(BPF_ANNOTATION)
+    if data:
+        return base64.b64decode(data)
+    if config.get("linux", {}).get("seccomp"):
+        from den.backends import seccomp
+
+        bpf = seccomp.compile_bpf(config["linux"]["seccomp"])
+        if bpf is None:
+            raise OSError(38, "the workspace's seccomp profile cannot be compiled here")
+        return bpf
+    return None
+
+
+def apply_filter(bpf: bytes) -> None:
+    """Run under ``bpf`` from now on, as the workspace's processes do: a bug in
+    this (host) process cannot reach what the profile closes."""
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "seccomp")
+
+
+def enter(
+    pid: int, start_time: int, uid: int, gid: int, cgroup: str, bpf: bytes | None = None
+) -> None:
     proc = open_process(pid, start_time)
     fds = [
         (os.open(f"ns/{name}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc), flag)
@@ -141,6 +179,8 @@ def enter(pid: int, start_time: int, uid: int, gid: int, cgroup: str) -> None:
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     restrict_capabilities(uid == 0)
+    if bpf is not None:
+        apply_filter(bpf)
 
 
 def seal_imports() -> None:
@@ -175,10 +215,12 @@ def main() -> None:
     p.add_argument("--user", required=True, help="UID:GID inside the workspace")
     p.add_argument("--home", required=True)
     p.add_argument("--cgroup", required=True)
+    p.add_argument("--bundle", type=Path, help="the workspace's bundle: its seccomp filter")
     args = p.parse_args()
     uid, gid = (int(x) for x in args.user.split(":"))
     try:
-        enter(args.pid, args.start_time, uid, gid, args.cgroup)
+        bpf = workspace_filter(args.bundle) if args.bundle else None
+        enter(args.pid, args.start_time, uid, gid, args.cgroup, bpf)
     except OSError as exc:
         sys.stderr.write(f"den-sftp-worker: cannot enter the workspace: {exc}\n")
         sys.exit(1)

@@ -74,6 +74,8 @@ def worker_argv(d: Daemon, ws_id: str) -> list[str]:
         "/root",
         "--cgroup",
         f"/den{d.instance}/{ws_id}",
+        "--bundle",
+        str(d.data_dir / "bundles" / ws_id),
     ]
 
 
@@ -104,6 +106,33 @@ def test_sftp_worker_runs_no_module_the_workspace_planted(
     assert [k for k, _ in kinds] == [VERSION, STATUS], (kinds, p.stderr)
     assert struct.unpack(">II", kinds[1][1][:8]) == (7, NO_SUCH_FILE)
     assert p.returncode == 0, p.stderr
+
+
+def test_sftp_worker_runs_under_the_workspace_filter(
+    pool_daemon: Daemon, bb_image: str, users: Users
+) -> None:
+    """Whatever goes wrong in it, the worker can do no more than the workspace's
+    own processes: the same seccomp filter, no_new_privs, no nested namespace."""
+    d = pool_daemon
+    ws = create(d, users.make(), "sftpfilter", image=bb_image)
+    p = subprocess.Popen(worker_argv(d, ws["id"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(packet(INIT, struct.pack(">I", 3)))
+        p.stdin.flush()
+        head = p.stdout.read(5)
+        assert head[4] == VERSION, head
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{p.pid}/status").read_text().splitlines()
+        )
+        assert status["Seccomp"].strip() == "2", status["Seccomp"]
+        assert status["NoNewPrivs"].strip() == "1"
+        p.stdin.close()
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_sysfs_names_no_loop_device_backing_file(
