@@ -53,6 +53,7 @@ class SandboxBackend(Backend):
         self.bundles = data_dir / "bundles"
         self.volumes = volumes
         self.views_dir = volumes.parent / "views"
+        self._init_ready = False
         self.network = network
         self.crun = Crun(Path(f"/run/den/crun{instance}"))
 
@@ -91,19 +92,23 @@ class SandboxBackend(Backend):
         vdir.mkdir(exist_ok=True, mode=0o700)
         os.chown(vdir, spec.uid_start, spec.uid_start)
         vdir.chmod(0o700)
-        view.ensure_init(v.init.parent, TINI)
-        mounted = set() if fresh else mounts.mount_points()  # one read of mountinfo
+        if not (self._init_ready and v.init.exists()):  # shared by the instance's workspaces
+            view.ensure_init(v.init.parent, TINI)
+            self._init_ready = True
+        # One read of mountinfo, none for a fresh workspace: it grows with each one.
+        mounted = set() if fresh else mounts.mount_points()
         for raw, target in ((spec.rootfs, v.root), (spec.code, v.code)):
             target.mkdir(exist_ok=True)
             if os.path.realpath(target) not in mounted:
                 idmap.idmapped_bind(raw, target, spec.uid_start, spec.uid_count)
-        view.mount_sysfs(v.sys, names.netns(self.instance, spec.id))
-        view.write_etc(v.etc, self._etc_files(spec))
+        view.mount_sysfs(v.sys, names.netns(self.instance, spec.id), mounted)
+        view.write_etc(v.etc, self._etc_files(spec), mounted)
 
     def _unmount_views(self, ws_id: str) -> None:
         v = self.views(ws_id)
+        mounted = mounts.mount_points()
         for target in (v.root, v.code, v.sys, v.etc):
-            view.unmount(target)
+            view.unmount(target, mounted)
             with contextlib.suppress(OSError):
                 target.rmdir()
         with contextlib.suppress(OSError):
@@ -299,6 +304,7 @@ class SandboxBackend(Backend):
         def empty_dirs() -> None:
             cgroups.remove(self.cgroup_parent)
             init_dir = self.views(".").init.parent
+            self._init_ready = False
             view.unmount(init_dir)
             with contextlib.suppress(OSError):
                 init_dir.rmdir()

@@ -42,22 +42,31 @@ def _mount(source: str, target: Path, fstype: str, flags: int, data: str = "") -
         raise BackendFailure(f"cannot mount {fstype} at {target}: {os.strerror(err)}")
 
 
-def unmount(target: Path) -> None:
-    """Detach whatever is mounted at ``target``, stacked mounts included."""
+def unmount(target: Path, mounted: set[str] | None = None) -> None:
+    """Detach whatever is mounted at ``target``, stacked mounts included.
+
+    ``mounted``: the mount points as read from mountinfo by the caller (one read
+    for many targets: mountinfo grows with every workspace).
+    """
+    path = os.path.realpath(target)
+    if mounted is not None and path not in mounted:
+        return
     while mounts.is_mountpoint(target):
         if _libc.umount2(str(target).encode(), _MNT_DETACH) != 0:
             err = ctypes.get_errno()
             raise BackendFailure(f"cannot unmount {target}: {os.strerror(err)}")
+    if mounted is not None:
+        mounted.discard(path)
 
 
-def mount_sysfs(target: Path, netns: str) -> None:
+def mount_sysfs(target: Path, netns: str, mounted: set[str]) -> None:
     """A read-only sysfs of the network namespace ``netns`` at ``target``.
 
     Always a fresh mount: a netns made again (after a reboot or a repair) must
     not leave the workspace looking at the old one.
     """
     target.mkdir(exist_ok=True, mode=0o755)
-    unmount(target)
+    unmount(target, mounted)
 
     def mount() -> None:
         # The thread is in the host's mount namespace: the mount lands there.
@@ -66,10 +75,10 @@ def mount_sysfs(target: Path, netns: str) -> None:
     links._in_netns(netns, mount)
 
 
-def write_etc(target: Path, files: dict[str, str]) -> None:
+def write_etc(target: Path, files: dict[str, str], mounted: set[str]) -> None:
     """``files`` on a tmpfs of their own at ``target`` (mounted if it is not)."""
     target.mkdir(exist_ok=True, mode=0o755)
-    if not mounts.is_mountpoint(target):
+    if os.path.realpath(target) not in mounted:
         _mount("den", target, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=64k,mode=755")
     for name, text in files.items():
         tmp = target / f".{name}.tmp"

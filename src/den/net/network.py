@@ -110,14 +110,18 @@ class Network:
         if self.exception_source is None:
             return
         async with self._lock:
-            self.exceptions = await self.exception_source()
+            current = await self.exception_source()
+            if current == self.exceptions:
+                return  # most attaches and detaches: no rule names the workspace
             if self._ensured:
-                await asyncio.to_thread(self._update_exceptions)
+                await asyncio.to_thread(self._update_exceptions, current)
+            self.exceptions = current
 
-    def _update_exceptions(self) -> None:
+    def _update_exceptions(self, current: list[Exception4]) -> None:
         try:
-            firewall.update_exceptions(self.instance, self.exceptions)
+            firewall.update_exceptions(self.instance, current)
         except BackendFailure:
+            self.exceptions = current
             # The table went (someone flushed the ruleset): put all of it back.
             self._ensure()
 

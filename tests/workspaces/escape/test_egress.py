@@ -96,6 +96,13 @@ def reaches(d: Daemon, ref: str, w: World, address: str) -> bool:
     return res["exit_code"] == 0 and w.token in res["stdout"]
 
 
+def reached(d: Daemon, ref: str, w: World, address: str) -> bool:
+    """``reaches``, for what must be reached: busybox's wget now and then dies of
+    a segfault of its own on a connection that works (seen in the kernel log,
+    with the next try through), so a positive check gets three tries."""
+    return any(reaches(d, ref, w, address) for _ in range(3))
+
+
 def requests_seen(w: World) -> int:
     return w.log.read_text().count('"GET / ')
 
@@ -115,7 +122,7 @@ def test_default_policy_closes_lan_metadata_and_host(
     try:
         with world(subnet_of(ws["address"])) as w:
             # positive control: "the internet" answers
-            assert reaches(d, ref, w, w.public)
+            assert reached(d, ref, w, w.public)
             # and the host's resolver answers, even in a private range (10.x here)
             if any(ipaddress.IPv4Address(r).is_private for r in host_resolvers4()):
                 res = sh(d, ref, "timeout 5 nslookup deb.debian.org")
@@ -187,12 +194,12 @@ def test_admin_opens_a_destination_per_user_and_per_workspace(
             r = d.call("egress.allow", dest=w.lan, user=alice, note="alice's LAN box")
             rules.append(r["id"])
             assert r["scope"] == f"user:{alice}" and r["dest"] == f"{w.lan}/32"
-            assert reaches(d, a1["ref"], w, w.lan)
-            assert reaches(d, a2["ref"], w, w.lan)
+            assert reached(d, a1["ref"], w, w.lan)
+            assert reached(d, a2["ref"], w, w.lan)
             assert not reaches(d, b1["ref"], w, w.lan)
             # a workspace alice makes now has it at once
             a3 = create(d, alice, "three")
-            assert reaches(d, a3["ref"], w, w.lan)
+            assert reached(d, a3["ref"], w, w.lan)
             listed = d.call("egress.list")
             assert any(x["id"] == r["id"] and x["note"] == "alice's LAN box" for x in listed)
             # removed: closed again for all of them
@@ -208,7 +215,7 @@ def test_admin_opens_a_destination_per_user_and_per_workspace(
             assert '"scope": "workspace:' in res.stdout, res.stdout
             rid = next(x["id"] for x in d.call("egress.list") if x["dest"] == f"{w.lan}/32")
             rules.append(rid)
-            assert reaches(d, a1["ref"], w, w.lan)
+            assert reached(d, a1["ref"], w, w.lan)
             assert not reaches(d, a2["ref"], w, w.lan)
             assert not reaches(d, b1["ref"], w, w.lan)
             # only that port: the metadata address stays closed for it too
@@ -224,7 +231,7 @@ def test_admin_opens_a_destination_per_user_and_per_workspace(
             allow = d.call("egress.allow", dest=w.public, workspace=f"{bob}/one")
             rules.append(allow["id"])
             assert not reaches(d, b1["ref"], w, w.public)
-            assert reaches(d, a1["ref"], w, w.public)
+            assert reached(d, a1["ref"], w, w.public)
             # every change was audited
             audit = d.call("audit.list", limit=50)
             methods = [e["method"] for e in audit]
@@ -250,7 +257,7 @@ def test_rules_survive_a_restart(spare_daemon: Daemon) -> None:
             d.restart()
             assert any(x["id"] == rule["id"] for x in d.call("egress.list"))
             with world(subnet_of(ws["address"])) as w:
-                assert reaches(d, ws["ref"], w, w.lan)
+                assert reached(d, ws["ref"], w, w.lan)
                 assert not reaches(d, ws["ref"], w, METADATA)
         finally:
             d.call("egress.remove", id=rule["id"])
@@ -340,10 +347,13 @@ def test_no_ipv6_is_forwarded(pool_daemon: Daemon, bb_image: str, users: Users) 
                 assert w.token in resp.read().decode()
             seen = requests_seen(w)
             # ...but not to a workspace, whose packets the host would now forward
-            res = sh(d, ws["ref"], f"timeout 4 wget -qO- {url}")
-            assert res["exit_code"] != 0 and w.token not in res["stdout"], res
-            assert requests_seen(w) == seen
-            m = re.search(r"meta nfproto ipv6 counter packets (\d+)", nft_table(d))
+            for _ in range(3):  # busybox's wget may die before sending (see `reached`)
+                res = sh(d, ws["ref"], f"timeout 4 wget -qO- {url}")
+                assert res["exit_code"] != 0 and w.token not in res["stdout"], res
+                assert requests_seen(w) == seen
+                m = re.search(r"meta nfproto ipv6 counter packets (\d+)", nft_table(d))
+                if m and int(m.group(1)) > 0:
+                    break
             assert m and int(m.group(1)) > 0, nft_table(d)
     finally:
         for path, value in sysctls.items():
