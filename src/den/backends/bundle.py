@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from den.backends import cgroups
 from den.backends.base import Spec
 from den.backends.seccomp import Filter
 
@@ -183,7 +184,11 @@ def config(
             **(seccomp.linux() if seccomp else {}),
             "resources": {
                 "cpu": {"quota": int(spec.cpu * period), "period": period},
-                "memory": {"limit": spec.memory_mb << 20},
+                # Memory plus swap at the memory limit: no swapping past it.
+                "memory": {
+                    "limit": spec.memory_mb << 20,
+                    **({"swap": spec.memory_mb << 20} if cgroups.swap_accounted() else {}),
+                },
                 "pids": {"limit": spec.pids},
                 "devices": [{"allow": False, "access": "rwm"}],
             },

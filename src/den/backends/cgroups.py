@@ -36,6 +36,18 @@ def unified() -> bool:
     return (ROOT / "cgroup.controllers").exists()
 
 
+@functools.cache
+def swap_accounted() -> bool:
+    """Whether the kernel accounts swap per cgroup, so that a swap limit can be set
+    (crun fails on a limit whose file does not exist)."""
+    if not unified():
+        return (ROOT / "memory" / "memory.memsw.limit_in_bytes").exists()
+    with contextlib.suppress(OSError):
+        own = Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip()
+        return own != "/" and (_v2(own) / "memory.swap.max").exists()
+    return False
+
+
 def _file(controller: str, path: str, name: str) -> str:
     """The path of a cgroup file, as a plain string: these are read on hot paths."""
     if unified():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from den import proc
+from den.backends import cgroups
 from den.errors import BackendFailure
 
 
@@ -261,6 +262,7 @@ class Crun:
                 f"--cpu-period={cpu_period}",
                 f"--cpu-quota={cpu_quota}",
                 f"--memory={memory}",
+                *([f"--memory-swap={memory}"] if cgroups.swap_accounted() else []),
                 f"--pids-limit={pids}",
                 cid,
             ]

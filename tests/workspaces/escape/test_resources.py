@@ -398,3 +398,22 @@ def test_signal_exec_checks_the_process_is_cruns_child() -> None:
         for p in (parent, stranger):
             p.kill()
             p.wait()
+
+
+def test_memory_limit_bounds_swap_too(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+    """Memory plus swap is held at the memory limit, so a workspace cannot swap
+    past it (set where the kernel accounts swap; crun refuses it elsewhere)."""
+    from den.backends import cgroups
+
+    if not cgroups.swap_accounted():
+        pytest.skip("this kernel does not account swap per cgroup")
+    d = pool_daemon
+    ws = create(d, users.make(), "swap", image=bb_image, mem="256M")
+    if cgroups.unified():
+        swap = cgroup_dir(d, "", ws["id"]) / "memory.swap.max"
+        assert swap.read_text().strip() == "0"
+    else:
+        memsw = cgroup_dir(d, "memory", ws["id"]) / "memory.memsw.limit_in_bytes"
+        assert int(memsw.read_text()) == 256 << 20
+        d.call("workspace.resize", ref=ws["ref"], mem="384M")
+        assert int(memsw.read_text()) == 384 << 20
