@@ -341,6 +341,16 @@ def ns_exec(ns: str, *argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, **kw)
 
 
+def invalid(d: Daemon, method: str, field: str, **params: object) -> str:
+    """Call ``method``; it must refuse with -32602 naming ``field``; return the message."""
+    with pytest.raises(RpcError) as info:
+        d.call(method, **params)
+    err = info.value
+    assert err.code == -32602, (method, params, err.code, err.message)
+    assert err.data["errors"][0]["field"] == field, err.data
+    return str(err.data["errors"][0]["message"])
+
+
 def wait_for(check: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -6,18 +6,9 @@ import pytest
 
 from den.cli.client import RpcError
 from tests.conftest import Daemon
-from tests.workspaces.conftest import BB, Users, create
+from tests.workspaces.conftest import BB, Users, create, invalid
 
 HUGE = ["99999999d", "1e308s", "9" * 60 + "d", "367d", "inf", "nan", "-5m"]
-
-
-def invalid(d: Daemon, method: str, field: str, **params: object) -> str:
-    with pytest.raises(RpcError) as info:
-        d.call(method, **params)
-    err = info.value
-    assert err.code == -32602, (method, params, err.code, err.message)
-    assert err.data["errors"][0]["field"] == field, err.data
-    return str(err.data["errors"][0]["message"])
 
 
 def test_durations_are_bounded_over_rpc(pool_daemon: Daemon, bb_image: str, users: Users) -> None:

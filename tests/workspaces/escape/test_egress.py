@@ -31,7 +31,7 @@ from den.cli.client import RpcError
 from den.net.network import host_resolvers4
 from tests.conftest import Daemon
 from tests.helpers.outside import OutsideHost, outside_host
-from tests.workspaces.conftest import Users, assert_gone, create, make_users, ok, sh
+from tests.workspaces.conftest import Users, assert_gone, create, invalid, make_users, ok, sh
 from tests.workspaces.test_isolation import Listener
 
 METADATA = "169.254.169.254"
@@ -263,15 +263,6 @@ def test_rules_survive_a_restart(spare_daemon: Daemon) -> None:
             d.call("egress.remove", id=rule["id"])
             d.call("workspace.delete", ref=ws["ref"])
         assert_gone(d, ws["id"])
-
-
-def invalid(d: Daemon, method: str, field: str, **params: object) -> str:
-    with pytest.raises(RpcError) as info:
-        d.call(method, **params)
-    err = info.value
-    assert err.code == -32602, (method, params, err.code, err.message)
-    assert err.data["errors"][0]["field"] == field, err.data
-    return str(err.data["errors"][0]["message"])
 
 
 def test_bad_rules_are_refused(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
