@@ -67,12 +67,17 @@ def _exited(pidfd: int) -> bool:
     return bool(select.select([pidfd], [], [], 0)[0])
 
 
-def _parent(pid: int) -> int | None:
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[1])
-    except (OSError, ValueError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+
+
+def _parent(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields and len(fields) > 1 else None
 
 
 def signal_exec(pid_file: Path, crun_pid: int, crun_fd: int, sig: int) -> bool:
@@ -196,11 +201,11 @@ class Crun:
         try:
             status = json.loads((self.root / cid / "status").read_text())
             pid, started = int(status["pid"]), int(status["process-start-time"])
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
+        fields = _stat(pid)
         # fields[0] is the state, fields[19] the start time: a reused pid is not ours.
-        if fields[0] in ("Z", "X") or int(fields[19]) != started:
+        if not fields or len(fields) < 20 or fields[0] in ("Z", "X") or int(fields[19]) != started:
             return None
         return pid, started
 

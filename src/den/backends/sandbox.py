@@ -29,7 +29,7 @@ from den.backends.seccomp import Filter
 from den.errors import BackendFailure, Conflict, InvalidParams
 from den.log import timed
 from den.net import names
-from den.net.network import Network
+from den.net.network import RESOLV_CONF, Network, host_nameservers
 from den.storage import idmap, mounts
 
 log = logging.getLogger(__name__)
@@ -334,26 +334,19 @@ def _comm(pid: int) -> str:
 
 
 def host_resolvers() -> str:
-    """The host's nameservers that a workspace can reach (not loopback ones)."""
-    lines = []
+    """The workspace's resolv.conf: the host's nameservers (not loopback ones) with
+    its search and options lines."""
+    lines = [f"nameserver {a}" for a in host_nameservers()]
     try:
-        for line in Path("/etc/resolv.conf").read_text().splitlines():
+        for line in RESOLV_CONF.read_text().splitlines():
             parts = line.split()
-            if (
-                len(parts) >= 2
-                and parts[0] == "nameserver"
-                and not parts[1].startswith(("127.", "::1"))
-            ):
-                lines.append(f"nameserver {parts[1]}")
-            elif parts and parts[0] in ("search", "options"):
+            if parts and parts[0] in ("search", "options"):
                 lines.append(line)
     except OSError:
         pass
-    return (
-        "\n".join(lines) + "\n"
-        if lines
-        else "# den: the host has no resolver a workspace can use\n"
-    )
+    if not lines:
+        return "# den: the host has no resolver a workspace can use\n"
+    return "\n".join(lines) + "\n"
 
 
 # A workspace controls every byte of its rootfs: den reads from it only small

@@ -72,7 +72,7 @@ def mount_sysfs(target: Path, netns: str, mounted: set[str]) -> None:
         # The thread is in the host's mount namespace: the mount lands there.
         _mount("sysfs", target, "sysfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
 
-    links._in_netns(netns, mount)
+    links.in_netns(netns, mount)
 
 
 def write_etc(target: Path, files: dict[str, str], mounted: set[str]) -> None:

@@ -108,7 +108,7 @@ def _enter(name: str) -> None:
         os.close(fd)
 
 
-def _in_netns(name: str, fn: Callable[[], None]) -> None:
+def in_netns(name: str, fn: Callable[[], None]) -> None:
     """Run ``fn()`` in a fresh thread that has joined the netns ``name``."""
 
     def run() -> None:
@@ -145,7 +145,7 @@ def create_netns(name: str) -> None:
         except BackendFailure:
             target.unlink(missing_ok=True)
             raise
-    _in_netns(name, _sysctls)
+    in_netns(name, _sysctls)
 
 
 def delete_netns(name: str) -> None:
@@ -186,7 +186,7 @@ def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gat
             with contextlib.suppress(NetlinkError):
                 nsr.route("add", gateway=gateway)
 
-    _in_netns(ns, inside)
+    in_netns(ns, inside)
 
 
 def counters(host_if: str) -> tuple[int, int]:

@@ -37,8 +37,8 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 ExceptionSource = Callable[[], Awaitable[list[Exception4]]]
 
 
-def host_resolvers4() -> list[str]:
-    """The host's IPv4 nameservers a workspace is given (not loopback ones)."""
+def host_nameservers() -> list[str]:
+    """The host's nameservers, loopback ones left out (a workspace cannot reach them)."""
     found = []
     try:
         lines = RESOLV_CONF.read_text().splitlines()
@@ -48,12 +48,17 @@ def host_resolvers4() -> list[str]:
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "nameserver":
             try:
-                addr = ipaddress.IPv4Address(parts[1])
+                addr = ipaddress.ip_address(parts[1])
             except ValueError:
                 continue
             if not addr.is_loopback:
                 found.append(str(addr))
     return found
+
+
+def host_resolvers4() -> list[str]:
+    """The host's IPv4 nameservers a workspace is given (not loopback ones)."""
+    return [a for a in host_nameservers() if ":" not in a]
 
 
 class Network:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,6 +22,7 @@ from den.errors import Conflict, QuotaExceeded
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import release_db
 from den.services.workspaces import WorkspaceOut, WsRef, find_workspace, spec_of, ws_out
+from den.slots import UserSlots
 
 if TYPE_CHECKING:
     from den.app import App
@@ -186,7 +186,7 @@ class ExecOut(BaseModel):
 
 # workspace.exec calls running now, per member: each holds up to twice
 # exec_max_output bytes in this process until it returns.
-_running: weakref.WeakKeyDictionary[App, Counter[str]] = weakref.WeakKeyDictionary()
+_running: weakref.WeakKeyDictionary[App, UserSlots] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -196,20 +196,17 @@ def exec_slot(ctx: Context) -> Iterator[None]:
     if ctx.caller.is_admin:
         yield
         return
-    running = _running.setdefault(ctx.app, Counter())
+    running = _running.setdefault(ctx.app, UserSlots())
     who, limit = ctx.caller.name, ctx.app.settings.exec_max_concurrent
-    if running[who] >= limit:
+    if not running.take(who, limit):
         raise QuotaExceeded(
             f"busy: {limit} execs already running for {who} (exec_max_concurrent); "
             "wait for one to finish"
         )
-    running[who] += 1
     try:
         yield
     finally:
-        running[who] -= 1
-        if running[who] <= 0:
-            del running[who]
+        running.release(who)
 
 
 @method("workspace.exec", right=Right.write, cli=Cli("exec", exec_output=True))

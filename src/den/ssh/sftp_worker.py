@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from den.backends import seccomp
 from den.backends.bundle import CAPABILITIES
 from den.ssh import sftp_server
 
@@ -37,7 +38,6 @@ NAMESPACES = (
 PR_CAPBSET_DROP = 24
 PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 22, 38
 SECCOMP_MODE_FILTER = 2
-BPF_ANNOTATION = "run.oci.seccomp_bpf_data"
 CAP_LAST = 40
 _CAP_NUMBERS = {
     "CAP_CHOWN": 0,
@@ -135,12 +135,10 @@ def workspace_filter(bundle: Path) -> bytes | None:
     """The compiled seccomp filter the workspace's processes run under (None:
     the workspace has none). Read from den's bundle, never from the workspace."""
     config = json.loads((bundle / "config.json").read_text())
-    data = config.get("annotations", {}).get(BPF_ANNOTATION)
+    data = config.get("annotations", {}).get(seccomp.BPF_ANNOTATION)
     if data:
         return base64.b64decode(data)
     if config.get("linux", {}).get("seccomp"):
-        from den.backends import seccomp
-
         bpf = seccomp.compile_bpf(config["linux"]["seccomp"])
         if bpf is None:
             raise OSError(38, "the workspace's seccomp profile cannot be compiled here")

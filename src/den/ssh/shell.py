@@ -33,6 +33,7 @@ from den.cli.generate import attach
 from den.cli.spec import MethodSpec
 from den.errors import DenError, Unauthenticated
 from den.rpc.registry import REGISTRY
+from den.slots import UserSlots
 from den.ssh import stdio
 from den.ssh.target import current_caller
 
@@ -46,7 +47,7 @@ ALIASES = {"ssh-key": "key", "list": "ls"}
 QUIT = {"exit", "quit", "logout"}
 MAX_PER_USER = 8  # commands one user runs at once, over all connections
 INPUT_TIMEOUT = 60.0  # seconds a command waits for a line of input
-_running: dict[str, int] = {}  # user name -> commands running (touched on the loop only)
+_running = UserSlots()  # commands each user runs now, over all connections
 _command: Any = None
 
 
@@ -265,13 +266,12 @@ class DenShell(asyncssh.SSHServerSession[str]):
             return line or ""
 
         user = self.link.caller.name
-        if _running.get(user, 0) >= MAX_PER_USER:
+        if not _running.take(user, MAX_PER_USER):
             self._write_err(
                 f"error: {user} runs {MAX_PER_USER} den shell commands already "
                 "(the most at once); wait for one to end\n"
             )
             return EXIT_CODES[-32006]
-        _running[user] = _running.get(user, 0) + 1
         streams = stdio.make_streams(out, err, readline, self.tty, self.width)
         # A command may read the input that follows it (key add NAME -); what it
         # leaves unread goes back to be the next commands.
@@ -281,9 +281,7 @@ class DenShell(asyncssh.SSHServerSession[str]):
         try:
             return await _in_thread(lambda: self._run_sync(argv, streams, state))
         finally:
-            _running[user] -= 1
-            if not _running[user]:
-                del _running[user]
+            _running.release(user)
             self.running = False
             # Lines typed ahead that the command did not read are the next commands.
             while not self.cmd_input.empty():
