@@ -24,7 +24,8 @@ from den.db.models import EgressRule, User, Workspace
 from den.errors import Conflict, InvalidParams, NotFound
 from den.net.firewall import Exception4
 from den.rpc.registry import Cli, CliArg, Context, NoParams, Params, Right, method
-from den.services.common import Name
+from den.services.common import Name, find_user
+from den.services.workspaces import find_workspace
 
 if TYPE_CHECKING:
     from den.app import App
@@ -120,24 +121,19 @@ def _dest(text: str, action: str) -> str:
 async def _scope(ctx: Context, p: EgressSpec) -> tuple[User | None, Workspace | None, str]:
     if p.user is not None and p.workspace is not None:
         raise InvalidParams("give a user or a workspace, not both", field="workspace")
+    # The usual lookups; what they refuse is a bad field of this rule.
     if p.user is not None:
-        user = (await ctx.db.execute(select(User).where(User.name == p.user))).scalar_one_or_none()
-        if user is None:
-            raise InvalidParams(f"no user named {p.user!r}", field="user")
+        try:
+            user = await find_user(ctx, p.user)
+        except NotFound as exc:
+            raise InvalidParams(exc.message, field="user") from None
         return user, None, f"user:{user.name}"
     if p.workspace is not None:
-        owner, _, name = p.workspace.partition("/")
-        q = (
-            select(Workspace)
-            .join(User, Workspace.user_id == User.id)
-            .where(User.name == owner, Workspace.name == name, Workspace.state != "deleting")
-        )
-        ws = (await ctx.db.execute(q)).scalar_one_or_none() if name else None
-        if ws is None:
-            raise InvalidParams(
-                f"no workspace {p.workspace[:80]!r} (write OWNER/NAME)", field="workspace"
-            )
-        return None, ws, f"workspace:{p.workspace}"
+        try:
+            ws, owner = await find_workspace(ctx, p.workspace)
+        except (NotFound, Conflict, InvalidParams) as exc:
+            raise InvalidParams(exc.message, field="workspace") from None
+        return None, ws, f"workspace:{owner.name}/{ws.name}"
     return None, None, "all"
 
 
