@@ -53,6 +53,8 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16), default="member")
     display_name: Mapped[str] = mapped_column(String(200), default="")
+    # git's user.email inside the user's workspaces ("" : none set).
+    email: Mapped[str] = mapped_column(String(254), default="", server_default="")
     account: Mapped[str] = mapped_column(String(64), unique=True)
     uid: Mapped[int | None] = mapped_column(Integer, unique=True)
     subuid_start: Mapped[int | None] = mapped_column(Integer)
