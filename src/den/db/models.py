@@ -55,6 +55,8 @@ class User(Base):
     display_name: Mapped[str] = mapped_column(String(200), default="")
     # git's user.email inside the user's workspaces ("" : none set).
     email: Mapped[str] = mapped_column(String(254), default="", server_default="")
+    # Dotfiles repository cloned into each new workspace of the user ("" : none).
+    dotfiles_url: Mapped[str] = mapped_column(String(2048), default="", server_default="")
     account: Mapped[str] = mapped_column(String(64), unique=True)
     uid: Mapped[int | None] = mapped_column(Integer, unique=True)
     subuid_start: Mapped[int | None] = mapped_column(Integer)
@@ -159,6 +161,12 @@ class Workspace(Base):
     # Idle policy in seconds; None: the owner's default, then the global one; 0: never.
     idle_suspend: Mapped[int | None] = mapped_column(Integer)
     idle_stop: Mapped[int | None] = mapped_column(Integer)
+    # Dotfiles installed at create (den.services.dotfiles): the repository, how
+    # the last run went (""|running|ok|failed) and the tail of its output.
+    dotfiles_url: Mapped[str] = mapped_column(String(2048), default="", server_default="")
+    dotfiles_state: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    dotfiles_log: Mapped[str] = mapped_column(Text, default="", server_default="")
+    dotfiles_at: Mapped[datetime | None] = mapped_column()
 
     user: Mapped[User] = relationship()
 
