@@ -147,8 +147,12 @@ class _Field:
         return v
 
 
-def make_command(m: MethodSpec, invoke: Invoke) -> Callable[..., Any]:
-    """A Typer command function for ``m`` with a generated signature."""
+def make_command(m: MethodSpec, invoke: Invoke, local: bool = True) -> Callable[..., Any]:
+    """A Typer command function for ``m`` with a generated signature.
+
+    ``local``: the command runs on the caller's own machine (the den CLI, not
+    the den shell over ssh), so ``--install`` may write the caller's files.
+    """
     assert m.cli is not None
     cli = m.cli
     fields = [_Field(f) for f in m.fields]
@@ -174,9 +178,27 @@ def make_command(m: MethodSpec, invoke: Invoke) -> Callable[..., Any]:
             )
         )
 
+    if cli.install:
+        sig.append(
+            inspect.Parameter(
+                "install",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[
+                    bool,
+                    typer.Option(
+                        "--install", help=f"Write it into {cli.install} (again: replaced)."
+                    ),
+                ],
+                default=False,
+            )
+        )
+
     def command(ctx: typer.Context, **kwargs: Any) -> None:
         as_json = kwargs.pop("as_json", False)
         yes = kwargs.pop("yes", False)
+        if kwargs.pop("install", False):
+            _install(ctx, **kwargs)
+            return
         sent: dict[str, Any] = {}
         for f in fields:
             value = f.convert(kwargs.get(f.name))
@@ -210,13 +232,36 @@ def make_command(m: MethodSpec, invoke: Invoke) -> Callable[..., Any]:
             if cli.note:
                 render.err_console.print(f"[yellow]{cli.note}[/yellow]")
 
+    def _install(ctx: typer.Context, **kwargs: Any) -> None:
+        from den.cli import install
+
+        if not local:
+            raise typer.BadParameter(
+                f"--install writes {cli.install} on your own machine: run this command with "
+                f"the den CLI there, or save this output into {cli.install} yourself"
+            )
+        sent = {f.name: v for f in fields if (v := f.convert(kwargs.get(f.name))) is not ...}
+        path = Path(cli.install).expanduser()
+        text = invoke(ctx, m, sent)
+        if "identity_file" not in sent and any(f.name == "identity_file" for f in fields):
+            found = install.pick_identity(str(text), path.parent)
+            if found is not None:
+                text = invoke(ctx, m, {**sent, "identity_file": found})
+        try:
+            render.console.print(install.install(path, str(text)), highlight=False)
+        except OSError as exc:
+            render.err_console.print(f"error: cannot write {path}: {exc}", highlight=False)
+            raise typer.Exit(1) from None
+
     command.__signature__ = inspect.Signature(sig)  # type: ignore[attr-defined]
     command.__name__ = m.name.replace(".", "_")
     command.__doc__ = f"{m.doc}\n\nRPC method: {m.name} (right: {m.right})"
     return command
 
 
-def attach(app: typer.Typer, invoke: Invoke, specs: list[MethodSpec] | None = None) -> None:
+def attach(
+    app: typer.Typer, invoke: Invoke, specs: list[MethodSpec] | None = None, local: bool = True
+) -> None:
     """Add a command for every method that has a CLI path (from :mod:`den.cli.spec`)."""
     groups: dict[str, typer.Typer] = {}
     for m in specs if specs is not None else spec.load():
@@ -233,4 +278,4 @@ def attach(app: typer.Typer, invoke: Invoke, specs: list[MethodSpec] | None = No
                 )
                 target.add_typer(groups[path], name=part)
             target = groups[path]
-        target.command(leaf, short_help=m.summary)(make_command(m, invoke))
+        target.command(leaf, short_help=m.summary)(make_command(m, invoke, local))

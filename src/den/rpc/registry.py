@@ -117,6 +117,9 @@ class Cli:
     note: str = ""  # printed after a successful call
     exec_output: bool = False  # the result is {exit_code, stdout, stderr}: print them raw, exit so
     follow_job: bool = False  # the result is a job: follow it with a progress bar to its end
+    # A file of the caller's (~/...) that ``--install`` writes the text result
+    # into, as a block den replaces on the next install (den.cli.install).
+    install: str = ""
 
 
 class Context:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from den import __version__
-from den.db.models import User, Workspace
+from den.db.models import SshKey, Workspace
 from den.rpc.registry import Cli, Context, NoParams, Params, Right, method
 from den.ssh import hostkeys
 
@@ -51,24 +51,60 @@ class SshConfigParams(Params):
     host: str | None = Field(
         None,
         max_length=253,
+        pattern=r"^[A-Za-z0-9.:_-]+$",
         description="Host name or address clients use (default: this host's name).",
     )
-    prefix: str = Field("den-", max_length=32, description="Prefix of each Host alias.")
+    prefix: str = Field(
+        "den-",
+        max_length=32,
+        pattern=r"^[A-Za-z0-9._-]*$",
+        description="Prefix of each Host alias.",
+    )
+    identity_file: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=r"^[^\s\x00-\x1f\x7f\"]+$",
+        description="Private key file for every Host (IdentityFile; `--install` finds yours).",
+    )
 
 
-@method("ssh.config", right=Right.read, cli=Cli("ssh-config"))
+KEEPALIVE = 30  # seconds: ssh notices a dead link in 2 minutes; NAT entries stay alive
+
+
+@method("ssh.config", right=Right.read, cli=Cli("ssh-config", install="~/.ssh/config"))
 async def ssh_config(ctx: Context, p: SshConfigParams) -> str:
-    """A ~/.ssh/config block with a Host per workspace of yours (OpenSSH, VS Code Remote-SSH)."""
+    """A ~/.ssh/config block with a Host per workspace of yours (OpenSSH, VS Code Remote-SSH).
+
+    Each Host forwards your agent (git over ssh inside uses your keys) and
+    keeps the link alive. `den ssh-config --install` writes it into your
+    ~/.ssh/config as a marked block, replaced on the next install.
+    """
     s = ctx.app.settings
     host = p.host or socket.getfqdn()
     port = ctx.app.ssh_port or s.ssh_port
-    q = select(Workspace.name, User.name).join(User, Workspace.user_id == User.id)
-    q = q.where(Workspace.state != "deleting", Workspace.user_id == (ctx.caller.user_id or -1))
-    rows = (await ctx.db.execute(q.order_by(Workspace.name))).all()
-    blocks = [f"# den {s.instance}: `ssh {p.prefix}NAME`, or pick it in VS Code's Remote-SSH list"]
-    for ws_name, _owner in rows:
-        blocks.append(
-            f"Host {p.prefix}{ws_name}\n    HostName {host}\n    Port {port}\n    User {ws_name}\n"
-        )
-    blocks.append(f"Host {p.prefix.rstrip('-') or 'den'}\n    HostName {host}\n    Port {port}\n")
+    uid = ctx.caller.user_id or -1
+    q = select(Workspace.name).where(Workspace.state != "deleting", Workspace.user_id == uid)
+    names = (await ctx.db.execute(q.order_by(Workspace.name))).scalars().all()
+    keys = (
+        (await ctx.db.execute(select(SshKey).where(SshKey.user_id == uid).order_by(SshKey.id)))
+        .scalars()
+        .all()
+    )
+    head = [f"# den {s.instance}: `ssh {p.prefix}NAME`, or pick it in VS Code's Remote-SSH list"]
+    if p.identity_file is None:
+        head += [f"# den key: {k.fingerprint} ({k.algorithm})" for k in keys]
+        if keys:
+            head.append("#   (add `IdentityFile PATH` below when ssh does not offer it by itself)")
+    ident = (
+        f"    IdentityFile {p.identity_file}\n    IdentitiesOnly yes\n" if p.identity_file else ""
+    )
+    common = (
+        f"    HostName {host}\n    Port {port}\n{ident}"
+        f"    ServerAliveInterval {KEEPALIVE}\n    ServerAliveCountMax 4\n"
+    )
+    blocks = ["\n".join(head)]
+    for name in names:
+        blocks.append(f"Host {p.prefix}{name}\n    User {name}\n{common}    ForwardAgent yes\n")
+    # The den shell: no agent is forwarded to it (it runs nothing of yours).
+    blocks.append(f"Host {p.prefix.rstrip('-') or 'den'}\n{common}")
     return "\n".join(blocks)

@@ -107,7 +107,7 @@ def command() -> Any:
             pretty_exceptions_enable=False,
             rich_markup_mode=None,
         )
-        attach(app, _invoke)
+        attach(app, _invoke, local=False)
         _command = typer.main.get_command(app)
     return _command
 
