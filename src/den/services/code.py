@@ -21,6 +21,7 @@ from den.backends.base import ExecRequest
 from den.db.models import User, Workspace
 from den.errors import BackendFailure, Conflict, InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
+from den.services import account
 from den.services.power import ensure_running
 from den.services.workspaces import spec_of
 from den.storage import code, giturl
@@ -182,7 +183,9 @@ async def code_push(ctx: Context, p: PushParams) -> PushOut:
             )
         rel = pending[0]
     ctx.target = f"code:{ref}:{rel}"
-    author = code.Identity(owner.display_name or owner.name, f"{owner.name}@{_host()}")
+    author = code.Identity(
+        owner.display_name or owner.name, owner.email or f"{owner.name}@{_host()}"
+    )
     committer = await _committer(ctx, author)
     run = await _git_inside(ctx, ws, owner, rel)
     pushed = await code.push(run, rel, p.message, author=author, committer=committer)
@@ -197,7 +200,7 @@ async def _git_inside(ctx: Context, ws: Workspace, owner: User, rel: str) -> cod
     await ensure_running(ctx, ws, owner, "exec")
     spec = spec_of(ctx.app, ws, owner)
     state = dict(ws.backend_state or {})
-    user = ctx.app.settings.ssh_user
+    user = await account.git_account(ctx.app, spec, rel)
     await ctx.db.commit()  # no database transaction held while git runs
     where = f"{owner.name}/{ws.name}"
 
@@ -236,7 +239,7 @@ async def _committer(ctx: Context, author: code.Identity) -> code.Identity:
     user = await ctx.db.get(User, ctx.caller.user_id)
     if user is None:
         return author
-    return code.Identity(user.display_name or user.name, f"{user.name}@{_host()}")
+    return code.Identity(user.display_name or user.name, user.email or f"{user.name}@{_host()}")
 
 
 async def _snapshot(ctx: Context, ref: str) -> tuple[Workspace, User, Path]:

@@ -26,8 +26,9 @@ def _check_name(value: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_check_name)]
-# A user called "null" would be read as "nobody given" by every tool that passes JSON around.
-_RESERVED_USERS = {"null", "none", "nil", "undefined"}
+# A user called "null" would be read as "nobody given" by every tool that passes JSON around;
+# "root" would make ``ssh root+NAME@host`` (root inside NAME) mean root's workspace NAME.
+_RESERVED_USERS = {"null", "none", "nil", "undefined", "root"}
 
 
 def _check_user_name(value: str) -> str:

@@ -20,6 +20,7 @@ from den.backends.base import ExecRequest, Spec
 from den.db.models import User, Workspace
 from den.errors import Conflict, QuotaExceeded
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
+from den.services import account
 from den.services.common import release_db
 from den.services.workspaces import WorkspaceOut, WsRef, find_workspace, spec_of, ws_out
 from den.slots import UserSlots
@@ -171,7 +172,11 @@ class ExecParams(Params):
     timeout: float = Field(
         60.0, gt=0, le=86400, description="Seconds before the command is killed."
     )
-    user: str = Field("root", max_length=64, description="User inside the workspace.")
+    user: str = Field(
+        "",
+        max_length=64,
+        description="User inside the workspace (default: the owner's account; root: root).",
+    )
 
 
 class ExecOut(BaseModel):
@@ -223,13 +228,14 @@ async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
     with exec_slot(ctx):
         await ensure_running(ctx, ws, owner)
         spec = spec_of(ctx.app, ws, owner)
+        user = p.user or (await account.login_account(ctx.app, spec)).name
         req = ExecRequest(
             argv=p.argv,
             env=p.env,
             cwd=p.cwd,
             stdin=p.stdin.encode(),
             timeout=p.timeout,
-            user=p.user,
+            user=user,
             max_output=ctx.app.settings.exec_max_output,
         )
         await release_db(ctx)  # an exec may run for a day

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -22,12 +23,25 @@ if TYPE_CHECKING:
 
 Role = Literal["admin", "member"]
 Quota = Annotated[int | None, Field(ge=-1, le=1_000_000)]
+# An address git can commit with: no spaces, quotes, angle brackets or control
+# characters (they would break a commit's author line), one @, a dotted domain.
+_EMAIL_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
+
+
+def _check_email(value: str) -> str:
+    if value and not _EMAIL_RE.fullmatch(value):
+        raise ValueError("an email is NAME@DOMAIN, e.g. ada@example.org (empty: none)")
+    return value
+
+
+Email = Annotated[str, Field(max_length=254), AfterValidator(_check_email)]
 
 
 class UserOut(BaseModel):
     name: str
     role: str
     display_name: str
+    email: str
     account: str
     uid: int | None
     subuid_start: int | None
@@ -86,6 +100,7 @@ class UserCreate(_Quotas, _Named):
         "member", description="admin or member."
     )
     display_name: str = Field("", max_length=200, description="Full name shown in listings.")
+    email: Email = Field("", description="Email address git commits with in the workspaces.")
     keys: Annotated[list[str], CliOpt(flags=("--key",), read_file=True)] = Field(
         default_factory=list, max_length=100, description="OpenSSH public keys of the user."
     )
@@ -98,6 +113,7 @@ class UserRef(Params):
 class UserUpdate(_Quotas, _Named):
     role: Role | None = Field(None, description="New role (admins only).")
     display_name: str | None = Field(None, max_length=200, description="New display name.")
+    email: Email | None = Field(None, description="New email address (empty: none).")
 
 
 async def _key_count(ctx: Context, user_id: int) -> int:
@@ -122,6 +138,7 @@ async def user_create(ctx: Context, p: UserCreate) -> UserOut:
         name=p.name,
         role=p.role,
         display_name=p.display_name,
+        email=p.email,
         account=account_name,
         max_workspaces=p.max_workspaces,
         max_cpu=p.max_cpu,
@@ -187,7 +204,7 @@ async def user_list(ctx: Context, p: NoParams) -> list[UserOut]:
 
 @method("user.update", right=Right.write, cli=Cli("user set"))
 async def user_update(ctx: Context, p: UserUpdate) -> UserOut:
-    """Change a user's display name (yourself), or role and quotas (admins)."""
+    """Change a user's display name and email (yourself), or role and quotas (admins)."""
     ctx.target = f"user:{p.name}"
     user = await find_user(ctx, p.name)
     admin_fields = {"role", *QUOTAS}
@@ -199,6 +216,8 @@ async def user_update(ctx: Context, p: UserUpdate) -> UserOut:
         ctx.app.revocations.after_commit(ctx, Revoked("role", user.id, user.name, role=p.role))
     if p.display_name is not None:
         user.display_name = p.display_name
+    if p.email is not None:
+        user.email = p.email
     for f in QUOTAS:
         if f in changing:
             setattr(user, f, getattr(p, f))

@@ -23,6 +23,7 @@ from den.errors import BackendFailure, Conflict, DenError, InvalidParams, NotFou
 from den.log import timed
 from den.net import ipam
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
+from den.services import account
 from den.services.common import Name, find_user, release_db, user_or_self
 from den.services.quotas import (
     apply_disk_limit,
@@ -332,6 +333,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
         await apply_disk_limit(ctx, ws)
 
     await materialize(ctx, ws, owner, storage)
+    await account.setup_owner(ctx, ws, owner)  # the owner's own user inside
     return ws_out(ws, owner.name)
 
 
@@ -453,6 +455,8 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
         await apply_disk_limit(ctx, ws)
 
     await materialize(ctx, ws, owner, storage)
+    # The source's account becomes the new owner's (renamed when it was another user's).
+    await account.setup_owner(ctx, ws, owner)
     return ws_out(ws, owner.name)
 
 

@@ -31,9 +31,10 @@ from den.backends import cgroups
 from den.backends.bundle import PATH
 from den.backends.crun import pidfd_of_child, signal_child, signal_exec
 from den.errors import BackendFailure, DenError
+from den.services.account import ROOT, login_account
 from den.ssh import inside, sftp
 from den.ssh.relay import FdReader, FdWriter, receive_fd
-from den.ssh.target import Ready, ready
+from den.ssh.target import Ready, as_root, ready
 
 if TYPE_CHECKING:
     from den.ssh.link import Link
@@ -171,7 +172,8 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         assert self.ws is not None and self.chan is not None
         app = self.link.app
         backend = app.backend
-        acct = await inside.load_account(self.ws.spec.rootfs, app.settings.ssh_user)
+        root = as_root(self.chan.get_extra_info("username") or "")
+        acct = await login_account(app, self.ws.spec, ROOT if root else "")
         self.pid_file = backend.bundle(self.ws.ws_id) / f"ssh-{secrets.token_hex(6)}.pid"
         if kind == "sftp":
             argv = await sftp.server_argv(app, self.ws, acct, self.pid_file)

@@ -3,7 +3,9 @@
 ``ssh NAME@host`` is the caller's workspace NAME; ``ssh OWNER.NAME@host`` (or
 ``OWNER+NAME``) is OWNER's workspace NAME, for admins and for OWNER; any other
 name (one that is none of the caller's workspaces, such as the local user
-name ssh sends by default) opens the den shell.
+name ssh sends by default) opens the den shell. ``root+`` before any of these
+(``root+NAME``, ``root+OWNER.NAME``) enters the same workspace as root inside
+instead of the owner's account ("root" is no den user's name).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 NAME = r"[a-z][a-z0-9-]{0,30}"
 QUALIFIED_RE = re.compile(rf"({NAME})[.+]({NAME})")
 NAME_RE = re.compile(NAME)
+AS_ROOT = "root+"
 
 
 def caller_of(user: User) -> Caller:
@@ -51,8 +54,14 @@ async def current_caller(app: App, user_id: int | None, fingerprint: str) -> Cal
     return caller_of(user)
 
 
+def as_root(login: str) -> bool:
+    """Whether the login asks for root inside the workspace (``root+...``)."""
+    return login.startswith(AS_ROOT) and parse_login(login) is not None
+
+
 def parse_login(login: str) -> tuple[str | None, str] | None:
     """(owner or None, workspace name) the login names, or None for the den shell."""
+    login = login.removeprefix(AS_ROOT)
     m = QUALIFIED_RE.fullmatch(login)
     if m:
         return m.group(1), m.group(2)
@@ -68,14 +77,14 @@ class Denied(Exception):
 async def resolve(db: AsyncSession, user: User, login: str) -> str | None:
     """ "OWNER/NAME" of the workspace ``login`` takes ``user`` into, or None (den shell).
 
-    Raises :class:`Denied` for OWNER.NAME that is not the user's to enter or
-    does not exist.
+    Raises :class:`Denied` for OWNER.NAME (or root+...) that is not the user's
+    to enter or does not exist.
     """
     parsed = parse_login(login)
     if parsed is None:
         return None
     owner, name = parsed
-    explicit = owner is not None
+    explicit = owner is not None or as_root(login)
     owner = owner or user.name
     if owner != user.name and user.role != "admin":
         raise Denied(f"{user.name} may not enter {owner}'s workspaces")

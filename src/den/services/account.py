@@ -1,0 +1,227 @@
+"""The owner's own account inside a workspace, and which account a session lands in.
+
+Each workspace has a normal account named after its owner's den user (uid and
+gid 1000, home /home/NAME, bash when the image has it, passwordless sudo),
+made at create by one shell script run as root *inside* the workspace
+(``crun exec``): the host never writes into the snapshot through paths the
+image controls. ssh, sftp, ``workspace.exec`` and ``code.push`` land in it
+through :func:`login_account`; root is ``sudo`` away, or ``ssh root+NAME@host``
+and ``exec --user root``.
+
+A workspace without the account (made before den had it, or from an image with
+neither useradd nor busybox adduser) keeps working: its sessions land as root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from den.backends.base import ExecRequest
+from den.db.models import SshKey, User, Workspace
+from den.errors import DenError, InvalidParams
+from den.ssh import inside
+
+if TYPE_CHECKING:
+    from den.app import App
+    from den.backends.base import Spec
+    from den.rpc.registry import Context
+
+log = logging.getLogger(__name__)
+
+UID = 1000
+ROOT = "root"
+_NO_TOOL = 3  # the script's exit status when the image has no way to add a user
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+# Run as root inside: $1 name, $2 comment (display name), $3 public keys (one a
+# line), $4 a [user] section for ~/.gitconfig. Pure POSIX sh with the tools of
+# Debian's minbase (passwd) or busybox, so that it runs in any image; each step
+# is idempotent, so a clone of another user's workspace runs it again.
+SETUP = r"""
+set -u
+name=$1 gecos=$2 keys=$3 gitcfg=$4 uid=1000
+say() { echo "$*" >&2; }
+has() { command -v "$1" >/dev/null 2>&1; }
+# name with id $2 in passwd/group file $1 (third field), else nothing
+name_of() { [ -f "$1" ] || return 0
+  while IFS=: read -r n _ i _; do [ "$i" = "$2" ] && { echo "$n"; return 0; }; done < "$1"; }
+field_of() { [ -f /etc/passwd ] || return 0
+  while IFS=: read -r n _ _ _ _ h s; do
+    [ "$n" = "$1" ] && { [ "$2" = home ] && echo "$h" || echo "$s"; return 0; }
+  done < /etc/passwd; }
+shell=/bin/sh
+for s in /bin/bash /usr/bin/bash; do [ -x "$s" ] && { shell=$s; break; }; done
+
+if [ -z "$(field_of "$name" home)" ]; then
+  old=$(name_of /etc/passwd $uid)
+  if [ -n "$old" ]; then
+    # An image's own uid 1000 user (ubuntu, debian, dev...) becomes the owner's:
+    # its files stay theirs, and no second account fights over the uid.
+    has usermod || { say "uid $uid is $old and the image has no usermod"; exit 3; }
+    oldg=$(name_of /etc/group $uid)
+    usermod -l "$name" -c "$gecos" -d "/home/$name" -m "$old" >&2 || exit 1
+    if [ "$oldg" = "$old" ] && has groupmod; then groupmod -n "$name" "$old" >&2 || exit 1; fi
+  else
+    if [ -z "$(name_of /etc/group $uid)" ]; then
+      if has groupadd; then groupadd -g $uid "$name" >&2 || exit 1
+      elif has addgroup; then addgroup -g $uid "$name" >&2 || exit 1
+      else say "the image has neither useradd nor adduser"; exit 3; fi
+    fi
+    if has useradd; then
+      useradd -u $uid -g $uid -m -d "/home/$name" -s "$shell" -c "$gecos" "$name" >&2 || exit 1
+    elif has adduser; then
+      adduser -D -u $uid -G "$(name_of /etc/group $uid)" -h "/home/$name" -s "$shell" \
+        -g "$gecos" "$name" >&2 || exit 1
+    else say "the image has neither useradd nor adduser"; exit 3; fi
+  fi
+fi
+home=$(field_of "$name" home)
+ids=$(id -u "$name"):$(id -g "$name")
+[ -n "$home" ] && [ "$home" != / ] || { say "$name has no home"; exit 1; }
+mkdir -p "$home" && chown "$ids" "$home"
+
+# sudo reads /etc/sudoers.d (made here when sudo is not installed yet: it then
+# works as soon as it is); sudo ignores the file unless it is 0440.
+mkdir -p /etc/sudoers.d
+printf '%s ALL=(ALL:ALL) NOPASSWD: ALL\n' "$name" > "/etc/sudoers.d/den-$name"
+chmod 0440 "/etc/sudoers.d/den-$name"
+
+umask 077
+mkdir -p "$home/.ssh"
+touch "$home/.ssh/authorized_keys"
+printf '%s\n' "$keys" | while IFS= read -r k; do
+  [ -z "$k" ] || grep -qxF -- "$k" "$home/.ssh/authorized_keys" ||
+    printf '%s\n' "$k" >> "$home/.ssh/authorized_keys"
+done
+chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
+chown "$ids" "$home/.ssh" "$home/.ssh/authorized_keys"
+
+umask 022
+cfg=$home/.gitconfig
+if ! grep -qs '^\[user\]' "$cfg"; then printf '%s' "$gitcfg" >> "$cfg"; fi
+chown "$ids" "$cfg"
+"""
+
+
+def _git_value(text: str) -> str:
+    """``text`` as a quoted git config value, on one line."""
+    flat = _CONTROL.sub(" ", text).strip()
+    return '"' + flat.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def git_identity(owner: User) -> tuple[str, str]:
+    """(name, email) git commits with for ``owner``: the display name (else the
+    name), the email (else NAME@this host, as code.push's author)."""
+    name = _CONTROL.sub(" ", owner.display_name).strip() or owner.name
+    return name, owner.email or f"{owner.name}@{socket.gethostname() or 'den'}"
+
+
+async def make_account(
+    app: App, spec: Spec, state: dict[str, object], owner: User, keys: list[str]
+) -> bool:
+    """Make (or complete) the owner's account inside the running workspace.
+
+    Never fails the workspace: an image with no way to add a user, or a script
+    that fails, is logged and its sessions land as root. True when it is made.
+    """
+    name, email = git_identity(owner)
+    gitcfg = f"[user]\n\tname = {_git_value(name)}\n\temail = {_git_value(email)}\n"
+    gecos = _CONTROL.sub(" ", owner.display_name).replace(":", " ").replace(",", " ").strip()
+    req = ExecRequest(
+        argv=["/bin/sh", "-c", SETUP, "den-account", spec.owner, gecos, "\n".join(keys), gitcfg],
+        cwd="/",
+        timeout=60.0,
+        user=ROOT,
+        max_output=8192,
+    )
+    where = {"ctx": {"workspace": f"{spec.owner}/{spec.name}"}}
+    try:
+        res = await app.backend.exec(spec, dict(state), req)
+    except (DenError, OSError) as exc:  # the workspace works without it: sessions land as root
+        log.warning("could not make %s's account inside: %s", spec.owner, exc, extra=where)
+        return False
+    said = res.stderr.decode(errors="replace").strip()[-500:]
+    if res.exit_code == 0:
+        return True
+    if res.exit_code == _NO_TOOL:
+        log.info(
+            "no account for %s inside (%s); sessions land as root", spec.owner, said, extra=where
+        )
+    else:
+        log.warning(
+            "making %s's account inside failed (exit %d): %s",
+            spec.owner,
+            res.exit_code,
+            said,
+            extra=where,
+        )
+    return False
+
+
+async def setup_owner(ctx: Context, ws: Workspace, owner: User) -> bool:
+    """:func:`make_account` for a workspace just created (or cloned) and running."""
+    from den.services.workspaces import spec_of  # workspaces imports this module
+
+    q = select(SshKey.public_key, SshKey.comment).where(SshKey.user_id == owner.id)
+    rows = (await ctx.db.execute(q.order_by(SshKey.id))).all()
+    keys = [_CONTROL.sub(" ", f"{key} {comment}").strip() for key, comment in rows]
+    await ctx.db.commit()  # no transaction held while the script runs
+    spec = spec_of(ctx.app, ws, owner)
+    return await make_account(ctx.app, spec, dict(ws.backend_state or {}), owner, keys)
+
+
+async def login_account(app: App, spec: Spec, user: str = "") -> inside.Account:
+    """The account a session in ``spec``'s workspace runs as.
+
+    ``user`` named (``root`` for ``ssh root+NAME@host`` and ``exec --user
+    root``): that account. Otherwise ``ssh_user`` when the admin set one (the
+    same account for everyone, e.g. root as before den had accounts), else the
+    owner's account, for the owner and for an admin entering it alike, the
+    workspace being the owner's. Root when the workspace has no such account.
+    """
+    wanted = user or app.settings.ssh_user
+    if wanted:
+        return await inside.load_account(spec.rootfs, wanted)
+    try:
+        return await inside.load_account(spec.rootfs, spec.owner)
+    except InvalidParams:
+        log.debug("%s/%s has no account %s: landing as root", spec.owner, spec.name, spec.owner)
+        return await inside.load_account(spec.rootfs, ROOT)
+
+
+def _owner_uid(tree: Path, rel: str) -> int | None:
+    """The uid that owns ``rel`` under ``tree`` on disk (the workspace's own id, the
+    snapshot's ids being the workspace's), following no symlink; None if absent."""
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        fd = os.open(tree, flags)
+    except OSError:
+        return None
+    try:
+        for part in [p for p in rel.split("/") if p]:
+            nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.fstat(fd).st_uid
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+async def git_account(app: App, spec: Spec, rel: str) -> str:
+    """Who runs git in /code/REL for code.push: the login account when it owns
+    the repository, else root. The shared tree is cloned by den as root, so a
+    repository the owner never took over is root's inside, and git refuses to
+    work in a repository another user owns."""
+    acct = await login_account(app, spec)
+    if acct.uid != 0 and _owner_uid(spec.code, f"{rel}/.git") == acct.uid:
+        return acct.name
+    return ROOT
