@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     )
     ssh_host: str = Field("0.0.0.0", description="Address the SSH gateway listens on.")
     ssh_user: str = Field(
-        "root", max_length=64, description="User inside a workspace that ssh sessions run as."
+        "",
+        max_length=64,
+        description="Account inside every workspace that ssh, sftp, exec and code.push run as; "
+        "empty: the owner's own account (root where a workspace has none); root: as before "
+        "den made accounts.",
     )
     ssh_start_stopped: bool = Field(
         True,
