@@ -17,7 +17,7 @@ bench-deps:
 	@scripts/install-deps bench
 
 run: deps
-	$(DEN) init --yes --image debian
+	$(DEN) init --yes
 	$(DEN) serve
 
 test: test-deps

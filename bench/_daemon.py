@@ -63,7 +63,10 @@ class BenchDaemon:
             if self.pool_size:
                 self.env["DEN_POOL_SIZE"] = self.pool_size
                 subprocess.run(
-                    [DEN, "init", "--yes"], env=self.env, check=True, stdout=subprocess.DEVNULL
+                    [DEN, "init", "--yes", "--no-image"],
+                    env=self.env,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
                 )
             state = self.data_dir / "serve.json"
             self.proc = subprocess.Popen([DEN, "serve"], env=self.env, stderr=subprocess.DEVNULL)

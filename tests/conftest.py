@@ -64,6 +64,9 @@ class Daemon:
             # Test pools are 4-8G: the 10G default would pass a member's disk quota
             # (a share of the pool) with the first workspace.
             "DEN_DEFAULT_DISK": "512M",
+            # Image builds of every test session share one package cache: a fresh
+            # clone downloads each .deb once.
+            "DEN_APT_CACHE": str(ROOT / ".cache" / "apt"),
         }
         if database_url:
             self.env["DEN_DATABASE_URL"] = database_url
@@ -287,7 +290,11 @@ def init_pool(d: Daemon, size: str = "8G") -> None:
     d.env["DEN_FSTAB"] = str(d.base / "fstab")
     d.env["DEN_POOL_SIZE"] = size
     res = subprocess.run(
-        [DEN, "init", "--yes"], env=d.env, capture_output=True, text=True, timeout=600
+        [DEN, "init", "--yes", "--no-image"],
+        env=d.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if res.returncode != 0:
         raise RuntimeError(f"den init failed:\n{res.stdout}\n{res.stderr}")

@@ -148,7 +148,16 @@ class Settings(BaseSettings):
     default_pids: int = Field(
         1024, ge=16, description="Process limit of a new workspace unless given."
     )
-    default_image: str = Field("debian", description="Image of a new workspace unless given.")
+    default_image: str = Field(
+        "dev",
+        description="Image of a new workspace unless given; `den init` builds it "
+        "(presets: dev, debian).",
+    )
+    apt_cache: Path | None = Field(
+        None,
+        description="Where image builds keep the Debian packages they download, so a host "
+        "fetches each once (never copied into an image); unset: DATA_DIR/apt-cache.",
+    )
     # Quotas of a member whose own quota is unset (`den user set --max-...` overrides them;
     # admins get none). Shares of the host follow it when it grows.
     default_max_workspaces: int = Field(

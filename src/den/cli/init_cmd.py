@@ -20,9 +20,6 @@ if TYPE_CHECKING:  # the rest is imported when the command runs: `den --help` st
     from den.host import checks as host_checks
     from den.host import prepare
 
-# git for code.push (it runs inside the workspace), with what its transports need.
-DEFAULT_INCLUDE = ["git", "ca-certificates", "openssh-client"]
-
 
 def _print_checks(results: list[host_checks.Check]) -> None:
     for c in results:
@@ -42,26 +39,49 @@ def init(
     config: Annotated[Path | None, typer.Option(help="Config file.")] = None,
     image: Annotated[
         str | None,
-        typer.Option(help="Also build this image (debootstrap bookworm minbase) unless it exists."),
+        typer.Option(help="Build this image unless it exists [default: default_image, dev]."),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Its package set: dev or debian (minbase with git) "
+            "[default: the image's name if it is a preset, else dev]."
+        ),
+    ] = None,
+    no_image: Annotated[bool, typer.Option("--no-image", help="Build no image.")] = False,
 ) -> None:
-    """Check this host and prepare it for den; safe to run again."""
+    """Check this host and prepare it for den, and build the default image; safe to run again."""
     from den import config as den_config
     from den.host import checks as host_checks
     from den.host import prepare
     from den.services.common import NAME_RE
+    from den.storage.images import PRESETS
 
     if image is not None and not NAME_RE.fullmatch(image):
         render.err_console.print(f"error: {image!r} is not an image name ([a-z][a-z0-9-]{{0,30}})")
+        raise typer.Exit(2)
+    if preset is not None and preset not in PRESETS:
+        render.err_console.print(f"error: no preset {preset!r}; presets: {', '.join(PRESETS)}")
         raise typer.Exit(2)
     try:
         settings, _ = den_config.load({"instance": instance, "pool_size": pool_size}, config)
     except ValueError as exc:
         render.err_console.print(f"error: bad configuration: {exc}")
         raise typer.Exit(2) from None
+    image = None if no_image else image or settings.default_image
+    preset = preset or (image if image in PRESETS else "dev")
     results = host_checks.run_checks(settings)
     _print_checks(results)
     missing = [c for c in results if not c.ok]
+    if image is not None:
+        built = (settings.pool_dir / "images" / image).is_dir()
+        detail = "built" if built else f"not built yet: den init builds it (preset {preset})"
+        img_check = host_checks.Check(
+            f"image {image}", built, detail, fix=f"build image {image} (preset {preset})"
+        )
+        _print_checks([img_check])
+        if not built:
+            missing.append(img_check)
     if check:
         raise typer.Exit(1 if missing else 0)
     if os.geteuid() != 0:
@@ -89,10 +109,16 @@ def init(
     render.console.print("[green]den init: this host is ready[/green]")
     if image is not None:
         try:
-            asyncio.run(ensure_image(settings, image, say))
+            asyncio.run(ensure_image(settings, image, preset, say))
         except DenError as exc:
             render.err_console.print(f"error: image {image}: {exc.message}", highlight=False)
             raise typer.Exit(5 if isinstance(exc, Conflict) else 7) from None
+        if image != settings.default_image:
+            say(
+                f"new workspaces use image {settings.default_image} (default_image); "
+                f"`den new --image {image}` uses this one, or set "
+                f'default_image = "{image}" in {den_config.config_file_path(config)}'
+            )
 
 
 def _daemon_running(settings: Settings) -> bool:
@@ -104,8 +130,9 @@ def _daemon_running(settings: Settings) -> bool:
     return True
 
 
-async def ensure_image(settings: Settings, name: str, say: prepare.Say) -> None:
-    """Build image ``name`` in this process (no daemon needed) unless it is ready already."""
+async def ensure_image(settings: Settings, name: str, preset: str, say: prepare.Say) -> None:
+    """Build image ``name`` from ``preset`` in this process (no daemon needed) unless it
+    is ready already."""
     from sqlalchemy import delete, select
 
     from den.app import App
@@ -133,10 +160,15 @@ async def ensure_image(settings: Settings, name: str, say: prepare.Say) -> None:
                 raise Conflict(f"it is {img.state} in the running daemon; see `den job ls`")
             say(f"image {name}: exists ({svc.human_size(img.size_bytes)}), reused")
             return
-        say(f"building image {name}: debootstrap bookworm minbase (a minute or so)")
-        await svc.claim(app, name, "debootstrap", "bookworm", DEFAULT_INCLUDE)
+        include, locales = svc.recipe(preset, [])
+        cache = svc.apt_cache_dir(settings)
+        say(
+            f"building image {name} (preset {preset}): debootstrap bookworm minbase with "
+            f"{len(include)} packages; minutes the first time, packages kept in {cache}"
+        )
+        await svc.claim(app, name, "debootstrap", "bookworm", include)
         produce = svc.builder(
-            app, name, secrets.token_hex(4), "bookworm", DEFAULT_INCLUDE, "minbase"
+            app, name, secrets.token_hex(4), "bookworm", include, "minbase", locales
         )
         start = time.monotonic()
         with Bar(f"image {name}") as bar:

@@ -16,13 +16,14 @@ import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from den.app import App
+from den.config import Settings
 from den.db.models import Image, User, Workspace
 from den.errors import Conflict, NotFound
 from den.rpc.registry import Cli, CliArg, Context, NoParams, Params, Right, method
@@ -34,6 +35,8 @@ from den.storage.debootstrap import ProgressFn
 
 log = logging.getLogger(__name__)
 Variant = Literal["minbase", "buildd", "default"]
+PresetName = Literal["dev", "debian"]
+assert set(get_args(PresetName)) == set(storage.PRESETS)
 Producer = Callable[[ProgressFn], Awaitable[storage.Built]]
 
 
@@ -82,6 +85,12 @@ class ImageBuild(Params):
     )
     variant: Variant = Field(
         "minbase", description="debootstrap variant: minbase, buildd or default."
+    )
+    preset: PresetName | None = Field(
+        None,
+        description="Start from a named package set: dev (den init's default image: a "
+        "toolchain, python3, sudo, editors, locales...) or debian (minbase with git); "
+        "--include adds to it.",
     )
 
     @field_validator("include", mode="before")
@@ -159,8 +168,30 @@ async def _unclaim(app: App, name: str, built: storage.Built | None) -> None:
         await db.commit()
 
 
+def apt_cache_dir(settings: Settings) -> Path:
+    """Where image builds keep the .debs they download (outside every image)."""
+    # An empty DEN_APT_CACHE reads as Path("."): unset, not the daemon's cwd.
+    if settings.apt_cache is not None and settings.apt_cache.is_absolute():
+        return settings.apt_cache
+    return settings.data_dir / "apt-cache"
+
+
+def recipe(preset: str | None, include: list[str]) -> tuple[list[str], tuple[str, ...]]:
+    """The packages and locales of a build: the preset's, then ``include``'s not yet named."""
+    base = storage.PRESETS[preset] if preset else None
+    packages = list(base.include) if base else []
+    packages += [p for p in include if p not in packages]
+    return packages, base.locales if base else ()
+
+
 def builder(
-    app: App, name: str, tag: str, suite: str, include: list[str], variant: str
+    app: App,
+    name: str,
+    tag: str,
+    suite: str,
+    include: list[str],
+    variant: str,
+    locales: tuple[str, ...] = (),
 ) -> Producer:
     mirror = debootstrap.mirror(app.settings.debian_mirror)
 
@@ -174,6 +205,8 @@ def builder(
             variant=variant,
             mirror=mirror,
             progress=progress,
+            locales=locales,
+            cache_dir=apt_cache_dir(app.settings),
         )
 
     return produce
@@ -193,16 +226,19 @@ def _start(ctx: Context, kind: str, name: str, produce: Producer) -> JobOut:
 async def image_build(ctx: Context, p: ImageBuild) -> JobOut:
     """Build an image with debootstrap in the background; returns its job at once.
 
-    The result is fixed up for many workspaces (no SSH host keys or machine-id,
-    C.UTF-8 locale, a resolver placeholder, a user skeleton) and made read-only.
+    `--preset dev` rebuilds den init's default image (under any name). The
+    packages are downloaded once per host: builds keep them in the apt_cache
+    directory, outside the image. The result is fixed up for many workspaces
+    (no SSH host keys or machine-id, C.UTF-8 locale, a resolver placeholder,
+    a user skeleton) and made read-only.
     """
     ctx.target = f"image:{p.name}"
     debootstrap.check_suite(p.suite)
-    await claim(ctx.app, p.name, "debootstrap", p.suite, p.include)
+    include, locales = recipe(p.preset, p.include)
+    await claim(ctx.app, p.name, "debootstrap", p.suite, include)
     tag = secrets.token_hex(4)
-    return _start(
-        ctx, "image.build", p.name, builder(ctx.app, p.name, tag, p.suite, p.include, p.variant)
-    )
+    produce = builder(ctx.app, p.name, tag, p.suite, include, p.variant, locales)
+    return _start(ctx, "image.build", p.name, produce)
 
 
 @method("image.import", right=Right.admin, cli=Cli("image import", follow_job=True))

@@ -96,10 +96,21 @@ def mirror(configured: str, sources: tuple[Path, ...] = SOURCES) -> str:
     return DEFAULT_MIRROR
 
 
-def argv(target: Path, suite: str, mirror: str, includes: list[str], variant: str) -> list[str]:
+def argv(
+    target: Path,
+    suite: str,
+    mirror: str,
+    includes: list[str],
+    variant: str,
+    cache_dir: Path | None = None,
+) -> list[str]:
+    """debootstrap's command line; with ``cache_dir`` it keeps the .debs it fetches
+    there (outside the target) and takes those it finds there, checksums verified."""
     cmd = ["debootstrap", "--debian-installer"]
     if variant != "default":
         cmd.append(f"--variant={variant}")
+    if cache_dir is not None:
+        cmd.append(f"--cache-dir={cache_dir}")
     if includes:
         cmd.append("--include=" + ",".join(includes))
     return [*cmd, suite, str(target), mirror]
@@ -120,7 +131,12 @@ class ProgressParser:
         self.step = "starting debootstrap"
         self.error = ""
         self.warnings: list[str] = []
+        # Packages fetched from the mirror and packages checked (from the cache or
+        # after a download): a build with a warm cache fetches none.
+        self.downloaded: set[str] = set()
+        self.validated: set[str] = set()
         self._kind = ""
+        self._name = ""
         self._args: list[str] = []
 
     def feed(self, line: str) -> None:
@@ -133,11 +149,17 @@ class ProgressParser:
                 self._advance(int(parts[0]), int(parts[1]))
             self._kind, self._args = "P", []
         elif tag in ("I", "W", "E"):
-            self._kind, self._args = tag, []
+            self._kind, self._name, self._args = tag, rest, []
         elif tag in ("PA", "IA", "WA", "EA"):
             self._args.append(rest)
         elif tag in ("PF", "IF", "WF", "EF"):
             text = _printf(rest, self._args)
+            # "Retrieving NAME VERSION": a .deb (index files come without a version).
+            if tag == "IF" and len(self._args) >= 2 and self._args[1]:
+                if self._name == "RETRIEVING":
+                    self.downloaded.add(self._args[0])
+                elif self._name == "VALIDATING":
+                    self.validated.add(self._args[0])
             if tag == "EF":
                 self.error = text
             elif tag == "WF":

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import shutil
 import stat
 import sys
@@ -39,7 +40,13 @@ from den.storage.pool import Pool
 
 log = logging.getLogger(__name__)
 
+LOCALES_AT = 920  # where on the 0..SCALE progress scale locale-gen starts (debootstrap ends)
 FIXUP_AT = 950  # where on the 0..SCALE progress scale the fix-ups start
+# A build's own view of the package cache (see _deb_cache); one older than this
+# was left by a daemon killed mid-build (builds time out after an hour).
+STALE_CACHE_VIEW = 86400
+# What programs run inside a fresh build see: none of the daemon's environment.
+CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root"}
 _CHUNK = 1 << 20
 # (magic, tar flag, name); a plain tar has "ustar" at offset 257.
 COMPRESSIONS = (
@@ -73,6 +80,53 @@ class Built:
     size_bytes: int
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe for ``image.build --preset`` and ``den init``: the one definition."""
+
+    name: str
+    summary: str
+    include: tuple[str, ...]
+    locales: tuple[str, ...] = ()  # /etc/locale.gen lines, compiled by locale-gen
+
+
+# git for code.push (it runs inside the workspace), with what its transports need.
+_GIT = ("git", "ca-certificates", "openssh-client")
+PRESETS = {
+    p.name: p
+    for p in (
+        Preset("debian", "minbase with git: small, for tests and those who want little", _GIT),
+        Preset(
+            "dev",
+            "what a developer expects to find: a toolchain, python3 with venv and pip, "
+            "sudo, editors, network tools, tmux, man pages, locales",
+            (
+                *_GIT,
+                "curl",
+                "python3",
+                "python3-venv",
+                "python3-pip",
+                "build-essential",
+                "sudo",
+                "less",
+                "vim-tiny",
+                "nano",
+                "procps",
+                "iproute2",
+                "iputils-ping",
+                "locales",
+                "tmux",
+                "bash-completion",
+                "man-db",
+                "rsync",
+                "unzip",
+            ),
+            locales=("C.UTF-8 UTF-8", "en_US.UTF-8 UTF-8"),
+        ),
+    )
+}
+
+
 # -- running the programs that fill a build ------------------------------------
 async def _lines(stream: asyncio.StreamReader | None) -> AsyncIterator[str]:
     if stream is None:
@@ -93,6 +147,7 @@ async def _run(
     on_line: Callable[[str], None] | None = None,
     feed: Path | None = None,
     on_fed: Callable[[int], None] | None = None,
+    env: dict[str, str] | None = None,
     timeout: float,
 ) -> tuple[int, str]:
     """Run ``argv``; return its exit code and the tail of its stderr.
@@ -108,6 +163,7 @@ async def _run(
             stdin=asyncio.subprocess.PIPE if feed else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if on_line else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
     except FileNotFoundError as exc:
         raise BackendFailure(f"{full[0]} is not installed; run `den init`") from exc
@@ -235,6 +291,79 @@ async def _make(
     return Built(final, size)
 
 
+def _open_cache_view(shared: Path, tag: str) -> Path:
+    """A build's own directory of the shared package cache, holding links to its .debs.
+
+    debootstrap then reads and writes only this view: concurrent builds (of
+    other daemons too) never download into the same file, and a package it
+    finds damaged is dropped from the view, not from the shared cache.
+    """
+    shared.mkdir(mode=0o755, parents=True, exist_ok=True)
+    now = time.time()
+    for old in shared.glob(".build-*"):
+        with contextlib.suppress(OSError):
+            if now - old.lstat().st_mtime > STALE_CACHE_VIEW:
+                shutil.rmtree(old, ignore_errors=True)
+    view = shared / f".build-{tag}"
+    # Downloads land in partial/ and reach the view only once their checksum matched.
+    (view / "partial").mkdir(mode=0o755, parents=True)
+    for deb in shared.glob("*.deb"):
+        with contextlib.suppress(OSError):
+            os.link(deb, view / deb.name, follow_symlinks=False)
+    return view
+
+
+def _close_cache_view(shared: Path, view: Path) -> int:
+    """Keep the packages the build downloaded in the shared cache; drop the view.
+
+    Returns how many were new. A file is only ever added whole (a link), never
+    rewritten: one name is one Debian package version, whoever fetched it.
+    """
+    new = 0
+    for entry in os.scandir(view):
+        if entry.name.endswith(".deb") and entry.is_file(follow_symlinks=False):
+            try:
+                os.link(entry.path, shared / entry.name, follow_symlinks=False)
+                new += 1
+            except FileExistsError:
+                pass
+    shutil.rmtree(view, ignore_errors=True)
+    return new
+
+
+async def _gen_locales(target: Path, locales: tuple[str, ...], progress: ProgressFn) -> None:
+    """Write /etc/locale.gen and run locale-gen in the fresh build.
+
+    Only ever run on a build debootstrap just made from the Debian mirror
+    (signature-checked packages), never on an imported tarball or a workspace:
+    running a root filesystem's own programs as host root is trusting it.
+    """
+    names = [loc.split()[0] for loc in locales]
+    done: list[str] = []
+
+    def line(text: str) -> None:
+        # locale-gen prints "  en_US.UTF-8... done" once a locale is compiled.
+        if text.rstrip().endswith("done"):
+            done.append(text.strip().split("...")[0])
+            share = (FIXUP_AT - LOCALES_AT) * len(done) // max(len(names), 1)
+            progress(LOCALES_AT + share, SCALE, f"generated locale {done[-1]}")
+
+    progress(LOCALES_AT, SCALE, "generating locales " + ", ".join(names))
+    script = (
+        'printf "%s\\n" "# den: compiled when the image was built" "$@" >/etc/locale.gen'
+        " && exec locale-gen"
+    )
+    rc, tail = await _run(
+        ["chroot", str(target), "/bin/sh", "-c", script, "sh", *locales],
+        on_line=line,
+        env=CHROOT_ENV,
+        timeout=900,
+    )
+    if rc != 0:
+        why = (tail.strip().splitlines() or [f"exit {rc}"])[-1]
+        raise BackendFailure(f"locale-gen failed: {why}", log_detail=tail[-2000:])
+
+
 async def build(
     pool: Pool,
     name: str,
@@ -245,12 +374,20 @@ async def build(
     variant: str,
     mirror: str,
     progress: ProgressFn,
+    locales: tuple[str, ...] = (),
+    cache_dir: Path | None = None,
 ) -> Built:
-    """Build image ``name`` with debootstrap; see the module docstring."""
+    """Build image ``name`` with debootstrap; see the module docstring.
+
+    With ``cache_dir`` the .debs are taken from and kept in that host
+    directory (never in the image): packages are downloaded once per host.
+    ``locales`` are compiled after debootstrap (the ``locales`` package must
+    be among ``includes``).
+    """
     debootstrap.check_suite(suite)
     parser = debootstrap.ProgressParser(progress)
 
-    async def fill(target: Path) -> None:
+    async def bootstrap(target: Path, view: Path | None) -> None:
         argv = [
             "unshare",
             "--mount",
@@ -264,17 +401,43 @@ async def build(
             "-c",
             'exec "$@" 3>&1 1>&2',
             "sh",
-            *debootstrap.argv(target, suite, mirror, includes, variant),
+            *debootstrap.argv(target, suite, mirror, includes, variant, view),
         ]
         progress(0, SCALE, f"debootstrap {suite} from {mirror}")
+        # dpkg syncs every file it unpacks; a build that dies is discarded whole,
+        # so those syncs buy nothing and cost most of a rebuild's time.
+        unsafe_io = target / "etc/dpkg/dpkg.cfg.d/den-build-unsafe-io"
+        unsafe_io.parent.mkdir(mode=0o755, parents=True)
+        unsafe_io.write_text("force-unsafe-io\n")
         rc, tail = await _run(argv, on_line=parser.feed, timeout=3600)
         if rc != 0:
             if _full(tail) or _full(parser.error):
                 raise _pool_full(pool, name)
             why = parser.error or (tail.strip().splitlines() or [f"exit {rc}"])[-1]
             raise BackendFailure(f"debootstrap failed: {why}", log_detail=tail[-2000:])
+        unsafe_io.unlink()
         for w in parser.warnings:
             log.info("debootstrap warning for image %s: %s", name, w)
+        log.info(
+            "image %s: %d packages downloaded, %d taken from the package cache",
+            name,
+            len(parser.downloaded),
+            len(parser.validated - parser.downloaded),
+        )
+
+    async def fill(target: Path) -> None:
+        if cache_dir is None:
+            await bootstrap(target, None)
+        else:
+            view = await asyncio.to_thread(_open_cache_view, cache_dir, tag)
+            try:
+                await bootstrap(target, view)
+            finally:
+                # Kept even when the build failed: what was fetched need not be again.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(asyncio.to_thread(_close_cache_view, cache_dir, view))
+        if locales:
+            await _gen_locales(target, locales, progress)
 
     return await _make(pool, name, tag, fill, progress)
 

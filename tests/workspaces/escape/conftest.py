@@ -2,43 +2,38 @@
 
 The escape tests show that attacks fail; the workload tests beside them show
 that what developers really run (apt-get, pip, git, gcc, node, sudo, tmux, a
-web server) still works under the same sandbox. They need a fuller image than
-minbase: the first session builds it through den itself (``image.build`` with
-debootstrap, from the Debian mirror) and keeps it as
-``.cache/images/bookworm-dev.tar.zst``; later sessions import that tarball in
-seconds. A fresh build took about 2 minutes here (2 cores, the
-image 200 MB as a tarball); an import of the cache takes seconds.
+web server) still works under the same sandbox. They need den's ``dev`` image
+(the preset ``den init`` builds) plus what only these tests use: the first
+session builds it through den itself (``image.build --preset dev``, from the
+Debian mirror, packages from the tests' shared package cache) and keeps it as
+``.cache/images/bookworm-dev-<recipe>.tar.zst``, named after a digest of the
+recipe so that a change to the preset builds it anew; later sessions import
+that tarball in seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import pytest
 
+from den.storage.images import PRESETS
 from tests.conftest import ROOT, Daemon
 from tests.storage.conftest import images_dir, tar_dir, wait_job
 
 DEV = "dev"
-DEV_CACHE = ROOT / ".cache" / "images" / "bookworm-dev.tar.zst"
-# What the workload tests run, and no more: each package costs build time on
-# every fresh clone. adduser and iputils-ping are what a postinst and a
-# developer's ping reach for; xz-utils lets dpkg read any .deb.
-DEV_PACKAGES = [
-    "ca-certificates",
-    "git",
-    "gcc",
-    "libc6-dev",
-    "make",
-    "python3",
-    "python3-venv",
-    "nodejs",
-    "sudo",
-    "tmux",
-    "procps",
-    "adduser",
-    "iputils-ping",
-]
+# Beyond the dev preset, what the workload tests run: node for a web server,
+# adduser for the postinst of the .deb they install.
+DEV_EXTRA = ["nodejs", "adduser"]
+_RECIPE = json.dumps([PRESETS["dev"].include, PRESETS["dev"].locales, DEV_EXTRA])
+DEV_CACHE = (
+    ROOT
+    / ".cache"
+    / "images"
+    / f"bookworm-dev-{hashlib.sha256(_RECIPE.encode()).hexdigest()[:12]}.tar.zst"
+)
 
 
 def dev_image_as(d: Daemon, name: str) -> str:
@@ -46,9 +41,7 @@ def dev_image_as(d: Daemon, name: str) -> str:
     if DEV_CACHE.is_file():
         job = d.call("image.import", name=name, path=str(DEV_CACHE))
     else:
-        job = d.call(
-            "image.build", name=name, suite="bookworm", variant="minbase", include=DEV_PACKAGES
-        )
+        job = d.call("image.build", name=name, suite="bookworm", preset="dev", include=DEV_EXTRA)
     done = wait_job(d, job, timeout=1800)
     if done["state"] != "done" and DEV_CACHE.is_file():
         DEV_CACHE.unlink()  # a stale or broken cache: build next time
@@ -61,10 +54,13 @@ def dev_image_as(d: Daemon, name: str) -> str:
             tmp.rename(DEV_CACHE)
         finally:
             tmp.unlink(missing_ok=True)
+        for old in DEV_CACHE.parent.glob("bookworm-dev*.tar.zst"):
+            if old != DEV_CACHE:
+                old.unlink(missing_ok=True)  # made from an older recipe
     return name
 
 
 @pytest.fixture(scope="session")
 def dev_image(pool_daemon: Daemon) -> str:
-    """Image ``dev`` on the session's pool daemon: bookworm minbase with build tools."""
+    """Image ``dev`` on the session's pool daemon: den's dev preset and DEV_EXTRA."""
     return dev_image_as(pool_daemon, DEV)
