@@ -105,10 +105,11 @@ def test_image_sftp_server_is_used_when_present(
     if not host_server.exists():
         pytest.skip("no OpenSSH sftp-server on this host to put into the image")
     ws = make_ws(alice, image=debian_image)
-    assert alice.ssh(ws, "mkdir -p /usr/lib/openssh").returncode == 0
-    res = alice.scp(str(host_server), f"{ws}@127.0.0.1:/usr/lib/openssh/sftp-server")
+    # Installing it takes root inside (the sessions below run in alice's own account).
+    assert alice.ssh(f"root+{ws}", "mkdir -p /usr/lib/openssh").returncode == 0
+    res = alice.scp(str(host_server), f"root+{ws}@127.0.0.1:/usr/lib/openssh/sftp-server")
     assert res.returncode == 0, res.stderr  # (served by den's own server: none in the image yet)
-    assert alice.ssh(ws, "chmod 755 /usr/lib/openssh/sftp-server").returncode == 0
+    assert alice.ssh(f"root+{ws}", "chmod 755 /usr/lib/openssh/sftp-server").returncode == 0
     f = tmp_path / "n.txt"
     f.write_text("native\n")
     res = alice.sftp(ws, f"put {f} /tmp/n.txt\n!true\nls -l /tmp/n.txt\n")

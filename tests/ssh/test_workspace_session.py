@@ -133,16 +133,17 @@ def test_suspended_workspace_resumes_and_stopped_starts(alice: Person, ws: str) 
 
 
 def test_debian_login_shell(alice: Person, debian_image: str) -> None:
+    """In the owner's own account (tests/ssh/test_own_user.py)."""
     name = make_ws(alice, image=debian_image)
     res = alice.ssh(name, "echo $0 $SHELL; cd; pwd")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["/bin/bash", "/bin/bash", "/root"]
+    assert res.stdout.split() == ["/bin/bash", "/bin/bash", f"/home/{alice.name}"]
     child = pexpect.spawn(
         "ssh", ["-tt", *alice.opts(), f"{name}@127.0.0.1"], encoding="utf-8", timeout=30
     )
     try:
         child.sendline("shopt -q login_shell && echo LOGIN-$PWD-$LANG")
-        child.expect("LOGIN-/root-C.UTF-8")
+        child.expect(f"LOGIN-/home/{alice.name}-C.UTF-8")
         child.sendline("exit")
         child.expect(pexpect.EOF)
     finally:
