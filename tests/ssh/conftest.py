@@ -17,9 +17,11 @@ import pytest
 from tests.conftest import Daemon, ssh_key
 from tests.storage.conftest import debian_image_as
 from tests.workspaces.conftest import Users, import_bb
+from tests.workspaces.escape.conftest import dev_image_as
 
 BB = "sshbb"
 DEB = "sshdeb"
+DEV = "sshdev"
 
 
 def ssh_port(d: Daemon) -> int:
@@ -137,6 +139,12 @@ def bb_image(pool_daemon: Daemon) -> str:
 def debian_image(pool_daemon: Daemon) -> str:
     """Debian bookworm minbase from the test cache (built when missing)."""
     return str(debian_image_as(pool_daemon, DEB)["name"])
+
+
+@pytest.fixture(scope="session")
+def dev_image(pool_daemon: Daemon) -> str:
+    """den's dev image (ssh, git, python3 inside), from the escape suite's cache."""
+    return dev_image_as(pool_daemon, DEV)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from den.app import App
     from den.rpc.registry import Caller
+    from den.ssh.agent import Forwarding
     from den.ssh.table import SshSession
 
 
@@ -21,6 +22,7 @@ class Link:
     server: tuple[str, int]
     fingerprint: str = ""  # of the key the connection logged in with
     revoked: bool = False  # the key or user is gone: nothing more runs for it
+    agent: Forwarding | None = None  # the client lends its agent (ssh -A)
 
     def count_in(self, n: int) -> None:
         self.session.bytes_in += n

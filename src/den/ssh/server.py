@@ -23,12 +23,13 @@ from sqlalchemy import select
 
 from den import tasks
 from den.db.models import AuditEvent, SshKey, User
-from den.ssh import hostkeys, quickack
+from den.ssh import agent, hostkeys, quickack
 from den.ssh.forward import open_tunnel
 from den.ssh.guard import DenialLog, FailureLimit
 from den.ssh.link import Link
 from den.ssh.session import WorkspaceSession
 from den.ssh.shell import DenShell, command
+from den.ssh.streamlocal import listen_remote, open_direct
 from den.ssh.table import SshSession
 from den.ssh.target import Denied, caller_of, resolve
 
@@ -105,6 +106,7 @@ class Gateway:
         self.denials = DenialLog(app.sessions)
         self.server: asyncssh.SSHAcceptor | None = None
         self.connections: set[Connection] = set()
+        self.agents = agent.Agents(app)
         self._unsubscribe = app.revocations.subscribe(self.revoked)
 
     def revoked(self, ev: Revoked) -> None:
@@ -153,6 +155,7 @@ class Gateway:
             await self.server.wait_closed()
         for c in list(self.connections):
             c.close()
+        self.agents.close()
         await asyncio.sleep(0)
         with contextlib.suppress(OSError):  # the console sockets' directory, when empty
             Path(f"/run/den/ssh{self.app.settings.instance}").rmdir()
@@ -239,6 +242,8 @@ class Connection(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gw.connections.discard(self)
+        if self.link is not None and self.link.agent is not None:
+            self.link.agent.close()
         if self.link is not None:
             self.gw.app.ssh_sessions.remove(self.link.session)
             log.info(
@@ -379,7 +384,17 @@ class Connection(asyncssh.SSHServer):
             return self.conn.create_server_channel(encoding="utf-8"), DeniedSession(self)
         if self.link.ref is None:
             return self.conn.create_server_channel(encoding="utf-8"), DenShell(self.link)
-        return self.conn.create_server_channel(encoding=None), WorkspaceSession(self.link)
+        chan = self.conn.create_server_channel(encoding=None)
+        agent.take_requests(chan, self._lend_agent)
+        return chan, WorkspaceSession(self.link)
+
+    def _lend_agent(self) -> bool:
+        """``ssh -A``: this connection's client consents to serve its agent."""
+        if self.link is None or self.conn is None or self.link.revoked:
+            return False
+        if self.link.agent is None:
+            self.link.agent = self.gw.agents.forwarding(self.conn, self.link)
+        return True
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
@@ -392,6 +407,29 @@ class Connection(asyncssh.SSHServer):
                 "forward through a workspace login: ssh -L PORT:localhost:PORT WORKSPACE@host",
             )
         return open_tunnel(self.link, dest_host, dest_port)
+
+    def _unix_refusal(self) -> str:
+        """Why this connection may not forward Unix sockets ("" if it may)."""
+        if self.link is None:
+            return self.denied
+        if self.link.ref is None:
+            return "forward Unix sockets through a workspace login: ssh -L L:/PATH WORKSPACE@host"
+        return ""
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        """``ssh -L LOCAL:/PATH``: a Unix socket inside the workspace."""
+        if why := self._unix_refusal():
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, why)
+        assert self.link is not None
+        return open_direct(self.link, self.login, dest_path)
+
+    def unix_server_requested(self, listen_path: str) -> Any:
+        """``ssh -R /PATH:LOCAL``: a Unix socket listening inside the workspace."""
+        if why := self._unix_refusal():
+            log.info("ssh -R %s refused: %s", listen_path[:200], why)
+            return False
+        assert self.link is not None and self.conn is not None
+        return listen_remote(self.link, self.conn, self.login, listen_path)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False

@@ -180,6 +180,10 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
             return await self._pipes(argv, stderr_to_log=True)
         args = [acct.shell, "-l"] if command is None else [acct.shell, "-c", command]
         env = self._env(acct)
+        if self.link.agent is not None:  # ssh -A: the workspace's stable agent socket
+            auth_sock = await self.link.agent.socket(self.ws, acct)
+            if auth_sock is not None:
+                env["SSH_AUTH_SOCK"] = auth_sock
         cid = backend.cid(self.ws.ws_id)
         if self.term is not None:
             return await self._pty(cid, args, env, acct)

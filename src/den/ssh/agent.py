@@ -1,0 +1,225 @@
+"""``ssh -A``: the client's agent at one stable socket inside the workspace.
+
+One socket per (workspace, den user), at ``/run/den-agent/USER.sock`` inside,
+made there (:func:`den.ssh.streamlocal.inside_socket`, so no workspace path is
+ever resolved on the host) when a session of a forwarding connection first
+needs it, and kept while at least one connection of that user to that
+workspace forwards its agent: IDEs open several connections, and a tmux
+server started in one outlives it. Each connection to the socket becomes an
+``auth-agent@openssh.com`` channel to the newest forwarding connection still
+open. The socket goes with the last of them, and with the container (its init
+exiting: a restarted workspace is a new mount namespace; the next forwarding
+session makes the socket again, at the same path).
+
+Consent is per connection: only a connection whose client asked
+(``auth-agent-req@openssh.com``, which ``ssh -A`` sends) is ever asked for
+keys, and only its sessions get ``SSH_AUTH_SOCK``. asyncssh would answer that
+request by making a listener of its own on the host (in /tmp); den answers it
+itself (:func:`take_requests`) and owns the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from den import tasks
+from den.errors import BackendFailure, DenError
+from den.ssh import streamlocal
+
+if TYPE_CHECKING:
+    from asyncssh.packet import SSHPacket
+
+    from den.app import App
+    from den.ssh.inside import Account
+    from den.ssh.link import Link
+    from den.ssh.target import Ready
+
+log = logging.getLogger(__name__)
+AGENT_DIR = "/run/den-agent"
+_serial = itertools.count()
+Key = tuple[str, str]  # (workspace id, den user name)
+
+
+def path_of(user: str) -> str:
+    """Where ``user``'s forwarded agent is inside a workspace."""
+    return f"{AGENT_DIR}/{user}.sock"
+
+
+def take_requests(chan: asyncssh.SSHServerChannel[Any], wanted: Callable[[], bool]) -> None:
+    """Answer the agent-forwarding requests of session ``chan`` with ``wanted()``
+    instead of asyncssh's own listener on the host."""
+
+    def handler(packet: SSHPacket) -> bool:
+        packet.check_end()
+        return wanted()
+
+    # asyncssh looks a channel request's handler up by this name on the channel.
+    setattr(chan, "_process_auth_agent_req_at_openssh_dot_com_request", handler)  # noqa: B010
+
+
+class Forwarding:
+    """One connection whose client lends its agent to the workspace."""
+
+    def __init__(self, agents: Agents, conn: asyncssh.SSHServerConnection, link: Link) -> None:
+        self.agents = agents
+        self.conn = conn
+        self.link = link
+        self.serial = next(_serial)  # newer connections are asked first
+        self.open = True
+        self.keys: set[Key] = set()
+
+    @property
+    def live(self) -> bool:
+        # A revoked key or user stops serving at once, before its connection is gone.
+        return self.open and not self.link.revoked
+
+    async def socket(self, ws: Ready, acct: Account) -> str | None:
+        """The workspace's agent socket for a session of this connection (made if
+        needed), or None when it cannot be had (the session runs without it)."""
+        return await self.agents.attach(self, ws, acct)
+
+    async def open_channel(self, factory: Callable[[], asyncssh.SSHUNIXSession[bytes]]) -> Any:
+        chan = self.conn.create_agent_channel()
+        return await chan.open(factory)
+
+    def close(self) -> None:
+        self.open = False
+        self.agents.detach(self)
+
+
+class _Socket:
+    """A listening agent socket in one workspace for one den user."""
+
+    def __init__(self, key: Key, path: str, owner: str, sock: socket.socket, pidfd: int) -> None:
+        self.key = key
+        self.path = path
+        self.owner = owner  # UID:GID inside the socket file belongs to
+        self.sock = sock
+        self.pidfd = pidfd  # of the container's init: readable once it exits
+        self.users: list[Forwarding] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def newest(self) -> Forwarding | None:
+        live = [f for f in self.users if f.live]
+        return max(live, key=lambda f: f.serial) if live else None
+
+
+class Agents:
+    """The agent sockets of every workspace, by (workspace, den user)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.sockets: dict[Key, _Socket] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
+
+    def forwarding(self, conn: asyncssh.SSHServerConnection, link: Link) -> Forwarding:
+        return Forwarding(self, conn, link)
+
+    async def attach(self, fwd: Forwarding, ws: Ready, acct: Account) -> str | None:
+        key = (ws.ws_id, fwd.link.caller.name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if not fwd.live:
+                return None
+            cur = self.sockets.get(key)
+            if cur is not None and cur.owner != acct.ids and acct.uid != 0:
+                self._drop(cur)  # made for root (a root+ login): the user's account needs its own
+                cur = None
+            if cur is None:
+                try:
+                    cur = await self._make(key, ws, acct)
+                except DenError as exc:
+                    log.warning("ssh agent socket for %s not made: %s", key, exc.message)
+                    return None
+            if not fwd.live:  # the connection ended while the socket was made
+                if not cur.users:
+                    self._drop(cur)
+                return None
+            if fwd not in cur.users:
+                cur.users.append(fwd)
+                fwd.keys.add(key)
+            return cur.path
+
+    async def _make(self, key: Key, ws: Ready, acct: Account) -> _Socket:
+        backend = self.app.backend
+        cid = backend.cid(ws.ws_id)
+        init = backend.crun.init_process(cid)
+        pidfd = os.pidfd_open(init[0]) if init is not None else -1
+        try:
+            # The pidfd is of that init only if the pid was not reused meanwhile.
+            if init is None or backend.crun.init_process(cid) != init:
+                raise BackendFailure("the workspace has no running init")
+            path = path_of(key[1])
+            sock = await streamlocal.inside_socket(
+                self.app,
+                ws,
+                "0:0",  # /run is root's inside; the socket file is then the account's
+                "listen",
+                path,
+                owner=acct.ids,
+                replace=True,
+                make_parent=True,
+            )
+        except BaseException:
+            if pidfd >= 0:
+                os.close(pidfd)
+            raise
+        made = _Socket(key, path, acct.ids, sock, pidfd)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(pidfd, self._drop, made)
+        made.task = tasks.spawn(
+            streamlocal.serve(sock, lambda conn: self._accepted(made, conn), path),
+            name="ssh-agent-listener",
+        )
+        self.sockets[key] = made
+        log.info("ssh agent socket made", extra={"ctx": {"workspace": key[0], "user": key[1]}})
+        return made
+
+    def _accepted(self, owner: _Socket, conn: socket.socket) -> None:
+        fwd = owner.newest()
+        if fwd is None:  # nobody lends an agent right now: serve nothing
+            conn.close()
+            return
+        tasks.spawn(
+            streamlocal.relay_out(fwd.link, owner.key[0], conn, fwd.open_channel),
+            name="ssh-agent-relay",
+        )
+
+    def detach(self, fwd: Forwarding) -> None:
+        for key in fwd.keys:
+            cur = self.sockets.get(key)
+            if cur is None:
+                continue
+            with contextlib.suppress(ValueError):
+                cur.users.remove(fwd)
+            if not cur.users:
+                self._drop(cur)
+        fwd.keys.clear()
+
+    def _drop(self, cur: _Socket) -> None:
+        """Stop listening (the last forwarding connection closed, or the container
+        is gone). The file stays inside, refusing connections, until the next
+        socket replaces it."""
+        if self.sockets.get(cur.key) is cur:
+            del self.sockets[cur.key]
+        if cur.pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(cur.pidfd)
+            os.close(cur.pidfd)
+            cur.pidfd = -1
+        if cur.task is not None:
+            cur.task.cancel()
+            cur.task = None
+        cur.sock.close()
+
+    def close(self) -> None:
+        for cur in list(self.sockets.values()):
+            self._drop(cur)
