@@ -7,9 +7,13 @@ needs it, and kept while at least one connection of that user to that
 workspace forwards its agent: IDEs open several connections, and a tmux
 server started in one outlives it. Each connection to the socket becomes an
 ``auth-agent@openssh.com`` channel to the newest forwarding connection still
-open. The socket goes with the last of them, and with the container (its init
-exiting: a restarted workspace is a new mount namespace; the next forwarding
-session makes the socket again, at the same path).
+open. With none open it serves nothing (a connection to it is closed at
+once); it goes LINGER seconds after the last of them closed, so that the
+next ``ssh -A`` (a reconnecting IDE, one command after another) finds it
+without starting a worker, which would double the time of a short command.
+It goes at once with the container (its init exiting: a restarted workspace
+is a new mount namespace; the next forwarding session makes the socket again,
+at the same path).
 
 Consent is per connection: only a connection whose client asked
 (``auth-agent-req@openssh.com``, which ``ssh -A`` sends) is ever asked for
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 AGENT_DIR = "/run/den-agent"
+LINGER = 300.0  # seconds an agent socket nobody forwards to stays (serving nothing)
 _serial = itertools.count()
 Key = tuple[str, str]  # (workspace id, den user name)
 
@@ -107,6 +112,7 @@ class _Socket:
         self.pidfd = pidfd  # of the container's init: readable once it exits
         self.users: list[Forwarding] = []
         self.task: asyncio.Task[None] | None = None
+        self.expiry: asyncio.TimerHandle | None = None  # set while nobody forwards
 
     def newest(self) -> Forwarding | None:
         live = [f for f in self.users if f.live]
@@ -141,12 +147,14 @@ class Agents:
                     log.warning("ssh agent socket for %s not made: %s", key, exc.message)
                     return None
             if not fwd.live:  # the connection ended while the socket was made
-                if not cur.users:
-                    self._drop(cur)
+                self._idle(cur)
                 return None
             if fwd not in cur.users:
                 cur.users.append(fwd)
                 fwd.keys.add(key)
+            if cur.expiry is not None:
+                cur.expiry.cancel()
+                cur.expiry = None
             return cur.path
 
     async def _make(self, key: Key, ws: Ready, acct: Account) -> _Socket:
@@ -201,14 +209,21 @@ class Agents:
                 continue
             with contextlib.suppress(ValueError):
                 cur.users.remove(fwd)
-            if not cur.users:
-                self._drop(cur)
+            self._idle(cur)
         fwd.keys.clear()
 
+    def _idle(self, cur: _Socket) -> None:
+        """Nobody forwards to ``cur`` any more: it goes in LINGER seconds unless one does."""
+        if not cur.users and cur.expiry is None:
+            cur.expiry = asyncio.get_running_loop().call_later(LINGER, self._drop, cur)
+
     def _drop(self, cur: _Socket) -> None:
-        """Stop listening (the last forwarding connection closed, or the container
-        is gone). The file stays inside, refusing connections, until the next
+        """Stop listening (nobody forwarded for LINGER seconds, or the container is
+        gone). The file stays inside, refusing connections, until the next
         socket replaces it."""
+        if cur.expiry is not None:
+            cur.expiry.cancel()
+            cur.expiry = None
         if self.sockets.get(cur.key) is cur:
             del self.sockets[cur.key]
         if cur.pidfd >= 0:

@@ -22,9 +22,8 @@ import json
 import os
 import sys
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 NAMESPACES = (
@@ -80,8 +79,7 @@ class _CapData(ctypes.Structure):
     ]
 
 
-@dataclass(frozen=True)
-class Confinement:
+class Confinement(NamedTuple):
     """What a process of the workspace runs under, from den's bundle of it."""
 
     capabilities: tuple[str, ...]  # root's (the bounding set); other users get none
