@@ -20,9 +20,13 @@ _KV_SECRET_RE = re.compile(
     r"((?:password|passphrase|secret|token|authorization)[\"']?\s*[:=]\s*[\"']?)([^\s\"',}]+)", re.I
 )
 
+# Credentials in a URL: an http(s) user part (often a token) and any password.
+_URL_CRED_RE = re.compile(r"(?i)\b(https?://|[a-z][a-z0-9+.-]*://[^\s/@:]*:)[^\s/@]*@")
+
 
 def redact_text(text: str) -> str:
     text = _TOKEN_RE.sub("den_***", text)
+    text = _URL_CRED_RE.sub(r"\1***@", text)
     return _KV_SECRET_RE.sub(r"\1***", text)
 
 

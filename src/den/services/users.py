@@ -14,6 +14,7 @@ from den.db.models import SshKey, User, Workspace
 from den.errors import Conflict, Forbidden, InvalidParams
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
 from den.services.common import Name, UserName, find_user
+from den.services.dotfiles import DotfilesUrl, shown
 from den.services.keys import TAKEN, parse_public_key
 from den.services.quotas import QUOTAS, defaulted, effective_quotas
 from den.services.revocation import Revoked
@@ -42,6 +43,9 @@ class UserOut(BaseModel):
     role: str
     display_name: str
     email: str
+    dotfiles_url: Annotated[str, AfterValidator(shown)] = Field(
+        "", description="Dotfiles repository of new workspaces, credentials masked."
+    )
     account: str
     uid: int | None
     subuid_start: int | None
@@ -101,6 +105,7 @@ class UserCreate(_Quotas, _Named):
     )
     display_name: str = Field("", max_length=200, description="Full name shown in listings.")
     email: Email = Field("", description="Email address git commits with in the workspaces.")
+    dotfiles: DotfilesUrl = Field("", description="Dotfiles repository of new workspaces.")
     keys: Annotated[list[str], CliOpt(flags=("--key",), read_file=True)] = Field(
         default_factory=list, max_length=100, description="OpenSSH public keys of the user."
     )
@@ -114,6 +119,9 @@ class UserUpdate(_Quotas, _Named):
     role: Role | None = Field(None, description="New role (admins only).")
     display_name: str | None = Field(None, max_length=200, description="New display name.")
     email: Email | None = Field(None, description="New email address (empty: none).")
+    dotfiles: DotfilesUrl | None = Field(
+        None, description="Dotfiles repository of new workspaces (empty: none)."
+    )
 
 
 async def _key_count(ctx: Context, user_id: int) -> int:
@@ -139,6 +147,7 @@ async def user_create(ctx: Context, p: UserCreate) -> UserOut:
         role=p.role,
         display_name=p.display_name,
         email=p.email,
+        dotfiles_url=p.dotfiles,
         account=account_name,
         max_workspaces=p.max_workspaces,
         max_cpu=p.max_cpu,
@@ -218,6 +227,8 @@ async def user_update(ctx: Context, p: UserUpdate) -> UserOut:
         user.display_name = p.display_name
     if p.email is not None:
         user.email = p.email
+    if p.dotfiles is not None:
+        user.dotfiles_url = p.dotfiles
     for f in QUOTAS:
         if f in changing:
             setattr(user, f, getattr(p, f))

@@ -23,8 +23,9 @@ from den.errors import BackendFailure, Conflict, DenError, InvalidParams, NotFou
 from den.log import timed
 from den.net import ipam
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
-from den.services import account
+from den.services import account, dotfiles
 from den.services.common import Name, find_user, release_db, user_or_self
+from den.services.dotfiles import DotfilesUrl
 from den.services.quotas import (
     apply_disk_limit,
     check_quota,
@@ -73,6 +74,9 @@ class WorkspaceOut(BaseModel):
     created_at: datetime
     last_activity_at: datetime | None
     last_activity_kind: str
+    dotfiles_url: str = Field("", description="Dotfiles repository, credentials masked.")
+    dotfiles_state: str = Field("", description="running, ok or failed ('': none).")
+    dotfiles_log: str | None = Field(None, description="Tail of the dotfiles' output (den show).")
 
 
 def ws_out(ws: Workspace, owner: str) -> WorkspaceOut:
@@ -93,6 +97,7 @@ def ws_out(ws: Workspace, owner: str) -> WorkspaceOut:
         created_at=ws.created_at,
         last_activity_at=ws.last_activity_at,
         last_activity_kind=ws.last_activity_kind,
+        **dotfiles.summary(ws),
     )
 
 
@@ -180,6 +185,9 @@ class WsCreate(Params):
     pids: int | None = Field(None, description="Most processes at once.")
     disk: str | None = Field(
         None, max_length=16, description="Disk limit, e.g. 10G (default: default_disk)."
+    )
+    dotfiles: DotfilesUrl | None = Field(
+        None, description="Dotfiles repository to install (default: the owner's; '': none)."
     )
 
 
@@ -334,6 +342,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
 
     await materialize(ctx, ws, owner, storage)
     await account.setup_owner(ctx, ws, owner)  # the owner's own user inside
+    await dotfiles.start_at_create(ctx, ws, owner, p.dotfiles)  # in the background
     return ws_out(ws, owner.name)
 
 
@@ -374,7 +383,9 @@ async def workspace_list(ctx: Context, p: WsList) -> list[WorkspaceOut]:
 async def workspace_get(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Show one workspace: state, address, image, resources, activity."""
     ws, owner = await find_workspace(ctx, p.ref, deleting=True)
-    return ws_out(ws, owner.name)
+    out = ws_out(ws, owner.name)
+    out.dotfiles_log = dotfiles.log_of(ws, out.ref) if ws.dotfiles_state else None
+    return out
 
 
 @method("workspace.rename", right=Right.write, cli=Cli("rename"))
