@@ -9,6 +9,8 @@ sessions), ``shell`` and ``stdio`` (the den shell: the generated CLI run
 in-process), ``session`` (a shell or command inside a workspace), ``relay``
 (fds to channels), ``inside`` (the workspace's accounts), ``sftp``,
 ``sftp_worker``, ``sftp_server`` and ``sftp_wire`` (the sftp subsystem,
-served from inside the workspace), ``forward`` (``ssh -L``), ``info``
+served from inside the workspace), ``forward`` (``ssh -L``), ``agent``
+(``ssh -A``), ``streamlocal`` (Unix sockets both ways), ``socket_worker`` and
+``join`` (workers that make sockets inside a workspace; how workers join it), ``info``
 (``den info``, ``den ssh-config``).
 """
