@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -24,7 +25,7 @@ import pytest
 from tests.conftest import Daemon
 from tests.helpers.outside import outside_host
 from tests.storage.conftest import wait_job
-from tests.workspaces.conftest import Users, create, invalid, ok, sh
+from tests.workspaces.conftest import Users, create, invalid, ok, sh, wait_for
 
 # The escape suite's dev image (it has git); its fixture is imported, so the
 # parameters of that name below are not redefinitions.
@@ -40,6 +41,10 @@ echo marker > "$HOME/.den-dotfiles-marker"
 FAILING = """#!/bin/sh
 echo "about to fail"
 exit 3
+"""
+SLOW = """#!/bin/sh
+touch "$HOME/.den-dotfiles-started"
+exec sleep 300
 """
 
 
@@ -91,6 +96,7 @@ def server() -> Iterator[Server]:
             },
         )
         _bare(root, "failing", {"install.sh": (FAILING, 0o755)})
+        _bare(root, "slow", {"install.sh": (SLOW, 0o755)})
         with outside_host() as host:
             port = 8080  # the outside host is the test's own
             argv = ["/usr/bin/python3", "-m", "http.server", "--bind", host.address]
@@ -194,6 +200,8 @@ def test_user_default_links_dotfiles_and_runs_again(
         assert "moved the existing ~/.bashrc" in shown["dotfiles_log"]
     # ... and `den dotfiles` runs them again: an update of the clone, links kept
     job = d.call("workspace.dotfiles", ref=ref)
+    busy = d.error("workspace.dotfiles", ref=ref)  # one run at a time
+    assert busy.code == -32002 and job["id"] in busy.message, busy
     assert wait_job(d, job, timeout=120)["state"] == "done"
     again = settled(d, ref)
     assert again["dotfiles_state"] == "ok" and "updating" in again["dotfiles_log"], again
@@ -230,6 +238,32 @@ def test_failures_leave_the_workspace_running(
     job = d.call("workspace.dotfiles", ref=ws["ref"], url=server.url("install"))
     assert wait_job(d, job, timeout=120)["state"] == "done"
     assert settled(d, ws["ref"])["dotfiles_state"] == "ok"
+
+
+def test_a_run_the_daemon_lost_shows_failed(
+    pool_daemon: Daemon, dev_image: str, users: Users, server: Server
+) -> None:
+    d = pool_daemon
+    owner = users.make()
+    ws = create(d, owner, "slow", image=dev_image, dotfiles=server.url("slow"))
+    ref, home = ws["ref"], f"/home/{owner}"
+    started = f"test -e {home}/.den-dotfiles-started"
+    assert wait_for(lambda: sh(d, ref, started, user="root")["exit_code"] == 0, timeout=60)
+    assert d.call("workspace.get", ref=ref)["dotfiles_state"] == "running"
+    d.stop(signal.SIGKILL)  # no chance to record anything
+    d.start()
+    shown = d.call("workspace.get", ref=ref)
+    assert shown["dotfiles_state"] == "failed", shown
+    assert "daemon stopped" in shown["dotfiles_log"], shown
+    assert f"den dotfiles {ref}" in shown["dotfiles_log"], shown
+    # another repository: the clone of the first is moved aside, not mixed in
+    job = d.call("workspace.dotfiles", ref=ref, url=server.url("install"))
+    assert wait_job(d, job, timeout=120)["state"] == "done"
+    shown = settled(d, ref)
+    assert shown["dotfiles_state"] == "ok", shown
+    assert "moved the existing ~/.dotfiles" in shown["dotfiles_log"], shown
+    ok(d, ref, f"test -x {home}/.dotfiles-backup/.dotfiles/install.sh", user="root")
+    ok(d, ref, f"test -e {home}/.den-dotfiles-marker", user="root")
 
 
 def test_image_without_git(

@@ -5,8 +5,9 @@ repository; ``den new NAME --dotfiles URL`` gives one workspace its own (an
 empty URL: none). Once the workspace runs, a background job (``den job ls``)
 runs one script inside it, as the account sessions land in, with a timeout:
 
-1. ``git clone URL ~/.dotfiles`` (or, when that is a checkout already, a
-   fast-forward pull of it);
+1. ``git clone URL ~/.dotfiles``; when that is a clone of the same URL
+   already, a fast-forward pull of it instead; anything else there is moved
+   to ``~/.dotfiles-backup/`` first;
 2. the first of ``install.sh``, ``bootstrap.sh``, ``setup.sh`` that the
    repository has, run in the clone (directly when executable, else with
    ``sh``);
@@ -125,6 +126,7 @@ DotfilesUrl = Annotated[
 # Workspace id -> the job running its dotfiles now (a job lives in this daemon's memory).
 _running: dict[str, Job] = {}
 _INTERRUPTED = "den: the daemon stopped before the dotfiles were done"
+_STOPPED = "den: stopped before the end (den job cancel, or the daemon stopping)"
 
 
 def state_of(ws: Workspace) -> str:
@@ -170,18 +172,22 @@ exit "$rc"
 _STEPS = r"""
 set -u
 dir="$HOME/.dotfiles"
+keep() {  # move $1 (in the home) aside, never overwriting an earlier one
+  mkdir -p "$HOME/.dotfiles-backup" || exit 1
+  to="$HOME/.dotfiles-backup/${1##*/}" n=1
+  while [ -e "$to" ] || [ -L "$to" ]; do to="$HOME/.dotfiles-backup/${1##*/}.$n"; n=$((n+1)); done
+  mv "$1" "$to" || exit 1
+  echo "den: moved the existing ~/${1##*/} to $to"
+}
 if ! command -v git >/dev/null 2>&1; then
   echo "den: git is not installed in this workspace (its image has none): install git, then run den dotfiles again"
   exit 127
 fi
-if [ -d "$dir/.git" ]; then
+if [ -d "$dir/.git" ] && [ "$(git -C "$dir" remote get-url origin 2>/dev/null)" = "$DEN_DOTFILES_URL" ]; then
   echo "den: updating $dir from $DEN_DOTFILES_SHOWN"
-  git -C "$dir" remote set-url origin "$DEN_DOTFILES_URL" || exit $?
   git -C "$dir" pull --ff-only || exit $?
-elif [ -e "$dir" ] || [ -L "$dir" ]; then
-  echo "den: $dir exists and is not a git checkout: move it away, then run den dotfiles again"
-  exit 1
 else
+  if [ -e "$dir" ] || [ -L "$dir" ]; then keep "$dir"; fi
   echo "den: cloning $DEN_DOTFILES_SHOWN into $dir"
   git clone -- "$DEN_DOTFILES_URL" "$dir" || exit $?
 fi
@@ -201,14 +207,7 @@ for f in .[!.]* ..?*; do
   case "$f" in .git|.github|.gitmodules) continue ;; esac
   target="$HOME/$f"
   [ -L "$target" ] && [ "$(readlink "$target")" = "$dir/$f" ] && continue
-  if [ -e "$target" ] || [ -L "$target" ]; then
-    mkdir -p "$HOME/.dotfiles-backup" || exit 1
-    keep="$HOME/.dotfiles-backup/$f"
-    n=1
-    while [ -e "$keep" ] || [ -L "$keep" ]; do keep="$HOME/.dotfiles-backup/$f.$n"; n=$((n+1)); done
-    mv "$target" "$keep" || exit 1
-    echo "den: moved the existing ~/$f to $keep"
-  fi
+  if [ -e "$target" ] || [ -L "$target" ]; then keep "$target"; fi
   ln -s "$dir/$f" "$target" || exit 1
   echo "den: linked ~/$f"
 done
@@ -278,7 +277,7 @@ async def _outcome(app: App, ws_id: str, url: str) -> tuple[str, str]:
     try:
         state, text = await _install(app, ws_id)
     except asyncio.CancelledError:
-        await asyncio.shield(_record(app, ws_id, "failed", "den: cancelled"))
+        await asyncio.shield(_record(app, ws_id, "failed", _STOPPED))
         raise
     except DenError as exc:
         state, text = "failed", f"den: {exc.message}"
@@ -358,5 +357,5 @@ async def workspace_dotfiles(ctx: Context, p: DotfilesRun) -> JobOut:
             f"set {owner.name}'s default with `den user set {owner.name} --dotfiles URL`",
             field="url",
         )
-    await ensure_running(ctx, ws, owner, "dotfiles")
+    await ensure_running(ctx, ws, owner, "exec")
     return (await launch(ctx, ws, owner, url)).out()
