@@ -143,8 +143,9 @@ class Agents:
             if cur is None:
                 try:
                     cur = await self._make(key, ws, acct)
-                except DenError as exc:
-                    log.warning("ssh agent socket for %s not made: %s", key, exc.message)
+                except (DenError, OSError) as exc:  # the session runs without it
+                    why = exc.message if isinstance(exc, DenError) else str(exc)
+                    log.warning("ssh agent socket for %s not made: %s", key, why)
                     return None
             if not fwd.live:  # the connection ended while the socket was made
                 self._idle(cur)
