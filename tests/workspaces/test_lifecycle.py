@@ -53,6 +53,9 @@ FIELDS = {
     "created_at",
     "last_activity_at",
     "last_activity_kind",
+    "dotfiles_url",
+    "dotfiles_state",
+    "dotfiles_log",
 }
 
 
