@@ -581,7 +581,8 @@ def _served_repo(d: Daemon, scratch: Path, url: str, shared: list[str]) -> tuple
 
 
 def _exec(d: Daemon, ref: str, script: str, user: str | None = None) -> str:
-    params = {"ref": ref, "argv": ["sh", "-c", script], "timeout": 60}
+    """``script`` as root inside (the shared tree's repositories are root's there)."""
+    params = {"ref": ref, "argv": ["sh", "-c", script], "timeout": 60, "user": "root"}
     res = (
         d.call_as(user, "workspace.exec", params)["result"]
         if user

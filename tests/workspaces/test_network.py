@@ -273,6 +273,7 @@ def test_debian_apt_get_and_ping(
             "apt-get -qq update && DEBIAN_FRONTEND=noninteractive "
             "apt-get -qq install -y --no-install-recommends iputils-ping",
             timeout=300,
+            user="root",
         )
         assert res["exit_code"] == 0, res
         assert ok(d, ws["ref"], "ping -c 1 -W 2 127.0.0.1 >/dev/null && echo pong") == "pong\n"

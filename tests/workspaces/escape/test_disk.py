@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,13 @@ import pytest
 
 from tests.conftest import Daemon
 from tests.storage.conftest import debian_image_as
-from tests.workspaces.conftest import Users, create, make_users, ok, own_daemon, sh, wait_for
+from tests.workspaces import conftest as wsc
+from tests.workspaces.conftest import Users, create, make_users, own_daemon, wait_for
+
+# The escape suite acts as root inside, the most a workspace has (exec's default
+# is the owner's own account).
+ok = partial(wsc.ok, user="root")
+sh = partial(wsc.sh, user="root")
 
 LIMIT = "128M"
 MIB = 1 << 20

@@ -17,10 +17,17 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from tests.conftest import ROOT, Daemon
-from tests.workspaces.conftest import Users, create, init_pid, ok, sh
+from tests.workspaces import conftest as wsc
+from tests.workspaces.conftest import Users, create, init_pid
+
+# The escape suite acts as root inside, the most a workspace has (exec's default
+# is the owner's own account).
+ok = partial(wsc.ok, user="root")
+sh = partial(wsc.sh, user="root")
 
 STDLIB = f"/usr/lib/python{sys.version_info.major}.{sys.version_info.minor}"
 MARKER = "/tmp/codec-ran"

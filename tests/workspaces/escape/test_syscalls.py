@@ -14,6 +14,7 @@ import json
 import platform
 import secrets
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,13 @@ import pytest
 
 from den.backends import seccomp
 from tests.conftest import Daemon
-from tests.workspaces.conftest import BB, create, make_users, own_daemon, run, sh
+from tests.workspaces import conftest as wsc
+from tests.workspaces.conftest import BB, create, make_users, own_daemon
+
+# The escape suite acts as root inside, the most a workspace has (exec's default
+# is the owner's own account).
+run = partial(wsc.run, user="root")
+sh = partial(wsc.sh, user="root")
 
 pytestmark = pytest.mark.skipif(
     platform.machine() != "x86_64", reason="syscall numbers below are x86_64's"

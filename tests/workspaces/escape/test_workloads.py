@@ -35,13 +35,28 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import Daemon
-from tests.workspaces.conftest import create, detach, make_users, ok, run, sh, wait_for
+from tests.workspaces import conftest as wsc
+from tests.workspaces.conftest import create, make_users, wait_for
+
+# The escape suite acts as root inside, the most a workspace has (exec's default
+# is the owner's own account).
+ok = partial(wsc.ok, user="root")
+run = partial(wsc.run, user="root")
+sh = partial(wsc.sh, user="root")
+
+
+def detach(d: Daemon, ref: str, script: str) -> None:
+    """:func:`tests.workspaces.conftest.detach`, as root."""
+    inner = script.replace("'", "'\"'\"'")
+    ok(d, ref, f"setsid sh -c '{inner}' </dev/null >/dev/null 2>&1 &")
+
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +71,15 @@ class Ws:
 
 @pytest.fixture(scope="module")
 def ws(pool_daemon: Daemon, dev_image: str) -> Iterator[Ws]:
-    """One dev workspace for the module, with a normal user ``alice`` (uid 1000)."""
+    """One dev workspace for the module, with a normal user ``alice`` (uid 1001; 1000 is
+    the owner's own account)."""
     with make_users(pool_daemon) as users:
         owner = users.make()
         made = create(pool_daemon, owner, f"wl{secrets.token_hex(3)}", image=dev_image)
         w = Ws(ref=f"{owner}/{made['name']}", address=str(made["address"]))
         # The image has no user of its own: a developer's account, as an
         # image's setup script would make it.
-        ok(pool_daemon, w.ref, f"useradd -m -u 1000 -s /bin/bash {DEV_USER}")
+        ok(pool_daemon, w.ref, f"useradd -m -u 1001 -s /bin/bash {DEV_USER}")
         yield w
 
 
@@ -252,7 +268,7 @@ def test_pip_install_of_a_local_wheel_into_a_venv(pool_daemon: Daemon, ws: Ws) -
         timeout=180,
     )
     assert f"Successfully installed {WHEEL_PKG}-1.0" in out, out
-    assert out.strip().endswith("wheel says hi to 1000"), out
+    assert out.strip().endswith("wheel says hi to 1001"), out
     listed = as_dev(d, ws.ref, "venv/bin/pip list --format=freeze")
     assert f"{WHEEL_PKG}==1.0" in listed.split(), listed
 
@@ -383,7 +399,7 @@ def test_sudo_for_a_normal_user(pool_daemon: Daemon, ws: Ws) -> None:
     d = pool_daemon
     put(d, ws.ref, f"/etc/sudoers.d/{DEV_USER}", f"{DEV_USER} ALL=(ALL) NOPASSWD: ALL\n".encode())
     ok(d, ws.ref, f"chmod 0440 /etc/sudoers.d/{DEV_USER}")
-    assert as_dev(d, ws.ref, "id -u").strip() == "1000"
+    assert as_dev(d, ws.ref, "id -u").strip() == "1001"
     # sudo is setuid root: this works only while no_new_privs stays off.
     assert as_dev(d, ws.ref, "grep NoNewPrivs /proc/self/status").split() == ["NoNewPrivs:", "0"]
     assert as_dev(d, ws.ref, "sudo -n id -u").strip() == "0"
