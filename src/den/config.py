@@ -75,6 +75,22 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds over which failed ssh logins are counted, and a block lasts.",
     )
+    ssh_accept_env: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Environment variables an ssh client may set in a session besides LANG "
+        "and LC_*, as OpenSSH's AcceptEnv: names or globs (GIT_*); others are ignored.",
+    )
+
+    @field_validator("ssh_accept_env")
+    @classmethod
+    def _env_patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            chars_ok = all(c.isascii() and (c.isalnum() or c in "_*?") for c in p)
+            if not 0 < len(p) <= 128 or not chars_ok:
+                raise ValueError(f"{p!r} is not a variable name or glob (letters, digits, _ * ?)")
+        return v
+
     api_max_auth_failures: int = Field(
         20,
         ge=1,

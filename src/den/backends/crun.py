@@ -293,6 +293,7 @@ class Crun:
         user: str,
         pid_file: Path,
         console_socket: Path | None = None,
+        detach: bool = False,
     ) -> list[str]:
         """The command line of ``crun exec`` for a caller that streams the process.
 
@@ -312,6 +313,8 @@ class Crun:
         cmd = [*self._base(), "exec", "--pid-file", str(pid_file)]
         if console_socket is not None:
             cmd += ["--console-socket", str(console_socket)]
+        if detach:  # crun returns once the process runs (see den.ssh.reaper)
+            cmd.append("--detach")
         return [*cmd, "--process", f"/proc/{os.getpid()}/fd/{fd}", cid]
 
     def ids(self, prefix: str) -> list[str]:

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from den import tasks
 from den.db.models import AuditEvent, SshKey, User
-from den.ssh import agent, hostkeys, quickack
+from den.ssh import agent, hostkeys, quickack, remote, surface
 from den.ssh.forward import open_tunnel
 from den.ssh.guard import DenialLog, FailureLimit
 from den.ssh.link import Link
@@ -386,6 +386,7 @@ class Connection(asyncssh.SSHServer):
             return self.conn.create_server_channel(encoding="utf-8"), DenShell(self.link)
         chan = self.conn.create_server_channel(encoding=None)
         agent.take_requests(chan, self._lend_agent)
+        surface.refuse_x11(chan)
         return chan, WorkspaceSession(self.link)
 
     def _lend_agent(self) -> bool:
@@ -431,8 +432,13 @@ class Connection(asyncssh.SSHServer):
         assert self.link is not None and self.conn is not None
         return listen_remote(self.link, self.conn, self.login, listen_path)
 
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        return False
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        """``ssh -R [HOST:]PORT:...``: a listener inside the workspace."""
+        assert self.conn is not None
+        if self.link is None or self.link.ref is None:
+            why = self.denied if self.link is None else remote.WORKSPACE_ONLY
+            return remote.refuse_outside(self.conn, listen_port, why)
+        return remote.listen(self.link, self.conn, self.login, listen_host, listen_port)
 
 
 class DeniedSession(asyncssh.SSHServerSession[str]):

@@ -3,8 +3,9 @@
 The process is ``crun exec`` into the workspace's container: with a PTY its
 terminal master comes back over a console socket and is relayed to the
 channel (window changes become TIOCSWINSZ); without one, stdin, stdout and
-stderr are three pipes kept apart. The exit status of the process is the
-channel's (128+N when signal N ended it).
+stderr are three pipes kept apart. crun runs detached under den's small
+subreaper (den.ssh.reaper), so the channel ends as the process did: its exit
+status, or ``exit-signal`` when a signal killed it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -32,7 +32,7 @@ from den.backends.bundle import PATH
 from den.backends.crun import pidfd_of_child, signal_child, signal_exec
 from den.errors import BackendFailure, DenError
 from den.services.account import ROOT, login_account
-from den.ssh import inside, sftp
+from den.ssh import inside, reaper, sftp, surface
 from den.ssh.relay import FdReader, FdWriter, receive_fd
 from den.ssh.target import Ready, as_root, ready
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from den.ssh.link import Link
 
 log = logging.getLogger(__name__)
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 DRAIN_SECONDS = 2.0
 F_SETPIPE_SZ = 1031
 # crun and den's sftp worker get none of the daemon's environment.
@@ -162,7 +161,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
                 os.close(self.proc_fd)
                 self.proc_fd = None
         if not self.closed:
-            self.chan.exit(rc)
+            surface.send_exit(self.chan, rc)
 
     def _say(self, text: str) -> None:
         if self.chan is not None and not self.closed:
@@ -188,9 +187,9 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         if self.term is not None:
             return await self._pty(cid, args, env, acct)
         argv = backend.crun.exec_argv(
-            cid, args, env=env, cwd=acct.home, user=acct.ids, pid_file=self.pid_file
+            cid, args, env=env, cwd=acct.home, user=acct.ids, pid_file=self.pid_file, detach=True
         )
-        return await self._pipes(argv)
+        return await self._pipes(reaper.wrap(self.pid_file, argv))
 
     def _env(self, acct: inside.Account) -> dict[str, str]:
         assert self.chan is not None
@@ -202,8 +201,9 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
             "SHELL": acct.shell,
             "LANG": "C.UTF-8",
         }
+        allowed = self.link.app.settings.ssh_accept_env
         for k, v in self.chan.get_environment().items():
-            if ENV_NAME.fullmatch(k) and "\0" not in v:
+            if surface.accept_env(k, v, allowed):
                 env[k] = v
         if self.term is not None:
             env["TERM"] = self.term
@@ -294,9 +294,10 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
                 user=acct.ids,
                 pid_file=self.pid_file,
                 console_socket=path,
+                detach=True,
             )
             proc = self.proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *reaper.wrap(self.pid_file, argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
