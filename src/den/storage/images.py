@@ -327,6 +327,9 @@ def _close_cache_view(shared: Path, view: Path) -> int:
                 new += 1
             except FileExistsError:
                 pass
+            except OSError as exc:  # the build is fine; only the next one downloads again
+                log.warning("cannot keep packages in the package cache %s: %s", shared, exc)
+                break
     shutil.rmtree(view, ignore_errors=True)
     return new
 
@@ -435,7 +438,10 @@ async def build(
             finally:
                 # Kept even when the build failed: what was fetched need not be again.
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(asyncio.to_thread(_close_cache_view, cache_dir, view))
+                    kept = await asyncio.shield(
+                        asyncio.to_thread(_close_cache_view, cache_dir, view)
+                    )
+                    log.debug("image %s: %d new packages kept in %s", name, kept, cache_dir)
         if locales:
             await _gen_locales(target, locales, progress)
 
