@@ -126,6 +126,34 @@ def test_remote_forward_serves_a_port_inside(alice: Person, ws: str, reply: Serv
     assert alice.ssh(ws, "echo x | nc 127.0.0.1 7000").stdout == ""
 
 
+# Connects and writes in one go, then reads the reply (no wait in between).
+AT_ONCE = """
+import socket, sys
+for i in range(10):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    s.sendall(b"hi%d\\n" % i)
+    print(s.makefile("rb").readline().decode().strip())
+"""
+
+
+def test_bytes_sent_at_once_on_connect_are_kept(
+    alice: Person, dev_image: str, reply: Server
+) -> None:
+    """A client inside that writes the moment it connects (before den has the
+    client's channel open) loses nothing: the first read is held, not dropped."""
+    ws = make_ws(alice, dev_image)
+    out = alice.ssh(
+        ws,
+        "python3",
+        "-",
+        "7002",
+        input=AT_ONCE,
+        args=("-o", "ExitOnForwardFailure=yes", "-R", f"7002:127.0.0.1:{reply.port}"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"echo:hi{i}" for i in range(10)], out
+
+
 def test_port_zero_is_allocated_and_reported(alice: Person, ws: str, reply: Server) -> None:
     fwd = forward(alice, ws, f"0:127.0.0.1:{reply.port}", "-o", "LogLevel=INFO")
     try:

@@ -90,11 +90,14 @@ class _Tcp(asyncio.Protocol):
         self.fwd = fwd
         self.transport: asyncio.Transport | None = None
         self.ssh: _Ssh | None = None
+        # Read before the channel is open: asyncio may deliver the first read
+        # even when reading is paused in connection_made (3.11 schedules it).
+        self.early: list[bytes | None] = []  # None: EOF
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        # Nothing is read until the client has opened its channel: no buffering here.
+        # Nothing more is read until the client has opened its channel.
         transport.pause_reading()
         peer = transport.get_extra_info("peername") or ("", 0)
         tasks.spawn(self._open(str(peer[0]), int(peer[1])), name="ssh-remote-forward")
@@ -115,17 +118,30 @@ class _Tcp(asyncio.Protocol):
             ssh.close()
             return
         self.ssh = ssh
+        assert ssh.chan is not None
+        for data in self.early:
+            if data is None:
+                ssh.chan.write_eof()
+            else:
+                ssh.chan.write(data)
+        self.early.clear()
         self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        assert self.ssh is not None and self.ssh.chan is not None
         self.fwd.link.count_out(len(data))
         self.fwd.touch()
+        if self.ssh is None or self.ssh.chan is None:
+            self.early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         self.ssh.chan.write(data)
 
     def eof_received(self) -> bool:
         if self.ssh is not None and self.ssh.chan is not None:
             self.ssh.chan.write_eof()
+        else:
+            self.early.append(None)
         return True  # half-closed: the other direction may still flow
 
     def pause_writing(self) -> None:
