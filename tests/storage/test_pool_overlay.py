@@ -56,7 +56,7 @@ def test_workspaces_on_overlay_are_refused_with_a_clear_error(pool: Pool, tmp_pa
     view = tmp_path / "view"
     view.mkdir()
     with pytest.raises(BackendFailure) as info:
-        idmap.idmapped_bind(root, view, 100000, 65536)
+        idmap.idmapped_bind(root, view, idmap.shifted(100000, 65536))
     assert "btrfs" in info.value.message
     assert not mounts.is_mountpoint(view)
     asyncio.run(pool.delete_volume("v1"))

@@ -43,6 +43,12 @@ class Spec:
     pids: int
     address: str
     hostname: str
+    # The uid inside that owns what is root's on disk in the code snapshot (what
+    # den cloned into the shared tree): 0, or the owner's account's uid for a
+    # workspace made with that account, whose /code is then theirs (the two
+    # ids trade places in the view; den.storage.idmap.swapped). Set once, at
+    # create: changing it would hand the files already written to another id.
+    code_owner: int = 0
 
 
 @dataclass

@@ -97,10 +97,11 @@ class SandboxBackend(Backend):
             self._init_ready = True
         # One read of mountinfo, none for a fresh workspace: it grows with each one.
         mounted = set() if fresh else mounts.mount_points()
-        for raw, target in ((spec.rootfs, v.root), (spec.code, v.code)):
+        views = ((spec.rootfs, v.root, shifted(spec)), (spec.code, v.code, code_ids(spec)))
+        for raw, target, ids in views:
             target.mkdir(exist_ok=True)
             if os.path.realpath(target) not in mounted:
-                idmap.idmapped_bind(raw, target, spec.uid_start, spec.uid_count)
+                idmap.idmapped_bind(raw, target, ids)
         view.mount_sysfs(v.sys, names.netns(self.instance, spec.id), mounted)
         view.write_etc(v.etc, self._etc_files(spec), mounted)
 
@@ -324,6 +325,21 @@ class SandboxBackend(Backend):
             await self.crun.delete(cid)
         await asyncio.to_thread(self._remove_host_parts, ws_id)
         await self.network.detach(ws_id)
+
+
+def shifted(spec: Spec) -> idmap.Extents:
+    """The workspace's ids: on-disk 0.. are its 0.. inside."""
+    return idmap.shifted(spec.uid_start, spec.uid_count)
+
+
+def code_ids(spec: Spec) -> idmap.Extents:
+    """The ids of its /code view: on-disk root is ``spec.code_owner`` inside (and
+    that id root), so that the tree den cloned as root is the owner's account's
+    and what it writes is root's on disk, as the host's tree is. No chown walk:
+    the map is one more cached user namespace per owner."""
+    if spec.code_owner:
+        return idmap.swapped(spec.uid_start, spec.uid_count, spec.code_owner)
+    return shifted(spec)
 
 
 def _comm(pid: int) -> str:

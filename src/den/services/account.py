@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from den.backends.base import ExecRequest
+from den.backends.sandbox import NotReadable
 from den.db.models import SshKey, User, Workspace
 from den.errors import DenError, InvalidParams
 from den.ssh import inside
@@ -201,9 +202,38 @@ async def login_account(app: App, spec: Spec, user: str = "") -> inside.Account:
         return await inside.load_account(spec.rootfs, ROOT)
 
 
+# Where SETUP's `command -v usermod` looks (exec's PATH), as paths in the image.
+_SBIN = ("usr/local/sbin", "usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin")
+
+
+def can_hold_account(root: Path, name: str) -> bool:
+    """Whether :data:`SETUP` will give ``name`` an account with uid :data:`UID` in a
+    workspace made from the image tree ``root`` (SETUP's own tests, read on the
+    host before the workspace first starts, through descriptors that follow no
+    symlink): decides whether its /code is made the account's (Spec.code_owner).
+
+    No shell, no /etc/passwd, uid 1000 another user's with no usermod to rename
+    it (busybox), or ``name`` there with another uid: its sessions land as root
+    (or in that account), so /code stays root's.
+    """
+    if not any(inside.exists(root, sh) for sh in ("bin/sh", "usr/bin/sh")):
+        return False
+    try:
+        lines = inside.read_inside(root, "etc", "passwd").splitlines()
+    except (OSError, NotReadable):
+        return False
+    entries = [f.split(":") for f in lines]
+    uids = {f[0]: f[2] for f in entries if len(f) >= 3}
+    if name in uids:
+        return uids[name] == str(UID)
+    if str(UID) in uids.values():
+        return any(inside.exists(root, f"{d}/usermod") for d in _SBIN)
+    return True
+
+
 def _owner_uid(tree: Path, rel: str) -> int | None:
-    """The uid that owns ``rel`` under ``tree`` on disk (the workspace's own id, the
-    snapshot's ids being the workspace's), following no symlink; None if absent."""
+    """The uid that owns ``rel`` under ``tree`` on disk, following no symlink;
+    None if absent."""
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
     try:
         fd = os.open(tree, flags)
@@ -221,12 +251,15 @@ def _owner_uid(tree: Path, rel: str) -> int | None:
         os.close(fd)
 
 
-async def git_account(app: App, spec: Spec, rel: str) -> str:
-    """Who runs git in /code/REL for code.push: the login account when it owns
-    the repository, else root. The shared tree is cloned by den as root, so a
-    repository the owner never took over is root's inside, and git refuses to
-    work in a repository another user owns."""
-    acct = await login_account(app, spec)
-    if acct.uid != 0 and _owner_uid(spec.code, f"{rel}/.git") == acct.uid:
-        return acct.name
-    return ROOT
+def git_account(spec: Spec, rel: str) -> str:
+    """Who runs git in /code/REL for code.push: the uid that owns the repository
+    inside, since git refuses to work in another user's. In a workspace made with
+    the owner's account (``spec.code_owner``) that is the account for what den
+    cloned and what the account made (root's on disk, theirs inside), and root
+    for what root made; in one made before, root for den's clones."""
+    uid = _owner_uid(spec.code, f"{rel}/.git")
+    if uid is None:  # no such repository: git says so, as the account /code is
+        return str(spec.code_owner)
+    if spec.code_owner and uid in (0, spec.code_owner):
+        uid = spec.code_owner if uid == 0 else 0  # the view's swap
+    return str(uid)

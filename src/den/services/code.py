@@ -200,7 +200,7 @@ async def _git_inside(ctx: Context, ws: Workspace, owner: User, rel: str) -> cod
     await ensure_running(ctx, ws, owner, "exec")
     spec = spec_of(ctx.app, ws, owner)
     state = dict(ws.backend_state or {})
-    user = await account.git_account(ctx.app, spec, rel)
+    user = account.git_account(spec, rel)
     await ctx.db.commit()  # no database transaction held while git runs
     where = f"{owner.name}/{ws.name}"
 

@@ -7,6 +7,7 @@ interrupts: ``creating`` rows are undone, ``deleting`` rows are finished.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 
 REF_RE = re.compile(r"(?:([a-z][a-z0-9-]{0,30})/)?([a-z][a-z0-9-]{0,30})")
 DEFAULT_NAME = "default"
+# The backend_state key of Spec.code_owner, set at create and clone (before the
+# first start, which mounts /code with it) and kept ever after; none: 0, as in
+# the workspaces made before den had accounts.
+CODE_OWNER = "code_owner"
 
 
 def parse_ref(ref: str) -> tuple[str | None, str]:
@@ -132,6 +137,11 @@ async def find_workspace(
     return ws, owner
 
 
+def code_owner_of(ws: Workspace) -> int:
+    """Its Spec.code_owner: the uid inside that owns what is root's on disk in /code."""
+    return int((ws.backend_state or {}).get(CODE_OWNER, 0))
+
+
 def spec_of(app: App, ws: Workspace, owner: User) -> Spec:
     if owner.subuid_start is None or owner.subuid_count is None:
         raise BackendFailure(f"{owner.name} has no subordinate id range; recreate the user")
@@ -150,6 +160,7 @@ def spec_of(app: App, ws: Workspace, owner: User) -> Spec:
         pids=ws.pids,
         address=ws.address or "",
         hostname=ws.name,
+        code_owner=code_owner_of(ws),
     )
 
 
@@ -248,7 +259,7 @@ async def materialize(
     except BaseException:
         await undo_create(ctx, ws, owner)
         raise
-    ws.backend_state = state
+    ws.backend_state = {**(ws.backend_state or {}), **state}  # CODE_OWNER kept
     ws.state = "running"
     ws.last_activity_at = datetime.now(UTC)
     ws.last_activity_kind = "create"
@@ -317,6 +328,11 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     check_resources(cpu, memory_mb, pids)
     disk_mb = parse_disk(ctx, p.disk if p.disk is not None else default_disk(ctx))
     await _image_ready(ctx, image)
+    # /code is the owner's account's when sessions land there (ssh_user unset)
+    # and the image can hold it; else root's, as before den made accounts.
+    holds = not s.ssh_user and await asyncio.to_thread(
+        account.can_hold_account, ctx.app.pool.image_path(image), owner.name
+    )
     ws = Workspace(
         id=new_id(),
         user_id=owner.id,
@@ -328,6 +344,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
         memory_mb=memory_mb,
         pids=pids,
         disk_mb=disk_mb,
+        backend_state={CODE_OWNER: account.UID} if holds else {},
     )
     async with owner_lock(ctx, owner):
         await _name_free(ctx, owner, p.name)
@@ -440,6 +457,7 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     src, src_owner = await find_workspace(ctx, p.source)
     owner = await user_or_self(ctx, None) if ctx.caller.user_id is not None else src_owner
     ctx.target = f"workspace:{owner.name}/{p.name}"
+    code_owner = code_owner_of(src)
     ws = Workspace(
         id=new_id(),
         user_id=owner.id,
@@ -452,6 +470,8 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
         pids=src.pids,
         # A source from before disk limits were on has none; its copy gets the default.
         disk_mb=src.disk_mb if src.disk_mb is not None else parse_disk(ctx, default_disk(ctx)),
+        # The copy's files were written through the source's /code view: the same map.
+        backend_state={CODE_OWNER: code_owner} if code_owner else {},
     )
     src_id = src.id
     async with owner_lock(ctx, owner):

@@ -4,6 +4,11 @@ Files stay owned by uid 0 on disk; the mount shows them as owned by the
 workspace's subordinate range (0 -> START), so that root in the workspace's
 user namespace owns its files without a chown walk: O(1) in the size of the
 tree. Uses open_tree(2), mount_setattr(2) and move_mount(2) (Linux >= 5.12).
+
+A map is a tuple of extents ``(first on-disk id, first host id, count)``, the
+lines of the uid_map (and gid_map) of the user namespace the mount is
+idmapped with: :func:`shifted` is the plain one, :func:`swapped` also trades
+two ids (a workspace's /code: what den wrote as root is the owner's account's).
 """
 
 from __future__ import annotations
@@ -38,16 +43,40 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-_userns_cache: dict[tuple[int, int], int] = {}
+Extent = tuple[int, int, int]  # (first on-disk id, first host id, count)
+Extents = tuple[Extent, ...]
+
+_userns_cache: dict[Extents, int] = {}
 _lock = threading.Lock()
 
 
-def userns_fd(start: int, count: int) -> int:
-    """A user namespace mapping 0..count to start..start+count (cached fd)."""
-    key = (start, count)
+def shifted(start: int, count: int) -> Extents:
+    """On-disk ids 0..count shown as host ids start..start+count."""
+    return ((0, start, count),)
+
+
+def swapped(start: int, count: int, uid: int) -> Extents:
+    """:func:`shifted`, but on-disk 0 shown as ``uid`` of the range and on-disk
+    ``uid`` as its 0: a workspace's ``uid`` owns what is root's on disk, and what
+    it writes is stored as root's."""
+    if not 0 < uid < count:
+        raise ValueError(f"uid {uid} is not within a range of {count} ids")
+    extents = (
+        (0, start + uid, 1),
+        (1, start + 1, uid - 1),
+        (uid, start, 1),
+        (uid + 1, start + uid + 1, count - uid - 1),
+    )
+    return tuple(e for e in extents if e[2] > 0)
+
+
+def userns_fd(extents: Extents) -> int:
+    """A user namespace with ``extents`` as its uid and gid map (cached fd: one
+    per distinct map, so one per owner and kind of view, made once)."""
     with _lock:
-        if key in _userns_cache:
-            return _userns_cache[key]
+        if extents in _userns_cache:
+            return _userns_cache[extents]
+        lines = "".join(f"{inside} {outside} {count}\n" for inside, outside, count in extents)
         # A short-lived process unshares a user namespace; we write its maps
         # and keep only a reference to the namespace.
         child = subprocess.Popen(["unshare", "--user", "sleep", "30"])
@@ -59,13 +88,14 @@ def userns_fd(start: int, count: int) -> int:
                     raise BackendFailure("could not create a user namespace for an idmapped mount")
                 time.sleep(0.0005)
             for kind in ("uid_map", "gid_map"):
+                # One write: the kernel takes a map only whole, and only once.
                 with open(f"/proc/{child.pid}/{kind}", "w") as f:
-                    f.write(f"0 {start} {count}\n")
+                    f.write(lines)
             fd = os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         finally:
             child.kill()
             child.wait()
-        _userns_cache[key] = fd
+        _userns_cache[extents] = fd
         return fd
 
 
@@ -75,9 +105,9 @@ def _check(ret: int, what: str, path: Path) -> None:
         raise BackendFailure(f"{what} of {path} failed: {os.strerror(err)}")
 
 
-def idmapped_bind(src: Path, dst: Path, start: int, count: int) -> None:
-    """Mount ``src`` at ``dst`` with on-disk ids 0..count shown as start..start+count."""
-    ns = userns_fd(start, count)
+def idmapped_bind(src: Path, dst: Path, extents: Extents) -> None:
+    """Mount ``src`` at ``dst`` with on-disk ids shown as host ids through ``extents``."""
+    ns = userns_fd(extents)
     fd = _libc.syscall(
         _SYS_OPEN_TREE, _AT_FDCWD, str(src).encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC
     )
