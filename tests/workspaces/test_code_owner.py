@@ -43,7 +43,7 @@ def repo(pool_daemon: Daemon, scratch: Path, shared: list[str]) -> Iterator[str]
 
 def snapshot(d: Daemon, ws: dict[str, Any]) -> Path:
     """The workspace's code snapshot on the host (read-only inspection)."""
-    return Path(d.data_dir) / "pool" / "volumes" / ws["id"] / "code"
+    return Path(d.data_dir) / "pool" / "volumes" / str(ws["id"]) / "code"
 
 
 def backend_state(d: Daemon, ws_id: str) -> dict[str, Any]:
