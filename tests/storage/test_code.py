@@ -581,8 +581,9 @@ def _served_repo(d: Daemon, scratch: Path, url: str, shared: list[str]) -> tuple
 
 
 def _exec(d: Daemon, ref: str, script: str, user: str | None = None) -> str:
-    """``script`` as root inside (the shared tree's repositories are root's there)."""
-    params = {"ref": ref, "argv": ["sh", "-c", script], "timeout": 60, "user": "root"}
+    """``script`` as the owner's account inside (the shared tree's repositories are its own
+    there: /code is mapped to it)."""
+    params = {"ref": ref, "argv": ["sh", "-c", script], "timeout": 60}
     res = (
         d.call_as(user, "workspace.exec", params)["result"]
         if user
@@ -690,11 +691,11 @@ def test_a_racing_workspace_cannot_run_or_write_on_the_host(
         ws = workspace["create"]()
         owner = workspace["owner"]
         racer = RACER.format(rel=rel, mark=mark, victim=victim)
-        _exec(pool_daemon, ws["ref"], f"cat > /racer.sh <<'EOF'\n{racer}\nEOF\n")
+        _exec(pool_daemon, ws["ref"], f"cat > /tmp/racer.sh <<'EOF'\n{racer}\nEOF\n")
         _exec(
             pool_daemon,
             ws["ref"],
-            "setsid sh /racer.sh </dev/null >/dev/null 2>&1 & echo $! >/racer.pid",
+            "setsid sh /tmp/racer.sh </dev/null >/dev/null 2>&1 & echo $! >/tmp/racer.pid",
         )
         problems, outcomes = 0, set()
         try:
@@ -708,7 +709,7 @@ def test_a_racing_workspace_cannot_run_or_write_on_the_host(
                 outcomes.add(resp["error"]["code"] if "error" in resp else "ok")
                 assert not mark.exists() and not os.path.lexists(victim)
         finally:
-            _exec(pool_daemon, ws["ref"], "kill $(cat /racer.pid) || true")
+            _exec(pool_daemon, ws["ref"], "kill $(cat /tmp/racer.pid) || true")
             mark.unlink(missing_ok=True)
             victim.unlink(missing_ok=True)
         assert problems > 0  # the frozen snapshot caught the hostile config at least once
