@@ -106,7 +106,7 @@ def _install_in(alice: Person, ws: str, pool_daemon: Daemon, home: Path) -> None
     assert text.startswith("Host mine\n    HostName example.invalid\n")
     # ~ is the account's home in the password database (not $HOME): a path then.
     assert f"IdentityFile {home / '.ssh' / 'id_work'}" in text and f"Host den-{ws}" in text
-    assert cfg.stat().st_mode & 0o777 == 0o600
+    assert cfg.stat().st_mode & 0o022 == 0  # never writable by others (ssh refuses it)
     again = install()
     assert again.returncode == 0 and "unchanged" in again.stdout, again.stderr
     assert cfg.read_text() == text and text.count(">>> den ") == 1

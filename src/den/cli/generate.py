@@ -249,6 +249,9 @@ def make_command(m: MethodSpec, invoke: Invoke, local: bool = True) -> Callable[
                 text = invoke(ctx, m, {**sent, "identity_file": found})
         try:
             render.console.print(install.install(path, str(text)), highlight=False)
+        except ValueError as exc:
+            render.err_console.print(f"error: nothing written to {path}: {exc}", highlight=False)
+            raise typer.Exit(1) from None
         except OSError as exc:
             render.err_console.print(f"error: cannot write {path}: {exc}", highlight=False)
             raise typer.Exit(1) from None

@@ -20,6 +20,32 @@ import tempfile
 from pathlib import Path
 
 KEY_LINE = re.compile(r"^# den key: (SHA256:[A-Za-z0-9+/]+) ")
+# What a block may hold: the lines ``den ssh-config`` writes, each value in
+# its own strict shape. The text comes from a server (maybe a remote one, maybe
+# over plain http): ProxyCommand, Match exec or LocalCommand from it would run
+# on this machine at the next ssh, so anything else is refused, not written.
+_WORD = r"[A-Za-z0-9._:@%+/~-]+"
+_ALLOWED = re.compile(
+    r"^(?:"
+    r"#[^\x00-\x1f\x7f]*"
+    r"|"
+    r"|Host [A-Za-z0-9._-]+"
+    rf"|    (?:HostName|User|IdentityFile) {_WORD}"
+    r"|    (?:Port|ServerAliveInterval|ServerAliveCountMax) [0-9]{1,5}"
+    r"|    (?:ForwardAgent|IdentitiesOnly) (?:yes|no)"
+    r")$"
+)
+
+
+def check(text: str) -> None:
+    """Refuse a text with any line ``den ssh-config`` would not write (ValueError)."""
+    if bad := re.search(r"[\x00-\x09\x0b-\x1f\x7f]", text):
+        raise ValueError(f"the server's answer has a control character ({bad.group()!r})")
+    for n, line in enumerate(text.split("\n"), 1):
+        if not _ALLOWED.match(line):
+            raise ValueError(
+                f"line {n} of the server's answer is not one den writes: {line[:80]!r}"
+            )
 
 
 def block_name(text: str) -> str:
@@ -59,8 +85,28 @@ def pick_identity(text: str, ssh_dir: Path) -> str | None:
     return None
 
 
+def _span(lines: list[str], name: str, end: str) -> tuple[int, int] | None:
+    """(begin, end) line numbers of the block named ``name``, or None; ValueError
+    when its markers are not one clean pair (a hand edit): nothing is guessed."""
+    begins = [i for i, ln in enumerate(lines) if ln.startswith(f"# >>> {name}:")]
+    ends = [i for i, ln in enumerate(lines) if ln.rstrip("\n") == end]
+    if not begins and not ends:
+        return None
+    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
+        raise ValueError(
+            f"the markers of {name}'s block are broken (a begin without its end, or twice); "
+            "fix them by hand or remove the block, then install again"
+        )
+    return begins[0], ends[0]
+
+
 def install(path: Path, text: str) -> str:
-    """Write ``text`` into ``path`` as its named block; say what was done."""
+    """Write ``text`` into ``path`` as its named block; say what was done.
+
+    ValueError (nothing written) for a text with a line den would not write,
+    or a file whose markers are broken.
+    """
+    check(text)
     name = block_name(text)
     begin = f"# >>> {name}: written by `den ssh-config --install`; replaced on the next >>>"
     end = f"# <<< {name} <<<"
@@ -68,13 +114,13 @@ def install(path: Path, text: str) -> str:
     target = Path(os.path.realpath(path))
     try:
         old = target.read_text()
+        st: os.stat_result | None = target.stat()
     except FileNotFoundError:
-        old = ""
+        old, st = "", None
     lines = old.splitlines(keepends=True)
-    starts = [i for i, ln in enumerate(lines) if ln.startswith(f"# >>> {name}:")]
-    stops = [i for i, ln in enumerate(lines) if ln.rstrip("\n") == end]
-    if starts and stops and stops[-1] > starts[0]:
-        new = "".join(lines[: starts[0]]) + block + "".join(lines[stops[-1] + 1 :])
+    span = _span(lines, name, end)
+    if span is not None:
+        new = "".join(lines[: span[0]]) + block + "".join(lines[span[1] + 1 :])
         done = "unchanged" if new == old else "updated"
     else:
         sep = "" if not old or old.endswith("\n\n") else ("\n" if old.endswith("\n") else "\n\n")
@@ -86,7 +132,11 @@ def install(path: Path, text: str) -> str:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(new)
-            os.chmod(tmp, 0o600)
+                # The file keeps its owner (run with sudo, it must stay the
+                # user's) and its mode, never writable by others (ssh refuses).
+                if st is not None and os.geteuid() == 0:
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                os.fchmod(f.fileno(), (st.st_mode & 0o755 & ~0o022) if st else 0o600)
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
