@@ -21,6 +21,10 @@ class UserSlots:
         self._running[user] += 1
         return True
 
+    def count(self, user: str) -> int:
+        """How many ``user`` runs now."""
+        return self._running[user]
+
     def release(self, user: str) -> None:
         self._running[user] -= 1
         if self._running[user] <= 0:

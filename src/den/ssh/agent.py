@@ -15,6 +15,20 @@ It goes at once with the container (its init exiting: a restarted workspace
 is a new mount namespace; the next forwarding session makes the socket again,
 at the same path).
 
+The socket file (mode 600) belongs to the account of the session that made it.
+A den user's plain sessions (the owner's account, uid 1000) and root+ sessions
+(root) share the one path: root reaches a socket the account owns, but not the
+other way round. So a socket made for a root+ session is made again, at the
+same path, for the account when a plain session of that user first needs it,
+and it keeps serving every forwarding connection the old one served, root+
+ones included; a root+ session uses the account's socket as it is. Either way
+every live forwarding connection of the user stays served, whichever comes or
+goes.
+
+Each connection to the socket costs the daemon a descriptor until it ends: at
+most :data:`den.ssh.limits.AGENT_RELAYS` at once per socket (and the user's
+:data:`den.ssh.limits.RELAYS_PER_USER`), more are closed at once.
+
 Consent is per connection: only a connection whose client asked
 (``auth-agent-req@openssh.com``, which ``ssh -A`` sends) is ever asked for
 keys, and only its sessions get ``SSH_AUTH_SOCK``. asyncssh would answer that
@@ -37,7 +51,7 @@ import asyncssh
 
 from den import tasks
 from den.errors import BackendFailure, DenError
-from den.ssh import streamlocal
+from den.ssh import limits, streamlocal
 
 if TYPE_CHECKING:
     from asyncssh.packet import SSHPacket
@@ -113,6 +127,7 @@ class _Socket:
         self.users: list[Forwarding] = []
         self.task: asyncio.Task[None] | None = None
         self.expiry: asyncio.TimerHandle | None = None  # set while nobody forwards
+        self.gate = limits.Gate(limits.AGENT_RELAYS, f"the agent socket {path}")
 
     def newest(self) -> Forwarding | None:
         live = [f for f in self.users if f.live]
@@ -137,16 +152,20 @@ class Agents:
             if not fwd.live:
                 return None
             cur = self.sockets.get(key)
-            if cur is not None and cur.owner != acct.ids and acct.uid != 0:
-                self._drop(cur)  # made for root (a root+ login): the user's account needs its own
-                cur = None
-            if cur is None:
+            if cur is None or (cur.owner != acct.ids and acct.uid != 0):
                 try:
-                    cur = await self._make(key, ws, acct)
+                    made = await self._make(key, ws, acct)
                 except (DenError, OSError) as exc:  # the session runs without it
                     why = exc.message if isinstance(exc, DenError) else str(exc)
                     log.warning("ssh agent socket for %s not made: %s", key, why)
                     return None
+                if cur is not None:
+                    # It was root's (made for a root+ login) and the account needs
+                    # it: the new one at the same path serves the same connections.
+                    made.users = cur.users
+                    cur.users = []
+                    self._drop(cur)
+                cur = made
             if not fwd.live:  # the connection ended while the socket was made
                 self._idle(cur)
                 return None
@@ -171,6 +190,7 @@ class Agents:
             sock = await streamlocal.inside_socket(
                 self.app,
                 ws,
+                key[1],
                 "0:0",  # /run is root's inside; the socket file is then the account's
                 "listen",
                 path,
@@ -195,11 +215,12 @@ class Agents:
 
     def _accepted(self, owner: _Socket, conn: socket.socket) -> None:
         fwd = owner.newest()
-        if fwd is None:  # nobody lends an agent right now: serve nothing
+        ticket = None if fwd is None else limits.admit(fwd.link, owner.gate)
+        if fwd is None or ticket is None:  # nobody lends an agent now, or past a limit
             conn.close()
             return
         tasks.spawn(
-            streamlocal.relay_out(fwd.link, owner.key[0], conn, fwd.open_channel),
+            streamlocal.relay_out(fwd.link, owner.key[0], conn, fwd.open_channel, ticket),
             name="ssh-agent-relay",
         )
 

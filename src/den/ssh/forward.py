@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from den.errors import DenError
+from den.ssh import limits
 from den.ssh.target import ready
 
 if TYPE_CHECKING:
@@ -56,10 +57,15 @@ class _TcpSide(asyncio.Protocol):
     def __init__(self, ssh: _SshSide) -> None:
         self.ssh = ssh
         self.transport: asyncio.Transport | None = None
-        self.early: list[bytes | None] = []  # before the channel is open; None: EOF
+        # Read before the channel is open (one read at most: reading is held); None: EOF.
+        self.early: list[bytes | None] = []
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.ssh.ticket.close_socket = transport.abort
+        limits.hold_until_open(transport, lambda: self.ssh.chan is None)
 
     def data_received(self, data: bytes) -> None:
         self.ssh.link.count_out(len(data))
@@ -67,8 +73,13 @@ class _TcpSide(asyncio.Protocol):
             self.ssh.chan.write(data)
         else:
             self.early.append(data)
+            if self.transport is not None:
+                limits.hold(self.transport)
 
     def eof_received(self) -> bool:
+        if self.eof:  # again after a resume: told once
+            return True
+        self.eof = True
         if self.ssh.chan is not None:
             self.ssh.chan.write_eof()
         else:
@@ -86,24 +97,30 @@ class _TcpSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.ssh.chan is not None:
             self.ssh.chan.close()
+        self.ssh.ticket.ended("socket")
 
 
 class _SshSide(asyncssh.SSHTCPSession[bytes]):
-    def __init__(self, link: Link, ws_id: str) -> None:
+    def __init__(self, link: Link, ws_id: str, ticket: limits.Ticket) -> None:
         self.link = link
         self.ws_id = ws_id
+        self.ticket = ticket
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.tcp: _TcpSide | None = None
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
-        if self.tcp is not None:
-            for data in self.tcp.early:
-                if data is None:
-                    chan.write_eof()
-                else:
-                    chan.write(data)
-            self.tcp.early.clear()
+        t = self.tcp.transport if self.tcp is not None else None
+        if self.tcp is None or t is None or t.is_closing():
+            chan.close()
+            return
+        for data in self.tcp.early:
+            if data is None:
+                chan.write_eof()
+            else:
+                chan.write(data)
+        self.tcp.early.clear()
+        t.resume_reading()
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.link.count_in(len(data))
@@ -131,10 +148,22 @@ class _SshSide(asyncssh.SSHTCPSession[bytes]):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.tcp is not None and self.tcp.transport is not None:
             self.tcp.transport.close()
+        self.ticket.ended("channel")
 
 
 async def open_tunnel(link: Link, host: str, port: int) -> _SshSide:
     """Connect to ``host:port`` of the link's workspace; a refusal becomes the client's error."""
+    ticket = limits.admit(link)
+    if ticket is None:
+        raise limits.too_many(link)
+    try:
+        return await _open_tunnel(link, host, port, ticket)
+    except BaseException:
+        ticket.release()
+        raise
+
+
+async def _open_tunnel(link: Link, host: str, port: int, ticket: limits.Ticket) -> _SshSide:
     try:
         assert link.ref is not None
         ws = await ready(link.app, link.caller, link.ref)
@@ -158,10 +187,9 @@ async def open_tunnel(link: Link, host: str, port: int) -> _SshSide:
             sock.close()
             raise
         link.session.opened("forward")
-        ssh = _SshSide(link, ws.ws_id)
-        tcp = _TcpSide(ssh)
+        ssh = _SshSide(link, ws.ws_id, ticket)
+        tcp = ssh.tcp = _TcpSide(ssh)
         await loop.create_connection(lambda: tcp, sock=sock)
-        ssh.tcp = tcp
         return ssh
     except asyncssh.ChannelOpenError:
         raise

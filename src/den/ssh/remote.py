@@ -25,6 +25,7 @@ import asyncssh
 from den import tasks
 from den.errors import DenError
 from den.services.account import ROOT, login_account
+from den.ssh import limits
 from den.ssh.forward import _netns_thread, socket_in
 from den.ssh.target import Ready, as_root, ready
 
@@ -90,29 +91,43 @@ class _Tcp(asyncio.Protocol):
         self.fwd = fwd
         self.transport: asyncio.Transport | None = None
         self.ssh: _Ssh | None = None
-        # Read before the channel is open: asyncio may deliver the first read
-        # even when reading is paused in connection_made (3.11 schedules it).
-        self.early: list[bytes | None] = []  # None: EOF
+        self.ticket: limits.Ticket | None = None
+        # Read before the channel is open (one read at most: reading is held); None: EOF.
+        self.early: list[bytes | None] = []
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        # Nothing more is read until the client has opened its channel.
-        transport.pause_reading()
+        self.ticket = limits.admit(self.fwd.link, self.fwd.gate)
+        if self.ticket is None:  # past a limit: closed at once, costing nothing
+            transport.abort()
+            return
+        self.ticket.close_socket = transport.abort
+        # Nothing is read until the client has opened its channel.
+        limits.hold_until_open(transport, lambda: self.ssh is None)
         peer = transport.get_extra_info("peername") or ("", 0)
         tasks.spawn(self._open(str(peer[0]), int(peer[1])), name="ssh-remote-forward")
 
     async def _open(self, orig_host: str, orig_port: int) -> None:
         fwd = self.fwd
         ssh = _Ssh(self, fwd)
+        opening = asyncio.ensure_future(
+            fwd.conn.create_connection(lambda: ssh, fwd.listen_host, fwd.port, orig_host, orig_port)
+        )
         try:
-            await fwd.conn.create_connection(
-                lambda: ssh, fwd.listen_host, fwd.port, orig_host, orig_port
-            )
+            done, _ = await asyncio.wait({opening}, timeout=limits.OPEN_SECONDS)
+            if not done:  # given up inside; the place is kept until the client answers
+                log.info("ssh -R: a channel was not confirmed in time: closed inside")
+                if self.transport is not None:
+                    self.transport.abort()
+            await opening
         except (asyncssh.Error, OSError) as exc:  # the client could not reach its side
             log.debug("ssh -R connection refused by the client: %s", exc)
             if self.transport is not None:
                 self.transport.abort()
+            if self.ticket is not None:
+                self.ticket.ended("channel")
             return
         if self.transport is None or self.transport.is_closing():
             ssh.close()
@@ -133,11 +148,14 @@ class _Tcp(asyncio.Protocol):
         if self.ssh is None or self.ssh.chan is None:
             self.early.append(data)
             if self.transport is not None:
-                self.transport.pause_reading()
+                limits.hold(self.transport)
             return
         self.ssh.chan.write(data)
 
     def eof_received(self) -> bool:
+        if self.eof:  # again after a resume: told once
+            return True
+        self.eof = True
         if self.ssh is not None and self.ssh.chan is not None:
             self.ssh.chan.write_eof()
         else:
@@ -156,6 +174,8 @@ class _Tcp(asyncio.Protocol):
         self.transport = None
         if self.ssh is not None:
             self.ssh.close()
+        if self.ticket is not None:
+            self.ticket.ended("socket")
 
 
 class _Ssh(asyncssh.SSHTCPSession[bytes]):
@@ -192,6 +212,8 @@ class _Ssh(asyncssh.SSHTCPSession[bytes]):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.tcp.transport is not None:
             self.tcp.transport.close()
+        if self.tcp.ticket is not None:
+            self.tcp.ticket.ended("channel")
 
     def close(self) -> None:
         if self.chan is not None:
@@ -213,6 +235,7 @@ class RemoteListener(asyncssh.SSHListener):
         self.servers: list[asyncio.Server] = []
         self._init_fd: int | None = None
         self._closed = asyncio.Event()
+        self.gate = limits.Gate(limits.RELAYS_PER_LISTENER, "an ssh -R port")
 
     def get_port(self) -> int:
         return self.port
@@ -285,6 +308,7 @@ async def listen(
         return False
     listener = RemoteListener(link, conn, ws, host)
     listener.port = int(socks[0].getsockname()[1])
+    listener.gate.what = f"ssh -R {host or '*'}:{listener.port} of {link.ref}"
     try:
         await listener.start(socks)
     except BaseException:

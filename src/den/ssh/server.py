@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from den import tasks
 from den.db.models import AuditEvent, SshKey, User
-from den.ssh import agent, hostkeys, quickack, remote, surface
+from den.ssh import agent, hostkeys, limits, quickack, remote, surface
 from den.ssh.forward import open_tunnel
 from den.ssh.guard import DenialLog, FailureLimit
 from den.ssh.link import Link
@@ -245,6 +245,7 @@ class Connection(asyncssh.SSHServer):
         if self.link is not None and self.link.agent is not None:
             self.link.agent.close()
         if self.link is not None:
+            limits.connection_ended(self.link.session.id)
             self.gw.app.ssh_sessions.remove(self.link.session)
             log.info(
                 "ssh logout",
