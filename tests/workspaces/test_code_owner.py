@@ -20,13 +20,14 @@ import pytest
 
 from tests.conftest import Daemon
 from tests.ssh.conftest import person
+from tests.storage.conftest import debian_image_as
 from tests.storage.test_code import (  # noqa: F401  (scratch and shared are fixtures)
     code_dir,
     make_remote,
     scratch,
     shared,
 )
-from tests.workspaces.conftest import Users, create, ok, sh
+from tests.workspaces.conftest import Users, create, make_users, ok, own_daemon, sh
 
 CODE_OWNER = "code_owner"  # its key in a workspace's backend_state
 
@@ -189,3 +190,15 @@ def test_no_account_no_swap(pool_daemon: Daemon, bb_image: str, users: Users, re
         "0\n0:0\n"
     )
     assert (snapshot(d, ws) / repo / "r").stat().st_uid == 0
+
+
+def test_sessions_as_root_keep_code_roots() -> None:
+    """ssh_user = root (everyone lands as root, as before den made accounts): /code
+    stays root's, though the image could hold the account."""
+    with own_daemon({"DEN_SSH_USER": "root"}) as d, make_users(d) as users:
+        image = str(debian_image_as(d, "deb")["name"])
+        owner = users.make()
+        ws = create(d, owner, "root", image=image)
+        assert CODE_OWNER not in backend_state(d, ws["id"])
+        assert ok(d, ws["ref"], "id -u; stat -c %u:%g /code") == "0\n0:0\n"
+        assert ok(d, ws["ref"], "id -u", user=owner) == "1000\n"  # the account is there
