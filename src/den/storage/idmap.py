@@ -60,7 +60,7 @@ def swapped(start: int, count: int, uid: int) -> Extents:
     ``uid`` as its 0: a workspace's ``uid`` owns what is root's on disk, and what
     it writes is stored as root's."""
     if not 0 < uid < count:
-        raise ValueError(f"uid {uid} is not within a range of {count} ids")
+        raise BackendFailure(f"uid {uid} is not within the owner's range of {count} ids")
     extents = (
         (0, start + uid, 1),
         (1, start + 1, uid - 1),
