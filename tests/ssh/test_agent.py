@@ -295,3 +295,20 @@ def test_git_clone_over_ssh_with_the_forwarded_key(
 
 def test_workers_read_the_annotation_den_writes() -> None:
     assert join.BPF_ANNOTATION == seccomp.BPF_ANNOTATION
+
+
+def test_a_root_forwarding_outlives_a_plain_one(alice: Person, dev_image: str) -> None:
+    """An open ``ssh -A root+ws`` stays served after a plain ``ssh -A ws`` of the
+    same user came and went (the socket, made again for the account at the same
+    path, keeps every forwarding connection)."""
+    ws = make_ws(alice, image=dev_image)
+    path = f"/run/den-agent/{alice.name}.sock"
+    with ssh_agent("root-side") as agent, held(alice, f"root+{ws}", agent):
+        assert agent.fingerprint in listing(alice, f"root+{ws}", path).stdout
+        res = run(alice, ws, 'stat -c "%u" "$SSH_AUTH_SOCK"; id -u; ssh-add -l', agent)
+        owner, uid = res.stdout.split()[:2]
+        assert res.returncode == 0 and owner == uid != "0", res
+        time.sleep(1)  # the plain connection is gone from the daemon too
+        for login in (f"root+{ws}", ws):
+            res = listing(alice, login, path)
+            assert res.returncode == 0 and agent.fingerprint in res.stdout, (login, res)

@@ -165,6 +165,27 @@ def test_remote_forward_serves_a_socket_inside(
         srv.close()
 
 
+def test_a_home_that_reads_as_an_option(alice: Person, dev_image: str, local_dir: Path) -> None:
+    """A relative path starts at the account's home, even one the tenant made
+    start with "-" (a relative home in /etc/passwd): no option to the worker."""
+    ws = make_ws(alice, image=dev_image)
+    root = f"root+{ws}"
+    set_home = (  # as /etc/passwd has it: the account's home is "-home" (/-home from /)
+        f'mkdir /-home && awk -F: -v OFS=: \'$1 == "{alice.name}" {{ $6 = "-home" }} 1\' '
+        "/etc/passwd > /tmp/passwd && cat /tmp/passwd > /etc/passwd"
+    )
+    assert alice.ssh(root, set_home).returncode == 0
+    server = (  # root's, at /-home/echo.sock, which the account may use
+        f"umask 0; setsid python3 -c '{ECHO_SERVER}' /-home/echo.sock </dev/null >/dev/null 2>&1 & "
+        "for i in $(seq 100); do [ -e /-home/echo.sock.up ] && break; sleep 0.1; done"
+    )
+    assert alice.ssh(root, server).returncode == 0
+    local = local_dir / "h.sock"
+    with forwarding(alice, ws, "-L", f"{local}:./echo.sock") as proc:
+        wait_for(lambda: local.exists() or proc.poll() is not None, "no local socket")
+        assert exchange(local, b"dash") == b"DASH"
+
+
 def test_paths_resolve_inside_the_workspace(alice: Person, dev_image: str, local_dir: Path) -> None:
     """A symlink planted at the path to the daemon's own socket leads to the
     workspace's /run/den/den.sock (none), never the host's."""
