@@ -246,6 +246,8 @@ class RemoteListener(asyncssh.SSHListener):
     async def start(self, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
         for sock in socks:
+            # asyncio's accept loop stops for a second on EMFILE and the like (no spin);
+            # each connection it accepts is counted against self.gate in _Tcp.
             self.servers.append(await loop.create_server(lambda: _Tcp(self), sock=sock))
         self._watch_workspace()
 

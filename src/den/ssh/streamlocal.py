@@ -5,7 +5,8 @@ and the relay the agent socket (:mod:`den.ssh.agent`) uses too.
 Every socket at a workspace path is made inside the workspace by
 :mod:`den.ssh.socket_worker` and its fd handed back: the host never resolves
 a path the workspace controls. The daemon then only moves bytes between the
-socket and an SSH channel.
+socket and an SSH channel, within :mod:`den.ssh.limits`; workers are bounded
+per den user (WORKERS_PER_USER running, WORKERS_WAITING waiting).
 """
 
 from __future__ import annotations
