@@ -95,6 +95,8 @@ def test_audit_rows(db_daemon: Daemon) -> None:
         "max_cpu": None,
         "max_memory_mb": None,
         "max_disk_mb": None,
+        "email": None,
+        "dotfiles": None,
     }
     assert all(e["target"] == "user:dave" for e in events)
     assert len(rpc(d, "audit.list", actor="dave")) == 1
