@@ -91,6 +91,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{p!r} is not a variable name or glob (letters, digits, _ * ?)")
         return v
 
+    ssh_max_sessions: int = Field(
+        128,
+        ge=1,
+        le=100_000,
+        description="Shell, command and sftp sessions one den user may run at once over ssh "
+        "(each keeps host processes while its command runs).",
+    )
     api_max_auth_failures: int = Field(
         20,
         ge=1,

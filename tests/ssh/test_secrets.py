@@ -14,11 +14,11 @@ def test_setenv_is_not_on_any_host_command_line(alice: Person, ws: str, tmp_path
     env_secret = f"envsecret{secrets.token_hex(8)}"
     # In a config file, so that not even the ssh client's own argv holds it.
     cfg = tmp_path / "ssh_config"
-    cfg.write_text(f"SetEnv TOKEN={env_secret}\n")
+    cfg.write_text(f"SetEnv LC_TOKEN={env_secret}\n")  # LC_*: always accepted
     result: dict[str, Any] = {}
 
     def go() -> None:
-        res = alice.ssh(ws, 'sleep 3; test -n "$TOKEN" && echo set', args=("-F", str(cfg)))
+        res = alice.ssh(ws, 'sleep 3; test -n "$LC_TOKEN" && echo set', args=("-F", str(cfg)))
         result.update(rc=res.returncode, out=res.stdout, err=res.stderr)
 
     seen_crun_exec = watch_while(go, 3, env_secret.encode(), b"sleep 3")

@@ -80,7 +80,7 @@ def test_fifo_passwd_does_not_stall_the_daemon(
     assert len(probe.seconds) >= 5
     assert max(probe.seconds) < 0.1, sorted(probe.seconds)[-5:]
     # root needs no passwd entry, and the workspace is still fine.
-    assert ok(d, ws["ref"], "echo alive") == "alive\n"
+    assert ok(d, ws["ref"], "echo alive", user="root") == "alive\n"
 
 
 @pytest.mark.slow

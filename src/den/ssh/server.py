@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from sqlalchemy import select
 
 from den import tasks
 from den.db.models import AuditEvent, SshKey, User
+from den.slots import UserSlots
 from den.ssh import agent, hostkeys, limits, quickack, remote, surface
 from den.ssh.forward import open_tunnel
 from den.ssh.guard import DenialLog, FailureLimit
@@ -86,6 +88,11 @@ _SIGNATURES = frozenset(a.encode() for a in SIGNATURES)
 KEY_TYPES = frozenset({*SIGNATURES, "ssh-rsa"}) - {"rsa-sha2-512", "rsa-sha2-256"}
 MAX_AUTH_TRIES = 6  # failed key offers per connection, as OpenSSH's MaxAuthTries
 DENIED_LINGER = 10.0  # seconds a connection denied after login stays to say why
+# `ssh -R` listeners (ports and paths) one den user may hold at once, over all
+# connections: each costs the daemon a few fds (IPv4 and IPv6 sockets, a pidfd);
+# an IDE forwards a handful. Past it a request is refused (and logged).
+MAX_LISTENERS = 64
+_listeners = UserSlots()
 
 
 def _modern(keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]:
@@ -431,7 +438,7 @@ class Connection(asyncssh.SSHServer):
             log.info("ssh -R %s refused: %s", listen_path[:200], why)
             return False
         assert self.link is not None and self.conn is not None
-        return listen_remote(self.link, self.conn, self.login, listen_path)
+        return self._counted(listen_remote(self.link, self.conn, self.login, listen_path))
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
         """``ssh -R [HOST:]PORT:...``: a listener inside the workspace."""
@@ -439,7 +446,39 @@ class Connection(asyncssh.SSHServer):
         if self.link is None or self.link.ref is None:
             why = self.denied if self.link is None else remote.WORKSPACE_ONLY
             return remote.refuse_outside(self.conn, listen_port, why)
-        return remote.listen(self.link, self.conn, self.login, listen_host, listen_port)
+        return self._counted(
+            remote.listen(self.link, self.conn, self.login, listen_host, listen_port)
+        )
+
+    async def _counted(self, make: Coroutine[Any, Any, Any]) -> Any:
+        """The listener ``make`` makes, counted against its user's MAX_LISTENERS
+        until it closes (cancelled, or its connection gone); False past them."""
+        assert self.link is not None
+        user = self.link.caller.name
+        if not _listeners.take(user, MAX_LISTENERS):
+            make.close()
+            log.info("ssh -R refused: %s holds %d listeners already", user, MAX_LISTENERS)
+            return False
+        try:
+            listener = await make
+        except BaseException:
+            _listeners.release(user)
+            raise
+        if not isinstance(listener, asyncssh.SSHListener):
+            _listeners.release(user)
+            return listener
+        close = listener.close
+        released = False
+
+        def counted_close() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                _listeners.release(user)
+            close()
+
+        listener.close = counted_close  # type: ignore[method-assign]
+        return listener
 
 
 class DeniedSession(asyncssh.SSHServerSession[str]):

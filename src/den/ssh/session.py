@@ -32,6 +32,7 @@ from den.backends.bundle import PATH
 from den.backends.crun import pidfd_of_child, signal_child, signal_exec
 from den.errors import BackendFailure, DenError
 from den.services.account import ROOT, login_account
+from den.slots import UserSlots
 from den.ssh import inside, reaper, sftp, surface
 from den.ssh.relay import FdReader, FdWriter, receive_fd
 from den.ssh.target import Ready, as_root, ready
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from den.ssh.link import Link
 
 log = logging.getLogger(__name__)
+_sessions = UserSlots()  # shell, exec and sftp sessions each den user runs now
 DRAIN_SECONDS = 2.0
 F_SETPIPE_SZ = 1031
 # crun and den's sftp worker get none of the daemon's environment.
@@ -62,6 +64,8 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         self.proc_fd: int | None = None  # pidfd of ``proc``, taken when it was spawned
         self.ws: Ready | None = None
         self.closed = False
+        self.slot: str | None = None  # the den user whose ssh_max_sessions this holds one of
+        self.reaped = False  # runs under den.ssh.reaper, which forwards signals
         self._frozen_check = 0.0
 
     # -- asyncssh callbacks ----------------------------------------------------
@@ -132,6 +136,18 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
 
     # -- running -----------------------------------------------------------------
     def _start(self, kind: str, command: str | None) -> bool:
+        # Each session keeps processes on the host (crun, its reaper) for as long
+        # as its command runs, even after the client left: bounded per den user.
+        user, limit = self.link.caller.name, self.link.app.settings.ssh_max_sessions
+        if not _sessions.take(user, limit):
+            self._say(
+                f"den: busy: {limit} ssh sessions are running for {user} (ssh_max_sessions); "
+                "end some (`den sessions`, `den kill`) and try again\n"
+            )
+            assert self.chan is not None
+            self.chan.exit(1)
+            return True
+        self.slot = user
         self.link.session.opened(kind)
         tasks.spawn(self._run(kind, command), name=f"ssh-{kind}-{self.link.session.id}")
         return True
@@ -160,6 +176,9 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
             if self.proc_fd is not None:
                 os.close(self.proc_fd)
                 self.proc_fd = None
+            if self.slot is not None:
+                _sessions.release(self.slot)
+                self.slot = None
         if not self.closed:
             surface.send_exit(self.chan, rc)
 
@@ -189,6 +208,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         argv = backend.crun.exec_argv(
             cid, args, env=env, cwd=acct.home, user=acct.ids, pid_file=self.pid_file, detach=True
         )
+        self.reaped = True
         return await self._pipes(reaper.wrap(self.pid_file, argv))
 
     def _env(self, acct: inside.Account) -> dict[str, str]:
@@ -224,6 +244,8 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
                 *argv, stdin=in_r, stdout=out_w, stderr=err_w, env=SPAWN_ENV
             )
             self.proc_fd = pidfd_of_child(proc.pid)
+            if self.closed:  # the client left while it was being started
+                self._kill(signal.SIGHUP)
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
                 os.close(fd)
@@ -296,6 +318,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
                 console_socket=path,
                 detach=True,
             )
+            self.reaped = True
             proc = self.proc = await asyncio.create_subprocess_exec(
                 *reaper.wrap(self.pid_file, argv),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -304,6 +327,8 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
                 env=SPAWN_ENV,
             )
             self.proc_fd = pidfd_of_child(proc.pid)
+            if self.closed:  # the client left while it was being started
+                self._kill(signal.SIGHUP)
             got = asyncio.ensure_future(receive_fd(listener))
             exited = asyncio.ensure_future(proc.wait())
             await asyncio.wait({got, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -352,6 +377,11 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         process, and that pid may be someone else's by now (:func:`signal_exec`)."""
         proc, fd = self.proc, self.proc_fd
         if proc is None or fd is None or proc.returncode is not None:
+            return
+        if self.reaped and sig in reaper.FORWARDED:
+            # The reaper passes it on, holding it until crun's process is known:
+            # none is lost between the spawn and the pid file.
+            signal_child(fd, sig)
             return
         if self.pid_file is not None and self.pid_file.exists():
             signal_exec(self.pid_file, proc.pid, fd, sig)
