@@ -33,7 +33,12 @@ from rich.table import Table
 from _daemon import ROOT, BenchDaemon
 from den.cli.client import Client
 
-CACHE = ROOT / ".cache" / "images" / "bookworm-minbase.tar.zst"
+# A minbase rootfs tarball: the benchmark's own, else the tests' (minbase + git).
+CACHES = [
+    ROOT / ".cache" / "images" / n
+    for n in ("bookworm-minbase.tar.zst", "bookworm-minbase-git.tar.zst")
+]
+APT = str(ROOT / ".cache" / "apt")  # the tests' package cache: a build downloads nothing twice
 IMAGE = "debian"
 
 
@@ -57,8 +62,9 @@ def wait_job(c: Client, job: dict[str, Any]) -> None:
 
 
 def ensure_image(c: Client) -> None:
-    if CACHE.is_file():
-        job = c.call("image.import", {"name": IMAGE, "path": str(CACHE)})
+    cached = [p for p in CACHES if p.is_file()]
+    if cached:
+        job = c.call("image.import", {"name": IMAGE, "path": str(cached[0])})
     else:
         job = c.call("image.build", {"name": IMAGE, "suite": "bookworm", "variant": "minbase"})
     wait_job(c, job)
@@ -117,7 +123,7 @@ def seccomp_on_off(count: int, execs: int) -> dict[str, Any]:
         side: {"create_exec": [], "exec": []} for side in ("on", "off")
     }
     # Small disks: the pool holds every workspace; admins have no quotas.
-    env = {"DEN_EGRESS": "false", "DEN_DEFAULT_DISK": "256M"}
+    env = {"DEN_EGRESS": "false", "DEN_DEFAULT_DISK": "256M", "DEN_APT_CACHE": APT}
     with (
         BenchDaemon(pool_size="8G", extra_env={**env, "DEN_SANDBOX_SECCOMP": "true"}) as on,
         BenchDaemon(pool_size="8G", extra_env={**env, "DEN_SANDBOX_SECCOMP": "false"}) as off,
@@ -181,7 +187,7 @@ def main() -> None:
         k: [] for k in ("create_exec", "suspend", "resume", "resume_exec", "stop", "delete")
     }
     # Disk limits on, as by default, at a size the pool holds --scale times over.
-    env = {"DEN_EGRESS": "false", "DEN_DEFAULT_DISK": "64M"}
+    env = {"DEN_EGRESS": "false", "DEN_DEFAULT_DISK": "64M", "DEN_APT_CACHE": APT}
     with BenchDaemon(pool_size="20G", extra_env=env) as d:
         c = Client(socket_path=str(d.socket))
         ensure_image(c)
