@@ -51,7 +51,7 @@ import asyncssh
 
 from den import tasks
 from den.errors import BackendFailure, DenError
-from den.ssh import limits, streamlocal
+from den.ssh import bridge, limits, streamlocal
 
 if TYPE_CHECKING:
     from asyncssh.packet import SSHPacket
@@ -106,7 +106,7 @@ class Forwarding:
         needed), or None when it cannot be had (the session runs without it)."""
         return await self.agents.attach(self, ws, acct)
 
-    async def open_channel(self, factory: Callable[[], asyncssh.SSHUNIXSession[bytes]]) -> Any:
+    async def open_channel(self, factory: Callable[[], bridge.Bridge]) -> Any:
         chan = self.conn.create_agent_channel()
         return await chan.open(factory)
 
@@ -206,7 +206,7 @@ class Agents:
         loop = asyncio.get_running_loop()
         loop.add_reader(pidfd, self._drop, made)
         made.task = tasks.spawn(
-            streamlocal.serve(sock, lambda conn: self._accepted(made, conn), path),
+            bridge.serve(sock, lambda conn: self._accepted(made, conn), path),
             name="ssh-agent-listener",
         )
         self.sockets[key] = made
@@ -220,7 +220,7 @@ class Agents:
             conn.close()
             return
         tasks.spawn(
-            streamlocal.relay_out(fwd.link, owner.key[0], conn, fwd.open_channel, ticket),
+            bridge.relay_out(fwd.link, owner.key[0], conn, fwd.open_channel, ticket),
             name="ssh-agent-relay",
         )
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from den.errors import DenError
-from den.ssh import limits
+from den.ssh import bridge, limits
 from den.ssh.target import ready
 
 if TYPE_CHECKING:
@@ -53,105 +53,7 @@ def socket_in(netns: Path, family: int) -> socket.socket:
         os.close(target)
 
 
-class _TcpSide(asyncio.Protocol):
-    def __init__(self, ssh: _SshSide) -> None:
-        self.ssh = ssh
-        self.transport: asyncio.Transport | None = None
-        # Read before the channel is open (one read at most: reading is held); None: EOF.
-        self.early: list[bytes | None] = []
-        self.eof = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.ssh.ticket.close_socket = transport.abort
-        limits.hold_until_open(transport, lambda: self.ssh.chan is None)
-
-    def data_received(self, data: bytes) -> None:
-        self.ssh.link.count_out(len(data))
-        if self.ssh.chan is not None:
-            self.ssh.chan.write(data)
-        else:
-            self.early.append(data)
-            if self.transport is not None:
-                limits.hold(self.transport)
-
-    def eof_received(self) -> bool:
-        if self.eof:  # again after a resume: told once
-            return True
-        self.eof = True
-        if self.ssh.chan is not None:
-            self.ssh.chan.write_eof()
-        else:
-            self.early.append(None)
-        return True
-
-    def pause_writing(self) -> None:
-        if self.ssh.chan is not None:
-            self.ssh.chan.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.ssh.chan is not None:
-            self.ssh.chan.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.ssh.chan is not None:
-            self.ssh.chan.close()
-        self.ssh.ticket.ended("socket")
-
-
-class _SshSide(asyncssh.SSHTCPSession[bytes]):
-    def __init__(self, link: Link, ws_id: str, ticket: limits.Ticket) -> None:
-        self.link = link
-        self.ws_id = ws_id
-        self.ticket = ticket
-        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
-        self.tcp: _TcpSide | None = None
-
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
-        self.chan = chan
-        t = self.tcp.transport if self.tcp is not None else None
-        if self.tcp is None or t is None or t.is_closing():
-            chan.close()
-            return
-        for data in self.tcp.early:
-            if data is None:
-                chan.write_eof()
-            else:
-                chan.write(data)
-        self.tcp.early.clear()
-        t.resume_reading()
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.link.count_in(len(data))
-        self.link.app.activity.touch(self.ws_id, "forward")
-        if self.tcp is not None and self.tcp.transport is not None:
-            self.tcp.transport.write(data)
-
-    def eof_received(self) -> bool:
-        if (
-            self.tcp is not None
-            and self.tcp.transport is not None
-            and self.tcp.transport.can_write_eof()
-        ):
-            self.tcp.transport.write_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.tcp is not None and self.tcp.transport is not None:
-            self.tcp.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.tcp is not None and self.tcp.transport is not None:
-            self.tcp.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.tcp is not None and self.tcp.transport is not None:
-            self.tcp.transport.close()
-        self.ticket.ended("channel")
-
-
-async def open_tunnel(link: Link, host: str, port: int) -> _SshSide:
+async def open_tunnel(link: Link, host: str, port: int) -> bridge.Bridge:
     """Connect to ``host:port`` of the link's workspace; a refusal becomes the client's error."""
     ticket = limits.admit(link)
     if ticket is None:
@@ -163,7 +65,7 @@ async def open_tunnel(link: Link, host: str, port: int) -> _SshSide:
         raise
 
 
-async def _open_tunnel(link: Link, host: str, port: int, ticket: limits.Ticket) -> _SshSide:
+async def _open_tunnel(link: Link, host: str, port: int, ticket: limits.Ticket) -> bridge.Bridge:
     try:
         assert link.ref is not None
         ws = await ready(link.app, link.caller, link.ref)
@@ -187,10 +89,7 @@ async def _open_tunnel(link: Link, host: str, port: int, ticket: limits.Ticket) 
             sock.close()
             raise
         link.session.opened("forward")
-        ssh = _SshSide(link, ws.ws_id, ticket)
-        tcp = ssh.tcp = _TcpSide(ssh)
-        await loop.create_connection(lambda: tcp, sock=sock)
-        return ssh
+        return await bridge.attach(link, ws.ws_id, sock, ticket)
     except asyncssh.ChannelOpenError:
         raise
     except DenError as exc:

@@ -18,14 +18,14 @@ import ipaddress
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from den import tasks
 from den.errors import DenError
 from den.services.account import ROOT, login_account
-from den.ssh import limits
+from den.ssh import bridge
 from den.ssh.forward import _netns_thread, socket_in
 from den.ssh.target import Ready, as_root, ready
 
@@ -84,171 +84,36 @@ def _listen(sock: socket.socket, family: int, addr: str, port: int) -> int:
     return int(sock.getsockname()[1])
 
 
-class _Tcp(asyncio.Protocol):
-    """The workspace side of one forwarded connection."""
-
-    def __init__(self, fwd: RemoteListener) -> None:
-        self.fwd = fwd
-        self.transport: asyncio.Transport | None = None
-        self.ssh: _Ssh | None = None
-        self.ticket: limits.Ticket | None = None
-        # Read before the channel is open (one read at most: reading is held); None: EOF.
-        self.early: list[bytes | None] = []
-        self.eof = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.ticket = limits.admit(self.fwd.link, self.fwd.gate)
-        if self.ticket is None:  # past a limit: closed at once, costing nothing
-            transport.abort()
-            return
-        self.ticket.close_socket = transport.abort
-        # Nothing is read until the client has opened its channel.
-        limits.hold_until_open(transport, lambda: self.ssh is None)
-        peer = transport.get_extra_info("peername") or ("", 0)
-        tasks.spawn(self._open(str(peer[0]), int(peer[1])), name="ssh-remote-forward")
-
-    async def _open(self, orig_host: str, orig_port: int) -> None:
-        fwd = self.fwd
-        ssh = _Ssh(self, fwd)
-        opening = asyncio.ensure_future(
-            fwd.conn.create_connection(lambda: ssh, fwd.listen_host, fwd.port, orig_host, orig_port)
-        )
-        try:
-            done, _ = await asyncio.wait({opening}, timeout=limits.OPEN_SECONDS)
-            if not done:  # given up inside; the place is kept until the client answers
-                log.info("ssh -R: a channel was not confirmed in time: closed inside")
-                if self.transport is not None:
-                    self.transport.abort()
-            await opening
-        except (asyncssh.Error, OSError) as exc:  # the client could not reach its side
-            log.debug("ssh -R connection refused by the client: %s", exc)
-            if self.transport is not None:
-                self.transport.abort()
-            if self.ticket is not None:
-                self.ticket.ended("channel")
-            return
-        if self.transport is None or self.transport.is_closing():
-            ssh.close()
-            return
-        self.ssh = ssh
-        assert ssh.chan is not None
-        for data in self.early:
-            if data is None:
-                ssh.chan.write_eof()
-            else:
-                ssh.chan.write(data)
-        self.early.clear()
-        self.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self.fwd.link.count_out(len(data))
-        self.fwd.touch()
-        if self.ssh is None or self.ssh.chan is None:
-            self.early.append(data)
-            if self.transport is not None:
-                limits.hold(self.transport)
-            return
-        self.ssh.chan.write(data)
-
-    def eof_received(self) -> bool:
-        if self.eof:  # again after a resume: told once
-            return True
-        self.eof = True
-        if self.ssh is not None and self.ssh.chan is not None:
-            self.ssh.chan.write_eof()
-        else:
-            self.early.append(None)
-        return True  # half-closed: the other direction may still flow
-
-    def pause_writing(self) -> None:
-        if self.ssh is not None and self.ssh.chan is not None:
-            self.ssh.chan.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.ssh is not None and self.ssh.chan is not None:
-            self.ssh.chan.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self.ssh is not None:
-            self.ssh.close()
-        if self.ticket is not None:
-            self.ticket.ended("socket")
-
-
-class _Ssh(asyncssh.SSHTCPSession[bytes]):
-    """The client side of one forwarded connection."""
-
-    def __init__(self, tcp: _Tcp, fwd: RemoteListener) -> None:
-        self.tcp = tcp
-        self.fwd = fwd
-        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
-
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
-        self.chan = chan
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.fwd.link.count_in(len(data))
-        self.fwd.touch()
-        if self.tcp.transport is not None:
-            self.tcp.transport.write(data)
-
-    def eof_received(self) -> bool:
-        t = self.tcp.transport
-        if t is not None and t.can_write_eof():
-            t.write_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.tcp.transport is not None:
-            self.tcp.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.tcp.transport is not None:
-            self.tcp.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.tcp.transport is not None:
-            self.tcp.transport.close()
-        if self.tcp.ticket is not None:
-            self.tcp.ticket.ended("channel")
-
-    def close(self) -> None:
-        if self.chan is not None:
-            self.chan.close()
-
-
-class RemoteListener(asyncssh.SSHListener):
+class RemoteListener(bridge.Listener):
     """Listening sockets inside one workspace for one ``tcpip-forward`` request."""
 
     def __init__(
-        self, link: Link, conn: asyncssh.SSHServerConnection, ws: Ready, listen_host: str
+        self, link: Link, conn: asyncssh.SSHServerConnection, ws: Ready, host: str, port: int
     ) -> None:
-        super().__init__()
-        self.link = link
+        super().__init__(link, ws.ws_id, f"ssh -R {host or '*'}:{port} of {link.ref}")
         self.conn = conn
-        self.ws_id = ws.ws_id
-        self.listen_host = listen_host
-        self.port = 0
-        self.servers: list[asyncio.Server] = []
+        self.listen_host = host
+        self.port = port
         self._init_fd: int | None = None
-        self._closed = asyncio.Event()
-        self.gate = limits.Gate(limits.RELAYS_PER_LISTENER, "an ssh -R port")
 
     def get_port(self) -> int:
         return self.port
 
-    def touch(self) -> None:
-        self.link.app.activity.touch(self.ws_id, "forward")
+    def open_channel(self, conn: socket.socket) -> bridge.OpenChannel:
+        try:
+            peer = conn.getpeername()
+        except OSError:  # already gone: the channel says so no worse
+            peer = ("", 0)
 
-    async def start(self, socks: list[socket.socket]) -> None:
-        loop = asyncio.get_running_loop()
-        for sock in socks:
-            # asyncio's accept loop stops for a second on EMFILE and the like (no spin);
-            # each connection it accepts is counted against self.gate in _Tcp.
-            self.servers.append(await loop.create_server(lambda: _Tcp(self), sock=sock))
+        def opener(factory: Callable[[], bridge.Bridge]) -> Awaitable[Any]:
+            return self.conn.create_connection(
+                factory, self.listen_host, self.port, str(peer[0]), int(peer[1])
+            )
+
+        return opener
+
+    def start(self, socks: list[socket.socket]) -> None:
+        super().start(socks)
         self._watch_workspace()
 
     def _watch_workspace(self) -> None:
@@ -280,12 +145,7 @@ class RemoteListener(asyncssh.SSHListener):
             asyncio.get_running_loop().remove_reader(self._init_fd)
             os.close(self._init_fd)
             self._init_fd = None
-        for server in self.servers:
-            server.close()
-        self._closed.set()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
+        super().close()
 
 
 async def listen(
@@ -308,15 +168,11 @@ async def listen(
     except OSError as exc:
         _refuse(conn, port, f"cannot listen on {host or '*'}:{port} in the workspace: {exc}")
         return False
-    listener = RemoteListener(link, conn, ws, host)
-    listener.port = int(socks[0].getsockname()[1])
-    listener.gate.what = f"ssh -R {host or '*'}:{listener.port} of {link.ref}"
+    listener = RemoteListener(link, conn, ws, host, int(socks[0].getsockname()[1]))
     try:
-        await listener.start(socks)
+        listener.start(socks)
     except BaseException:
         listener.close()
-        for sock in socks:
-            sock.close()
         raise
     link.session.opened("forward")
     log.info(
