@@ -5,6 +5,7 @@ ssh, sftp and ``root+NAME`` logins are in tests/ssh/test_own_user.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -133,3 +134,41 @@ def test_email_is_checked_and_shown(pool_daemon: Daemon, users: Users) -> None:
 def test_root_is_no_user_name(pool_daemon: Daemon) -> None:
     """``ssh root+NAME@host`` is root inside NAME: no den user may be called root."""
     assert "reserved" in invalid(pool_daemon, "user.create", "name", name="root")
+
+
+def test_the_account_written_before_start_follows_no_symlink(tmp_path: Path) -> None:
+    """Written into the image's tree on the host: a symlink an imported image
+    planted (etc/passwd -> a host file, home -> /) changes nothing outside it."""
+    from den.services.account import write_account
+
+    outside = tmp_path / "host-passwd"
+    outside.write_text("root:x:0:0::/root:/bin/sh\n")
+    tree = tmp_path / "img"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "usr" / "bin").mkdir(parents=True)
+    (tree / "usr" / "bin" / "sh").write_text("")
+    (tree / "etc" / "group").write_text("root:x:0:\n")
+    (tree / "etc" / "passwd").symlink_to(outside)
+    assert not write_account(tree, "alice", "", ["ssh-ed25519 AAAA k"], "[user]\n")
+    assert outside.read_text() == "root:x:0:0::/root:/bin/sh\n"
+    (tree / "etc" / "passwd").unlink()
+    (tree / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh")  # no final newline
+    (tree / "home").symlink_to(tmp_path)
+    with contextlib.suppress(OSError):  # refused at the symlink: where nothing went matters
+        write_account(tree, "alice", "", ["ssh-ed25519 AAAA k"], "[user]\n")
+    assert not (tmp_path / "alice").exists()
+    (tree / "home").unlink()
+    (tree / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh")
+    assert write_account(tree, "alice", "A", ["ssh-ed25519 AAAA k"], "[user]\n\tname = A\n")
+    assert (tree / "etc" / "passwd").read_text().splitlines()[-1] == (
+        "alice:x:1000:1000:A:/home/alice:/bin/sh"
+    )
+    home = tree / "home" / "alice"
+    assert home.stat().st_uid == 1000 and home.stat().st_mode & 0o777 == 0o700
+    keys = home / ".ssh" / "authorized_keys"
+    assert keys.read_text() == "ssh-ed25519 AAAA k\n" and keys.stat().st_uid == 1000
+    assert (tree / "etc" / "sudoers.d" / "den-alice").stat().st_mode & 0o777 == 0o440
+    # uid 1000 taken already: left to the script inside (a rename), nothing written.
+    before = (tree / "etc" / "passwd").read_text()
+    assert not write_account(tree, "bob", "", [], "")
+    assert (tree / "etc" / "passwd").read_text() == before

@@ -352,13 +352,19 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
         await insert_row(ctx, ws)
     pool = ctx.app.pool
 
+    written = False
+
     async def storage() -> None:
-        await pool.snapshot(pool.image_path(image), ws.id, "rootfs")
+        nonlocal written
+        rootfs = await pool.snapshot(pool.image_path(image), ws.id, "rootfs")
+        if holds:  # the owner's own user, into the untouched image tree
+            written = await account.write_at_create(ctx, rootfs, owner)
         await pool.snapshot(pool.code, ws.id, "code")
         await apply_disk_limit(ctx, ws)
 
     await materialize(ctx, ws, owner, storage)
-    await account.setup_owner(ctx, ws, owner)  # the owner's own user inside
+    if not written:
+        await account.setup_owner(ctx, ws, owner)  # the owner's own user, made inside
     await dotfiles.start_at_create(ctx, ws, owner, p.dotfiles)  # in the background
     return ws_out(ws, owner.name)
 
