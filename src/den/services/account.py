@@ -32,6 +32,7 @@ from den.backends.sandbox import NotReadable
 from den.db.models import SshKey, User, Workspace
 from den.errors import DenError, InvalidParams
 from den.ssh import inside
+from den.storage.rootfs import DIR_FLAGS, new_file
 
 if TYPE_CHECKING:
     from den.app import App
@@ -298,7 +299,6 @@ def git_account(spec: Spec, rel: str) -> str:
 # path is still walked by descriptors that follow no symlink, the image being
 # an admin's import maybe. Anything but the plain case (uid 1000 or the name
 # taken, no regular /etc/passwd...) is left to SETUP, inside.
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SKEL_DEPTH = 8
 
 
@@ -326,21 +326,6 @@ def _append(dir_fd: int, name: str, old: str, line: str) -> None:
         os.close(fd)
 
 
-def _new_file(dir_fd: int, name: str, text: str, mode: int, owner: int) -> None:
-    fd = os.open(
-        name,
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-        mode,
-        dir_fd=dir_fd,
-    )
-    try:
-        os.write(fd, text.encode())
-        os.fchown(fd, owner, owner)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-
-
 def _copy_tree(src: int, dst: int, depth: int = 0) -> None:
     """Regular files and directories of ``src`` into ``dst``, owned by UID (a skeleton)."""
     for entry in os.scandir(src):
@@ -349,12 +334,12 @@ def _copy_tree(src: int, dst: int, depth: int = 0) -> None:
             text = _regular(src, entry.name)
             if text is not None:
                 with contextlib.suppress(FileExistsError):
-                    _new_file(dst, entry.name, text, stat.S_IMODE(st.st_mode) & 0o755, UID)
+                    new_file(dst, entry.name, text, stat.S_IMODE(st.st_mode) & 0o755, UID)
         elif stat.S_ISDIR(st.st_mode) and depth < _SKEL_DEPTH:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(entry.name, 0o755, dir_fd=dst)
-            sub_src = os.open(entry.name, _DIR, dir_fd=src)
-            sub_dst = os.open(entry.name, _DIR, dir_fd=dst)
+            sub_src = os.open(entry.name, DIR_FLAGS, dir_fd=src)
+            sub_dst = os.open(entry.name, DIR_FLAGS, dir_fd=dst)
             try:
                 os.fchown(sub_dst, UID, UID)
                 _copy_tree(sub_src, sub_dst, depth + 1)
@@ -373,7 +358,7 @@ def write_account(root: Path, name: str, gecos: str, keys: list[str], gitcfg: st
         if create:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(rel, 0o755, dir_fd=at)
-        fd = os.open(rel, _DIR, dir_fd=at)
+        fd = os.open(rel, DIR_FLAGS, dir_fd=at)
         fds.append(fd)
         return fd
 
@@ -416,12 +401,12 @@ def write_account(root: Path, name: str, gecos: str, keys: list[str], gitcfg: st
             os.mkdir(".ssh", 0o700, dir_fd=home)
         ssh = opendir(".ssh", home)
         os.fchown(ssh, UID, UID)
-        _new_file(ssh, "authorized_keys", "".join(f"{k}\n" for k in keys if k), 0o600, UID)
+        new_file(ssh, "authorized_keys", "".join(f"{k}\n" for k in keys if k), 0o600, UID)
         if "[user]" not in (_regular(home, ".gitconfig") or ""):
             with contextlib.suppress(FileExistsError):
-                _new_file(home, ".gitconfig", gitcfg, 0o644, UID)
+                new_file(home, ".gitconfig", gitcfg, 0o644, UID)
         sudoers = opendir("sudoers.d", etc, create=True)
-        _new_file(sudoers, f"den-{name}", f"{name} ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440, 0)
+        new_file(sudoers, f"den-{name}", f"{name} ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440, 0)
         return True
     finally:
         for fd in fds:

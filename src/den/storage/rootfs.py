@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MISSING = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 RESOLV_CONF = "# den: every workspace gets its own resolver configuration here.\n"
@@ -45,7 +45,7 @@ def _dir(root_fd: int, rel: str, *, create: bool = False) -> Iterator[int | None
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
             try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno not in _MISSING:
                     raise
@@ -76,6 +76,12 @@ def _unlink(dir_fd: int, name: str) -> None:
 def _write(dir_fd: int, name: str, content: str, mode: int = 0o644) -> None:
     """Replace ``name`` (whatever it was, a symlink included) by a plain root-owned file."""
     _unlink(dir_fd, name)
+    new_file(dir_fd, name, content, mode)
+
+
+def new_file(dir_fd: int, name: str, content: str, mode: int = 0o644, owner: int = 0) -> None:
+    """Create ``name`` (FileExistsError if anything is there, a symlink included),
+    owned by ``owner`` (uid and gid) with exactly ``mode``."""
     fd = os.open(
         name,
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -84,7 +90,7 @@ def _write(dir_fd: int, name: str, content: str, mode: int = 0o644) -> None:
     )
     try:
         os.write(fd, content.encode())
-        os.fchown(fd, 0, 0)
+        os.fchown(fd, owner, owner)
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
@@ -140,7 +146,7 @@ def fix_up(root: Path) -> None:
     C.UTF-8 locale, a placeholder resolv.conf and hostname, a user skeleton,
     and no apt caches.
     """
-    root_fd = os.open(root, _DIR_FLAGS)
+    root_fd = os.open(root, DIR_FLAGS)
     try:
         with _dir(root_fd, "etc/ssh") as fd:
             if fd is not None:
