@@ -67,6 +67,8 @@ class Daemon:
             # Image builds of every test session share one package cache: a fresh
             # clone downloads each .deb once.
             "DEN_APT_CACHE": str(ROOT / ".cache" / "apt"),
+            # Caddy only where a test uses workspace URLs (tests/web turn it on).
+            "DEN_WEB": "false",
         }
         if database_url:
             self.env["DEN_DATABASE_URL"] = database_url

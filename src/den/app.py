@@ -67,6 +67,14 @@ class App:
         self.ssh_port = 0
         # Removed keys, deleted or demoted users: open SSH connections listen here.
         self.revocations = Revocations()
+        # Bumped after every change to who may open workspace URLs or where they
+        # lead: the web gate's caches are good only for one generation.
+        self.web_generation = 0
+        self.revocations.subscribe(lambda _ev: self.web_changed())
+
+    def web_changed(self) -> None:
+        """Forget what the web gate cached (sharing, ports, sessions, domains, users)."""
+        self.web_generation += 1
 
     @property
     def backend(self) -> SandboxBackend:

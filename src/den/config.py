@@ -148,6 +148,71 @@ class Settings(BaseSettings):
         None,
         description="Bind-mount the shared code tree here on the host (e.g. /code); unset: not.",
     )
+    # -- the web front door (den.web): Caddy in front, den decides ------------------
+    web: bool = Field(
+        True,
+        description="Serve workspace URLs over HTTPS: den starts Caddy as its child and answers "
+        "its access checks.",
+    )
+    domain: str = Field(
+        "den.localhost",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$",
+        description="Domain of workspace URLs: each workspace is LABEL.DOMAIN (a wildcard DNS "
+        "record points them here; *.localhost needs none).",
+    )
+    https_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="HTTPS port of workspace URLs (default 8443 for *.localhost, 443 otherwise).",
+    )
+    https_host: str | None = Field(
+        None,
+        description="Address Caddy listens on (default 127.0.0.1 for *.localhost, every address "
+        "otherwise).",
+    )
+    tls: Literal["internal", "acme"] = Field(
+        "internal",
+        description="Certificates: internal (Caddy's own CA; `den ca` prints its root) or acme "
+        "(Let's Encrypt, issued on demand for names den serves).",
+    )
+    acme_email: str = Field("", max_length=254, description="Contact address for the ACME account.")
+    acme_ca: str = Field(
+        "", max_length=500, description="ACME directory URL (default: Let's Encrypt production)."
+    )
+    caddy_bin: Path = Field(Path("/usr/bin/caddy"), description="The Caddy program den runs.")
+    web_default_port: int = Field(
+        8080, ge=1, le=65535, description="Port a new workspace's URL proxies to."
+    )
+    web_start_stopped: bool = Field(
+        False,
+        description="A request to a stopped workspace's URL starts it (suspended ones are "
+        "always resumed).",
+    )
+    web_session_days: float = Field(
+        14.0, gt=0, le=366, description="Days a browser stays signed in."
+    )
+    login_link_seconds: int = Field(
+        300, ge=10, le=86400, description="Seconds a one-time login link stays valid."
+    )
+    oauth_enabled: bool = Field(
+        False, description="Accept JWTs signed by a key of oauth_jwks_url as bearer credentials."
+    )
+    oauth_jwks_url: str = Field("", max_length=2000, description="URL of the issuer's JWKS.")
+    oauth_issuer: str = Field("", max_length=2000, description="Required `iss` of a JWT.")
+    oauth_audience: str = Field("", max_length=2000, description="Required `aud` of a JWT.")
+    oauth_user_claim: str = Field(
+        "sub", max_length=100, description="JWT claim that names the den user."
+    )
+    dns_servers: list[str] = Field(
+        default_factory=list,
+        max_length=10,
+        description="Nameservers (ADDR or ADDR:PORT) for custom-domain checks; empty: the "
+        "system's resolver.",
+    )
+
     debian_mirror: str = Field(
         "", description="Debian mirror for image builds; empty: the one in the host's apt sources."
     )
@@ -269,6 +334,24 @@ class Settings(BaseSettings):
             if port not in explicit and getattr(self, port):
                 setattr(self, port, getattr(self, port) + n)
         return self
+
+    @property
+    def local_domain(self) -> bool:
+        """The domain resolves to loopback everywhere (*.localhost): no DNS, no public CA."""
+        return self.domain == "localhost" or self.domain.endswith(".localhost")
+
+    @property
+    def web_port(self) -> int:
+        """The HTTPS port of workspace URLs (instance N: shifted by N unless set)."""
+        if self.https_port is not None:
+            return self.https_port
+        return (8443 if self.local_domain else 443) + self.instance
+
+    @property
+    def web_host(self) -> str:
+        if self.https_host is not None:
+            return self.https_host
+        return "127.0.0.1" if self.local_domain else ""
 
     @property
     def db_url(self) -> str:

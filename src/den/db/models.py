@@ -167,6 +167,10 @@ class Workspace(Base):
     dotfiles_state: Mapped[str] = mapped_column(String(16), default="", server_default="")
     dotfiles_log: Mapped[str] = mapped_column(Text, default="", server_default="")
     dotfiles_at: Mapped[datetime | None] = mapped_column()
+    # The web front door (den.web): the port its URL proxies to, and who may
+    # open its URLs (private | users | public; share links work in every mode).
+    http_port: Mapped[int] = mapped_column(Integer, default=8080, server_default="8080")
+    share_mode: Mapped[str] = mapped_column(String(16), default="private", server_default="private")
 
     user: Mapped[User] = relationship()
 
@@ -211,3 +215,90 @@ class EgressRule(Base):
     note: Mapped[str] = mapped_column(String(200), default="")
     created_by: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ShareUser(Base):
+    """A den user a workspace is shared with (its URLs, in share mode ``users``)."""
+
+    __tablename__ = "share_users"
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ShareLink(Base):
+    """A secret link to a workspace's URLs: whoever holds it gets in until it is revoked."""
+
+    __tablename__ = "share_links"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class PublishedPort(Base):
+    """A further port of a workspace with a URL of its own."""
+
+    __tablename__ = "published_ports"
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    port: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BrowserSession(Base):
+    """A browser signed in as a den user (the cookie holds ``id`` and a secret)."""
+
+    __tablename__ = "browser_sessions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    client: Mapped[str] = mapped_column(String(64), default="")
+    agent: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    last_seen_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class LoginLink(Base):
+    """A one-time link that signs a browser in as a den user (short-lived, single use)."""
+
+    __tablename__ = "login_links"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column()
+
+
+class CustomDomain(Base):
+    """A domain of the owner's that serves a workspace once verified."""
+
+    __tablename__ = "custom_domains"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    domain: Mapped[str] = mapped_column(String(253), unique=True)
+    port: Mapped[int | None] = mapped_column(Integer)  # None: the workspace's http_port
+    token: Mapped[str] = mapped_column(String(64))  # the public verification value
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    verified_at: Mapped[datetime | None] = mapped_column()
+    verified_by: Mapped[str] = mapped_column(String(16), default="")  # txt | http
