@@ -20,6 +20,8 @@ MODULES = (
     "idle",
     "sessions",
     "egress",
+    "weblogin",
+    "sharing",
 )
 
 

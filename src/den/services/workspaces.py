@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,7 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from den.backends.base import Spec
-from den.db.models import Image, User, Workspace
+from den.config import Settings
+from den.db.models import Image, PublishedPort, User, Workspace
 from den.errors import BackendFailure, Conflict, DenError, InvalidParams, NotFound
 from den.log import timed
 from den.net import ipam
@@ -36,6 +37,7 @@ from den.services.quotas import (
     parse_disk,
     parse_mib,
 )
+from den.web.urls import workspace_url
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -82,9 +84,43 @@ class WorkspaceOut(BaseModel):
     dotfiles_url: str = Field("", description="Dotfiles repository, credentials masked.")
     dotfiles_state: str = Field("", description="running, ok or failed ('': none).")
     dotfiles_log: str | None = Field(None, description="Tail of the dotfiles' output (den show).")
+    url: str = Field("", description="Its HTTPS URL (proxied to its http_port).")
+    urls: list[str] = Field(
+        default_factory=list, description="Every URL: the main one, then its published ports'."
+    )
 
 
-def ws_out(ws: Workspace, owner: str) -> WorkspaceOut:
+def ws_urls(settings: Settings, ws: Workspace, owner: str, ports: Iterable[int] = ()) -> list[str]:
+    """The main URL of a workspace, then those of its published ``ports``."""
+    main = workspace_url(settings, owner, ws.name)
+    return [main, *(workspace_url(settings, owner, ws.name, p) for p in sorted(ports))]
+
+
+async def published_ports(db: AsyncSession, ids: Collection[str]) -> dict[str, list[int]]:
+    """The published ports of the workspaces ``ids`` (one query), sorted."""
+    out: dict[str, list[int]] = {}
+    if ids:
+        rows = await db.execute(
+            select(PublishedPort.workspace_id, PublishedPort.port)
+            .where(PublishedPort.workspace_id.in_(list(ids)))
+            .order_by(PublishedPort.port)
+        )
+        for ws_id, port in rows.tuples():
+            out.setdefault(ws_id, []).append(port)
+    return out
+
+
+async def ws_out_urls(ctx: Context, ws: Workspace, owner: str) -> WorkspaceOut:
+    """ws_out with its URLs, published ports included."""
+    ports = (await published_ports(ctx.db, [ws.id])).get(ws.id, [])
+    return ws_out(ws, owner, ctx.app.settings, ports)
+
+
+def ws_out(
+    ws: Workspace, owner: str, settings: Settings | None = None, ports: Iterable[int] = ()
+) -> WorkspaceOut:
+    """A workspace as callers see it; with ``settings``, its URLs too."""
+    urls = ws_urls(settings, ws, owner, ports) if settings is not None else []
     return WorkspaceOut(
         id=ws.id,
         ref=f"{owner}/{ws.name}",
@@ -103,6 +139,8 @@ def ws_out(ws: Workspace, owner: str) -> WorkspaceOut:
         last_activity_at=ws.last_activity_at,
         last_activity_kind=ws.last_activity_kind,
         **dotfiles.summary(ws),
+        url=urls[0] if urls else "",
+        urls=urls,
     )
 
 
@@ -345,6 +383,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
         pids=pids,
         disk_mb=disk_mb,
         backend_state={CODE_OWNER: account.UID} if holds else {},
+        http_port=s.web_default_port,
     )
     async with owner_lock(ctx, owner):
         await _name_free(ctx, owner, p.name)
@@ -366,7 +405,8 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     if not written:
         await account.setup_owner(ctx, ws, owner)  # the owner's own user, made inside
     await dotfiles.start_at_create(ctx, ws, owner, p.dotfiles)  # in the background
-    return ws_out(ws, owner.name)
+    ctx.app.web_changed()  # its label is known now (the gate may have cached "no such host")
+    return ws_out(ws, owner.name, s)
 
 
 @method(
@@ -382,6 +422,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
             "cpu",
             "memory_mb",
             "created_at",
+            "url",
             "state_reason",
         ),
     ),
@@ -399,14 +440,15 @@ async def workspace_list(ctx: Context, p: WsList) -> list[WorkspaceOut]:
         else:
             q = q.where(Workspace.user_id == ctx.caller.user_id)
     rows = (await ctx.db.execute(q.order_by(User.name, Workspace.name))).all()
-    return [ws_out(ws, owner) for ws, owner in rows]
+    ports = await published_ports(ctx.db, [ws.id for ws, _ in rows])
+    return [ws_out(ws, owner, ctx.app.settings, ports.get(ws.id, ())) for ws, owner in rows]
 
 
 @method("workspace.get", right=Right.read, cli=Cli("show"))
 async def workspace_get(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Show one workspace: state, address, image, resources, activity."""
     ws, owner = await find_workspace(ctx, p.ref, deleting=True)
-    out = ws_out(ws, owner.name)
+    out = await ws_out_urls(ctx, ws, owner.name)
     out.dotfiles_log = dotfiles.log_of(ws, out.ref) if ws.dotfiles_state else None
     return out
 
@@ -417,15 +459,16 @@ async def workspace_rename(ctx: Context, p: WsRename) -> WorkspaceOut:
     ws, owner = await find_workspace(ctx, p.ref)
     ctx.target = f"workspace:{owner.name}/{ws.name}"
     if p.new_name == ws.name:
-        return ws_out(ws, owner.name)
+        return await ws_out_urls(ctx, ws, owner.name)
     dup = await ctx.db.execute(
         select(Workspace.id).where(Workspace.user_id == owner.id, Workspace.name == p.new_name)
     )
     if dup.first() is not None:
         raise Conflict(f"{owner.name} has a workspace named {p.new_name!r} already")
     ws.name = p.new_name
-    await ctx.db.flush()
-    return ws_out(ws, owner.name)
+    await ctx.db.commit()
+    ctx.app.web_changed()  # its URLs are new ones, the old ones lead nowhere
+    return await ws_out_urls(ctx, ws, owner.name)
 
 
 @method("workspace.resize", right=Right.write, cli=Cli("resize"))
@@ -454,7 +497,7 @@ async def workspace_resize(ctx: Context, p: WsResize) -> WorkspaceOut:
             ws.cpu, ws.memory_mb, ws.pids, ws.disk_mb = before
             await ctx.db.commit()
             raise
-    return ws_out(ws, owner.name)
+    return await ws_out_urls(ctx, ws, owner.name)
 
 
 @method("workspace.clone", right=Right.write, cli=Cli("cp"))
@@ -478,6 +521,7 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
         disk_mb=src.disk_mb if src.disk_mb is not None else parse_disk(ctx, default_disk(ctx)),
         # The copy's files were written through the source's /code view: the same map.
         backend_state={CODE_OWNER: code_owner} if code_owner else {},
+        http_port=src.http_port,  # the same app listens on the same port; sharing is not copied
     )
     src_id = src.id
     async with owner_lock(ctx, owner):
@@ -494,7 +538,8 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     await materialize(ctx, ws, owner, storage)
     # The source's account becomes the new owner's (renamed when it was another user's).
     await account.setup_owner(ctx, ws, owner)
-    return ws_out(ws, owner.name)
+    ctx.app.web_changed()
+    return ws_out(ws, owner.name, ctx.app.settings)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -530,6 +575,8 @@ async def delete_workspace(ctx: Context, ws: Workspace, owner: User) -> None:
             ) from exc
         await ctx.db.delete(ws)
         await ctx.db.commit()
+    # Its address may go to another workspace next: nothing cached may lead there.
+    ctx.app.web_changed()
     ctx.app.ws_locks.pop(ws.id, None)
     await maybe_teardown_network(ctx)
 
