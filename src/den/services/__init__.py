@@ -20,7 +20,9 @@ MODULES = (
     "idle",
     "sessions",
     "egress",
+    "weblogin",
     "sharing",
+    "domains",
 )
 
 

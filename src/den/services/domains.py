@@ -1,0 +1,592 @@
+"""Custom domains: a name of the owner's that serves one of their workspaces.
+
+``domain.add`` records the claim with a random token and says which records
+to create; ``domain.verify`` checks that whoever controls the name's DNS
+published the token (a TXT record ``_den-challenge.NAME``), or that
+``http://NAME/.well-known/den-challenge/TOKEN`` answers it (den's gate answers
+that path for pending claims, so pointing the name here is enough). Only a
+verified name is served (:func:`domain_target`); until then the gate knows the
+name only for the challenge (:func:`challenge_answer`).
+
+Names are resolved with ``settings.dns_servers`` when set (tests point it at a
+server of their own), else with the system's resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import secrets
+import socket
+import weakref
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import aiohttp
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.resolver
+from aiohttp.abc import AbstractResolver, ResolveResult
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from yarl import URL
+
+from den.config import Settings
+from den.db.models import CustomDomain, User, Workspace
+from den.errors import BackendFailure, Conflict, InvalidParams, NotFound
+from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
+from den.services.common import release_db
+from den.services.workspaces import find_workspace
+from den.web.labels import label
+from den.web.urls import base
+
+if TYPE_CHECKING:
+    from den.app import App
+
+CHALLENGE_LABEL = "_den-challenge"
+CHALLENGE_PATH = "/.well-known/den-challenge/"
+DNS_SECONDS = 3.0
+HTTP_SECONDS = 5.0
+HTTP_BODY_CAP = 1024
+MAX_REDIRECTS = 3
+# An unverified claim keeps the name from other workspaces this long; after
+# it anyone may claim the name again (so a claim nobody can verify does not
+# squat it forever; an admin can remove one at any time).
+PENDING_HOLD = timedelta(hours=24)
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# Names that never reach a public DNS zone: no certificate, no meaning elsewhere.
+_SPECIAL = ("localhost", "local", "arpa", "invalid", "internal")
+
+
+# -- names -------------------------------------------------------------------------
+
+
+def normalise(text: str, settings: Settings) -> str:
+    """The domain as den stores it (lowercase, no trailing dot), or a -32602 naming why not."""
+    name = text.strip().lower().removesuffix(".")
+    shown = text.strip()[:80]
+
+    def bad(why: str) -> InvalidParams:
+        return InvalidParams(f"{shown!r} {why}", field="domain")
+
+    if not name:
+        raise InvalidParams("give a domain name, e.g. app.example.com", field="domain")
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise bad("is an IP address: a custom domain is a DNS name (e.g. app.example.com)")
+    if not name.isascii():
+        raise bad("is not ASCII: write an internationalised name in its xn-- form")
+    if "*" in name:
+        raise bad("is a wildcard: add each name on its own")
+    if len(name) > 253:
+        raise bad("is longer than 253 characters")
+    labels = name.split(".")
+    if len(labels) < 2:
+        raise bad("is a single label: write the full name (e.g. app.example.com)")
+    for part in labels:
+        if not _LABEL.fullmatch(part):
+            raise bad(
+                f"has the label {part[:63]!r}: labels are 1 to 63 letters, digits or '-', "
+                "neither starting nor ending with '-'"
+            )
+    if labels[-1].isdigit():
+        raise bad("ends in a numeric label: no top-level domain is numeric")
+    if labels[-1] in _SPECIAL:
+        raise bad(f"is under .{labels[-1]}, which public DNS does not serve")
+    own = settings.domain
+    if name == own or name.endswith("." + own):
+        raise bad(f"is under den's own domain {own}: every workspace has a URL there already")
+    if own.endswith("." + name):
+        raise bad(
+            f"contains den's own domain {own}: a workspace serving it could set cookies "
+            "for every den URL"
+        )
+    return name
+
+
+# -- DNS ---------------------------------------------------------------------------
+
+
+def _nameserver(entry: str) -> dns.nameserver.Do53Nameserver:
+    """``ADDR``, ``ADDR:PORT`` or ``[V6ADDR]:PORT`` from settings.dns_servers."""
+    text, port = entry.strip(), 53
+    if text.startswith("["):
+        addr, _, rest = text[1:].partition("]")
+        text = addr
+        if rest:
+            port = int(rest.removeprefix(":")) if rest.startswith(":") else -1
+    elif text.count(":") == 1:
+        text, _, p = text.partition(":")
+        port = int(p) if p.isdigit() else -1
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        port = -1
+    if not 0 < port <= 65535:
+        raise BackendFailure(
+            f"dns_servers entry {entry[:60]!r} is not ADDR or ADDR:PORT; fix den's configuration"
+        )
+    return dns.nameserver.Do53Nameserver(text, port)
+
+
+def resolver(settings: Settings) -> dns.asyncresolver.Resolver:
+    """A resolver on settings.dns_servers (else the system's), with short timeouts."""
+    if settings.dns_servers:
+        r = dns.asyncresolver.Resolver(configure=False)
+        r.nameservers = [_nameserver(e) for e in settings.dns_servers]
+    else:
+        try:
+            r = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            raise BackendFailure(
+                "this host has no DNS resolver configured (/etc/resolv.conf); set dns_servers"
+            ) from None
+    r.timeout = r.lifetime = DNS_SECONDS
+    return r
+
+
+def _servers(r: dns.asyncresolver.Resolver) -> str:
+    return ", ".join(str(ns) for ns in r.nameservers) or "none"
+
+
+async def _lookup(r: dns.asyncresolver.Resolver, name: str, rdtype: str) -> list[str]:
+    """The records of ``name`` (text), [] when there are none; a sentence when DNS fails."""
+    try:
+        answer = await r.resolve(name, rdtype, search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except dns.resolver.LifetimeTimeout:
+        raise _DnsError(
+            f"DNS did not answer for {name} within {DNS_SECONDS:g} s (nameservers {_servers(r)})"
+        ) from None
+    except dns.resolver.NoNameservers:
+        raise _DnsError(
+            f"no nameserver could answer for {name} (nameservers {_servers(r)}; SERVFAIL "
+            "or refused)"
+        ) from None
+    except dns.exception.DNSException as exc:
+        raise _DnsError(f"DNS lookup of {name} failed: {exc}") from None
+    if rdtype == "TXT":
+        return [b"".join(rd.strings).decode("utf-8", "replace") for rd in answer]
+    return [rd.to_text() for rd in answer]
+
+
+class _DnsError(Exception):
+    pass
+
+
+async def _check_txt(settings: Settings, domain: str, token: str) -> str | None:
+    """None when ``_den-challenge.DOMAIN`` holds the token, else why not."""
+    name = f"{CHALLENGE_LABEL}.{domain}"
+    try:
+        values = await _lookup(resolver(settings), name, "TXT")
+    except _DnsError as exc:
+        return str(exc)
+    if not values:
+        return f"no TXT record {name} found; create it with the value {token}"
+    if any(secrets.compare_digest(v.strip().encode(), token.encode()) for v in values):
+        return None
+    held = ", ".join(repr(v[:80]) for v in values[:5])
+    return f"the TXT record {name} holds {held}, not this claim's token; set it to {token}"
+
+
+class _DnsPythonResolver(AbstractResolver):
+    """aiohttp's name lookups through den's resolver (settings.dns_servers)."""
+
+    def __init__(self, r: dns.asyncresolver.Resolver) -> None:
+        self.r = r
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        out: list[ResolveResult] = []
+        for rdtype, fam in (("A", socket.AF_INET), ("AAAA", socket.AF_INET6)):
+            if family not in (socket.AF_UNSPEC, fam):
+                continue
+            try:
+                addrs = await _lookup(self.r, host, rdtype)
+            except _DnsError as exc:
+                raise OSError(str(exc)) from None
+            out += [
+                ResolveResult(
+                    hostname=host,
+                    host=a,
+                    port=port,
+                    family=fam,
+                    proto=socket.IPPROTO_TCP,
+                    flags=socket.AI_NUMERICHOST,
+                )
+                for a in addrs
+            ]
+        if not out:
+            raise OSError(f"{host} has no address record")
+        return out
+
+    async def close(self) -> None:
+        pass
+
+
+async def _check_http(settings: Settings, domain: str, token: str) -> str | None:
+    """None when http://DOMAIN/.well-known/den-challenge/TOKEN answers the token, else why not.
+
+    Redirects are followed only on the same name and default ports (an answer
+    from elsewhere proves nothing about the name); the body read is capped.
+    """
+    url = URL.build(scheme="http", host=domain, path=CHALLENGE_PATH + token)
+    dns_resolver: AbstractResolver | None = (
+        _DnsPythonResolver(resolver(settings)) if settings.dns_servers else None
+    )
+    connector = aiohttp.TCPConnector(resolver=dns_resolver, use_dns_cache=False, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=HTTP_SECONDS)
+    headers = {"User-Agent": "den-domain-check"}
+    try:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, trust_env=False, headers=headers
+        ) as http:
+            for _ in range(MAX_REDIRECTS + 1):
+                async with http.get(url, allow_redirects=False) as resp:
+                    if resp.status in (301, 302, 303, 307, 308):
+                        target = url.join(URL(resp.headers.get("Location", "")))
+                        if target.host != domain or not target.is_default_port():
+                            return f"{url} redirects to {str(target)[:200]}, another host or port"
+                        url = target
+                        continue
+                    if resp.status != 200:
+                        return f"{url} answered HTTP {resp.status}, not the token"
+                    body = await resp.content.read(HTTP_BODY_CAP)
+                    if secrets.compare_digest(body.strip(), token.encode()):
+                        return None
+                    return f"{url} answered something other than the token"
+            return f"{url} redirects more than {MAX_REDIRECTS} times"
+    except (aiohttp.ClientError, OSError) as exc:
+        return f"could not fetch {url}: {str(exc)[:200] or type(exc).__name__}"
+    except TimeoutError:
+        return f"{url} did not answer within {HTTP_SECONDS:g} s"
+
+
+async def _addresses(settings: Settings, host: str) -> list[str]:
+    """Where workspace URLs resolve (for the A records to suggest); [] when unknown."""
+    if settings.local_domain:
+        return ["127.0.0.1"]
+    if settings.web_host not in ("", "0.0.0.0", "::"):
+        return [settings.web_host]
+    try:
+        r = resolver(settings)
+        return await _lookup(r, host, "A") + await _lookup(r, host, "AAAA")
+    except (_DnsError, BackendFailure):
+        return []
+
+
+# -- methods -----------------------------------------------------------------------
+
+
+class DomainAdd(Params):
+    ref: Annotated[str, CliArg()] = Field(max_length=80, description="NAME or OWNER/NAME.")
+    domain: Annotated[str, CliArg()] = Field(
+        max_length=300, description="The name to serve the workspace on (e.g. app.example.com)."
+    )
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Port in the workspace (default: its URL's port)."
+    )
+
+
+class DomainRef(Params):
+    domain: Annotated[str, CliArg()] = Field(max_length=300, description="The custom domain.")
+
+
+class DomainVerify(DomainRef):
+    method: Literal["auto", "txt", "http"] = Field(
+        "auto", description="txt, http, or auto (the TXT record, else the HTTP challenge)."
+    )
+
+
+class DomainList(Params):
+    ref: str | None = Field(None, max_length=80, description="Only this workspace's domains.")
+    all: bool = Field(False, description="Every workspace's domains (admins).")
+
+
+class DnsRecord(BaseModel):
+    type: str
+    name: str
+    value: str
+
+
+class DomainOut(BaseModel):
+    domain: str
+    workspace: str  # OWNER/NAME
+    port: int | None
+    state: Literal["pending", "verified"]
+    url: str
+    token: str | None  # the public verification value, while pending
+    created_at: datetime
+    verified_at: datetime | None
+    verified_by: str
+    records: list[DnsRecord]
+    instructions: str
+
+
+async def _out(ctx: Context, d: CustomDomain, ws: Workspace, owner: User) -> DomainOut:
+    s = ctx.app.settings
+    target = f"{label(owner.name, ws.name)}.{s.domain}"
+    verified = d.verified_at is not None
+    records = [DnsRecord(type="CNAME", name=d.domain, value=target)]
+    addrs = await _addresses(s, target)
+    for a in addrs:
+        records.append(
+            DnsRecord(type="AAAA" if ":" in a else "A", name=d.domain, value=a),
+        )
+    if not verified:
+        records.append(DnsRecord(type="TXT", name=f"{CHALLENGE_LABEL}.{d.domain}", value=d.token))
+    url = base(s, d.domain) + "/"
+    point = f"CNAME {d.domain} -> {target}"
+    if addrs:
+        point += f" (at a zone apex, where CNAME is not allowed: A/AAAA {d.domain} -> " + (
+            ", ".join(addrs) + ")"
+        )
+    if verified:
+        text = f"{url} serves {owner.name}/{ws.name} (verified by {d.verified_by}); DNS: {point}"
+    else:
+        text = (
+            f"1. Point the name here: {point}.\n"
+            f"2. Prove it is yours: TXT {CHALLENGE_LABEL}.{d.domain} = {d.token}\n"
+            f"   (or, once step 1 works, den can fetch "
+            f"http://{d.domain}{CHALLENGE_PATH}{d.token}, which den answers itself).\n"
+            f"3. Run `den domain verify {d.domain}`. den serves {url} only after that."
+        )
+    return DomainOut(
+        domain=d.domain,
+        workspace=f"{owner.name}/{ws.name}",
+        port=d.port,
+        state="verified" if verified else "pending",
+        url=url,
+        token=None if verified else d.token,
+        created_at=d.created_at,
+        verified_at=d.verified_at,
+        verified_by=d.verified_by,
+        records=records,
+        instructions=text,
+    )
+
+
+async def _find(ctx: Context, text: str) -> tuple[CustomDomain, Workspace, User]:
+    """The claim on ``text``; another user's is "not found" for members."""
+    name = text.strip().lower().removesuffix(".")
+    row = (
+        await ctx.db.execute(
+            select(CustomDomain, Workspace, User)
+            .join(Workspace, CustomDomain.workspace_id == Workspace.id)
+            .join(User, Workspace.user_id == User.id)
+            .where(CustomDomain.domain == name)
+        )
+    ).first()
+    if row is None or (not ctx.caller.is_admin and row[2].id != ctx.caller.user_id):
+        raise NotFound(f"no custom domain {text[:80]!r}; `den domain ls` lists yours")
+    d, ws, owner = row
+    ctx.target = f"domain:{d.domain}"
+    return d, ws, owner
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+@method("domain.add", right=Right.write, cli=Cli("domain add"))
+async def domain_add(ctx: Context, p: DomainAdd) -> DomainOut:
+    """Claim a domain for a workspace; the result says which DNS records to create.
+
+    The name is served only after `den domain verify` finds the TXT record (or
+    the HTTP challenge answered through the name). Adding a pending claim
+    again shows its instructions (and takes a new --port).
+    """
+    domain = normalise(p.domain, ctx.app.settings)
+    ctx.target = f"domain:{domain}"
+    try:
+        ws, owner = await find_workspace(ctx, p.ref)
+    except InvalidParams as exc:
+        raise InvalidParams(exc.errors[0]["message"], field="ref") from None
+    d = (
+        await ctx.db.execute(select(CustomDomain).where(CustomDomain.domain == domain))
+    ).scalar_one_or_none()
+    if d is not None and d.workspace_id == ws.id:
+        if d.verified_at is not None:
+            raise Conflict(f"{domain} serves {owner.name}/{ws.name} already")
+        d.port = p.port
+    elif d is not None:
+        lapse = _aware(d.created_at) + PENDING_HOLD
+        if d.verified_at is not None or lapse > datetime.now(UTC):
+            state = (
+                "verified"
+                if d.verified_at is not None
+                else (f"not verified yet; the claim lapses at {lapse:%Y-%m-%d %H:%M} UTC")
+            )
+            raise Conflict(
+                f"{domain} is claimed by another workspace ({state}); an admin can remove "
+                "the claim (`den domain rm`)"
+            )
+        await ctx.db.delete(d)
+        await ctx.db.flush()
+        d = None
+    if d is None:
+        d = CustomDomain(
+            workspace_id=ws.id, domain=domain, port=p.port, token=secrets.token_urlsafe(32)
+        )
+        ctx.db.add(d)
+    await ctx.db.commit()
+    ctx.app.web_changed()
+    return await _out(ctx, d, ws, owner)
+
+
+@method("domain.verify", right=Right.write, cli=Cli("domain verify"))
+async def domain_verify(ctx: Context, p: DomainVerify) -> DomainOut:
+    """Check a pending domain's TXT record (or HTTP challenge); serve it once it checks out."""
+    d, ws, owner = await _find(ctx, p.domain)
+    if d.verified_at is not None:
+        return await _out(ctx, d, ws, owner)
+    claim_id, domain, token = d.id, d.domain, d.token
+    s = ctx.app.settings
+    # No database connection is held across the lookups (seconds at worst).
+    await release_db(ctx)
+    reasons: list[str] = []
+    how = ""
+    for kind in ("txt", "http"):
+        if p.method not in ("auto", kind):
+            continue
+        check = _check_txt if kind == "txt" else _check_http
+        why = await check(s, domain, token)
+        if why is None:
+            how = kind
+            break
+        reasons.append(why)
+    if not how:
+        raise Conflict(f"{domain} is not verified: " + "; ".join(reasons))
+    fresh = await ctx.db.get(CustomDomain, claim_id)
+    if fresh is None or fresh.token != token:
+        raise Conflict(f"the claim on {domain} was removed while it was being verified")
+    if fresh.verified_at is None:
+        fresh.verified_at = datetime.now(UTC)
+        fresh.verified_by = how
+        await ctx.db.commit()
+        ctx.app.web_changed()
+    return await _out(ctx, fresh, ws, owner)
+
+
+@method(
+    "domain.list",
+    right=Right.read,
+    cli=Cli("domain ls", columns=("domain", "workspace", "port", "state", "verified_by", "url")),
+)
+async def domain_list(ctx: Context, p: DomainList) -> list[DomainOut]:
+    """List custom domains: yours (or a workspace's), or (admins) everyone's with --all."""
+    q = (
+        select(CustomDomain, Workspace, User)
+        .join(Workspace, CustomDomain.workspace_id == Workspace.id)
+        .join(User, Workspace.user_id == User.id)
+    )
+    if p.ref is not None:
+        try:
+            ws, _ = await find_workspace(ctx, p.ref, deleting=True)
+        except InvalidParams as exc:
+            raise InvalidParams(exc.errors[0]["message"], field="ref") from None
+        q = q.where(CustomDomain.workspace_id == ws.id)
+    elif not (p.all and ctx.caller.is_admin):
+        if ctx.caller.user_id is None:
+            if not ctx.caller.is_admin:
+                return []
+        else:
+            q = q.where(User.id == ctx.caller.user_id)
+    rows = (await ctx.db.execute(q.order_by(CustomDomain.domain))).tuples().all()
+    return [await _out(ctx, d, ws, owner) for d, ws, owner in rows]
+
+
+@method("domain.remove", right=Right.write, cli=Cli("domain rm"))
+async def domain_remove(ctx: Context, p: DomainRef) -> DomainOut:
+    """Stop serving a custom domain and drop its claim."""
+    d, ws, owner = await _find(ctx, p.domain)
+    out = await _out(ctx, d, ws, owner)
+    await ctx.db.delete(d)
+    await ctx.db.commit()
+    ctx.app.web_changed()
+    return out
+
+
+# -- the gate's questions ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Known:
+    ws_id: str
+    port: int | None
+    token: str
+    verified: bool
+
+
+# Every claim, read once per web generation (app.web_changed() after each
+# change): the gate asks about every unknown host, which must not cost a query.
+_tables: weakref.WeakKeyDictionary[App, tuple[int, dict[str, _Known]]] = weakref.WeakKeyDictionary()
+_loading: weakref.WeakKeyDictionary[App, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def _table(app: App) -> dict[str, _Known]:
+    generation = app.web_generation
+    cached = _tables.get(app)
+    if cached is not None and cached[0] == generation:
+        return cached[1]
+    lock = _loading.setdefault(app, asyncio.Lock())
+    async with lock:
+        cached = _tables.get(app)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        async with app.sessions() as db:
+            rows = (
+                await db.execute(
+                    select(CustomDomain)
+                    .join(Workspace, CustomDomain.workspace_id == Workspace.id)
+                    .where(Workspace.state != "deleting")
+                )
+            ).scalars()
+            table = {
+                d.domain: _Known(d.workspace_id, d.port, d.token, d.verified_at is not None)
+                for d in rows
+            }
+        # Stored under the generation read before the query: a change during
+        # it makes the next question read again.
+        _tables[app] = (generation, table)
+        return table
+
+
+def _host(host: str) -> str:
+    name = host.strip().lower()
+    if not name.startswith("[") and name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.removesuffix(".")
+
+
+async def domain_target(app: App, host: str) -> tuple[str, int | None] | None:
+    """(workspace id, port or None for its URL's port) of a VERIFIED custom domain, else None."""
+    known = (await _table(app)).get(_host(host))
+    if known is None or not known.verified:
+        return None
+    return known.ws_id, known.port
+
+
+async def challenge_answer(app: App, host: str, path: str) -> str | None:
+    """The body to answer for ``http://HOST/.well-known/den-challenge/TOKEN``, else None.
+
+    Only for a pending claim on that host with that token: a verified name is
+    the workspace's, every path of it.
+    """
+    if not path.startswith(CHALLENGE_PATH):
+        return None
+    known = (await _table(app)).get(_host(host))
+    if known is None or known.verified:
+        return None
+    token = path[len(CHALLENGE_PATH) :].split("?", 1)[0]
+    if secrets.compare_digest(token.encode(), known.token.encode()):
+        return known.token
+    return None
