@@ -20,7 +20,6 @@ MODULES = (
     "idle",
     "sessions",
     "egress",
-    "weblogin",
     "sharing",
     "domains",
 )
