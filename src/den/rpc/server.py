@@ -22,6 +22,7 @@ from den.rpc.authlimit import AuthFailures
 from den.rpc.jsonrpc import error_response, handle_body
 from den.rpc.registry import ANONYMOUS_TCP, ANONYMOUS_UNIX, ROOT, Caller, Right
 from den.services.tokens import TOKEN_PREFIX, authenticate
+from den.web.jwt import bearer_caller
 
 if TYPE_CHECKING:
     from den.app import App
@@ -89,11 +90,13 @@ async def request_caller(request: web.Request) -> Caller | web.Response:
         return await unix_caller(app, uid)
     failures = request.app[FAILURES_KEY]
     addr = request.remote or "?"
+    header = request.headers.get("Authorization")
     try:
-        return await authenticate(app, request.headers.get("Authorization")) or ANONYMOUS_TCP
+        return await bearer_caller(app, header) or await authenticate(app, header) or ANONYMOUS_TCP
     except Unauthenticated as err:
         # Only a den token that fails counts: a malformed header is refused
-        # before the database is asked, and says nothing about any secret.
+        # before the database is asked, and says nothing about any secret. A
+        # JWT tests no secret of den's either (and its key fetches are throttled).
         if not _token_shaped(request.headers.get("Authorization", "")):
             return _error(err, 401, {"WWW-Authenticate": "Bearer"})
         wait = failures.retry_after(addr)
@@ -166,6 +169,9 @@ def make_web_app(app: App) -> web.Application:
     web_app.router.add_post("/rpc", rpc_handler)
     web_app.router.add_get("/openrpc.json", openrpc_handler)
     web_app.router.add_get("/metrics", metrics_handler)
+    from den.web.server import ask_handler
+
+    web_app.router.add_get("/_den/ask/{secret}", ask_handler)
     return web_app
 
 

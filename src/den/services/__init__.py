@@ -20,6 +20,7 @@ MODULES = (
     "idle",
     "sessions",
     "egress",
+    "weblogin",
     "sharing",
     "domains",
 )
