@@ -97,8 +97,6 @@ def normalise(text: str, settings: Settings) -> str:
             )
     if labels[-1].isdigit():
         raise bad("ends in a numeric label: no top-level domain is numeric")
-    if labels[-1] in _SPECIAL:
-        raise bad(f"is under .{labels[-1]}, which public DNS does not serve")
     own = settings.domain
     if name == own or name.endswith("." + own):
         raise bad(f"is under den's own domain {own}: every workspace has a URL there already")
@@ -107,6 +105,8 @@ def normalise(text: str, settings: Settings) -> str:
             f"contains den's own domain {own}: a workspace serving it could set cookies "
             "for every den URL"
         )
+    if labels[-1] in _SPECIAL:
+        raise bad(f"is under .{labels[-1]}, which public DNS does not serve")
     return name
 
 
@@ -212,7 +212,7 @@ class _DnsPythonResolver(AbstractResolver):
             try:
                 addrs = await _lookup(self.r, host, rdtype)
             except _DnsError as exc:
-                raise OSError(str(exc)) from None
+                raise socket.gaierror(socket.EAI_AGAIN, str(exc)) from None
             out += [
                 ResolveResult(
                     hostname=host,
@@ -225,7 +225,7 @@ class _DnsPythonResolver(AbstractResolver):
                 for a in addrs
             ]
         if not out:
-            raise OSError(f"{host} has no address record")
+            raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address record")
         return out
 
     async def close(self) -> None:
@@ -301,7 +301,7 @@ class DomainRef(Params):
 
 
 class DomainVerify(DomainRef):
-    method: Literal["auto", "txt", "http"] = Field(
+    check: Literal["auto", "txt", "http"] = Field(
         "auto", description="txt, http, or auto (the TXT record, else the HTTP challenge)."
     )
 
@@ -455,10 +455,10 @@ async def domain_verify(ctx: Context, p: DomainVerify) -> DomainOut:
     reasons: list[str] = []
     how = ""
     for kind in ("txt", "http"):
-        if p.method not in ("auto", kind):
+        if p.check not in ("auto", kind):
             continue
-        check = _check_txt if kind == "txt" else _check_http
-        why = await check(s, domain, token)
+        run = _check_txt if kind == "txt" else _check_http
+        why = await run(s, domain, token)
         if why is None:
             how = kind
             break
