@@ -231,8 +231,14 @@ def site() -> Iterator[_Site]:
 def test_http_challenge(d: Daemon, dns: DnsServer, owner: str, site: _Site) -> None:
     dom = name()
     token = as_user(d, owner, "domain.add", ref="site", domain=dom, port=3000)["token"]
-    dns.set(dom, "A", site.addr)
     path = f"/.well-known/den-challenge/{token}"
+    # The claimant writes the records: den does not fetch from private or link-local
+    # addresses (the LAN, cloud metadata, workspaces), which the egress firewall closes.
+    for private in ("10.1.2.3", "169.254.169.254", "192.168.1.1"):
+        dns.set(dom, "A", private)
+        e = err_as(d, owner, "domain.verify", domain=dom, check="http")
+        assert f"{dom} resolves to {private}: private or reserved" in e["message"]
+    dns.set(dom, "A", site.addr)
 
     # Nothing there yet: the status is named.
     e = err_as(d, owner, "domain.verify", domain=dom, check="http")

@@ -19,6 +19,7 @@ import ipaddress
 import re
 import secrets
 import socket
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -196,8 +197,20 @@ async def _check_txt(settings: Settings, domain: str, token: str) -> str | None:
     return f"the TXT record {name} holds {held}, not this claim's token; set it to {token}"
 
 
+def _fetchable(addr: str) -> bool:
+    """Whether the HTTP challenge may connect there: a public address, or this host.
+
+    The claimant writes the name's records, so without this any member could
+    make den probe port 80 of private and link-local addresses (the LAN, cloud
+    metadata, other workspaces) that the egress firewall keeps from workspaces.
+    den itself is public or, on a local setup, loopback.
+    """
+    ip = ipaddress.ip_address(addr)
+    return ip.is_global or ip.is_loopback
+
+
 class _DnsPythonResolver(AbstractResolver):
-    """aiohttp's name lookups through den's resolver (settings.dns_servers)."""
+    """aiohttp's name lookups through den's resolver, to fetchable addresses only."""
 
     def __init__(self, r: dns.asyncresolver.Resolver) -> None:
         self.r = r
@@ -206,6 +219,7 @@ class _DnsPythonResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         out: list[ResolveResult] = []
+        refused: list[str] = []
         for rdtype, fam in (("A", socket.AF_INET), ("AAAA", socket.AF_INET6)):
             if family not in (socket.AF_UNSPEC, fam):
                 continue
@@ -223,7 +237,15 @@ class _DnsPythonResolver(AbstractResolver):
                     flags=socket.AI_NUMERICHOST,
                 )
                 for a in addrs
+                if _fetchable(a)
             ]
+            refused += [a for a in addrs if not _fetchable(a)]
+        if not out and refused:
+            raise socket.gaierror(
+                socket.EAI_NONAME,
+                f"{host} resolves to {', '.join(refused[:4])}: private or reserved addresses, "
+                "which den does not fetch from; use the TXT record",
+            )
         if not out:
             raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address record")
         return out
@@ -239,10 +261,9 @@ async def _check_http(settings: Settings, domain: str, token: str) -> str | None
     from elsewhere proves nothing about the name); the body read is capped.
     """
     url = URL.build(scheme="http", host=domain, path=CHALLENGE_PATH + token)
-    dns_resolver: AbstractResolver | None = (
-        _DnsPythonResolver(resolver(settings)) if settings.dns_servers else None
+    connector = aiohttp.TCPConnector(
+        resolver=_DnsPythonResolver(resolver(settings)), use_dns_cache=False, force_close=True
     )
-    connector = aiohttp.TCPConnector(resolver=dns_resolver, use_dns_cache=False, force_close=True)
     timeout = aiohttp.ClientTimeout(total=HTTP_SECONDS)
     headers = {"User-Agent": "den-domain-check"}
     try:
@@ -270,17 +291,32 @@ async def _check_http(settings: Settings, domain: str, token: str) -> str | None
         return f"{url} did not answer within {HTTP_SECONDS:g} s"
 
 
-async def _addresses(settings: Settings, host: str) -> list[str]:
-    """Where workspace URLs resolve (for the A records to suggest); [] when unknown."""
+# Where den's domain resolves, per domain: (when looked up, addresses).
+_here: dict[str, tuple[float, list[str]]] = {}
+HERE_SECONDS = 300.0
+
+
+async def _addresses(settings: Settings) -> list[str]:
+    """Where workspace URLs lead (for the A/AAAA records to suggest); [] when unknown.
+
+    Looked up at most every few minutes: listing domains must not wait on DNS.
+    """
     if settings.local_domain:
         return ["127.0.0.1"]
     if settings.web_host not in ("", "0.0.0.0", "::"):
         return [settings.web_host]
+    now = time.monotonic()
+    cached = _here.get(settings.domain)
+    if cached is not None and now - cached[0] < HERE_SECONDS:
+        return cached[1]
     try:
         r = resolver(settings)
-        return await _lookup(r, host, "A") + await _lookup(r, host, "AAAA")
+        r.lifetime = 1.0
+        found = await _lookup(r, settings.domain, "A") + await _lookup(r, settings.domain, "AAAA")
     except (_DnsError, BackendFailure):
-        return []
+        found = []
+    _here[settings.domain] = (now, found)
+    return found
 
 
 # -- methods -----------------------------------------------------------------------
@@ -336,7 +372,7 @@ async def _out(ctx: Context, d: CustomDomain, ws: Workspace, owner: User) -> Dom
     target = f"{label(owner.name, ws.name)}.{s.domain}"
     verified = d.verified_at is not None
     records = [DnsRecord(type="CNAME", name=d.domain, value=target)]
-    addrs = await _addresses(s, target)
+    addrs = await _addresses(s)
     for a in addrs:
         records.append(
             DnsRecord(type="AAAA" if ":" in a else "A", name=d.domain, value=a),
