@@ -91,7 +91,7 @@ class JwtVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise Unauthenticated("malformed JWT: its header is not base64url JSON") from None
+            raise Unauthenticated("malformed JWT: its parts are not base64url JSON") from None
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in ALGORITHMS:
             raise Unauthenticated(
