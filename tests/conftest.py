@@ -321,9 +321,21 @@ def teardown_pool(d: Daemon) -> None:
 
 @pytest.fixture(scope="session")
 def pool_daemon() -> Iterator[Daemon]:
-    """A daemon on a btrfs loopback pool made by `den init`, shared by the session."""
-    with running_daemon(pool="8G") as d:
+    """A daemon on a btrfs loopback pool made by `den init`, shared by the session.
+
+    It serves workspace URLs too (Caddy on a free port; tests/web use them)."""
+    env = {"DEN_WEB": "true", "DEN_HTTPS_PORT": str(unused_port())}
+    with running_daemon(env, pool="8G") as d:
         yield d
+
+
+def unused_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

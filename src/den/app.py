@@ -24,6 +24,8 @@ from den.storage.pool import Pool
 
 if TYPE_CHECKING:
     from den.backends.sandbox import SandboxBackend
+    from den.web.caddy import Caddy
+    from den.web.gate import Gate
 
 if TYPE_CHECKING:
     from den.rpc.registry import Context, Params
@@ -70,6 +72,9 @@ class App:
         # Bumped after every change to who may open workspace URLs or where they
         # lead: the web gate's caches are good only for one generation.
         self.web_generation = 0
+        # The web front door, when `web` is on and den serves (den.web).
+        self.gate: Gate | None = None
+        self.caddy: Caddy | None = None
         self.revocations.subscribe(lambda _ev: self.web_changed())
 
     def web_changed(self) -> None:

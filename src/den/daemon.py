@@ -27,6 +27,11 @@ async def serve(settings: Settings) -> None:
     load_all()
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
     app = App(settings)
+    if settings.web:
+        from den.web.caddy import caddy_uid
+
+        # Before the network is first put in place: Caddy may reach workspaces.
+        app.backend.network.web_uid = caddy_uid()
     await app.start()
     await reconciler.reconcile(app, startup=True)
     reconciler.start_loop(app)
@@ -47,6 +52,7 @@ async def serve(settings: Settings) -> None:
     # Workspaces may reach den's own listeners on the bridge: with port 0 the
     # real ports are known only now.
     await app.backend.network.set_ports([ssh_port, port])
+    gate_runner = await _start_web(app, port) if settings.web else None
     state = {
         "pid": os.getpid(),
         "socket": str(settings.socket),
@@ -55,6 +61,11 @@ async def serve(settings: Settings) -> None:
         "ssh_port": ssh_port,
         "instance": settings.instance,
     }
+    if app.caddy is not None:
+        from den.web.urls import home_url
+
+        state["https"] = home_url(settings)
+        state["https_port"] = settings.web_port
     settings.state_file.write_text(json.dumps(state))
     log.info(
         "den serving",
@@ -71,13 +82,38 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down")
     finally:
         await gateway.stop()
+        if app.caddy is not None:
+            await app.caddy.stop()
         await tasks.cancel_all()
+        if gate_runner is not None:
+            await gate_runner.cleanup()
         await runner.cleanup()
         await app.close()
         for path in (settings.socket, settings.state_file):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         log.info("stopped")
+
+
+async def _start_web(app: App, http_port: int) -> web.AppRunner:
+    """The gate's listener (for Caddy alone), then Caddy itself."""
+    from den.web.caddy import Caddy, bind_gate
+    from den.web.gate import Gate
+    from den.web.server import make_gate_app
+
+    app.gate = Gate(app)
+    runner = web.AppRunner(make_gate_app(app, app.gate), access_log=None, handle_signals=False)
+    await runner.setup()
+    caddy = Caddy(app)
+    await web.SockSite(runner, bind_gate(caddy.paths.gate)).start()
+    try:
+        await caddy.start(http_port)
+    except (OSError, RuntimeError) as err:
+        await caddy.stop()
+        await runner.cleanup()
+        raise SystemExit(f"den: the web front door did not start: {err}") from None
+    app.caddy = caddy
+    return runner
 
 
 def run(settings: Settings) -> None:

@@ -139,12 +139,16 @@ class Policy:
     # den turned ip_forward on: forwarding that involves no den bridge is
     # dropped, so the host routes for nobody else because of den.
     guard_forward: bool
+    # The account den's Caddy runs as: besides root, the only host user that
+    # may open connections to workspaces (it proxies their URLs).
+    web_uid: int | None = None
 
 
 def ruleset(instance: int, p: Policy) -> str:
     table, nat = f"den{instance}", f"den{instance}-nat"
     br = p.bridge
     allowed = ", ".join(str(x) for x in sorted(set(p.ports)) if x) or "0"
+    uids = ", ".join(str(u) for u in sorted({0, p.web_uid or 0}))
     sets = elements(p.exceptions)
     decls = "\n    ".join(
         [_set(set_name(a, k), k, sets[set_name(a, k)]) for a in ("allow", "deny") for k in _KINDS]
@@ -196,7 +200,7 @@ table inet {table} {{
     }}
     chain output {{
         type filter hook output priority filter; policy accept;
-        oifname "{br}" meta skuid != 0 counter reject
+        oifname "{br}" meta skuid != {{ {uids} }} counter reject
     }}
 }}
 add table ip {nat}

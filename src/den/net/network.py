@@ -67,6 +67,7 @@ class Network:
         self.subnet = subnet
         self.egress = egress
         self.ports = ports
+        self.web_uid: int | None = None  # den.web's Caddy, once it runs
         self.bridge = names.bridge(instance)
         self.gateway = ipam.gateway(subnet)
         self.prefixlen = ipaddress.IPv4Network(subnet).prefixlen
@@ -100,6 +101,7 @@ class Network:
             resolvers=host_resolvers4(),
             exceptions=self.exceptions,
             guard_forward=guard_forward,
+            web_uid=self.web_uid,
         )
 
     def _ensure(self) -> None:

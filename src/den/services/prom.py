@@ -70,8 +70,25 @@ class Metrics:
         self.ws_memory = Gauge(
             "den_workspace_memory_bytes", "Memory used by a workspace.", ["workspace"], registry=r
         )
+        # The web front door: requests the gate let through to a workspace (by how
+        # the caller got in) and refused, and Caddy's restarts.
+        self.http_requests = Counter(
+            "den_http_requests",
+            "Requests to workspace URLs let through, by workspace and how the caller got in.",
+            ["workspace", "share"],
+            registry=r,
+        )
+        self.http_refused = Counter(
+            "den_http_refused", "Requests to workspace URLs refused, by reason.", ["reason"], registry=r
+        )
+        self.caddy_restarts = Counter(
+            "den_caddy_restarts", "Times den restarted Caddy after it died.", registry=r
+        )
 
     def forget_workspace(self, ref: str) -> None:
         for g in (self.ws_cpu, self.ws_memory):
             with contextlib.suppress(KeyError):
                 g.remove(ref)
+        for labels in [k for k in self.http_requests._metrics if k[0] == ref]:
+            with contextlib.suppress(KeyError):
+                self.http_requests.remove(*labels)

@@ -1,0 +1,193 @@
+"""Who may open a workspace URL, and what a host leads to.
+
+The gate asks this module on every request, so what it reads from the
+database is kept for one *generation*: ``app.web_generation`` moves on after
+every change to sharing, ports, domains, browser sessions, tokens, users and
+workspace states (a state change is seen by the session that makes it, and
+counted again when it commits), and nothing is kept longer than ``TTL``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, object_session
+
+from den.db.models import PublishedPort, ShareUser, User, Workspace
+from den.web.labels import label
+
+if TYPE_CHECKING:
+    from den.app import App
+
+TTL = 30.0
+_MARK = "den_ws_state_changed"
+_apps: list[App] = []
+
+
+def watch_states(app: App) -> None:
+    """Move the app's web generation on whenever a workspace's state changes."""
+    _apps.append(app)
+
+
+@event.listens_for(Workspace.state, "set")
+def _state_set(target: Workspace, value: Any, old: Any, _initiator: Any) -> None:
+    if value == old:
+        return
+    for app in _apps:
+        app.web_changed()
+    session = object_session(target)
+    if session is not None:
+        session.info[_MARK] = True
+
+
+@event.listens_for(Session, "after_commit")
+def _committed(session: Session) -> None:
+    if session.info.pop(_MARK, False):
+        for app in _apps:
+            app.web_changed()
+
+
+@dataclass(frozen=True)
+class Site:
+    """What a host leads to: a workspace and a port (None: the workspace's own)."""
+
+    ws_id: str
+    owner: str
+    name: str
+    port: int | None
+
+
+@dataclass(frozen=True)
+class WsView:
+    """What the gate needs of a workspace."""
+
+    id: str
+    owner_id: int
+    owner: str
+    owner_role: str
+    name: str
+    state: str
+    address: str
+    http_port: int
+    share_mode: str
+    shared_with: frozenset[int]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Memo:
+    """Values good for one generation of the app, and at most ``TTL`` seconds."""
+
+    def __init__(self, app: App, limit: int = 10_000) -> None:
+        self.app = app
+        self.limit = limit
+        self._gen = -1
+        self._data: dict[Any, tuple[float, Any]] = {}
+
+    def _fresh(self) -> None:
+        if self._gen != self.app.web_generation:
+            self._data.clear()
+            self._gen = self.app.web_generation
+
+    async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        self._fresh()
+        hit = self._data.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < TTL:
+            return hit[1]  # type: ignore[no-any-return]
+        gen = self.app.web_generation
+        value = await load()
+        # Loaded across a change: good for this request only.
+        if gen == self.app.web_generation:
+            if len(self._data) >= self.limit:
+                self._data.clear()
+            self._data[key] = (now, value)
+        return value
+
+
+class Directory:
+    """Hosts, workspaces and credentials as the gate sees them."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.memo = Memo(app)
+        watch_states(app)
+
+    async def site(self, host: str) -> Site | None:
+        """The workspace (and port) a host leads to; None for a host den does not serve."""
+        domain = self.app.settings.domain
+        if not host.endswith("." + domain):
+            return await self.memo.get(("domain", host), lambda: self._custom(host))
+        hosts = await self.memo.get("hosts", self._hosts)
+        return hosts.get(host[: -len(domain) - 1])
+
+    async def _hosts(self) -> dict[str, Site]:
+        out: dict[str, Site] = {}
+        async with self.app.sessions() as db:
+            rows = await db.execute(
+                select(Workspace.id, Workspace.name, User.name)
+                .join(User, Workspace.user_id == User.id)
+                .where(Workspace.state != "deleting")
+            )
+            names = {wid: (owner, name) for wid, name, owner in rows}
+            ports = await db.execute(select(PublishedPort.workspace_id, PublishedPort.port))
+        for wid, (owner, name) in names.items():
+            out[label(owner, name)] = Site(wid, owner, name, None)
+        for wid, port in ports:
+            if wid in names:
+                owner, name = names[wid]
+                out[label(owner, name, port)] = Site(wid, owner, name, port)
+        return out
+
+    async def _custom(self, host: str) -> Site | None:
+        try:
+            from den.services.domains import domain_target
+        except ImportError:  # pragma: no cover - custom domains not built in
+            return None
+        target = await domain_target(self.app, host)
+        if target is None:
+            return None
+        ws_id, port = target
+        view = await self.workspace(ws_id)
+        return None if view is None else Site(ws_id, view.owner, view.name, port)
+
+    async def workspace(self, ws_id: str) -> WsView | None:
+        return await self.memo.get(("ws", ws_id), lambda: self._workspace(ws_id))
+
+    async def _workspace(self, ws_id: str) -> WsView | None:
+        async with self.app.sessions() as db:
+            row = (
+                await db.execute(
+                    select(Workspace, User)
+                    .join(User, Workspace.user_id == User.id)
+                    .where(Workspace.id == ws_id)
+                )
+            ).first()
+            if row is None:
+                return None
+            ws, owner = row
+            shared = await db.execute(
+                select(ShareUser.user_id).where(ShareUser.workspace_id == ws_id)
+            )
+            return WsView(
+                id=ws.id,
+                owner_id=owner.id,
+                owner=owner.name,
+                owner_role=owner.role,
+                name=ws.name,
+                state=ws.state,
+                address=ws.address or "",
+                http_port=ws.http_port,
+                share_mode=ws.share_mode,
+                shared_with=frozenset(uid for (uid,) in shared),
+            )

@@ -1,0 +1,304 @@
+"""den's side of every request to a workspace URL: who is this, may they, wake it.
+
+Caddy calls :func:`gate` (no body, the client's request described in
+``X-Den-*`` headers) before it proxies anything. A 200 lets the request
+through to the upstream den names; any other answer is what the client gets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+from aiohttp import web
+
+from den.errors import DenError, Unauthenticated
+from den.rpc.registry import REGISTRY, Caller, Context, Right
+from den.services import sharing, weblogin
+from den.services.tokens import TOKEN_PREFIX, authenticate
+from den.web import pages
+from den.web.access import Directory, WsView
+from den.web.jwt import bearer_caller
+from den.web.urls import base, home_url
+from den.web.visits import Visits
+
+if TYPE_CHECKING:
+    from den.app import App
+
+log = logging.getLogger(__name__)
+SHARE_PARAM = "den_share"
+SHARE_COOKIE = "__Host-den_share"
+# Wakes and starts on behalf of a visitor are den's own doing.
+WEB = Caller("den-web", "admin", Right.admin, "web")
+
+
+@dataclass(frozen=True)
+class Who:
+    """A den user a request stands for, and how it proved it."""
+
+    user_id: int
+    name: str
+    role: str
+    via: str  # session | token | jwt
+
+
+class Gate:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.dir = Directory(app)
+        self.visits = Visits()
+
+    # -- credentials -----------------------------------------------------------------
+
+    async def _session(self, value: str) -> Who | None:
+        async def load() -> Who | None:
+            s = await weblogin.session_user(self.app, value)
+            return None if s is None else Who(s.user_id, s.name, s.role, "session")
+
+        return await self.dir.memo.get(("session", value), load)
+
+    async def _bearer(self, header: str) -> Who | None:
+        async def load() -> Who | None:
+            try:
+                if header.partition(" ")[2].strip().startswith(TOKEN_PREFIX):
+                    caller = await authenticate(self.app, header)
+                else:
+                    caller = await bearer_caller(self.app, header)
+            except Unauthenticated:
+                return None
+            if caller is None or caller.user_id is None:
+                return None
+            return Who(caller.user_id, caller.name, caller.role, caller.via)
+
+        return await self.dir.memo.get(("bearer", header), load)
+
+    async def _link(self, ws_id: str, value: str) -> bool:
+        async def load() -> bool:
+            return await sharing.link_ok(self.app, ws_id, value) is not None
+
+        return await self.dir.memo.get(("link", ws_id, value), load)
+
+    # -- the check -----------------------------------------------------------------------
+
+    async def check(self, request: web.Request) -> web.StreamResponse:
+        h = request.headers
+        host = h.get("X-Den-Host", "").lower().rstrip(".")
+        uri = h.get("X-Den-Uri", "/")
+        if not _clean_path(uri):
+            self.app.metrics.http_refused.labels("bad-path").inc()
+            return pages.page("Bad request", pages.para("This path is not allowed."), 400)
+        site = await self.dir.site(host)
+        ws = None if site is None else await self.dir.workspace(site.ws_id)
+        if site is None or ws is None or ws.state in ("deleting", "creating"):
+            self.app.metrics.http_refused.labels("unknown-host").inc()
+            return pages.not_found()
+        cookies = _cookies(h.getall("Cookie", []))
+        url = base(self.app.settings, host) + uri
+
+        query = urlsplit(uri).query
+        if SHARE_PARAM in query:
+            return await self._take_link(ws, uri, query)
+
+        who: Who | None = None
+        used_auth = False
+        auth = h.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            who = await self._bearer(auth)
+            used_auth = who is not None
+            if who is None:
+                self.app.metrics.http_refused.labels("bad-credential").inc()
+                return pages.page(
+                    "Not signed in",
+                    pages.para(
+                        "The bearer credential was not accepted (unknown, expired or revoked)."
+                    ),
+                    401,
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        sessions = cookies.get(weblogin.COOKIE, [])
+        if who is None and len(sessions) == 1:
+            who = await self._session(sessions[0])
+        how = self._how(ws, who)
+        if how is None:
+            links = cookies.get(SHARE_COOKIE, [])
+            if links and await self._link(ws.id, links[0]):
+                how = "link"
+        if how is None:
+            return self._refuse(ws, who, url)
+
+        woken = await self._wake(ws)
+        if woken is not None:
+            return woken
+        port = site.port or ws.http_port
+        self.app.activity.touch(ws.id, "http")
+        self.app.metrics.http_requests.labels(ws.ref, how).inc()
+        self.visits.seen(ws.id, ws.ref, who.name if who else "", how, h.get("X-Den-Remote", ""))
+        resp = web.Response(status=200)
+        resp.headers["X-Den-Upstream"] = f"{ws.address}:{port}"
+        resp.headers["X-Den-User"] = who.name if who else ""
+        resp.headers["X-Den-Share"] = how
+        resp.headers["X-Den-Cookie"] = _without_den(h.getall("Cookie", []))
+        resp.headers["X-Den-Authorization"] = "" if used_auth else auth
+        return resp
+
+    def _how(self, ws: WsView, who: Who | None) -> str | None:
+        if who is not None:
+            if who.user_id == ws.owner_id:
+                return "owner"
+            if who.role == "admin":
+                return "admin"
+            if ws.share_mode == "users" and who.user_id in ws.shared_with:
+                return "user"
+        if ws.share_mode == "public":
+            return "public"
+        return None
+
+    def _refuse(self, ws: WsView, who: Who | None, url: str) -> web.Response:
+        if who is not None:
+            self.app.metrics.http_refused.labels("not-shared").inc()
+            return pages.page(
+                "Not shared with you",
+                pages.para(
+                    f"You are signed in as {who.name}; {ws.owner} has not shared this "
+                    "workspace with you. Ask them to run ",
+                )
+                + pages.para(f"den share {ws.name} --add {who.name}"),
+                403,
+            )
+        self.app.metrics.http_refused.labels("signed-out").inc()
+        login = home_url(self.app.settings) + "_den/login?" + urlencode({"next": url})
+        return web.Response(
+            status=302,
+            headers={"Location": login, "Cache-Control": "no-store"},
+            text="Sign in to den first: " + login + "\n",
+        )
+
+    async def _take_link(self, ws: WsView, uri: str, query: str) -> web.Response:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        values = [v for k, v in pairs if k == SHARE_PARAM]
+        rest = [(k, v) for k, v in pairs if k != SHARE_PARAM]
+        if len(values) != 1 or not await self._link(ws.id, values[0]):
+            self.app.metrics.http_refused.labels("bad-link").inc()
+            return pages.page(
+                "Link not valid",
+                pages.para("This share link does not exist or was revoked; ask for a new one."),
+                403,
+            )
+        path = urlsplit(uri).path or "/"
+        target = path + ("?" + urlencode(rest) if rest else "")
+        # The secret leaves the URL (history, Referer) for a cookie of this host alone.
+        cookie = f"{SHARE_COOKIE}={values[0]}; Path=/; Secure; HttpOnly; SameSite=Lax"
+        return web.Response(
+            status=302,
+            headers={"Location": target, "Set-Cookie": cookie, "Cache-Control": "no-store"},
+        )
+
+    async def _wake(self, ws: WsView) -> web.Response | None:
+        """Make the workspace run for this request; a page when it cannot."""
+        if ws.state == "running":
+            return None
+        if ws.state == "stopped" or ws.state == "failed":
+            if not self.app.settings.web_start_stopped:
+                return pages.page(
+                    "Workspace stopped",
+                    pages.para(
+                        f"The workspace {ws.ref} is {ws.state}. Its owner ({ws.owner}) or an admin can start it with "
+                    )
+                    + pages.para(f"den start {ws.ref}"),
+                    503,
+                    {"Retry-After": "30"},
+                )
+            try:
+                await REGISTRY.call(self.app, WEB, "workspace.start", {"ref": ws.ref})
+            except DenError as err:
+                return pages.page(
+                    "Workspace did not start", pages.para(f"{ws.ref}: {err.message}"), 503
+                )
+            return None
+        if ws.state == "suspended":
+            from den.services.power import ensure_running
+            from den.services.workspaces import find_workspace
+
+            ctx = Context(self.app, WEB, REGISTRY.get("workspace.resume"))
+            try:
+                row, owner = await find_workspace(ctx, ws.ref)
+                await ensure_running(ctx, row, owner, "http")
+            except DenError as err:
+                return pages.page(
+                    "Workspace did not wake", pages.para(f"{ws.ref}: {err.message}"), 503
+                )
+            finally:
+                await ctx.db.close()
+            return None
+        return pages.page("Workspace busy", pages.para(f"{ws.ref} is {ws.state}."), 503)
+
+    # -- Caddy's own errors --------------------------------------------------------------
+
+    async def error(self, request: web.Request) -> web.Response:
+        h = request.headers
+        try:
+            status = int(h.get("X-Den-Status", "502"))
+        except ValueError:
+            status = 502
+        status = status if 400 <= status <= 599 else 502
+        site = await self.dir.site(h.get("X-Den-Host", "").lower())
+        ws = None if site is None else await self.dir.workspace(site.ws_id)
+        if status == 502 and site is not None and ws is not None:
+            port = site.port or ws.http_port
+            self.app.metrics.http_refused.labels("no-listener").inc()
+            return pages.page(
+                "Nothing is listening",
+                pages.para(
+                    f"The workspace {ws.ref} does not answer on port {port}. Start a server there "
+                    f"that listens on every address (0.0.0.0:{port}, not only 127.0.0.1), e.g. "
+                )
+                + pages.para(f"python3 -m http.server {port}"),
+                502,
+            )
+        if status == 404 or site is None:
+            return pages.not_found()
+        return pages.page("Error", pages.para(f"The request failed ({status})."), status)
+
+
+def _clean_path(uri: str) -> bool:
+    """No ``..`` segment (also %-encoded or with backslashes), no NUL, no control bytes."""
+    path = urlsplit(uri).path
+    if not path.startswith("/"):
+        return False
+    decoded = path
+    for _ in range(3):  # %252e%252e as well
+        once = unquote(decoded)
+        if once == decoded:
+            break
+        decoded = once
+    if any(ord(c) < 0x20 or c == "\x7f" for c in decoded):
+        return False
+    segments = decoded.replace("\\", "/").split("/")
+    return ".." not in segments
+
+
+def _cookies(headers: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for header in headers:
+        for part in header.split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep:
+                out.setdefault(name, []).append(value)
+    return out
+
+
+def _is_den(name: str) -> bool:
+    return name.removeprefix("__Host-").removeprefix("__Secure-").startswith("den_")
+
+
+def _without_den(headers: list[str]) -> str:
+    """The Cookie header without den's own cookies (the app never sees them)."""
+    kept = []
+    for header in headers:
+        for part in header.split(";"):
+            name = part.strip().partition("=")[0]
+            if part.strip() and not _is_den(name):
+                kept.append(part.strip())
+    return "; ".join(kept)

@@ -1,0 +1,197 @@
+"""The listener Caddy alone reaches (a unix socket): the gate, error pages, and
+den's own pages at the domain itself (signing a browser in and out)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from den.errors import DenError, Unauthenticated
+from den.rpc.registry import REGISTRY, Caller, Right
+from den.services import weblogin
+from den.web import pages
+from den.web.caddy_config import CHALLENGE, ERROR, GATE, PAGES
+from den.web.gate import Gate, _cookies
+from den.web.urls import home_url
+
+if TYPE_CHECKING:
+    from den.app import App
+
+log = logging.getLogger(__name__)
+GATE_KEY = web.AppKey("den_gate", Gate)
+
+
+def _gate(request: web.Request) -> Gate:
+    return request.app[GATE_KEY]
+
+
+def _safe_next(app: App, url: str) -> str:
+    """Where to go after signing in: only an https URL of den's domain."""
+    home = home_url(app.settings)
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    domain = app.settings.domain
+    if parts.scheme == "https" and (host == domain or host.endswith("." + domain)):
+        return url
+    return home
+
+
+def _session_cookie(app: App, value: str, max_age: int) -> str:
+    return (
+        f"{weblogin.COOKIE}={value}; Domain={app.settings.domain}; Path=/; Max-Age={max_age}; "
+        "Secure; HttpOnly; SameSite=Lax"
+    )
+
+
+def _same_origin(request: web.Request, app: App) -> bool:
+    """A form post from den's own page (login CSRF: nobody else may sign you in)."""
+    origin = request.headers.get("Origin", "")
+    return origin.rstrip("/") == home_url(app.settings).rstrip("/")
+
+
+async def gate_handler(request: web.Request) -> web.StreamResponse:
+    return await _gate(request).check(request)
+
+
+async def error_handler(request: web.Request) -> web.StreamResponse:
+    return await _gate(request).error(request)
+
+
+async def challenge_handler(request: web.Request) -> web.StreamResponse:
+    """A custom domain's HTTP challenge: den answers its token itself."""
+    gate = _gate(request)
+    from den.services.domains import challenge_answer
+
+    host = request.headers.get("X-Den-Host", "").lower()
+    path = urlsplit(request.headers.get("X-Den-Uri", "")).path
+    token = await challenge_answer(gate.app, host, path)
+    if token is None:
+        return pages.not_found()
+    return web.Response(text=token, content_type="text/plain")
+
+
+async def pages_handler(request: web.Request) -> web.StreamResponse:
+    gate = _gate(request)
+    app = gate.app
+    path = request.path.removeprefix(PAGES) or "/"
+    if path == "/_den/login":
+        if request.method == "POST":
+            return await _login_post(request, app)
+        return _login_get(request, app)
+    if path == "/_den/logout" and request.method == "POST":
+        return await _logout(request, app, gate)
+    if path == "/" and request.method in ("GET", "HEAD"):
+        return await _home(request, app, gate)
+    return pages.not_found()
+
+
+def _login_get(request: web.Request, app: App) -> web.Response:
+    link = request.query.get("t", "")
+    nxt = _safe_next(app, request.query.get("next", ""))
+    if not link:
+        host = urlsplit(home_url(app.settings)).hostname or "HOST"
+        port = app.ssh_port or app.settings.ssh_port
+        body = (
+            pages.para("den signs browsers in with your SSH key. In a terminal, run")
+            + pages.para(f"ssh -p {port} {host} login")
+            + pages.para("and open the link it prints (it works once, for a few minutes).")
+        )
+        resp = pages.page("Sign in to den", body, 401)
+        if nxt != home_url(app.settings):
+            # Where to go once signed in, for the link opened next in this browser.
+            resp.set_cookie(
+                "den_next", nxt, max_age=900, secure=True, httponly=True, samesite="Lax"
+            )
+        return resp
+    # A button, not a GET that signs in: link previews must not use the link up.
+    form = (
+        f'<form method=post action="/_den/login"><input type=hidden name=t value="{_attr(link)}">'
+        f'<input type=hidden name=next value="{_attr(nxt)}">'
+        "<button type=submit>Sign in</button></form>"
+    )
+    return pages.page("Sign in to den", pages.para("Sign this browser in to den?") + form)
+
+
+def _attr(value: str) -> str:
+    from html import escape
+
+    return escape(value, quote=True)
+
+
+async def _login_post(request: web.Request, app: App) -> web.Response:
+    if not _same_origin(request, app):
+        return pages.page("Refused", pages.para("This form must be sent from den's own page."), 403)
+    form = await request.post()
+    link = str(form.get("t", ""))
+    nxt = _safe_next(app, str(form.get("next", "")))
+    if nxt == home_url(app.settings):
+        nxt = _safe_next(app, request.cookies.get("den_next", ""))
+    client = request.headers.get("X-Den-Remote", "")
+    agent = request.headers.get("User-Agent", "")[:200]
+    try:
+        value, _expires, name = await weblogin.consume_link(app, link, client, agent)
+    except Unauthenticated as err:
+        return pages.page("Link not valid", pages.para(err.message), 401)
+    max_age = max(1, int(app.settings.web_session_days * 86400))
+    resp = web.Response(status=303, headers={"Location": nxt, "Cache-Control": "no-store"})
+    resp.headers.add("Set-Cookie", _session_cookie(app, value, max_age))
+    resp.del_cookie("den_next")
+    log.info("browser signed in", extra={"ctx": {"user": name}})
+    return resp
+
+
+async def _logout(request: web.Request, app: App, gate: Gate) -> web.Response:
+    if not _same_origin(request, app):
+        return pages.page("Refused", pages.para("This form must be sent from den's own page."), 403)
+    values = _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
+    for value in values:
+        who = await weblogin.session_user(app, value)
+        if who is None:
+            continue
+        caller = Caller(who.name, who.role, Right.write, "web", user_id=who.user_id)
+        try:
+            await REGISTRY.call(app, caller, "login.revoke", {"id": who.session_id})
+        except DenError as err:
+            log.warning("sign-out failed: %s", err.message)
+    resp = web.Response(status=303, headers={"Location": home_url(app.settings)})
+    resp.headers.add("Set-Cookie", _session_cookie(app, "", 0))
+    return resp
+
+
+async def _home(request: web.Request, app: App, gate: Gate) -> web.Response:
+    values = _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
+    who = await weblogin.session_user(app, values[0]) if len(values) == 1 else None
+    if who is None:
+        return _login_get(request, app)
+    form = '<form method=post action="/_den/logout"><button type=submit>Sign out</button></form>'
+    return pages.page("den", pages.para(f"Signed in as {who.name}.") + form)
+
+
+async def ask_handler(request: web.Request) -> web.Response:
+    """Caddy's on-demand TLS question: may it get a certificate for ``domain``?"""
+    from den.rpc.server import APP_KEY
+
+    app: App = request.app[APP_KEY]  # type: ignore[assignment]
+    caddy = getattr(app, "caddy", None)
+    if caddy is None or request.match_info.get("secret") != caddy.ask_secret:
+        return web.Response(status=404)
+    name = request.query.get("domain", "").lower().rstrip(".")
+    gate: Gate | None = getattr(app, "gate", None)
+    if gate is None:
+        return web.Response(status=404)
+    if name == app.settings.domain or await gate.dir.site(name) is not None:
+        return web.Response(status=200)
+    return web.Response(status=404)
+
+
+def make_gate_app(app: App, gate: Gate) -> web.Application:
+    web_app = web.Application(client_max_size=64 * 1024)
+    web_app[GATE_KEY] = gate
+    web_app.router.add_get(GATE, gate_handler)
+    web_app.router.add_get(ERROR, error_handler)
+    web_app.router.add_get(CHALLENGE, challenge_handler)
+    web_app.router.add_route("*", PAGES + "{tail:.*}", pages_handler)
+    return web_app

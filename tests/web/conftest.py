@@ -1,0 +1,171 @@
+"""Workspace URLs through the real Caddy den runs: curl (trusting Caddy's internal
+root) and, in the browser tests, Debian's Chromium driven by Playwright.
+
+``*.localhost`` names resolve to loopback in curl and Chromium with no DNS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from den.cli.client import RpcError
+from den.web.labels import label
+from tests.conftest import Daemon
+from tests.workspaces.conftest import import_bb
+from tests.workspaces.escape.conftest import dev_image_as
+
+DOMAIN = "den.localhost"
+WEB_BB = "webbb"
+WEB_DEV = "dev"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, list[str]]
+    body: bytes
+
+    def header(self, name: str) -> str:
+        return ", ".join(self.headers.get(name.lower(), []))
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Web:
+    """The pool daemon's web front door, as an outside client sees it."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+        state = json.loads((d.data_dir / "serve.json").read_text())
+        self.port = int(state["https_port"])
+        self.home = state["https"]
+        self.ca = d.data_dir / "caddy" / "data" / "pki" / "authorities" / "local" / "root.crt"
+
+    def host(self, owner: str, name: str, port: int | None = None) -> str:
+        return f"{label(owner, name, port)}.{DOMAIN}"
+
+    def url(self, owner: str, name: str, path: str = "/", port: int | None = None) -> str:
+        return f"https://{self.host(owner, name, port)}:{self.port}{path}"
+
+    def curl(
+        self,
+        url: str,
+        *args: str,
+        headers: dict[str, str] | None = None,
+        cookie: str | None = None,
+        timeout: float = 30,
+    ) -> Reply:
+        """One request with the real curl (no redirects followed); the reply as it came."""
+        argv = ["curl", "-sS", "--cacert", str(self.ca), "-D", "-", "-o", "-", "-m", str(timeout)]
+        for k, v in (headers or {}).items():
+            argv += ["-H", f"{k}: {v}"]
+        if cookie is not None:
+            argv += ["-H", f"Cookie: {cookie}"]
+        res = subprocess.run(
+            [*argv, *args, url], capture_output=True, timeout=timeout + 10, check=False
+        )
+        assert res.returncode == 0, res.stderr.decode(errors="replace")
+        return parse_reply(res.stdout)
+
+    def login_cookie(self, user: str) -> str:
+        """Sign in as ``user`` the way a browser does: a one-time link, then its form."""
+        res = self.d.call_as(user, "login.link")
+        assert "result" in res, res
+        link = res["result"]["url"]
+        t = link.split("t=", 1)[1]
+        reply = self.curl(
+            self.home + "_den/login",
+            "--data-urlencode",
+            f"t={t}",
+            headers={"Origin": self.home.rstrip("/")},
+        )
+        assert reply.status == 303, reply.text
+        for c in reply.headers.get("set-cookie", []):
+            if c.startswith("den_session="):
+                return c.split(";", 1)[0]
+        raise AssertionError(f"no session cookie in {reply.headers}")
+
+
+def parse_reply(raw: bytes) -> Reply:
+    """curl -D - output: the last header block (after 1xx ones), then the body."""
+    rest = raw
+    while True:
+        head, sep, body = rest.partition(b"\r\n\r\n")
+        assert sep, raw[:500]
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        if status >= 200 or not body.startswith(b"HTTP/"):
+            break
+        rest = body
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers.setdefault(k.strip().lower(), []).append(v.strip())
+    return Reply(status, headers, body)
+
+
+@pytest.fixture(scope="session")
+def web(pool_daemon: Daemon) -> Web:
+    return Web(pool_daemon)
+
+
+@pytest.fixture(scope="session")
+def web_bb(pool_daemon: Daemon) -> Iterator[str]:
+    """A busybox image (its httpd serves files) for the web tests."""
+    import_bb(pool_daemon, WEB_BB)
+    try:
+        yield WEB_BB
+    finally:
+        with contextlib.suppress(RpcError):
+            pool_daemon.call("image.delete", name=WEB_BB)
+
+
+@pytest.fixture(scope="session")
+def web_dev(pool_daemon: Daemon) -> str:
+    """The dev image (python3 inside) for servers that stream."""
+    return dev_image_as(pool_daemon, WEB_DEV)
+
+
+def serve_files(d: Daemon, ref: str, port: int = 8080, text: str = "hello from den") -> None:
+    """busybox httpd in the workspace, serving ``text`` at / on every address."""
+    from tests.workspaces.conftest import detach, ok
+
+    ok(d, ref, f"mkdir -p /srv/www && printf '%s' '{text}' > /srv/www/index.html")
+    detach(d, ref, f"exec busybox httpd -f -p 0.0.0.0:{port} -h /srv/www")
+    wait_listening(d, ref, port)
+
+
+def wait_listening(d: Daemon, ref: str, port: int, timeout: float = 20) -> None:
+    from tests.workspaces.conftest import sh
+
+    probe = f"http://127.0.0.1:{port}/"
+    script = (
+        f"i=0; while [ $i -lt {int(timeout * 10)} ]; do "
+        f"wget -q -O /dev/null {probe} 2>/dev/null && exit 0; "
+        f"curl -s -o /dev/null {probe} 2>/dev/null && exit 0; "
+        "i=$((i+1)); sleep 0.1; done; exit 1"
+    )
+    res = sh(d, ref, script)
+    assert res["exit_code"] == 0, f"nothing listens on {port} in {ref}: {res}"
+
+
+def caddy_pid(d: Daemon) -> int:
+    return int((d.data_dir / "caddy.pid").read_text())
+
+
+def read_ca(web: Web) -> Path:
+    assert web.ca.is_file(), "Caddy's internal root certificate is missing"
+    return web.ca
