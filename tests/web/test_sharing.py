@@ -58,7 +58,8 @@ def users(pool_daemon: Daemon) -> Iterator[Users]:
 def url_of(d: Daemon, owner: str, name: str, port: int | None = None) -> str:
     """The URL as the issue's label scheme spells it, written out independently."""
     label = f"{name}--{owner}" if port is None else f"{port}--{name}--{owner}"
-    return f"https://{label}.den.localhost:{8443 + d.instance}/"
+    port = int(d.env.get("DEN_HTTPS_PORT") or 8443 + d.instance)
+    return f"https://{label}.den.localhost:{port}/"
 
 
 def ok_as(d: Daemon, user: str, method: str, **params: Any) -> Any:
@@ -212,6 +213,7 @@ def test_modes_and_named_users(d: Daemon, image: str, users: Users) -> None:
     shown = json.loads(d.cli("share", "app", "--json", user=owner, check=True).stdout)
     assert (shown["mode"], shown["users"]) == ("users", [])
     assert f"{owner} (owner) and admins" in d.cli("share", "app", user=owner, check=True).stdout
+    assert "users" in d.cli("share-show", "app", user=owner, check=True).stdout
 
     # A deleted user leaves no share behind.
     ok_as(d, owner, "share.set", ref="app", add=[carol])

@@ -56,6 +56,8 @@ FIELDS = {
     "dotfiles_url",
     "dotfiles_state",
     "dotfiles_log",
+    "url",
+    "urls",
 }
 
 

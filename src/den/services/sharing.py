@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from den.db.models import PublishedPort, ShareLink, ShareUser, User, Workspace
 from den.errors import Conflict, InvalidParams, NotFound
@@ -206,7 +207,15 @@ async def _owned(ctx: Context, ref: str, *, deleting: bool = False) -> tuple[Wor
 
 
 async def _changed(ctx: Context) -> None:
-    await ctx.db.commit()
+    """Commit, then tell the gate; a concurrent change of the same rows is a clear conflict."""
+    try:
+        await ctx.db.commit()
+    except IntegrityError:
+        await ctx.db.rollback()
+        raise Conflict(
+            "the workspace's sharing or ports changed at the same time (or it, or a user "
+            "named, was deleted); look again and retry"
+        ) from None
     ctx.app.web_changed()
 
 
@@ -259,9 +268,12 @@ class PortSet(Params):
 # -- sharing ------------------------------------------------------------------------------
 
 
-@method("share.show", right=Right.read)
+@method("share.show", right=Right.read, cli=Cli("share-show"))
 async def share_show(ctx: Context, p: ShareRef) -> ShareOut:
-    """Who can open a workspace's URLs: its mode, named users, share links and URLs."""
+    """Who can open a workspace's URLs: its mode, named users, share links and URLs.
+
+    `den share NAME` without options shows the same (and needs the write right).
+    """
     ws, owner = await _owned(ctx, p.ref, deleting=True)
     return await _share_out(ctx, ws, owner)
 
