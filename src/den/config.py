@@ -335,6 +335,18 @@ class Settings(BaseSettings):
                 setattr(self, port, getattr(self, port) + n)
         return self
 
+    @model_validator(mode="after")
+    def _oauth_complete(self) -> Settings:
+        if self.oauth_enabled:
+            missing = [
+                n
+                for n in ("oauth_jwks_url", "oauth_issuer", "oauth_audience")
+                if not getattr(self, n)
+            ]
+            if missing:
+                raise ValueError(f"oauth_enabled needs {', '.join(missing)} set as well")
+        return self
+
     @property
     def local_domain(self) -> bool:
         """The domain resolves to loopback everywhere (*.localhost): no DNS, no public CA."""

@@ -7,7 +7,10 @@ app receives).
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +18,10 @@ from tests.conftest import Daemon
 from tests.web.conftest import Web, serve_files
 from tests.workspaces.conftest import Users, create, make_users, ok
 
+# /cgi-bin/env prints the request's environment (the headers the app got) and
+# counts every request that reached the app in /tmp/hits.
 CGI = (
-    "mkdir -p /srv/www/cgi-bin && printf '%s\\n' '#!/bin/sh' "
+    "mkdir -p /srv/www/cgi-bin && printf '%s\\n' '#!/bin/sh' 'echo hit >> /tmp/hits' "
     "'printf \"Content-Type: text/plain\\r\\n\\r\\n\"' 'env' > /srv/www/cgi-bin/env "
     "&& chmod +x /srv/www/cgi-bin/env"
 )
@@ -89,3 +94,222 @@ def test_unknown_hosts_get_the_same_plain_404(web: Web, site: tuple[str, str]) -
         assert r.status == 404
         assert "There is nothing at this address." in r.text
         assert "caddy" not in r.text.lower()
+
+
+def hits(d: Daemon, ref: str) -> int:
+    return int(ok(d, ref, "cat /tmp/hits 2>/dev/null | wc -l").strip())
+
+
+def test_named_users_admins_public_and_strangers(
+    pool_daemon: Daemon, web: Web, users: Users, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    ref = f"{owner}/{name}"
+    friend, other = users.make(), users.make()
+    admin = users.make("admin")
+    page = web.url(owner, name, "/cgi-bin/env")
+    friend_c, other_c, admin_c = (web.login_cookie(u) for u in (friend, other, admin))
+
+    # Private: the owner and admins only.
+    r = web.curl(page, cookie=friend_c)
+    assert r.status == 403 and "Not shared with you" in r.text
+    r = web.curl(page, cookie=admin_c)
+    assert r.status == 200 and cgi_env(r.text)["HTTP_X_DEN_SHARE"] == "admin"
+
+    pool_daemon.call("share.set", ref=ref, add=[friend])
+    r = web.curl(page, cookie=friend_c)
+    assert r.status == 200, r.text
+    env = cgi_env(r.text)
+    assert (env["HTTP_X_DEN_USER"], env["HTTP_X_DEN_SHARE"]) == (friend, "user")
+    assert web.curl(page, cookie=other_c).status == 403
+    assert web.curl(page).status == 302
+
+    pool_daemon.call("share.set", ref=ref, mode="public")
+    r = web.curl(page)
+    assert r.status == 200
+    env = cgi_env(r.text)
+    assert env["HTTP_X_DEN_SHARE"] == "public" and "HTTP_X_DEN_USER" not in env
+    # Signed in, a visitor of a public URL is still named.
+    assert cgi_env(web.curl(page, cookie=other_c).text)["HTTP_X_DEN_USER"] == other
+
+    # Back to private: at once, for everyone.
+    pool_daemon.call("share.set", ref=ref, mode="private")
+    assert web.curl(page).status == 302
+    assert web.curl(page, cookie=friend_c).status == 403
+
+
+def test_secret_link_sets_a_cookie_and_stops_when_revoked(
+    pool_daemon: Daemon, web: Web, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    ref = f"{owner}/{name}"
+    link = pool_daemon.call("share.link", ref=ref, note="for a reviewer")
+    secret_url = link["url"]
+    assert secret_url.startswith(web.url(owner, name, "/")) and "den_share=" in secret_url
+    wrong = secret_url[:-4] + "AAAA"
+    assert web.curl(wrong).status == 403
+
+    r = web.curl(secret_url.replace("/?", "/cgi-bin/env?x=1&"))
+    assert r.status == 302
+    # The secret leaves the address for a cookie of this host alone.
+    assert r.header("location") == "/cgi-bin/env?x=1"
+    cookie = r.headers["set-cookie"][0]
+    assert cookie.startswith("__Host-den_share=") and "Domain" not in cookie
+    assert "HttpOnly" in cookie and "Secure" in cookie
+    jar = cookie.split(";", 1)[0]
+    r = web.curl(web.url(owner, name, "/cgi-bin/env"), cookie=jar)
+    assert r.status == 200
+    env = cgi_env(r.text)
+    assert env["HTTP_X_DEN_SHARE"] == "link" and "HTTP_COOKIE" not in env
+
+    pool_daemon.call("share.unlink", ref=ref, id=link["id"])
+    r = web.curl(web.url(owner, name, "/cgi-bin/env"), cookie=jar)
+    assert r.status == 302
+    assert web.curl(secret_url).status == 403
+
+
+def test_bearer_tokens_work_and_never_reach_the_app(
+    pool_daemon: Daemon, web: Web, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    token = pool_daemon.call("token.create", user=owner, right="read")
+    page = web.url(owner, name, "/cgi-bin/env")
+    r = web.curl(page, headers={"Authorization": f"Bearer {token['token']}"})
+    assert r.status == 200, r.text
+    env = cgi_env(r.text)
+    assert env["HTTP_X_DEN_USER"] == owner and "HTTP_AUTHORIZATION" not in env
+    r = web.curl(page, headers={"Authorization": "Bearer den_nope_nope"})
+    assert r.status == 401 and r.header("www-authenticate") == "Bearer"
+    pool_daemon.call("token.revoke", id=token["id"])
+    r = web.curl(page, headers={"Authorization": f"Bearer {token['token']}"})
+    assert r.status == 401
+
+
+def test_hostile_requests_never_reach_the_workspace(
+    pool_daemon: Daemon, web: Web, users: Users, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    ref = f"{owner}/{name}"
+    pool_daemon.call("share.set", ref=ref, mode="public")
+    # A private workspace of someone else, to aim at by Host while SNI names the public one.
+    other = users.make()
+    create(pool_daemon, other, "secret", image="webbb")
+    ok(pool_daemon, f"{other}/secret", CGI)
+    serve_files(pool_daemon, f"{other}/secret")
+    before = hits(pool_daemon, ref) + hits(pool_daemon, f"{other}/secret")
+    public = web.url(owner, name, "/cgi-bin/env")
+    for path in ("/../cgi-bin/env", "/cgi-bin/%2e%2e/cgi-bin/env", "/x/..%2fcgi-bin/env"):
+        r = web.curl(web.url(owner, name, path), "--path-as-is")
+        assert r.status == 400, (path, r.status)
+    # Over Caddy's header limit (HTTP/2 resets such a stream; HTTP/1.1 answers 431).
+    r = web.curl(public, "--http1.1", headers={"X-Big": "a" * 70_000})
+    assert r.status == 431
+    r = web.curl(
+        public,
+        "--resolve",
+        f"{web.host(owner, name)}:{web.port}:127.0.0.1",
+        headers={"Host": f"{web.host(other, 'secret')}:{web.port}"},
+    )
+    assert r.status == 302, r.text  # the Host decides, and that one is private
+    assert (
+        web.curl(web.url(other, "secret", "/cgi-bin/env"), cookie=web.login_cookie(owner)).status
+        == 403
+    )
+    after = hits(pool_daemon, ref) + hits(pool_daemon, f"{other}/secret")
+    assert after == before
+
+
+def test_nothing_listening_gets_den_502_page(
+    pool_daemon: Daemon, web: Web, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    ref = f"{owner}/{name}"
+    pool_daemon.call("web.port", ref=ref, port=8099)
+    r = web.curl(web.url(owner, name), cookie=web.login_cookie(owner))
+    assert r.status == 502
+    assert "does not answer on port 8099" in r.text
+    pool_daemon.call("web.publish", ref=ref, port=8080)
+    r = web.curl(web.url(owner, name, port=8080), cookie=web.login_cookie(owner))
+    assert r.status == 200 and r.text == "hello from den"
+
+
+def test_suspended_workspace_wakes_on_request_and_visits_are_sessions(
+    pool_daemon: Daemon, web: Web, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    ref = f"{owner}/{name}"
+    cookie = web.login_cookie(owner)
+    pool_daemon.call("workspace.suspend", ref=ref)
+    assert pool_daemon.call("workspace.get", ref=ref)["state"] == "suspended"
+    r = web.curl(web.url(owner, name), cookie=cookie)
+    assert r.status == 200 and r.text == "hello from den"
+    assert pool_daemon.call("workspace.get", ref=ref)["state"] == "running"
+    visits = [s for s in pool_daemon.call("session.list") if s["kind"] == "http"]
+    mine = [v for v in visits if v["workspace"] == ref and v["user"] == owner]
+    assert mine and mine[0]["requests"] >= 1
+
+
+def test_long_download_and_upload_stream_with_flat_daemon_memory(
+    pool_daemon: Daemon, web: Web, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    ref = f"{owner}/{name}"
+    ok(
+        pool_daemon,
+        ref,
+        "printf '%s\\n' '#!/bin/sh' "
+        "'printf \"Content-Type: application/octet-stream\\r\\n\\r\\n\"' "
+        "'head -c 1073741824 /dev/zero' > /srv/www/cgi-bin/big && "
+        "printf '%s\\n' '#!/bin/sh' 'printf \"Content-Type: text/plain\\r\\n\\r\\n\"' 'wc -c' "
+        "> /srv/www/cgi-bin/count && chmod +x /srv/www/cgi-bin/big /srv/www/cgi-bin/count",
+    )
+    cookie = web.login_cookie(owner)
+    pid = int(json.loads((pool_daemon.data_dir / "serve.json").read_text())["pid"])
+    rss_before = rss(pid)
+    res = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(web.ca),
+            "-H",
+            f"Cookie: {cookie}",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            web.url(owner, name, "/cgi-bin/big"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.stdout.split() == ["200", str(1 << 30)], res
+    res = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(web.ca),
+            "-H",
+            f"Cookie: {cookie}",
+            "--data-binary",
+            "@-",
+            web.url(owner, name, "/cgi-bin/count"),
+        ],
+        input=b"x" * (64 << 20),
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.stdout.decode().strip() == str(64 << 20), res
+    # den is not in the data path: its memory does not follow the bytes.
+    assert rss(pid) - rss_before < 20 << 20
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

@@ -23,6 +23,7 @@ MODULES = (
     "weblogin",
     "sharing",
     "domains",
+    "webca",
 )
 
 

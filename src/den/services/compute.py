@@ -20,7 +20,7 @@ from den.services.workspaces import (
     workspace_create,
     workspace_delete,
     workspace_get,
-    ws_out,
+    ws_out_urls,
 )
 
 
@@ -39,7 +39,7 @@ async def user_provision(ctx: Context, p: UserWs) -> WorkspaceOut:
     owner = await user_or_self(ctx, p.user)
     try:
         ws, _ = await find_workspace(ctx, f"{owner.name}/{DEFAULT_NAME}")
-        return ws_out(ws, owner.name)
+        return await ws_out_urls(ctx, ws, owner.name)
     except NotFound:
         pass
     user = owner.name if owner.id != ctx.caller.user_id else None

@@ -22,7 +22,7 @@ from den.errors import Conflict, QuotaExceeded
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services import account
 from den.services.common import release_db
-from den.services.workspaces import WorkspaceOut, WsRef, find_workspace, spec_of, ws_out
+from den.services.workspaces import WorkspaceOut, WsRef, find_workspace, spec_of, ws_out_urls
 from den.slots import UserSlots
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ async def _transition(
     async with ctx.app.ws_lock(ws.id):
         await ctx.db.refresh(ws)
         if ws.state == target_state and not force:
-            return ws_out(ws, owner.name)
+            return await ws_out_urls(ctx, ws, owner.name)
         if ws.state not in allowed:
             raise Conflict(f"cannot {verb} {owner.name}/{ws.name}: it is {ws.state}")
         spec = spec_of(ctx.app, ws, owner)
@@ -86,7 +86,7 @@ async def _transition(
         ws.state = target_state
         ws.state_reason = ""
         await ctx.db.commit()
-    return ws_out(ws, owner.name)
+    return await ws_out_urls(ctx, ws, owner.name)
 
 
 def timed_act(

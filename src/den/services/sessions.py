@@ -24,6 +24,7 @@ class SessionOut(BaseModel):
     bytes_in: int
     bytes_out: int
     channels: int
+    requests: int = Field(0, description="Requests made (kind http: a recent web visit).")
 
 
 class SessionList(Params):
@@ -69,6 +70,7 @@ def _out(s: SshSession) -> SessionOut:
             "started_at",
             "bytes_in",
             "bytes_out",
+            "requests",
         ),
     ),
 )
@@ -79,7 +81,35 @@ async def session_list(ctx: Context, p: SessionList) -> list[SessionOut]:
         if user is not None and user != ctx.caller.name:
             return []
         user = ctx.caller.name
-    return [_out(s) for s in ctx.app.ssh_sessions.list(user)]
+    return [_out(s) for s in ctx.app.ssh_sessions.list(user)] + _web_visits(ctx, user)
+
+
+def _web_visits(ctx: Context, user: str | None) -> list[SessionOut]:
+    """Recent visits to workspace URLs (kind ``http``): a member sees visits to their
+    workspaces and their own; an admin everyone's (or one user's with --user)."""
+    gate = ctx.app.gate
+    if gate is None:
+        return []
+    out = []
+    for v in gate.visits.live():
+        owner = v.workspace.partition("/")[0]
+        if user is not None and user not in (v.user, owner):
+            continue
+        out.append(
+            SessionOut(
+                id=v.id,
+                user=v.user or f"({v.how})",
+                workspace=v.workspace,
+                kind="http",
+                client=v.client,
+                started_at=v.started_at,
+                bytes_in=0,
+                bytes_out=0,
+                channels=0,
+                requests=v.requests,
+            )
+        )
+    return out
 
 
 @method("session.kill", right=Right.write, cli=Cli("kill"))

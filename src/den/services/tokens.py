@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from den.db.models import Token, User
 from den.errors import Forbidden, InvalidParams, NotFound, Unauthenticated
@@ -153,6 +153,9 @@ async def token_revoke(ctx: Context, p: TokenRef) -> TokenOut:
     token, name = row
     if token.revoked_at is None:
         token.revoked_at = datetime.now(UTC)
+        # The web gate keeps what a bearer token stood for: not past this commit.
+        app = ctx.app
+        event.listen(ctx.db.sync_session, "after_commit", lambda _s: app.web_changed(), once=True)
     return _out(token, name)
 
 

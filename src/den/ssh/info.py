@@ -28,6 +28,12 @@ class Info(BaseModel):
     socket: str
     ssh_host_keys: list[HostKey]
     workspace_login: str
+    web: str = Field("", description="den's web address (empty: web front door off).")
+    https_port: int | None = None
+    tls: str = ""
+    ca_root: str = Field(
+        "", description="Caddy's internal root certificate (tls internal): `den ca` prints it."
+    )
 
 
 @method("system.info", right=Right.read, cli=Cli("info"))
@@ -44,7 +50,19 @@ async def system_info(ctx: Context, p: NoParams) -> Info:
         ssh_host_keys=[HostKey(**k) for k in hostkeys.fingerprints(s.data_dir)],
         workspace_login="ssh -p PORT NAME@HOST (yours), OWNER.NAME@HOST (admins); "
         "any other login name: the den shell",
+        **_web_info(ctx),
     )
+
+
+def _web_info(ctx: Context) -> dict[str, object]:
+    caddy = ctx.app.caddy
+    if caddy is None:
+        return {}
+    from den.web.urls import home_url
+
+    s = ctx.app.settings
+    ca = str(caddy.paths.root_cert) if s.tls == "internal" else ""
+    return {"web": home_url(s), "https_port": s.web_port, "tls": s.tls, "ca_root": ca}
 
 
 class SshConfigParams(Params):

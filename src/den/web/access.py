@@ -23,7 +23,9 @@ from den.web.labels import label
 if TYPE_CHECKING:
     from den.app import App
 
-TTL = 30.0
+# A credential, share or state read from the database is used this long at most
+# (an expired browser session or JWT stops working within it).
+TTL = 10.0
 _MARK = "den_ws_state_changed"
 _apps: list[App] = []
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from aiohttp import web
+from sqlalchemy import update
 
+from den import tasks
+from den.db.models import BrowserSession
 from den.errors import DenError, Unauthenticated
 from den.rpc.registry import REGISTRY, Caller, Context, Right
 from den.services import sharing, weblogin
+from den.services.revocation import Revoked
 from den.services.tokens import TOKEN_PREFIX, authenticate
 from den.web import pages
 from den.web.access import Directory, WsView
@@ -49,6 +54,23 @@ class Gate:
         self.app = app
         self.dir = Directory(app)
         self.visits = Visits()
+        app.revocations.subscribe(self._revoked)
+
+    def _revoked(self, ev: Revoked) -> None:
+        """A key removed: the browsers it signed in may have been the thief's; sign them out."""
+        if ev.kind == "key":
+            tasks.spawn(self._sign_out(ev.user_id), f"web-sign-out-{ev.user_id}")
+
+    async def _sign_out(self, user_id: int) -> None:
+        now = datetime.now(UTC)
+        async with self.app.sessions() as db:
+            await db.execute(
+                update(BrowserSession)
+                .where(BrowserSession.user_id == user_id, BrowserSession.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            await db.commit()
+        self.app.web_changed()
 
     # -- credentials -----------------------------------------------------------------
 

@@ -49,7 +49,11 @@ def _session_cookie(app: App, value: str, max_age: int) -> str:
 def _same_origin(request: web.Request, app: App) -> bool:
     """A form post from den's own page (login CSRF: nobody else may sign you in)."""
     origin = request.headers.get("Origin", "")
-    return origin.rstrip("/") == home_url(app.settings).rstrip("/")
+    if origin.rstrip("/") == home_url(app.settings).rstrip("/"):
+        return True
+    # Browsers send "Origin: null" for a form on a page with "Referrer-Policy: no-referrer"
+    # (den's pages); their Sec-Fetch-Site, which no page can set, says where it came from.
+    return origin == "null" and request.headers.get("Sec-Fetch-Site") == "same-origin"
 
 
 async def gate_handler(request: web.Request) -> web.StreamResponse:
