@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,12 +185,27 @@ class Caddy:
                     f"Caddy exited at start (status {proc.returncode}); is port {s.web_port} "
                     "free? see den's log for what it said"
                 )
-            if self.paths.admin.exists():
-                with contextlib.suppress(OSError):
-                    _r, w = await asyncio.open_connection(host, s.web_port)
-                    w.close()
-                    return
+            if self.paths.admin.exists() and await self._handshake(host):
+                return
             await asyncio.sleep(0.05)
+
+    async def _handshake(self, host: str) -> bool:
+        """Whether Caddy listens and, with its own CA, already has the wildcard
+        certificate (it is issued just after start: a request before would fail)."""
+        s = self.app.settings
+        tls: ssl.SSLContext | None = None
+        if s.tls == "internal":
+            tls = ssl.create_default_context()
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE  # a probe of readiness, not of trust
+        try:
+            _r, w = await asyncio.open_connection(
+                host, s.web_port, ssl=tls, server_hostname=f"ready.{s.domain}" if tls else None
+            )
+        except (OSError, ssl.SSLError):
+            return False
+        w.close()
+        return True
 
     async def _relay_log(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
