@@ -23,6 +23,9 @@ TOOLS = {
     "useradd": "passwd",
     "tar": "tar",
     "mount": "mount",
+    # The web front door: Caddy, started as its own account through setpriv.
+    "caddy": "caddy",
+    "setpriv": "util-linux",
 }
 MODULES = {"btrfsutil": "python3-btrfsutil", "nftables": "python3-nftables"}
 NAMESPACES = ("user", "pid", "net", "mnt", "uts", "ipc", "cgroup")
