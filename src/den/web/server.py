@@ -15,7 +15,7 @@ from den.services import weblogin
 from den.web import pages
 from den.web.caddy_config import CHALLENGE, ERROR, GATE, PAGES
 from den.web.gate import Gate, _cookies
-from den.web.urls import home_url
+from den.web.urls import base, home_url
 
 if TYPE_CHECKING:
     from den.app import App
@@ -116,7 +116,16 @@ def _login_get(request: web.Request, app: App) -> web.Response:
         f'<input type=hidden name=next value="{_attr(nxt)}">'
         "<button type=submit>Sign in</button></form>"
     )
-    return pages.page("Sign in to den", pages.para("Sign this browser in to den?") + form)
+    # CSP's form-action covers the redirect that answers the form: to a workspace URL.
+    csp = pages.SECURITY_HEADERS["Content-Security-Policy"].replace(
+        "form-action 'self'",
+        f"form-action 'self' {base(app.settings, '*.' + app.settings.domain)}",
+    )
+    return pages.page(
+        "Sign in to den",
+        pages.para("Sign this browser in to den?") + form,
+        headers={"Content-Security-Policy": csp},
+    )
 
 
 def _attr(value: str) -> str:
