@@ -1,0 +1,611 @@
+"""Benchmark: a workspace URL through Caddy with den's gate, beside the same Caddy
+proxying straight to the workspace with no check.
+
+In a workspace of den's dev image, two apps listen on every address:
+python3's threaded http.server (HTTP/1.1) on 8080, serving a small page and a
+100 MB file, and a minimal asyncio responder on 8081 (a published port) that
+answers the same small page many times faster, so that the cost of the check
+is not hidden behind a slow app. Side by side, in alternating rounds, through
+den's own Caddy:
+
+- (a) https://LABEL.den.localhost:PORT/ : den's access check (Caddy's
+  subrequest to the gate) in the path; signed in with a browser session cookie
+  (a real sign-in through a one-time link), with a den token as
+  ``Authorization: Bearer``, and shared ``public`` with no credential;
+- (b) https://direct.den.localhost:PORT/ : a route added to the same Caddy at
+  run time through its admin API, proxying to the workspace's address with no
+  check (the same streaming proxy den's route ends with);
+- for the fast app, also den's own route with the gate replaced by a static
+  answer from Caddy itself: the cost of the subrequest without den's Python.
+
+Every route and server added to Caddy is removed at the end. Small page:
+requests/s and p50/p99 latency with wrk (fixed threads, connections and
+duration; the median of the rounds). 100 MB body: MB/s with curl. Wake on
+request: suspend the workspace, then the time to the first byte of a
+signed-in request on a new connection (curl's time_starttransfer; TLS
+handshake included, and shown without it), beside the same for the running
+workspace and for (b).
+
+Goals: (a) >= 0.8x (b) in requests/s, >= 0.9x in throughput; wake p50 < 30 ms.
+Prints a table and one JSON line. Needs root; makes its own daemon, pool,
+image and workspace, and removes them.
+
+    .venv/bin/python bench/http.py [--rounds 3] [--duration 10] [--connections 32]
+        [--threads 2] [--downloads 6] [--wakes 20]
+"""
+
+from __future__ import annotations
+
+import sys
+
+# This file is bench/http.py: its directory, first on sys.path when it runs,
+# would shadow the standard library's http (aiohttp's too). It goes last.
+sys.path.append(sys.path.pop(0))
+
+import argparse
+import contextlib
+import http.client
+import json
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from _daemon import ROOT, BenchDaemon
+from den.cli.client import Client
+from den.web.caddy_config import workspace_route
+from den.web.labels import label
+
+CACHE_DIR = ROOT / ".cache" / "images"
+IMAGE = "dev"
+REF = "bench/box"
+DOMAIN = "den.localhost"
+DIRECT = f"direct.{DOMAIN}"  # (b) to the http.server app
+DIRECT_FAST = f"direct-fast.{DOMAIN}"  # (b) to the fast app
+STUB = f"stub.{DOMAIN}"  # den's route, the gate replaced by a static answer
+STUB_SERVER = "den_bench_stub"
+ROUTE_IDS = ("den-bench-direct", "den-bench-direct-fast", "den-bench-stub")
+FAST_PORT = 8081
+BIG_MB = 100
+
+# The app: python3's http.server on HTTP/1.1 (keep-alive, as app servers do),
+# a thread per connection, files from ~/www.
+SERVER = """
+import http.server, os
+class H(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+os.chdir(os.path.expanduser("~/www"))
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
+SMALL = "<!doctype html><title>den</title><p>" + "hello from a den workspace. " * 20 + "</p>\n"
+# The fast app: one fixed answer per request head, keep-alive, one event loop.
+FAST = f"""
+import asyncio
+BODY = {SMALL.encode()!r}
+ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Type: text/html\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(BODY) + BODY
+class Answer(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buf = transport, b""
+    def data_received(self, data):
+        self.buf += data
+        while (end := self.buf.find(b"\\r\\n\\r\\n")) >= 0:
+            self.buf = self.buf[end + 4:]
+            self.transport.write(ANSWER)
+async def main():
+    server = await asyncio.get_running_loop().create_server(Answer, "0.0.0.0", {FAST_PORT})
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_job(c: Client, job: dict[str, Any]) -> None:
+    while job["state"] == "running":
+        time.sleep(0.5)
+        job = c.call("job.get", {"id": job["id"]})
+    if job["state"] != "done":
+        raise RuntimeError(f"image job failed: {job}")
+
+
+def sh(c: Client, script: str, stdin: str = "") -> str:
+    res = c.call(
+        "workspace.exec",
+        {"ref": REF, "argv": ["sh", "-c", script], "stdin": stdin, "timeout": 120},
+    )
+    if res["exit_code"] != 0:
+        raise RuntimeError(f"in the workspace: {script[:80]}: {res['stderr'][-500:]}")
+    return str(res["stdout"])
+
+
+def start_apps(c: Client) -> None:
+    sh(
+        c,
+        "mkdir -p ~/www && cat > ~/www/small.html && "
+        f"head -c {BIG_MB}M /dev/urandom > ~/www/big.bin",
+        SMALL,
+    )
+    sh(c, "cat > ~/app.py", SERVER)
+    sh(c, "cat > ~/fast.py", FAST)
+    for app in ("app.py", "fast.py"):
+        sh(c, f"setsid python3 ~/{app} </dev/null >/dev/null 2>&1 &")
+    for port in (8080, FAST_PORT):
+        sh(
+            c,
+            f"for i in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:{port}/small.html "
+            "&& exit 0; sleep 0.1; done; exit 1",
+        )
+
+
+class CaddyAdmin:
+    """Caddy's admin API on its unix socket (it accepts only an empty Host there)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def request(self, method: str, url: str, body: Any = None) -> None:
+        conn = http.client.HTTPConnection("localhost", timeout=10)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        try:
+            sock.connect(self.path)
+            conn.sock = sock
+            data = b"" if body is None else json.dumps(body).encode()
+            conn.putrequest(method, url, skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", "")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", str(len(data)))
+            conn.endheaders(data)
+            resp = conn.getresponse()
+            text = resp.read().decode(errors="replace")
+        finally:
+            conn.close()
+            sock.close()
+        if resp.status >= 300:
+            raise RuntimeError(f"Caddy's admin API: {method} {url}: {resp.status} {text}")
+
+    def add_route(self, route: dict[str, Any]) -> None:
+        """Before den's own routes: den's catch-all would take the host otherwise."""
+        self.request("PUT", "/config/apps/http/servers/den/routes/0", route)
+
+
+def direct_route(route_id: str, host: str, upstream: str) -> dict[str, Any]:
+    """(b): the proxy den's route ends with, and nothing before it."""
+    return {
+        "@id": route_id,
+        "match": [{"host": [host]}],
+        "handle": [
+            {
+                "handler": "reverse_proxy",
+                "upstreams": [{"dial": upstream}],
+                "flush_interval": -1,
+                "transport": {"protocol": "http", "dial_timeout": "3s"},
+            }
+        ],
+        "terminal": True,
+    }
+
+
+def stub_server(port: int, upstream: str) -> dict[str, Any]:
+    """A plain-HTTP Caddy server answering every check with a fixed 'yes, go to upstream'."""
+    answer = {
+        "X-Den-Upstream": [upstream],
+        "X-Den-User": ["bench"],
+        "X-Den-Share": ["owner"],
+        "X-Den-Cookie": [""],
+        "X-Den-Authorization": [""],
+    }
+    return {
+        "listen": [f"127.0.0.1:{port}"],
+        "automatic_https": {"disable": True},
+        "routes": [{"handle": [{"handler": "static_response", "headers": answer}]}],
+    }
+
+
+def stub_route(port: int) -> dict[str, Any]:
+    """den's own workspace route, its subrequest sent to the stub server instead of den."""
+    sentinel = Path("/den-bench-gate")
+    route = workspace_route(sentinel)
+    for handler in route["handle"]:
+        if handler.get("upstreams") == [{"dial": f"unix/{sentinel}"}]:
+            handler["upstreams"] = [{"dial": f"127.0.0.1:{port}"}]
+            break
+    else:
+        raise RuntimeError("den's workspace route has no subrequest to its gate")
+    return {"@id": ROUTE_IDS[2], "match": [{"host": [STUB]}], **route}
+
+
+class Curl:
+    def __init__(self, ca: Path, port: int) -> None:
+        self.ca = str(ca)
+        self.port = port
+
+    def url(self, host: str, path: str) -> str:
+        return f"https://{host}:{self.port}{path}"
+
+    def run(self, url: str, *args: str, headers: tuple[str, ...] = ()) -> str:
+        argv = ["curl", "-sS", "--cacert", self.ca, "-m", "120", *args]
+        for h in headers:
+            argv += ["-H", h]
+        res = subprocess.run([*argv, url], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"curl {url}: {res.stderr.strip()}")
+        return res.stdout
+
+    def get(self, url: str, headers: tuple[str, ...] = ()) -> tuple[int, str]:
+        out = self.run(url, "-o", "-", "-w", "\n%{http_code}", headers=headers)
+        body, _, code = out.rpartition("\n")
+        return int(code), body
+
+    def download(self, url: str, headers: tuple[str, ...] = ()) -> float:
+        """MB/s of one whole download of the big file (checked complete)."""
+        out = self.run(
+            url,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{time_total}",
+            headers=headers,
+        )
+        code, size, total = out.split()
+        if code != "200" or int(size) != BIG_MB << 20:
+            raise RuntimeError(f"download {url}: status {code}, {size} bytes")
+        return BIG_MB / float(total)
+
+    def ttfb(self, url: str, headers: tuple[str, ...] = ()) -> tuple[float, float]:
+        """ms to the first byte on a new connection: in all, and after the TLS handshake."""
+        out = self.run(
+            url,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_appconnect} %{time_starttransfer}",
+            headers=headers,
+        )
+        code, tls, first = out.split()
+        if code != "200":
+            raise RuntimeError(f"{url}: status {code}")
+        return float(first) * 1e3, (float(first) - float(tls)) * 1e3
+
+
+def sign_in(curl: Curl, link: str) -> str:
+    """A browser's sign-in with a one-time link: POST its form; the session cookie."""
+    token = link.split("t=", 1)[1]
+    home = curl.url(DOMAIN, "")
+    out = curl.run(
+        home + "/_den/login",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "--data-urlencode",
+        f"t={token}",
+        headers=(f"Origin: {home}",),
+    )
+    for line in out.splitlines():
+        if line.lower().startswith("set-cookie: den_session="):
+            return line.split(":", 1)[1].strip().split(";", 1)[0]
+    raise RuntimeError(f"the sign-in gave no session cookie: {out[:300]}")
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(
+    hosts: Path, url: str, args: argparse.Namespace, headers: tuple[str, ...]
+) -> dict[str, float]:
+    """One wrk run: requests/s, p50 and p99 ms; every answer must be a 2xx.
+
+    glibc does not resolve *.localhost (curl does by itself): wrk runs in a
+    mount namespace of its own whose /etc/hosts names them, so it connects and
+    sends SNI and Host as a browser would.
+    """
+    argv = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+    for h in headers:
+        argv += ["-H", h]
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    res = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(hosts), *argv, url],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=args.duration + 60,
+    )
+    out = res.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if res.returncode != 0 or rps is None or "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk {url}: exit {res.returncode}\n{out}{res.stderr}")
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m is None:
+            raise RuntimeError(f"no {p}% in wrk's output:\n{out}")
+        return float(m.group(1)) * UNITS[m.group(2)]
+
+    return {"rps": float(rps.group(1)), "p50": pct("50"), "p99": pct("99")}
+
+
+def med(values: list[float], nd: int = 1) -> float:
+    return round(statistics.median(values), nd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="wrk runs per variant, alternating")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--connections", type=int, default=32, help="wrk connections")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--downloads", type=int, default=6, help="100 MB downloads per side")
+    ap.add_argument("--wakes", type=int, default=20, help="suspend -> first byte rounds")
+    args = ap.parse_args()
+    for prog in ("wrk", "curl", "unshare"):
+        if shutil.which(prog) is None:
+            sys.exit(f"{prog} is missing: run `make bench-deps` (scripts/install-deps bench)")
+    work = Path(tempfile.mkdtemp(prefix="den-bench-http-"))
+    try:
+        env = {
+            "DEN_WEB": "true",
+            "DEN_HTTPS_PORT": str(free_port()),
+            "DEN_APT_CACHE": str(ROOT / ".cache" / "apt"),
+            # An 8G pool: the 10G default disk limit would pass the member quota.
+            "DEN_DEFAULT_DISK": "2G",
+        }
+        with BenchDaemon(pool_size="8G", extra_env=env) as d:
+            results = run(d, work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(results)
+
+
+def run(d: BenchDaemon, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    c = Client(socket_path=str(d.socket), timeout=600)
+    try:
+        # den's dev image (python3 and curl inside): the tests' cached copy, else built.
+        cached = sorted(CACHE_DIR.glob("bookworm-dev-*.tar.zst"))
+        job = (
+            c.call("image.import", {"name": IMAGE, "path": str(cached[-1])})
+            if cached
+            else c.call("image.build", {"name": IMAGE, "suite": "bookworm", "preset": "dev"})
+        )
+        wait_job(c, job)
+        c.call("user.create", {"name": "bench", "role": "member"})
+        ws = c.call("workspace.create", {"name": "box", "user": "bench", "image": IMAGE})
+        start_apps(c)
+        c.call("web.publish", {"ref": REF, "port": FAST_PORT})
+        curl = Curl(
+            d.data_dir / "caddy" / "data" / "pki" / "authorities" / "local" / "root.crt",
+            int(d.info["https_port"]),
+        )
+        # The user's credentials: a den token (scripts) and a browser session (people).
+        token = c.call("token.create", {"user": "bench", "right": "write"})["token"]
+        as_user = Client(url=f"http://127.0.0.1:{d.info['http_port']}", token=token)
+        try:
+            cookie = sign_in(curl, as_user.call("login.link")["url"])
+        finally:
+            as_user.close()
+        hosts = work / "hosts"
+        names = [
+            DOMAIN,
+            DIRECT,
+            DIRECT_FAST,
+            STUB,
+            f"{label('bench', 'box')}.{DOMAIN}",
+            f"{label('bench', 'box', FAST_PORT)}.{DOMAIN}",
+        ]
+        hosts.write_text(f"127.0.0.1 localhost {' '.join(names)}\n")
+        admin = CaddyAdmin(d.data_dir / "caddy" / "admin.sock")
+        stub_port = free_port()
+        try:
+            admin.add_route(direct_route(ROUTE_IDS[0], DIRECT, f"{ws['address']}:8080"))
+            admin.add_route(direct_route(ROUTE_IDS[1], DIRECT_FAST, f"{ws['address']}:{FAST_PORT}"))
+            admin.request(
+                "PUT",
+                f"/config/apps/http/servers/{STUB_SERVER}",
+                stub_server(stub_port, f"{ws['address']}:{FAST_PORT}"),
+            )
+            admin.add_route(stub_route(stub_port))
+            return measure(c, curl, hosts, cookie, token, args)
+        finally:
+            # Not there when the run failed before adding them: nothing to remove.
+            for rid in ROUTE_IDS:
+                with contextlib.suppress(RuntimeError, OSError):
+                    admin.request("DELETE", f"/id/{rid}")
+            with contextlib.suppress(RuntimeError, OSError):
+                admin.request("DELETE", f"/config/apps/http/servers/{STUB_SERVER}")
+    finally:
+        c.close()
+
+
+def measure(
+    c: Client,
+    curl: Curl,
+    hosts: Path,
+    cookie: str,
+    token: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    host = f"{label('bench', 'box')}.{DOMAIN}"
+    fast = f"{label('bench', 'box', FAST_PORT)}.{DOMAIN}"
+    signed = (f"Cookie: {cookie}",)
+    bearer = (f"Authorization: Bearer {token}",)
+    # name -> (host, headers); the page is /small.html on every one.
+    variants: dict[str, tuple[str, tuple[str, ...]]] = {
+        "direct": (DIRECT, ()),
+        "cookie": (host, signed),
+        "bearer": (host, bearer),
+        "public": (host, ()),
+        "fast_direct": (DIRECT_FAST, ()),
+        "fast_stub": (STUB, ()),
+        "fast_cookie": (fast, signed),
+    }
+    # Each path answers the page before anything is timed (a sign-in page
+    # would be fast and wrong); a stranger is sent to sign in.
+    for name, (h, hdr) in variants.items():
+        if name != "public":
+            code, body = curl.get(curl.url(h, "/small.html"), hdr)
+            if code != 200 or body != SMALL:
+                raise RuntimeError(f"{name}: status {code}: {body[:200]}")
+    code, _ = curl.get(curl.url(host, "/small.html"))
+    if code != 302:
+        raise RuntimeError(f"a stranger got {code} on the private URL, not a sign-in redirect")
+
+    small: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, (h, hdr) in variants.items():
+            if name == "public":
+                c.call("share.set", {"ref": REF, "mode": "public"})
+            try:
+                small[name].append(wrk(hosts, curl.url(h, "/small.html"), args, hdr))
+            finally:
+                if name == "public":
+                    c.call("share.set", {"ref": REF, "mode": "private"})
+
+    big: dict[str, list[float]] = {"direct": [], "cookie": []}
+    for _ in range(args.downloads):
+        big["direct"].append(curl.download(curl.url(DIRECT, "/big.bin")))
+        big["cookie"].append(curl.download(curl.url(host, "/big.bin"), signed))
+
+    page = curl.url(host, "/small.html")
+    ttfb: dict[str, list[tuple[float, float]]] = {"running": [], "direct": [], "woken": []}
+    for _ in range(args.wakes):
+        ttfb["running"].append(curl.ttfb(page, signed))
+        ttfb["direct"].append(curl.ttfb(curl.url(DIRECT, "/small.html")))
+    for _ in range(args.wakes):
+        c.call("workspace.suspend", {"ref": REF})
+        state = c.call("workspace.get", {"ref": REF})["state"]
+        if state != "suspended":
+            raise RuntimeError(f"the workspace is {state} after workspace.suspend")
+        ttfb["woken"].append(curl.ttfb(page, signed))
+        # The next suspend finds it settled (not mid-wake bookkeeping).
+        curl.ttfb(page, signed)
+    if c.call("workspace.get", {"ref": REF})["state"] != "running":
+        raise RuntimeError("a request did not leave the workspace running")
+
+    out: dict[str, Any] = {}
+    for name, runs in small.items():
+        out[f"small_{name}"] = {
+            "rps": med([r["rps"] for r in runs], 0),
+            "p50_ms": med([r["p50"] for r in runs], 2),
+            "p99_ms": med([r["p99"] for r in runs], 2),
+        }
+    for name in ("cookie", "bearer", "public"):
+        out[f"rps_ratio_{name}"] = round(
+            out[f"small_{name}"]["rps"] / out["small_direct"]["rps"], 2
+        )
+    for name in ("stub", "cookie"):
+        out[f"rps_ratio_fast_{name}"] = round(
+            out[f"small_fast_{name}"]["rps"] / out["small_fast_direct"]["rps"], 2
+        )
+    out["big_mb_s"] = {k: med(v) for k, v in big.items()}
+    out["throughput_ratio"] = round(
+        statistics.median(big["cookie"]) / statistics.median(big["direct"]), 2
+    )
+    out["ttfb_ms"] = {
+        name: {
+            "p50": med([t for t, _ in pairs], 2),
+            "p90": round(sorted(t for t, _ in pairs)[int(0.9 * (len(pairs) - 1))], 2),
+            "p50_after_tls": med([a for _, a in pairs], 2),
+        }
+        for name, pairs in ttfb.items()
+    }
+    out["params"] = {
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "threads": args.threads,
+        "downloads": args.downloads,
+        "wakes": args.wakes,
+    }
+    return out
+
+
+def report(r: dict[str, Any]) -> None:
+    table = Table(title="workspace URL: Caddy + den's gate (a) vs the same Caddy, no check (b)")
+    for col in ("measure", "(a) gate", "(b) direct", "a/b", "goal"):
+        table.add_column(col)
+
+    def small_rows(
+        what: str, a: dict[str, float], b: dict[str, float], ratio: float, goal: str
+    ) -> None:
+        table.add_row(f"{what}: req/s", str(a["rps"]), str(b["rps"]), str(ratio), goal)
+        table.add_row(
+            "  p50 / p99 ms",
+            f"{a['p50_ms']} / {a['p99_ms']}",
+            f"{b['p50_ms']} / {b['p99_ms']}",
+            "",
+            "",
+        )
+
+    d = r["small_direct"]
+    for name, what in (
+        ("cookie", "session cookie"),
+        ("bearer", "bearer token"),
+        ("public", "public"),
+    ):
+        small_rows(
+            f"http.server page, {what}", r[f"small_{name}"], d, r[f"rps_ratio_{name}"], ">= 0.8"
+        )
+    fd = r["small_fast_direct"]
+    small_rows(
+        "fast app page, session cookie",
+        r["small_fast_cookie"],
+        fd,
+        r["rps_ratio_fast_cookie"],
+        ">= 0.8",
+    )
+    small_rows(
+        "fast app page, Caddy subrequest to a static answer",
+        r["small_fast_stub"],
+        fd,
+        r["rps_ratio_fast_stub"],
+        "(breakdown)",
+    )
+    table.add_row(
+        f"{BIG_MB} MB download (cookie), MB/s",
+        str(r["big_mb_s"]["cookie"]),
+        str(r["big_mb_s"]["direct"]),
+        str(r["throughput_ratio"]),
+        ">= 0.9",
+    )
+    t = r["ttfb_ms"]
+    table.add_row(
+        "first byte, suspended -> woken, p50 (p90) ms",
+        f"{t['woken']['p50']} ({t['woken']['p90']})",
+        "-",
+        "",
+        "< 30",
+    )
+    table.add_row(
+        "first byte, running, p50 (p90) ms",
+        f"{t['running']['p50']} ({t['running']['p90']})",
+        f"{t['direct']['p50']} ({t['direct']['p90']})",
+        "",
+        "",
+    )
+    table.add_row(
+        "  the same after the TLS handshake, p50 ms",
+        f"woken {t['woken']['p50_after_tls']}, running {t['running']['p50_after_tls']}",
+        str(t["direct"]["p50_after_tls"]),
+        "",
+        "",
+    )
+    Console().print(table)
+    print(json.dumps({"bench": "http", **r}))
+
+
+if __name__ == "__main__":
+    main()
