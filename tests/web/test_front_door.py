@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import Daemon, unused_port
 from tests.helpers.dns import DnsServer, dns_server
 from tests.web.conftest import Web, caddy_pid, serve_files
+from tests.web.test_jwt import Jwks, Key, oauth_env, rsa_key, serve
 from tests.workspaces.conftest import BB, create, own_daemon
 
 
@@ -26,8 +27,25 @@ def dns() -> Iterator[DnsServer]:
 
 
 @pytest.fixture(scope="module")
-def d(dns: DnsServer) -> Iterator[Daemon]:
+def key() -> Key:
+    return rsa_key("web1")
+
+
+@pytest.fixture(scope="module")
+def issuer(key: Key) -> Iterator[Jwks]:
+    jwks = Jwks([key.jwk()])
+    server = serve(jwks)
+    try:
+        yield jwks
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def d(dns: DnsServer, issuer: Jwks) -> Iterator[Daemon]:
     env = {
+        **oauth_env(issuer.url),
         "DEN_WEB": "true",
         "DEN_HTTPS_PORT": str(unused_port()),
         "DEN_WEB_START_STOPPED": "true",
@@ -178,3 +196,23 @@ def test_den_ca_and_info(d: Daemon, web: Web) -> None:
     assert info["tls"] == "internal" and info["ca_root"] == str(web.ca)
     out = d.cli("ca")
     assert out.returncode == 0 and out.stdout.strip() == pem.strip()
+
+
+def test_a_jwt_opens_a_workspace_url_and_a_bad_one_does_not(
+    d: Daemon, web: Web, key: Key, site: str
+) -> None:
+    ref = f"webber/{site}"
+    d.call("share.set", ref=ref, mode="private")
+    url = web.url("webber", site)
+    assert web.curl(url).status == 302
+    r = web.curl(url, headers={"Authorization": f"Bearer {key.sign('webber')}"})
+    assert r.status == 200 and r.text == "hello from den"
+    for bad in (
+        key.sign("webber", iss="https://other.test/"),
+        key.sign("webber", aud="someone-else"),
+        key.sign("webber", exp=int(time.time()) - 120),
+        key.sign("webber")[:-6] + "AAAAAA",
+        rsa_key("web1").sign("webber"),  # the right kid, another key
+    ):
+        r = web.curl(url, headers={"Authorization": f"Bearer {bad}"})
+        assert r.status == 401, r.text
