@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import itertools
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -130,16 +129,15 @@ def browser(web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brow
     """
     home = tmp_path_factory.mktemp("chromium-home")
     env: dict[str, str | float | bool] = {**os.environ, "HOME": str(home)}
-    if shutil.which("certutil"):
-        # Chromium on Linux trusts the roots in $HOME/.pki/nssdb: Caddy's, here.
-        nss = home / ".pki" / "nssdb"
-        nss.mkdir(parents=True)
-        db = f"sql:{nss}"
-        subprocess.run(["certutil", "-N", "-d", db, "--empty-password"], check=True)
-        subprocess.run(
-            ["certutil", "-A", "-d", db, "-n", "den test root", "-t", "C,,", "-i", str(web.ca)],
-            check=True,
-        )
+    # Chromium on Linux trusts the roots in $HOME/.pki/nssdb: Caddy's, here.
+    nss = home / ".pki" / "nssdb"
+    nss.mkdir(parents=True)
+    db = f"sql:{nss}"
+    subprocess.run(["certutil", "-N", "-d", db, "--empty-password"], check=True)
+    subprocess.run(
+        ["certutil", "-A", "-d", db, "-n", "den test root", "-t", "C,,", "-i", str(web.ca)],
+        check=True,
+    )
     netns = f"denbrowser{os.getpid()}"
     launcher = home / "chromium"
     launcher.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
@@ -171,11 +169,10 @@ def contexts(browser: Browser) -> Iterator[list[BrowserContext]]:
 @pytest.fixture
 def new_page(browser: Browser, contexts: list[BrowserContext]) -> NewPage:
     """``new_page()``: a page in a browser context of its own."""
-    # Without certutil Chromium cannot be told about Caddy's root: accept its certificate.
-    ignore = shutil.which("certutil") is None
 
     def make() -> Page:
-        ctx = browser.new_context(ignore_https_errors=ignore)
+        # No certificate error is ignored: Chromium trusts Caddy's root (above).
+        ctx = browser.new_context()
         ctx.set_default_timeout(30_000)
         contexts.append(ctx)
         return ctx.new_page()

@@ -101,6 +101,12 @@ class Memo:
             self._data.clear()
             self._gen = self.app.web_generation
 
+    def known(self, key: Any) -> bool:
+        """Whether ``key`` is held now (its next get asks nothing of the database)."""
+        self._fresh()
+        hit = self._data.get(key)
+        return hit is not None and time.monotonic() - hit[0] < TTL
+
     async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         self._fresh()
         hit = self._data.get(key)

@@ -19,6 +19,7 @@ from sqlalchemy import update
 from den import tasks
 from den.db.models import BrowserSession
 from den.errors import DenError, Unauthenticated
+from den.rpc.authlimit import AuthFailures
 from den.rpc.registry import REGISTRY, Caller, Context, Right
 from den.services import sharing, weblogin
 from den.services.revocation import Revoked
@@ -54,6 +55,11 @@ class Gate:
         self.app = app
         self.dir = Directory(app)
         self.visits = Visits()
+        # Bad session cookies and bearer credentials per client address: past the
+        # limit, unknown ones are not looked up (the database is no one's to flood).
+        self.failures = AuthFailures(
+            app.settings.api_max_auth_failures, app.settings.api_auth_failure_window
+        )
         app.revocations.subscribe(self._revoked)
 
     def _revoked(self, ev: Revoked) -> None:
@@ -126,10 +132,23 @@ class Gate:
         who: Who | None = None
         used_auth = False
         auth = h.get("Authorization", "")
+        remote = h.get("X-Den-Remote", "")
+        held = self.failures.retry_after(remote)
         if auth.lower().startswith("bearer "):
+            if held and not self.dir.memo.known(("bearer", auth)):
+                self.app.metrics.http_refused.labels("held").inc()
+                return pages.page(
+                    "Too many failed sign-ins",
+                    pages.para(f"Too many bad credentials from {remote}; retry in {held} s."),
+                    429,
+                    {"Retry-After": str(held)},
+                )
+            known = self.dir.memo.known(("bearer", auth))
             who = await self._bearer(auth)
             used_auth = who is not None
             if who is None:
+                if not known:
+                    self.failures.failed(remote)
                 self.app.metrics.http_refused.labels("bad-credential").inc()
                 return pages.page(
                     "Not signed in",
@@ -141,7 +160,11 @@ class Gate:
                 )
         sessions = cookies.get(weblogin.COOKIE, [])
         if who is None and len(sessions) == 1:
-            who = await self._session(sessions[0])
+            known = self.dir.memo.known(("session", sessions[0]))
+            if known or not held:
+                who = await self._session(sessions[0])
+            if who is None and not known:
+                self.failures.failed(remote)
         how = self._how(ws, who)
         if how is None:
             links = cookies.get(SHARE_COOKIE, [])
