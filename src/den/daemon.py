@@ -28,10 +28,10 @@ async def serve(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
     app = App(settings)
     if settings.web:
-        from den.web.caddy import caddy_uid
+        from den.web.caddy import ensure_account
 
-        # Before the network is first put in place: Caddy may reach workspaces.
-        app.backend.network.web_uid = caddy_uid()
+        # Before the network is first put in place: Caddy's account may reach workspaces.
+        app.backend.network.web_uid = await ensure_account(settings)
     await app.start()
     await reconciler.reconcile(app, startup=True)
     reconciler.start_loop(app)
@@ -105,7 +105,7 @@ async def _start_web(app: App, http_port: int) -> web.AppRunner:
     runner = web.AppRunner(make_gate_app(app, app.gate), access_log=None, handle_signals=False)
     await runner.setup()
     caddy = Caddy(app)
-    await web.SockSite(runner, bind_gate(caddy.paths.gate)).start()
+    await web.SockSite(runner, bind_gate(caddy.paths.gate, caddy.account)).start()
     try:
         await caddy.start(http_port)
     except (OSError, RuntimeError) as err:

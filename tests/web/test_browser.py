@@ -207,9 +207,11 @@ def reload(page: Page) -> Response:
     return resp
 
 
-def press_sign_in(page: Page, link: str) -> None:
+def press_sign_in(page: Page, link: str, user: str | None = None) -> None:
     """Open a one-time link and press its button, as a person does."""
     goto(page, link)
+    if user is not None:
+        assert f"Sign this browser in to den as {user}?" in page.inner_text("body")
     with page.expect_navigation():
         page.get_by_role("button", name="Sign in").click()
 
@@ -263,7 +265,7 @@ def test_login_link_signs_in_once_and_returns_to_the_workspace(
     on_sign_in_page(page, web)
 
     link = login_link(pool_daemon, site[0])
-    press_sign_in(page, link)
+    press_sign_in(page, link, user=site[0])
     assert page.url == url, page.inner_text("body")  # where the visit started
     assert page.inner_text("body") == APP_TEXT
     # The session works for the next visit too, and den's cookie is not visible to scripts.
@@ -271,10 +273,10 @@ def test_login_link_signs_in_once_and_returns_to_the_workspace(
     assert resp.status == 200
     assert page.evaluate("document.cookie") == ""
 
-    # The same link in another browser: used up.
+    # The same link in another browser: used up (its page says so, and has no button).
     other = new_page()
-    press_sign_in(other, link)
-    assert "Link not valid" in other.title(), other.content()
+    resp = goto(other, link)
+    assert resp.status == 401 and "Link not valid" in other.title(), other.content()
     resp = goto(other, url)
     assert resp.status == 401
     on_sign_in_page(other, web)
@@ -300,10 +302,11 @@ def test_named_user_sees_it_and_another_member_does_not(
     page = new_page()
     sign_in(page, web, login_link(pool_daemon, stranger))
     resp = goto(page, url)
-    assert resp.status == 403
-    assert "Not shared with you" in page.title()
+    # Not shared with you looks like nothing at all: nobody learns what exists.
+    assert resp.status == 404
+    assert "Not found" in page.title()
     body = page.inner_text("body")
-    assert stranger in body and APP_TEXT not in body
+    assert "you may open" in body and APP_TEXT not in body
 
 
 def test_public_url_needs_no_sign_in(

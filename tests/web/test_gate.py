@@ -87,13 +87,21 @@ def test_identity_headers_reach_the_app_and_spoofed_ones_do_not(
     assert env.get("HTTP_COOKIE") == "theirs=1"
 
 
-def test_unknown_hosts_get_the_same_plain_404(web: Web, site: tuple[str, str]) -> None:
-    owner, _ = site
+def test_unknown_hosts_tell_nothing_of_which_workspaces_exist(
+    web: Web, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    cookie = web.login_cookie(owner)
     for host in (f"nope--{owner}.den.localhost", "zz.den.localhost", "0--abcdef.den.localhost"):
-        r = web.curl(f"https://{host}:{web.port}/")
+        # Signed in: den's plain 404 page, never Caddy's.
+        r = web.curl(f"https://{host}:{web.port}/", cookie=cookie)
         assert r.status == 404
-        assert "There is nothing at this address." in r.text
+        assert "There is nothing at this address that you may open." in r.text
         assert "caddy" not in r.text.lower()
+        # A stranger is sent to sign in, exactly as for a private workspace that exists.
+        r = web.curl(f"https://{host}:{web.port}/")
+        assert r.status == 302 and r.header("location").startswith(web.home + "_den/login?")
+    assert web.curl(web.url(owner, name)).status == 302
 
 
 def hits(d: Daemon, ref: str) -> int:
@@ -111,8 +119,9 @@ def test_named_users_admins_public_and_strangers(
     friend_c, other_c, admin_c = (web.login_cookie(u) for u in (friend, other, admin))
 
     # Private: the owner and admins only.
+    # Not shared with you looks exactly like nothing at all.
     r = web.curl(page, cookie=friend_c)
-    assert r.status == 403 and "Not shared with you" in r.text
+    assert r.status == 404 and "that you may open" in r.text
     r = web.curl(page, cookie=admin_c)
     assert r.status == 200 and cgi_env(r.text)["HTTP_X_DEN_SHARE"] == "admin"
 
@@ -121,7 +130,7 @@ def test_named_users_admins_public_and_strangers(
     assert r.status == 200, r.text
     env = cgi_env(r.text)
     assert (env["HTTP_X_DEN_USER"], env["HTTP_X_DEN_SHARE"]) == (friend, "user")
-    assert web.curl(page, cookie=other_c).status == 403
+    assert web.curl(page, cookie=other_c).status == 404
     assert web.curl(page).status == 302
 
     pool_daemon.call("share.set", ref=ref, mode="public")
@@ -135,7 +144,7 @@ def test_named_users_admins_public_and_strangers(
     # Back to private: at once, for everyone.
     pool_daemon.call("share.set", ref=ref, mode="private")
     assert web.curl(page).status == 302
-    assert web.curl(page, cookie=friend_c).status == 403
+    assert web.curl(page, cookie=friend_c).status == 404
 
 
 def test_secret_link_sets_a_cookie_and_stops_when_revoked(
@@ -172,7 +181,7 @@ def test_bearer_tokens_work_and_never_reach_the_app(
     pool_daemon: Daemon, web: Web, site: tuple[str, str]
 ) -> None:
     owner, name = site
-    token = pool_daemon.call("token.create", user=owner, right="read")
+    token = pool_daemon.call("token.create", user=owner, right="write")
     page = web.url(owner, name, "/cgi-bin/env")
     r = web.curl(page, headers={"Authorization": f"Bearer {token['token']}"})
     assert r.status == 200, r.text
@@ -180,6 +189,9 @@ def test_bearer_tokens_work_and_never_reach_the_app(
     assert env["HTTP_X_DEN_USER"] == owner and "HTTP_AUTHORIZATION" not in env
     r = web.curl(page, headers={"Authorization": "Bearer den_nope_nope"})
     assert r.status == 401 and r.header("www-authenticate") == "Bearer"
+    # A read-only token reads den's API; it does not act in apps.
+    read = pool_daemon.call("token.create", user=owner, right="read")
+    assert web.curl(page, headers={"Authorization": f"Bearer {read['token']}"}).status == 404
     pool_daemon.call("token.revoke", id=token["id"])
     r = web.curl(page, headers={"Authorization": f"Bearer {token['token']}"})
     assert r.status == 401
@@ -313,3 +325,92 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_other_sites_cannot_use_your_sign_in(
+    pool_daemon: Daemon, web: Web, users: Users, site: tuple[str, str]
+) -> None:
+    """Cross-site request forgery from another workspace's page (all workspace hosts
+    are one site to a browser): only navigations and the app's own requests carry den's
+    sign-in."""
+    owner, name = site
+    ref = f"{owner}/{name}"
+    cookie = web.login_cookie(owner)
+    page = web.url(owner, name, "/cgi-bin/env")
+    origin = web.url(owner, name, "").rstrip("/")
+    evil = f"https://evil--mallory.den.localhost:{web.port}"
+    before = hits(pool_daemon, ref)
+    for headers in (
+        {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors", "Origin": evil},
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors", "Origin": evil},
+        {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "websocket", "Origin": evil},
+        {"Origin": evil},  # a browser without Sec-Fetch-*
+    ):
+        r = web.curl(page, "-X", "POST", "-d", "x=1", headers=headers, cookie=cookie)
+        assert r.status == 403 and "another site" in r.text, headers
+    assert hits(pool_daemon, ref) == before
+    # A link from elsewhere (a top-level GET navigation) still works, as do the app's own
+    # requests and clients that are no browser.
+    nav = {
+        "Sec-Fetch-Site": "cross-site",
+        "Sec-Fetch-Mode": "navigate",
+        "Sec-Fetch-Dest": "document",
+    }
+    assert web.curl(page, headers=nav, cookie=cookie).status == 200
+    own = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Origin": origin}
+    assert web.curl(page, "-X", "POST", "-d", "x=1", headers=own, cookie=cookie).status == 200
+    assert web.curl(page, "-X", "POST", "-d", "x=1", cookie=cookie).status == 200
+    # A public workspace still serves such a request, as to anyone: without the sign-in.
+    pool_daemon.call("share.set", ref=ref, mode="public")
+    r = web.curl(
+        page, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}, cookie=cookie
+    )
+    assert r.status == 200 and "HTTP_X_DEN_USER" not in cgi_env(r.text)
+
+
+def test_planted_session_cookies_sign_you_out_not_in_as_someone_else(
+    web: Web, users: Users, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    mine, theirs = web.login_cookie(owner), web.login_cookie(users.make())
+    url = web.url(owner, name, "/cgi-bin/env")
+    assert web.curl(url, cookie=mine).status == 200
+    # A second, valid session of another user (set by some page's script for den's domain).
+    assert web.curl(url, cookie=f"{theirs}; {mine}").status == 302
+    assert web.curl(url, cookie=f"{mine}; den_session=junk").status == 200
+
+
+def test_sign_in_page_names_the_user_and_next_stays_on_den(
+    pool_daemon: Daemon, web: Web, site: tuple[str, str]
+) -> None:
+    owner, name = site
+    link = pool_daemon.call_as(owner, "login.link")["result"]["url"]
+    r = web.curl(link)
+    assert r.status == 200 and f"Sign this browser in to den as {owner}?" in r.text
+    t = link.split("t=", 1)[1]
+    target = web.url(owner, name, "/x?y=1")
+    for nxt, where in (
+        (target, target),
+        ("https://evil.example\\@den.localhost/", web.home),
+        (f"https://evil.example@{web.host(owner, name)}:{web.port}/", web.home),
+        ("https://den.localhost.evil.example/", web.home),
+        (f"https://{web.host(owner, name)}:1/", web.home),
+        ("javascript:alert(1)", web.home),
+    ):
+        fresh = pool_daemon.call_as(owner, "login.link")["result"]["url"].split("t=", 1)[1]
+        r = web.curl(
+            web.home + "_den/login",
+            "--data-urlencode",
+            f"t={fresh}",
+            "--data-urlencode",
+            f"next={nxt}",
+            headers={"Origin": web.home.rstrip("/")},
+        )
+        assert r.status == 303 and r.header("location") == where, (nxt, r.headers)
+    # Another site's form cannot sign you in (login CSRF), with or without an Origin.
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+    ):
+        r = web.curl(web.home + "_den/login", "--data-urlencode", f"t={t}", headers=headers)
+        assert r.status == 403

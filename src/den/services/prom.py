@@ -79,7 +79,10 @@ class Metrics:
             registry=r,
         )
         self.http_refused = Counter(
-            "den_http_refused", "Requests to workspace URLs refused, by reason.", ["reason"], registry=r
+            "den_http_refused",
+            "Requests to workspace URLs refused, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.caddy_restarts = Counter(
             "den_caddy_restarts", "Times den restarted Caddy after it died.", registry=r

@@ -222,6 +222,25 @@ async def login_revoke(ctx: Context, p: SessionRevoke) -> list[SessionOut]:
     return [_out(s, name, now) for s, name in rows]
 
 
+async def link_user(app: App, value: str) -> str | None:
+    """The user a login link would sign in as, if it is still good (nothing is used up):
+    the page asks "sign in as NAME?", so nobody is signed in as someone else unawares."""
+    parts = _split(value)
+    if parts is None:
+        return None
+    lid, secret = parts
+    async with app.sessions() as db:
+        row = (
+            await db.execute(select(LoginLink, User).join(User).where(LoginLink.id == lid))
+        ).first()
+    if row is None or not hmac.compare_digest(row[0].secret_hash, hash_secret(secret)):
+        return None
+    link, user = row
+    if link.used_at is not None or link.expires_at <= datetime.now(UTC):
+        return None
+    return user.name
+
+
 async def consume_link(app: App, value: str, client: str, agent: str) -> tuple[str, datetime, str]:
     """Use a login link (``<id>_<secret>``) once: a new browser session.
 

@@ -9,7 +9,9 @@ counted again when it commits), and nothing is kept longer than ``TTL``.
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -88,38 +90,52 @@ V = TypeVar("V")
 
 
 class Memo:
-    """Values good for one generation of the app, and at most ``TTL`` seconds."""
+    """Values good for one generation of the app, and at most ``TTL`` seconds; at most
+    ``limit`` of them, the least recently used going first."""
 
     def __init__(self, app: App, limit: int = 10_000) -> None:
         self.app = app
         self.limit = limit
         self._gen = -1
-        self._data: dict[Any, tuple[float, Any]] = {}
+        self._data: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
 
     def _fresh(self) -> None:
         if self._gen != self.app.web_generation:
             self._data.clear()
             self._gen = self.app.web_generation
 
+    @staticmethod
+    def _key(key: Any) -> Any:
+        # Credentials are kept by digest: the table holds no secrets and no big keys.
+        if isinstance(key, tuple):
+            return tuple(
+                hashlib.sha256(k.encode()).digest() if isinstance(k, str) and len(k) > 64 else k
+                for k in key
+            )
+        return key
+
     def known(self, key: Any) -> bool:
         """Whether ``key`` is held now (its next get asks nothing of the database)."""
         self._fresh()
-        hit = self._data.get(key)
+        hit = self._data.get(self._key(key))
         return hit is not None and time.monotonic() - hit[0] < TTL
 
     async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         self._fresh()
-        hit = self._data.get(key)
+        k = self._key(key)
+        hit = self._data.get(k)
         now = time.monotonic()
         if hit is not None and now - hit[0] < TTL:
+            self._data.move_to_end(k)
             return hit[1]  # type: ignore[no-any-return]
         gen = self.app.web_generation
         value = await load()
         # Loaded across a change: good for this request only.
         if gen == self.app.web_generation:
-            if len(self._data) >= self.limit:
-                self._data.clear()
-            self._data[key] = (now, value)
+            self._data[k] = (now, value)
+            self._data.move_to_end(k)
+            while len(self._data) > self.limit:
+                self._data.popitem(last=False)
         return value
 
 

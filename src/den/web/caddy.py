@@ -1,8 +1,12 @@
 """Caddy as den's child: started with den, restarted if it dies, stopped with den.
 
-Caddy runs as the ``caddy`` account of the Debian package (only the right to
-bind a low port is kept), with its own state under den's data directory and its
-admin endpoint on a unix socket there. It dies with den (parent-death signal);
+Caddy runs as an account of its own, ``PREFIX-web`` (``den--web``: no den
+user's account can be named so, since names start with a letter), with no
+other groups and only the right to bind a low port. It is not the Debian
+package's ``caddy`` account: whoever runs as that one (the package's own
+service, its admin API on localhost) must not inherit den's firewall
+exception to workspaces or its gate. Caddy keeps its state under den's data
+directory and its admin endpoint on a unix socket there. It dies with den (parent-death signal);
 a Caddy left by a killed daemon is ended at the next start by its pid file.
 """
 
@@ -24,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from den import tasks
+from den import proc, tasks
+from den.config import Settings
 from den.web import caddy_config
 
 if TYPE_CHECKING:
     from den.app import App
 
 log = logging.getLogger(__name__)
-ACCOUNT = "caddy"
 START_TIMEOUT = 20.0
 
 
@@ -53,18 +57,41 @@ class CaddyPaths:
         return self.storage / "pki" / "authorities" / "local" / "root.crt"
 
 
-def _account() -> tuple[int, int] | None:
+def account_name(settings: Settings) -> str:
+    return settings.account_prefix + "-web"
+
+
+def _account(name: str) -> tuple[int, int] | None:
     try:
-        pw = pwd.getpwnam(ACCOUNT)
+        pw = pwd.getpwnam(name)
     except KeyError:
         return None
     return pw.pw_uid, pw.pw_gid
 
 
-def caddy_uid() -> int | None:
-    """The uid Caddy runs as (None: its account is missing and it runs as root)."""
-    ids = _account()
-    return None if ids is None or shutil.which("setpriv") is None else ids[0]
+async def ensure_account(settings: Settings) -> int:
+    """Make Caddy's account if missing; its uid (the firewall lets it reach workspaces)."""
+    name = account_name(settings)
+    if _account(name) is None:
+        await proc.run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--comment",
+                "den web front door (Caddy)",
+                name,
+            ]
+        )
+    ids = _account(name)
+    if ids is None:
+        raise RuntimeError(f"the account {name} for Caddy could not be made")
+    return ids[0]
 
 
 def end_leftover(paths: CaddyPaths) -> None:
@@ -88,6 +115,7 @@ class Caddy:
     def __init__(self, app: App) -> None:
         s = app.settings
         self.app = app
+        self.account = account_name(s)
         self.paths = CaddyPaths(s.data_dir, s.socket)
         self.proc: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -105,7 +133,7 @@ class Caddy:
         """Write Caddy's directory and config, owned by its account."""
         p = self.paths
         end_leftover(p)
-        ids = _account()
+        ids = _account(self.account)
         p.dir.mkdir(mode=0o700, exist_ok=True)
         p.storage.mkdir(mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -123,17 +151,17 @@ class Caddy:
     def _argv(self) -> list[str]:
         caddy = [str(self.app.settings.caddy_bin), "run", "--config", str(self.paths.config)]
         setpriv = shutil.which("setpriv")
-        base = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
-        if _account() is None or setpriv is None:
-            log.warning("no %s account: Caddy runs as root", ACCOUNT)
-            return [*base, *caddy]
+        if setpriv is None:
+            raise RuntimeError("setpriv (util-linux) is missing: den runs Caddy through it")
         return [
-            *base,
+            setpriv,
+            "--pdeathsig",
+            "TERM",
             "--reuid",
-            ACCOUNT,
+            self.account,
             "--regid",
-            ACCOUNT,
-            "--init-groups",
+            self.account,
+            "--clear-groups",
             "--inh-caps",
             "+net_bind_service",
             "--ambient-caps",
@@ -270,8 +298,8 @@ class Caddy:
             return await resp.json()
 
 
-def bind_gate(path: Path) -> socket.socket:
-    """The unix socket Caddy reaches den on (group caddy, 0660; nobody else)."""
+def bind_gate(path: Path, account: str) -> socket.socket:
+    """The unix socket Caddy reaches den on (its account's group, 0660; nobody else)."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -280,10 +308,11 @@ def bind_gate(path: Path) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old)
-    ids = _account()
-    if ids is not None:
-        os.chown(path, 0, ids[1])
-        os.chmod(path, 0o660)
+    ids = _account(account)
+    if ids is None:
+        raise RuntimeError(f"no account {account} for Caddy")
+    os.chown(path, 0, ids[1])
+    os.chmod(path, 0o660)
     sock.listen(1024)
     sock.setblocking(False)
     return sock

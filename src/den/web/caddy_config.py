@@ -22,7 +22,6 @@ DEN_HEADERS = "X-Den-*"
 GATE = "/_den/gate"
 ERROR = "/_den/error"
 PAGES = "/_den/pages"
-CHALLENGE = "/_den/challenge"
 
 
 def _unix(path: Path) -> str:
@@ -118,16 +117,6 @@ def pages_route(settings: Settings, gate: Path) -> dict[str, Any]:
     }
 
 
-def challenge_route(gate: Path) -> dict[str, Any]:
-    """A custom domain's HTTP challenge, answered by den before any workspace is asked."""
-    strip = {"handler": "headers", "request": {"delete": [DEN_HEADERS]}}
-    return {
-        "match": [{"path": ["/.well-known/den-challenge/*"]}],
-        "handle": [strip, _gate_call(gate, CHALLENGE, {})],
-        "terminal": True,
-    }
-
-
 def error_routes(gate: Path) -> list[dict[str, Any]]:
     """Caddy's own failures (the workspace does not answer) become den's pages."""
     call = _gate_call(
@@ -149,7 +138,7 @@ def build(
     listen = f"{settings.web_host}:{settings.web_port}"
     server: dict[str, Any] = {
         "listen": [listen],
-        "routes": [pages_route(settings, gate), challenge_route(gate), workspace_route(gate)],
+        "routes": [pages_route(settings, gate), workspace_route(gate)],
         "errors": {"routes": error_routes(gate)},
         # TLS on every connection, also for hosts no route names (custom domains).
         "tls_connection_policies": [{}],
@@ -187,12 +176,11 @@ def build(
     servers: dict[str, Any] = {"den": server}
     http: dict[str, Any] = {"https_port": settings.web_port, "servers": servers}
     if settings.tls == "acme":
-        # Port 80: ACME's HTTP challenge, and a redirect to HTTPS for the rest.
+        # Port 80: ACME's HTTP challenge (Caddy answers it), a redirect to HTTPS for the rest.
         http["http_port"] = 80
         servers["den_http"] = {
             "listen": [f"{settings.web_host}:80"],
             "routes": [
-                challenge_route(gate),
                 {
                     "handle": [
                         {

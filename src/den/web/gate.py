@@ -8,9 +8,10 @@ through to the upstream den names; any other answer is what the client gets.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from aiohttp import web
@@ -38,6 +39,9 @@ SHARE_PARAM = "den_share"
 SHARE_COOKIE = "__Host-den_share"
 # Wakes and starts on behalf of a visitor are den's own doing.
 WEB = Caller("den-web", "admin", Right.admin, "web")
+MAX_COOKIES = 4  # den_session values looked at in one request
+MAX_CREDENTIAL = 512  # longer cookie or bearer values are no credential of den's
+START_EVERY = 60.0  # seconds between starts of one stopped workspace by its URL
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class Who:
     user_id: int
     name: str
     role: str
-    via: str  # session | token | jwt
+    via: str  # session | tcp (a den token) | jwt
+    right: Right
 
 
 class Gate:
@@ -55,6 +60,7 @@ class Gate:
         self.app = app
         self.dir = Directory(app)
         self.visits = Visits()
+        self._started: dict[str, float] = {}  # when a request last started a workspace
         # Bad session cookies and bearer credentials per client address: past the
         # limit, unknown ones are not looked up (the database is no one's to flood).
         self.failures = AuthFailures(
@@ -83,7 +89,10 @@ class Gate:
     async def _session(self, value: str) -> Who | None:
         async def load() -> Who | None:
             s = await weblogin.session_user(self.app, value)
-            return None if s is None else Who(s.user_id, s.name, s.role, "session")
+            if s is None:
+                return None
+            right = Right.admin if s.role == "admin" else Right.write
+            return Who(s.user_id, s.name, s.role, "session", right)
 
         return await self.dir.memo.get(("session", value), load)
 
@@ -98,7 +107,7 @@ class Gate:
                 return None
             if caller is None or caller.user_id is None:
                 return None
-            return Who(caller.user_id, caller.name, caller.role, caller.via)
+            return Who(caller.user_id, caller.name, caller.role, caller.via, caller.right)
 
         return await self.dir.memo.get(("bearer", header), load)
 
@@ -108,10 +117,29 @@ class Gate:
 
         return await self.dir.memo.get(("link", ws_id, value), load)
 
+    async def _signed_in(self, values: list[str], remote: str, held: int) -> Who | None:
+        """The user of the session cookies: only when every valid one is the same user
+        (a workspace's script can add cookies for den's domain, not pick who you are)."""
+        users: dict[int, Who] = {}
+        for value in values[:MAX_COOKIES]:
+            if len(value) > MAX_CREDENTIAL:
+                continue
+            known = self.dir.memo.known(("session", value))
+            if held and not known:
+                continue
+            who = await self._session(value)
+            if who is None:
+                if not known:
+                    self.failures.failed(remote)
+                continue
+            users[who.user_id] = who
+        return next(iter(users.values())) if len(users) == 1 else None
+
     # -- the check -----------------------------------------------------------------------
 
     async def check(self, request: web.Request) -> web.StreamResponse:
         h = request.headers
+        settings = self.app.settings
         host = h.get("X-Den-Host", "").lower().rstrip(".")
         uri = h.get("X-Den-Uri", "/")
         if not _clean_path(uri):
@@ -119,23 +147,25 @@ class Gate:
             return pages.page("Bad request", pages.para("This path is not allowed."), 400)
         site = await self.dir.site(host)
         ws = None if site is None else await self.dir.workspace(site.ws_id)
-        if site is None or ws is None or ws.state in ("deleting", "creating"):
+        if ws is not None and ws.state in ("deleting", "creating"):
+            ws = None
+        ours = host.endswith("." + settings.domain)
+        if ws is None and not ours:
             self.app.metrics.http_refused.labels("unknown-host").inc()
             return pages.not_found()
-        cookies = _cookies(h.getall("Cookie", []))
-        url = base(self.app.settings, host) + uri
-
+        url = base(settings, host) + uri
         query = urlsplit(uri).query
-        if SHARE_PARAM in query:
+        if ws is not None and SHARE_PARAM in query:
             return await self._take_link(ws, uri, query)
 
+        remote = h.get("X-Den-Remote", "")
+        held = self.failures.retry_after(remote)
         who: Who | None = None
         used_auth = False
         auth = h.get("Authorization", "")
-        remote = h.get("X-Den-Remote", "")
-        held = self.failures.retry_after(remote)
-        if auth.lower().startswith("bearer "):
-            if held and not self.dir.memo.known(("bearer", auth)):
+        if auth[:7].lower() == "bearer ":
+            known = self.dir.memo.known(("bearer", auth))
+            if held and not known:
                 self.app.metrics.http_refused.labels("held").inc()
                 return pages.page(
                     "Too many failed sign-ins",
@@ -143,8 +173,7 @@ class Gate:
                     429,
                     {"Retry-After": str(held)},
                 )
-            known = self.dir.memo.known(("bearer", auth))
-            who = await self._bearer(auth)
+            who = await self._bearer(auth) if len(auth) <= MAX_CREDENTIAL else None
             used_auth = who is not None
             if who is None:
                 if not known:
@@ -158,28 +187,43 @@ class Gate:
                     401,
                     {"WWW-Authenticate": "Bearer"},
                 )
-        sessions = cookies.get(weblogin.COOKIE, [])
-        if who is None and len(sessions) == 1:
-            known = self.dir.memo.known(("session", sessions[0]))
-            if known or not held:
-                who = await self._session(sessions[0])
-            if who is None and not known:
-                self.failures.failed(remote)
+        cookies = _cookies(h.getall("Cookie", []))
+        # den's cookies act only for requests this site's own pages make, or for a
+        # plain navigation to it: another workspace's page cannot use them.
+        ambient = _ambient_ok(h, base(settings, host))
+        if who is None and ambient:
+            who = await self._signed_in(cookies.get(weblogin.COOKIE, []), remote, held)
+
+        if ws is None:
+            # The same answer for every name: a stranger learns nothing of which exist.
+            self.app.metrics.http_refused.labels("unknown-host").inc()
+            return pages.not_found() if who is not None else self._to_login(url)
         how = self._how(ws, who)
-        if how is None:
+        if how is None and ambient:
             links = cookies.get(SHARE_COOKIE, [])
-            if links and await self._link(ws.id, links[0]):
+            if links and len(links[0]) <= MAX_CREDENTIAL and await self._link(ws.id, links[0]):
                 how = "link"
         if how is None:
-            return self._refuse(ws, who, url)
+            if who is not None:
+                self.app.metrics.http_refused.labels("not-shared").inc()
+                return pages.not_found()
+            if not ambient and any(_is_den(name) for name in cookies):
+                self.app.metrics.http_refused.labels("cross-site").inc()
+                return pages.page(
+                    "Refused",
+                    pages.para("A request from another site may not use your den sign-in here."),
+                    403,
+                )
+            self.app.metrics.http_refused.labels("signed-out").inc()
+            return self._to_login(url)
 
         woken = await self._wake(ws)
         if woken is not None:
             return woken
-        port = site.port or ws.http_port
+        port = site.port if site is not None and site.port else ws.http_port
         self.app.activity.touch(ws.id, "http")
         self.app.metrics.http_requests.labels(ws.ref, how).inc()
-        self.visits.seen(ws.id, ws.ref, who.name if who else "", how, h.get("X-Den-Remote", ""))
+        self.visits.seen(ws.id, ws.ref, who.name if who else "", how, remote)
         resp = web.Response(status=200)
         resp.headers["X-Den-Upstream"] = f"{ws.address}:{port}"
         resp.headers["X-Den-User"] = who.name if who else ""
@@ -189,10 +233,11 @@ class Gate:
         return resp
 
     def _how(self, ws: WsView, who: Who | None) -> str | None:
-        if who is not None:
+        """How ``who`` may open the workspace's URLs (a read-only token may not)."""
+        if who is not None and who.right >= Right.write:
             if who.user_id == ws.owner_id:
                 return "owner"
-            if who.role == "admin":
+            if who.role == "admin" and who.right >= Right.admin:
                 return "admin"
             if ws.share_mode == "users" and who.user_id in ws.shared_with:
                 return "user"
@@ -200,19 +245,7 @@ class Gate:
             return "public"
         return None
 
-    def _refuse(self, ws: WsView, who: Who | None, url: str) -> web.Response:
-        if who is not None:
-            self.app.metrics.http_refused.labels("not-shared").inc()
-            return pages.page(
-                "Not shared with you",
-                pages.para(
-                    f"You are signed in as {who.name}; {ws.owner} has not shared this "
-                    "workspace with you. Ask them to run ",
-                )
-                + pages.para(f"den share {ws.name} --add {who.name}"),
-                403,
-            )
-        self.app.metrics.http_refused.labels("signed-out").inc()
+    def _to_login(self, url: str) -> web.Response:
         login = home_url(self.app.settings) + "_den/login?" + urlencode({"next": url})
         return web.Response(
             status=302,
@@ -244,8 +277,10 @@ class Gate:
         """Make the workspace run for this request; a page when it cannot."""
         if ws.state == "running":
             return None
-        if ws.state == "stopped" or ws.state == "failed":
-            if not self.app.settings.web_start_stopped:
+        if ws.state in ("stopped", "failed"):
+            now = time.monotonic()
+            recent = now - self._started.get(ws.id, -START_EVERY) < START_EVERY
+            if ws.state == "failed" or not self.app.settings.web_start_stopped or recent:
                 return pages.page(
                     "Workspace stopped",
                     pages.para(
@@ -255,6 +290,7 @@ class Gate:
                     503,
                     {"Retry-After": "30"},
                 )
+            self._started[ws.id] = now
             try:
                 await REGISTRY.call(self.app, WEB, "workspace.start", {"ref": ws.ref})
             except DenError as err:
@@ -305,6 +341,21 @@ class Gate:
         if status == 404 or site is None:
             return pages.not_found()
         return pages.page("Error", pages.para(f"The request failed ({status})."), status)
+
+
+def _ambient_ok(h: Any, origin: str) -> bool:
+    """Whether den's cookies may act for this request: the site's own page asked, or
+    the user navigated to it (a link, the address bar); never another site's script,
+    form post or websocket."""
+    site = h.get("Sec-Fetch-Site")
+    if site is not None:
+        if site in ("same-origin", "none"):
+            return True
+        return bool(
+            h.get("X-Den-Method") in ("GET", "HEAD") and h.get("Sec-Fetch-Mode") == "navigate"
+        )
+    sent = h.get("Origin")
+    return sent is None or sent == origin
 
 
 def _clean_path(uri: str) -> bool:

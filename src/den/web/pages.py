@@ -51,5 +51,6 @@ def code(text: str) -> str:
 
 
 def not_found() -> web.Response:
-    # The same words for every unknown host: nothing tells which workspaces exist.
-    return page("Not found", para("There is nothing at this address."), 404)
+    # The same words for an unknown host and for one you may not open: nothing
+    # tells which workspaces exist.
+    return page("Not found", para("There is nothing at this address that you may open."), 404)

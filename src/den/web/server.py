@@ -13,7 +13,7 @@ from den.errors import DenError, Unauthenticated
 from den.rpc.registry import REGISTRY, Caller, Right
 from den.services import weblogin
 from den.web import pages
-from den.web.caddy_config import CHALLENGE, ERROR, GATE, PAGES
+from den.web.caddy_config import ERROR, GATE, PAGES
 from den.web.gate import Gate, _cookies
 from den.web.urls import base, home_url
 
@@ -29,14 +29,28 @@ def _gate(request: web.Request) -> Gate:
 
 
 def _safe_next(app: App, url: str) -> str:
-    """Where to go after signing in: only an https URL of den's domain."""
+    """Where to go after signing in: only an https URL of den's domain and port, rebuilt
+    from its parts (a browser reads ``\\``, user info or control bytes otherwise)."""
     home = home_url(app.settings)
-    parts = urlsplit(url)
+    if len(url) > 4000 or any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        return home
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 443
+    except ValueError:
+        return home
     host = (parts.hostname or "").lower()
     domain = app.settings.domain
-    if parts.scheme == "https" and (host == domain or host.endswith("." + domain)):
-        return url
-    return home
+    if (
+        parts.scheme != "https"
+        or parts.username is not None
+        or parts.password is not None
+        or port != app.settings.web_port
+        or not (host == domain or host.endswith("." + domain))
+    ):
+        return home
+    path = parts.path if parts.path.startswith("/") else "/" + parts.path
+    return base(app.settings, host) + path + ("?" + parts.query if parts.query else "")
 
 
 def _session_cookie(app: App, value: str, max_age: int) -> str:
@@ -64,19 +78,6 @@ async def error_handler(request: web.Request) -> web.StreamResponse:
     return await _gate(request).error(request)
 
 
-async def challenge_handler(request: web.Request) -> web.StreamResponse:
-    """A custom domain's HTTP challenge: den answers its token itself."""
-    gate = _gate(request)
-    from den.services.domains import challenge_answer
-
-    host = request.headers.get("X-Den-Host", "").lower()
-    path = urlsplit(request.headers.get("X-Den-Uri", "")).path
-    token = await challenge_answer(gate.app, host, path)
-    if token is None:
-        return pages.not_found()
-    return web.Response(text=token, content_type="text/plain")
-
-
 async def pages_handler(request: web.Request) -> web.StreamResponse:
     gate = _gate(request)
     app = gate.app
@@ -84,7 +85,7 @@ async def pages_handler(request: web.Request) -> web.StreamResponse:
     if path == "/_den/login":
         if request.method == "POST":
             return await _login_post(request, app)
-        return _login_get(request, app)
+        return await _login_get(request, app)
     if path == "/_den/logout" and request.method == "POST":
         return await _logout(request, app, gate)
     if path == "/" and request.method in ("GET", "HEAD"):
@@ -92,7 +93,7 @@ async def pages_handler(request: web.Request) -> web.StreamResponse:
     return pages.not_found()
 
 
-def _login_get(request: web.Request, app: App) -> web.Response:
+async def _login_get(request: web.Request, app: App) -> web.Response:
     link = request.query.get("t", "")
     nxt = _safe_next(app, request.query.get("next", ""))
     if not link:
@@ -110,6 +111,10 @@ def _login_get(request: web.Request, app: App) -> web.Response:
                 "den_next", nxt, max_age=900, secure=True, httponly=True, samesite="Lax"
             )
         return resp
+    name = await weblogin.link_user(app, link)
+    if name is None:
+        body = pages.para("This sign-in link is not valid (used, expired or mistyped); run ")
+        return pages.page("Link not valid", body + pages.para("ssh HOST login"), 401)
     # A button, not a GET that signs in: link previews must not use the link up.
     form = (
         f'<form method=post action="/_den/login"><input type=hidden name=t value="{_attr(link)}">'
@@ -123,7 +128,7 @@ def _login_get(request: web.Request, app: App) -> web.Response:
     )
     return pages.page(
         "Sign in to den",
-        pages.para("Sign this browser in to den?") + form,
+        pages.para(f"Sign this browser in to den as {name}?") + form,
         headers={"Content-Security-Policy": csp},
     )
 
@@ -178,7 +183,7 @@ async def _home(request: web.Request, app: App, gate: Gate) -> web.Response:
     values = _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
     who = await weblogin.session_user(app, values[0]) if len(values) == 1 else None
     if who is None:
-        return _login_get(request, app)
+        return await _login_get(request, app)
     form = '<form method=post action="/_den/logout"><button type=submit>Sign out</button></form>'
     return pages.page("den", pages.para(f"Signed in as {who.name}.") + form)
 
@@ -205,6 +210,5 @@ def make_gate_app(app: App, gate: Gate) -> web.Application:
     web_app[GATE_KEY] = gate
     web_app.router.add_get(GATE, gate_handler)
     web_app.router.add_get(ERROR, error_handler)
-    web_app.router.add_get(CHALLENGE, challenge_handler)
     web_app.router.add_route("*", PAGES + "{tail:.*}", pages_handler)
     return web_app
