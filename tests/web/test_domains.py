@@ -1,21 +1,21 @@
 """Custom domains at the RPC and CLI level, against the real daemon resolving through a
 real DNS server the test runs on loopback (DEN_DNS_SERVERS).
 
-The gate's questions (:func:`den.services.domains.domain_target`,
-:func:`challenge_answer`) are asked on the daemon's own database; serving a
-verified name through Caddy is the gate's tests' part.
+The gate's question (:func:`den.services.domains.domain_target`) is asked on
+the daemon's own database; serving a verified name through Caddy is the gate's
+tests' part.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import json
+import re
 import secrets
 import sqlite3
-import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -118,24 +118,23 @@ def test_txt_verification_then_served(d: Daemon, dns: DnsServer, owner: str) -> 
     assert records[("CNAME", dom)] == host
     assert records[("A", dom)] == "127.0.0.1"  # where *.localhost URLs are
     assert records[("TXT", f"_den-challenge.{dom}")] == token
+    assert {r["type"] for r in added["records"]} == {"CNAME", "A", "TXT"}
     text = added["instructions"]
     assert f"CNAME {dom} -> {host}" in text and f"_den-challenge.{dom} = {token}" in text
     assert f"den domain verify {dom}" in text
+    assert "http" not in text.replace(f"https://{dom}", "")  # no HTTP challenge offered
 
-    # Pending: not served; only the challenge path of this token is answered.
+    # Pending: not served.
     assert gate(d, "domain_target", dom) is None
-    assert gate(d, "challenge_answer", dom, f"/.well-known/den-challenge/{token}") == token
-    assert gate(d, "challenge_answer", dom, "/.well-known/den-challenge/x" + token) is None
-    assert gate(d, "challenge_answer", dom, "/") is None
 
     # No record: refused, saying what to create.
-    e = err_as(d, owner, "domain.verify", domain=dom, check="txt")
+    e = err_as(d, owner, "domain.verify", domain=dom)
     assert e["code"] == -32002
     assert f"no TXT record _den-challenge.{dom} found" in e["message"]
     assert token in e["message"]
     # A wrong one: refused, saying what it holds.
     dns.set(f"_den-challenge.{dom}", "TXT", "not-the-token")
-    e = err_as(d, owner, "domain.verify", domain=dom, check="txt")
+    e = err_as(d, owner, "domain.verify", domain=dom)
     assert "holds 'not-the-token'" in e["message"] and token in e["message"]
     assert as_user(d, owner, "domain.list")[0]["state"] == "pending"
     assert gate(d, "domain_target", dom) is None
@@ -148,8 +147,6 @@ def test_txt_verification_then_served(d: Daemon, dns: DnsServer, owner: str) -> 
     assert gate(d, "domain_target", dom) == (ws_id, None)
     assert gate(d, "domain_target", dom.upper() + ".") == (ws_id, None)
     assert gate(d, "domain_target", f"{dom}:443") == (ws_id, None)
-    # A verified name is the workspace's: the challenge path is no longer den's.
-    assert gate(d, "challenge_answer", dom, f"/.well-known/den-challenge/{token}") is None
     # The TXT record may go: verification is not undone (again: the same answer).
     dns.clear(f"_den-challenge.{dom}")
     assert as_user(d, owner, "domain.verify", domain=dom)["state"] == "verified"
@@ -162,15 +159,25 @@ def test_txt_verification_then_served(d: Daemon, dns: DnsServer, owner: str) -> 
     assert gate(d, "domain_target", dom) is None
 
 
-def test_auto_tries_txt_then_http(d: Daemon, owner: str) -> None:
+def test_pointing_the_name_here_proves_nothing(d: Daemon, dns: DnsServer, owner: str) -> None:
+    """A name that leads to this den (a wildcard or dangling record) is not verified by that:
+    only the TXT record, which only the name's DNS owner can write, proves the claim."""
     dom = name()
-    as_user(d, owner, "domain.add", ref="site", domain=dom)
-    # NXDOMAIN for the name itself is "no record", not a failure.
-    e = err_as(d, owner, "domain.verify", domain=dom)
-    assert "no TXT record" in e["message"]
-    # auto tried the HTTP challenge too, and says why it failed.
-    assert f"could not fetch http://{dom}/.well-known/den-challenge/" in e["message"]
-    assert "no address record" in e["message"]
+    added = as_user(d, owner, "domain.add", ref="site", domain=dom)
+    here = {r["value"] for r in added["records"] if r["type"] == "A"}
+    assert here == {"127.0.0.1"}
+    dns.set(dom, "A", *here)
+    try:
+        e = err_as(d, owner, "domain.verify", domain=dom)
+        assert e["code"] == -32002
+        assert f"no TXT record _den-challenge.{dom} found" in e["message"]
+        assert as_user(d, owner, "domain.list")[0]["state"] == "pending"
+        assert gate(d, "domain_target", dom) is None
+        # Nor can a caller ask for another kind of check.
+        assert err_as(d, owner, "domain.verify", domain=dom, check="http")["code"] == -32602
+    finally:
+        dns.clear(dom)
+        as_user(d, owner, "domain.remove", domain=dom)
 
 
 def test_dns_timeout_is_explained() -> None:
@@ -181,85 +188,6 @@ def test_dns_timeout_is_explained() -> None:
         "DNS did not answer for _den-challenge.example.com within 3 s "
         "(nameservers Do53:127.0.0.1@9)"
     )
-
-
-# -- HTTP challenge -------------------------------------------------------------------
-
-
-class _Site:
-    """A web server on port 80 of an address of its own in 127/8, answering ``pages``."""
-
-    def __init__(self) -> None:
-        self.addr = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 2}"
-        self.pages: dict[str, tuple[int, dict[str, str], bytes]] = {}
-        self.hosts: list[str] = []
-        site = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                site.hosts.append(self.headers.get("Host", ""))
-                status, headers, body = site.pages.get(self.path, (404, {}, b"no"))
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((self.addr, 80), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
-@pytest.fixture
-def site() -> Iterator[_Site]:
-    s = _Site()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def test_http_challenge(d: Daemon, dns: DnsServer, owner: str, site: _Site) -> None:
-    dom = name()
-    token = as_user(d, owner, "domain.add", ref="site", domain=dom, port=3000)["token"]
-    path = f"/.well-known/den-challenge/{token}"
-    # The claimant writes the records: den does not fetch from private or link-local
-    # addresses (the LAN, cloud metadata, workspaces), which the egress firewall closes.
-    for private in ("10.1.2.3", "169.254.169.254", "192.168.1.1"):
-        dns.set(dom, "A", private)
-        e = err_as(d, owner, "domain.verify", domain=dom, check="http")
-        assert f"{dom} resolves to {private}: private or reserved" in e["message"]
-    dns.set(dom, "A", site.addr)
-
-    # Nothing there yet: the status is named.
-    e = err_as(d, owner, "domain.verify", domain=dom, check="http")
-    assert f"http://{dom}{path} answered HTTP 404" in e["message"]
-    # Something else than the token.
-    site.pages[path] = (200, {}, b"hello")
-    e = err_as(d, owner, "domain.verify", domain=dom, check="http")
-    assert "something other than the token" in e["message"]
-    # A redirect to another host proves nothing.
-    site.pages[path] = (302, {"Location": f"http://elsewhere.example.net{path}"}, b"")
-    e = err_as(d, owner, "domain.verify", domain=dom, check="http")
-    assert "another host or port" in e["message"]
-    # A redirect on the same name is followed.
-    site.pages[path] = (301, {"Location": f"{path}/"}, b"")
-    site.pages[path + "/"] = (200, {}, token.encode() + b"\n")
-    done = as_user(d, owner, "domain.verify", domain=dom, check="http")
-    assert done["state"] == "verified" and done["verified_by"] == "http" and done["port"] == 3000
-    assert set(site.hosts) == {dom}  # asked by name, through the test's DNS
-    ws_id = d.call("workspace.get", ref=f"{owner}/site")["id"]
-    assert gate(d, "domain_target", dom) == (ws_id, 3000)
-    as_user(d, owner, "domain.remove", domain=dom)
 
 
 # -- bad input, claims and rights ---------------------------------------------------------
@@ -333,8 +261,10 @@ def test_claims_and_rights(d: Daemon, dns: DnsServer, users: Users, owner: str) 
     assert dom in [x["domain"] for x in d.call("domain.list", all=True)]
     assert [x["domain"] for x in d.call("domain.list", ref=f"{owner}/site")] == [dom]
     d.call("domain.remove", domain=dom)
-    # Freed: the other workspace may claim it now, with a token of its own.
-    taken = as_user(d, other, "domain.add", ref="web", domain=dom)
+    # The name stays the owner's a while; an admin may still give it to the other
+    # workspace, with a token of its own.
+    assert "reserved" in err_as(d, other, "domain.add", ref="web", domain=dom)["message"]
+    taken = d.call("domain.add", ref=f"{other}/web", domain=dom)
     assert taken["token"] != first["token"] and taken["workspace"] == f"{other}/web"
     # Deleting the workspace drops its claims.
     d.call("workspace.delete", ref=f"{other}/web")
@@ -371,9 +301,90 @@ def test_cli(d: Daemon, dns: DnsServer, owner: str) -> None:
     res = d.cli("domain", "verify", dom, user=owner)
     assert res.returncode != 0 and f"no TXT record _den-challenge.{dom}" in res.stderr
     dns.set(f"_den-challenge.{dom}", "TXT", token)
-    d.cli("domain", "verify", dom, "--check", "txt", user=owner, check=True)
+    d.cli("domain", "verify", dom, user=owner, check=True)
     res = d.cli("domain", "ls", user=owner, check=True)
     assert dom in res.stdout and "verified" in res.stdout
     d.cli("domain", "rm", dom, user=owner, check=True)
     assert dom not in d.cli("domain", "ls", user=owner, check=True).stdout
     dns.clear(f"_den-challenge.{dom}")
+
+
+# -- a removed name stays its owner's a while -----------------------------------------
+
+
+def reserved_until(message: str) -> datetime:
+    m = re.search(r"reserved for them until (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", message)
+    assert m, message
+    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+
+
+def verified(d: Daemon, dns: DnsServer, user: str, ref: str, dom: str) -> None:
+    token = as_user(d, user, "domain.add", ref=ref, domain=dom)["token"]
+    dns.set(f"_den-challenge.{dom}", "TXT", token)
+    try:
+        assert as_user(d, user, "domain.verify", domain=dom)["state"] == "verified"
+    finally:
+        dns.clear(f"_den-challenge.{dom}")
+
+
+def test_removed_name_stays_reserved(d: Daemon, dns: DnsServer, users: Users, owner: str) -> None:
+    other = users.make()
+    create(d, other, "web")
+    create(d, owner, "blog")
+    dom = name()
+    verified(d, dns, owner, "site", dom)
+    as_user(d, owner, "domain.remove", domain=dom)
+
+    # Another owner is refused for 7 days, told until when (and not whose it was).
+    e = err_as(d, other, "domain.add", ref="web", domain=dom)
+    assert e["code"] == -32002 and owner not in e["message"]
+    until = reserved_until(e["message"])
+    soon = datetime.now(UTC) + timedelta(days=7)
+    assert soon - timedelta(minutes=2) < until <= soon
+    assert as_user(d, other, "domain.list") == []
+    # The owner may add it again, to any of their workspaces.
+    again = as_user(d, owner, "domain.add", ref="blog", domain=dom)
+    assert again["workspace"] == f"{owner}/blog" and again["state"] == "pending"
+    # Removing a claim that was never verified does not end (or start) a hold.
+    as_user(d, owner, "domain.remove", domain=dom)
+    assert "reserved" in err_as(d, other, "domain.add", ref="web", domain=dom)["message"]
+    undone = name()
+    as_user(d, owner, "domain.add", ref="site", domain=undone)
+    as_user(d, owner, "domain.remove", domain=undone)
+    as_user(d, other, "domain.add", ref="web", domain=undone)
+    as_user(d, other, "domain.remove", domain=undone)
+
+    # Once the hold lapses, anyone may claim the name.
+    con = sqlite3.connect(d.data_dir / "den.db")
+    try:
+        con.execute(
+            "UPDATE domain_holds SET until = datetime('now', '-1 minutes') WHERE domain = ?",
+            (dom,),
+        )
+        con.commit()
+    finally:
+        con.close()
+    taken = as_user(d, other, "domain.add", ref="web", domain=dom)
+    assert taken["workspace"] == f"{other}/web"
+    as_user(d, other, "domain.remove", domain=dom)
+
+
+def test_deleted_workspace_name_stays_reserved(
+    d: Daemon, dns: DnsServer, users: Users, owner: str
+) -> None:
+    other = users.make()
+    create(d, other, "web")
+    create(d, owner, "gone")
+    dom, pending = name(), name()
+    verified(d, dns, owner, "gone", dom)
+    as_user(d, owner, "domain.add", ref="gone", domain=pending)
+    d.call("workspace.delete", ref=f"{owner}/gone")
+    assert gate(d, "domain_target", dom) is None
+
+    assert "reserved" in err_as(d, other, "domain.add", ref="web", domain=dom)["message"]
+    # Its pending claim went with it and holds nothing.
+    as_user(d, other, "domain.add", ref="web", domain=pending)
+    # The owner may add the name to another workspace of theirs.
+    assert as_user(d, owner, "domain.add", ref="site", domain=dom)["workspace"] == f"{owner}/site"
+    as_user(d, owner, "domain.remove", domain=dom)
+    as_user(d, other, "domain.remove", domain=pending)

@@ -301,4 +301,16 @@ class CustomDomain(Base):
     token: Mapped[str] = mapped_column(String(64))  # the public verification value
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     verified_at: Mapped[datetime | None] = mapped_column()
-    verified_by: Mapped[str] = mapped_column(String(16), default="")  # txt | http
+    verified_by: Mapped[str] = mapped_column(String(16), default="")  # txt
+
+
+class DomainHold(Base):
+    """A verified custom domain kept for its owner a while after its claim went
+    (``den domain rm``, or the workspace deleted): another owner may not claim it
+    meanwhile (den.services.domains)."""
+
+    __tablename__ = "domain_holds"
+
+    domain: Mapped[str] = mapped_column(String(253), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    until: Mapped[datetime] = mapped_column()

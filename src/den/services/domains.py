@@ -2,11 +2,17 @@
 
 ``domain.add`` records the claim with a random token and says which records
 to create; ``domain.verify`` checks that whoever controls the name's DNS
-published the token (a TXT record ``_den-challenge.NAME``), or that
-``http://NAME/.well-known/den-challenge/TOKEN`` answers it (den's gate answers
-that path for pending claims, so pointing the name here is enough). Only a
-verified name is served (:func:`domain_target`); until then the gate knows the
-name only for the challenge (:func:`challenge_answer`).
+published the token (a TXT record ``_den-challenge.NAME``). Only a verified
+name is served (:func:`domain_target`).
+
+There is no HTTP challenge on purpose: den would have to answer it itself, so
+any name whose DNS leads here (a wildcard record, a record left dangling) would
+"prove" itself for whichever member claimed it. A TXT record under the name
+only its DNS's owner can write.
+
+After a verified name's claim goes (``domain.remove``, or its workspace is
+deleted) the name stays reserved for the same owner for :data:`RELEASE_HOLD`,
+so a name still pointing here is not taken over by someone else meanwhile.
 
 Names are resolved with ``settings.dns_servers`` when set (tests point it at a
 server of their own), else with the system's resolver.
@@ -18,25 +24,21 @@ import asyncio
 import ipaddress
 import re
 import secrets
-import socket
 import time
 import weakref
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Literal
 
-import aiohttp
 import dns.asyncresolver
 import dns.exception
 import dns.nameserver
 import dns.resolver
-from aiohttp.abc import AbstractResolver, ResolveResult
 from pydantic import BaseModel, Field
-from sqlalchemy import select
-from yarl import URL
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from den.config import Settings
-from den.db.models import CustomDomain, User, Workspace
+from den.db.models import CustomDomain, DomainHold, User, Workspace
 from den.errors import BackendFailure, Conflict, InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import release_db
@@ -48,15 +50,14 @@ if TYPE_CHECKING:
     from den.app import App
 
 CHALLENGE_LABEL = "_den-challenge"
-CHALLENGE_PATH = "/.well-known/den-challenge/"
 DNS_SECONDS = 3.0
-HTTP_SECONDS = 5.0
-HTTP_BODY_CAP = 1024
-MAX_REDIRECTS = 3
 # An unverified claim keeps the name from other workspaces this long; after
 # it anyone may claim the name again (so a claim nobody can verify does not
 # squat it forever; an admin can remove one at any time).
 PENDING_HOLD = timedelta(hours=24)
+# A verified name whose claim went stays its owner's this long (admins may
+# still give it to anyone): time to re-add it, or to repoint its DNS.
+RELEASE_HOLD = timedelta(days=7)
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # Names that never reach a public DNS zone: no certificate, no meaning elsewhere.
 _SPECIAL = ("localhost", "local", "arpa", "invalid", "internal")
@@ -197,100 +198,6 @@ async def _check_txt(settings: Settings, domain: str, token: str) -> str | None:
     return f"the TXT record {name} holds {held}, not this claim's token; set it to {token}"
 
 
-def _fetchable(addr: str) -> bool:
-    """Whether the HTTP challenge may connect there: a public address, or this host.
-
-    The claimant writes the name's records, so without this any member could
-    make den probe port 80 of private and link-local addresses (the LAN, cloud
-    metadata, other workspaces) that the egress firewall keeps from workspaces.
-    den itself is public or, on a local setup, loopback.
-    """
-    ip = ipaddress.ip_address(addr)
-    return ip.is_global or ip.is_loopback
-
-
-class _DnsPythonResolver(AbstractResolver):
-    """aiohttp's name lookups through den's resolver, to fetchable addresses only."""
-
-    def __init__(self, r: dns.asyncresolver.Resolver) -> None:
-        self.r = r
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        out: list[ResolveResult] = []
-        refused: list[str] = []
-        for rdtype, fam in (("A", socket.AF_INET), ("AAAA", socket.AF_INET6)):
-            if family not in (socket.AF_UNSPEC, fam):
-                continue
-            try:
-                addrs = await _lookup(self.r, host, rdtype)
-            except _DnsError as exc:
-                raise socket.gaierror(socket.EAI_AGAIN, str(exc)) from None
-            out += [
-                ResolveResult(
-                    hostname=host,
-                    host=a,
-                    port=port,
-                    family=fam,
-                    proto=socket.IPPROTO_TCP,
-                    flags=socket.AI_NUMERICHOST,
-                )
-                for a in addrs
-                if _fetchable(a)
-            ]
-            refused += [a for a in addrs if not _fetchable(a)]
-        if not out and refused:
-            raise socket.gaierror(
-                socket.EAI_NONAME,
-                f"{host} resolves to {', '.join(refused[:4])}: private or reserved addresses, "
-                "which den does not fetch from; use the TXT record",
-            )
-        if not out:
-            raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address record")
-        return out
-
-    async def close(self) -> None:
-        pass
-
-
-async def _check_http(settings: Settings, domain: str, token: str) -> str | None:
-    """None when http://DOMAIN/.well-known/den-challenge/TOKEN answers the token, else why not.
-
-    Redirects are followed only on the same name and default ports (an answer
-    from elsewhere proves nothing about the name); the body read is capped.
-    """
-    url = URL.build(scheme="http", host=domain, path=CHALLENGE_PATH + token)
-    connector = aiohttp.TCPConnector(
-        resolver=_DnsPythonResolver(resolver(settings)), use_dns_cache=False, force_close=True
-    )
-    timeout = aiohttp.ClientTimeout(total=HTTP_SECONDS)
-    headers = {"User-Agent": "den-domain-check"}
-    try:
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, trust_env=False, headers=headers
-        ) as http:
-            for _ in range(MAX_REDIRECTS + 1):
-                async with http.get(url, allow_redirects=False) as resp:
-                    if resp.status in (301, 302, 303, 307, 308):
-                        target = url.join(URL(resp.headers.get("Location", "")))
-                        if target.host != domain or not target.is_default_port():
-                            return f"{url} redirects to {str(target)[:200]}, another host or port"
-                        url = target
-                        continue
-                    if resp.status != 200:
-                        return f"{url} answered HTTP {resp.status}, not the token"
-                    body = await resp.content.read(HTTP_BODY_CAP)
-                    if secrets.compare_digest(body.strip(), token.encode()):
-                        return None
-                    return f"{url} answered something other than the token"
-            return f"{url} redirects more than {MAX_REDIRECTS} times"
-    except (aiohttp.ClientError, OSError) as exc:
-        return f"could not fetch {url}: {str(exc)[:200] or type(exc).__name__}"
-    except TimeoutError:
-        return f"{url} did not answer within {HTTP_SECONDS:g} s"
-
-
 # Where den's domain resolves, per domain: (when looked up, addresses).
 _here: dict[str, tuple[float, list[str]]] = {}
 HERE_SECONDS = 300.0
@@ -334,12 +241,6 @@ class DomainAdd(Params):
 
 class DomainRef(Params):
     domain: Annotated[str, CliArg()] = Field(max_length=300, description="The custom domain.")
-
-
-class DomainVerify(DomainRef):
-    check: Literal["auto", "txt", "http"] = Field(
-        "auto", description="txt, http, or auto (the TXT record, else the HTTP challenge)."
-    )
 
 
 class DomainList(Params):
@@ -391,8 +292,6 @@ async def _out(ctx: Context, d: CustomDomain, ws: Workspace, owner: User) -> Dom
         text = (
             f"1. Point the name here: {point}.\n"
             f"2. Prove it is yours: TXT {CHALLENGE_LABEL}.{d.domain} = {d.token}\n"
-            f"   (or, once step 1 works, den can fetch "
-            f"http://{d.domain}{CHALLENGE_PATH}{d.token}, which den answers itself).\n"
             f"3. Run `den domain verify {d.domain}`. den serves {url} only after that."
         )
     return DomainOut(
@@ -432,13 +331,43 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
+async def _hold(db: AsyncSession, domain: str, user_id: int) -> None:
+    """Reserve ``domain`` for ``user_id`` for RELEASE_HOLD from now (the caller commits)."""
+    now = datetime.now(UTC)
+    # Lapsed holds are dropped here, the only place new ones are written.
+    await db.execute(delete(DomainHold).where(DomainHold.until <= now))
+    h = await db.get(DomainHold, domain)
+    if h is None:
+        db.add(DomainHold(domain=domain, user_id=user_id, until=now + RELEASE_HOLD))
+    else:
+        h.user_id, h.until = user_id, now + RELEASE_HOLD
+
+
+async def hold_workspace_domains(db: AsyncSession, ws: Workspace) -> None:
+    """Reserve a workspace's verified names for its owner: it is being deleted.
+
+    Called by workspace deletion in the transaction that marks it ``deleting``
+    (from then on its names are no longer served); the caller commits.
+    """
+    names = (
+        await db.execute(
+            select(CustomDomain.domain).where(
+                CustomDomain.workspace_id == ws.id, CustomDomain.verified_at.is_not(None)
+            )
+        )
+    ).scalars()
+    for domain in list(names):
+        await _hold(db, domain, ws.user_id)
+
+
 @method("domain.add", right=Right.write, cli=Cli("domain add"))
 async def domain_add(ctx: Context, p: DomainAdd) -> DomainOut:
     """Claim a domain for a workspace; the result says which DNS records to create.
 
-    The name is served only after `den domain verify` finds the TXT record (or
-    the HTTP challenge answered through the name). Adding a pending claim
-    again shows its instructions (and takes a new --port).
+    The name is served only after `den domain verify` finds the TXT record.
+    Adding a pending claim again shows its instructions (and takes a new
+    --port). A name removed from another owner's workspace in the last 7 days
+    stays theirs (admins may still add it).
     """
     domain = normalise(p.domain, ctx.app.settings)
     ctx.target = f"domain:{domain}"
@@ -469,6 +398,17 @@ async def domain_add(ctx: Context, p: DomainAdd) -> DomainOut:
         await ctx.db.flush()
         d = None
     if d is None:
+        held = await ctx.db.get(DomainHold, domain)
+        if held is not None and held.user_id != owner.id:
+            until = _aware(held.until)
+            if until > datetime.now(UTC) and not ctx.caller.is_admin:
+                raise Conflict(
+                    f"{domain} served another owner's workspace until recently and stays "
+                    f"reserved for them until {until:%Y-%m-%d %H:%M} UTC; add it after that, "
+                    "or ask an admin"
+                )
+            # Lapsed, or an admin gives the name to someone else: the hold is over.
+            await ctx.db.delete(held)
         d = CustomDomain(
             workspace_id=ws.id, domain=domain, port=p.port, token=secrets.token_urlsafe(32)
         )
@@ -479,34 +419,24 @@ async def domain_add(ctx: Context, p: DomainAdd) -> DomainOut:
 
 
 @method("domain.verify", right=Right.write, cli=Cli("domain verify"))
-async def domain_verify(ctx: Context, p: DomainVerify) -> DomainOut:
-    """Check a pending domain's TXT record (or HTTP challenge); serve it once it checks out."""
+async def domain_verify(ctx: Context, p: DomainRef) -> DomainOut:
+    """Check a pending domain's TXT record; serve the name once it holds the claim's token."""
     d, ws, owner = await _find(ctx, p.domain)
     if d.verified_at is not None:
         return await _out(ctx, d, ws, owner)
     claim_id, domain, token = d.id, d.domain, d.token
     s = ctx.app.settings
-    # No database connection is held across the lookups (seconds at worst).
+    # No database connection is held across the lookup (seconds at worst).
     await release_db(ctx)
-    reasons: list[str] = []
-    how = ""
-    for kind in ("txt", "http"):
-        if p.check not in ("auto", kind):
-            continue
-        run = _check_txt if kind == "txt" else _check_http
-        why = await run(s, domain, token)
-        if why is None:
-            how = kind
-            break
-        reasons.append(why)
-    if not how:
-        raise Conflict(f"{domain} is not verified: " + "; ".join(reasons))
+    why = await _check_txt(s, domain, token)
+    if why is not None:
+        raise Conflict(f"{domain} is not verified: {why}")
     fresh = await ctx.db.get(CustomDomain, claim_id)
     if fresh is None or fresh.token != token:
         raise Conflict(f"the claim on {domain} was removed while it was being verified")
     if fresh.verified_at is None:
         fresh.verified_at = datetime.now(UTC)
-        fresh.verified_by = how
+        fresh.verified_by = "txt"
         await ctx.db.commit()
         ctx.app.web_changed()
     return await _out(ctx, fresh, ws, owner)
@@ -542,33 +472,33 @@ async def domain_list(ctx: Context, p: DomainList) -> list[DomainOut]:
 
 @method("domain.remove", right=Right.write, cli=Cli("domain rm"))
 async def domain_remove(ctx: Context, p: DomainRef) -> DomainOut:
-    """Stop serving a custom domain and drop its claim."""
+    """Stop serving a custom domain and drop its claim.
+
+    A verified name stays reserved for the workspace's owner for 7 days.
+    """
     d, ws, owner = await _find(ctx, p.domain)
     out = await _out(ctx, d, ws, owner)
+    if d.verified_at is not None:
+        # Only a verified name is held: else add-then-remove would squat names.
+        await _hold(ctx.db, d.domain, owner.id)
     await ctx.db.delete(d)
     await ctx.db.commit()
     ctx.app.web_changed()
     return out
 
 
-# -- the gate's questions ------------------------------------------------------------
+# -- the gate's question -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Known:
-    ws_id: str
-    port: int | None
-    token: str
-    verified: bool
-
-
-# Every claim, read once per web generation (app.web_changed() after each
-# change): the gate asks about every unknown host, which must not cost a query.
-_tables: weakref.WeakKeyDictionary[App, tuple[int, dict[str, _Known]]] = weakref.WeakKeyDictionary()
+# Every verified name -> (workspace id, port), read once per web generation
+# (app.web_changed() after each change): the gate asks about every unknown
+# host, which must not cost a query.
+_Targets = dict[str, tuple[str, int | None]]
+_tables: weakref.WeakKeyDictionary[App, tuple[int, _Targets]] = weakref.WeakKeyDictionary()
 _loading: weakref.WeakKeyDictionary[App, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
-async def _table(app: App) -> dict[str, _Known]:
+async def _table(app: App) -> _Targets:
     generation = app.web_generation
     cached = _tables.get(app)
     if cached is not None and cached[0] == generation:
@@ -583,13 +513,10 @@ async def _table(app: App) -> dict[str, _Known]:
                 await db.execute(
                     select(CustomDomain)
                     .join(Workspace, CustomDomain.workspace_id == Workspace.id)
-                    .where(Workspace.state != "deleting")
+                    .where(Workspace.state != "deleting", CustomDomain.verified_at.is_not(None))
                 )
             ).scalars()
-            table = {
-                d.domain: _Known(d.workspace_id, d.port, d.token, d.verified_at is not None)
-                for d in rows
-            }
+            table = {d.domain: (d.workspace_id, d.port) for d in rows}
         # Stored under the generation read before the query: a change during
         # it makes the next question read again.
         _tables[app] = (generation, table)
@@ -605,24 +532,4 @@ def _host(host: str) -> str:
 
 async def domain_target(app: App, host: str) -> tuple[str, int | None] | None:
     """(workspace id, port or None for its URL's port) of a VERIFIED custom domain, else None."""
-    known = (await _table(app)).get(_host(host))
-    if known is None or not known.verified:
-        return None
-    return known.ws_id, known.port
-
-
-async def challenge_answer(app: App, host: str, path: str) -> str | None:
-    """The body to answer for ``http://HOST/.well-known/den-challenge/TOKEN``, else None.
-
-    Only for a pending claim on that host with that token: a verified name is
-    the workspace's, every path of it.
-    """
-    if not path.startswith(CHALLENGE_PATH):
-        return None
-    known = (await _table(app)).get(_host(host))
-    if known is None or known.verified:
-        return None
-    token = path[len(CHALLENGE_PATH) :].split("?", 1)[0]
-    if secrets.compare_digest(token.encode(), known.token.encode()):
-        return known.token
-    return None
+    return (await _table(app)).get(_host(host))

@@ -563,6 +563,11 @@ async def delete_workspace(ctx: Context, ws: Workspace, owner: User) -> None:
     async with ctx.app.ws_lock(ws.id):
         ws.state = "deleting"
         ws.state_reason = ""
+        # Its verified custom domains stay its owner's a while (no import
+        # cycle: domains uses this module).
+        from den.services.domains import hold_workspace_domains
+
+        await hold_workspace_domains(ctx.db, ws)
         await ctx.db.commit()
         try:
             await remove_from_host(ctx.app, ws, owner)
