@@ -20,11 +20,13 @@ den's own Caddy:
 
 Every route and server added to Caddy is removed at the end. Small page:
 requests/s and p50/p99 latency with wrk (fixed threads, connections and
-duration; the median of the rounds). 100 MB body: MB/s with curl. Wake on
-request: suspend the workspace, then the time to the first byte of a
-signed-in request on a new connection (curl's time_starttransfer; TLS
-handshake included, and shown without it), beside the same for the running
-workspace and for (b).
+duration; the median of the rounds), and the CPU time per request of Caddy,
+den, the workspace and wrk (where the time goes on a busy machine). 100 MB
+body: MB/s with curl. Wake on request: suspend the workspace, then the time to
+the first byte of a signed-in request on a new connection (curl's
+time_starttransfer; TLS handshake included, and shown without it), beside the
+same for the running workspace and for (b), and den's own timing of the
+resume (its /metrics).
 
 Goals: (a) >= 0.8x (b) in requests/s, >= 0.9x in throughput; wake p50 < 30 ms.
 Prints a table and one JSON line. Needs root; makes its own daemon, pool,
@@ -46,7 +48,9 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -60,6 +64,7 @@ from rich.console import Console
 from rich.table import Table
 
 from _daemon import ROOT, BenchDaemon
+from den.backends.cgroups import cpu_seconds
 from den.cli.client import Client
 from den.web.caddy_config import workspace_route
 from den.web.labels import label
@@ -282,6 +287,22 @@ class Curl:
         return float(first) * 1e3, (float(first) - float(tls)) * 1e3
 
 
+def resume_seconds(sock: Path) -> tuple[float, int]:
+    """den's own timing of resumes caused by HTTP requests (sum, count), from /metrics."""
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(sock))
+        conn.sock = s
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+        s.close()
+    got = dict(re.findall(r'^den_resume_seconds_(sum|count)\{cause="http"\} (\S+)$', text, re.M))
+    return float(got.get("sum", 0)), int(float(got.get("count", 0)))
+
+
 def sign_in(curl: Curl, link: str) -> str:
     """A browser's sign-in with a one-time link: POST its form; the session cookie."""
     token = link.split("t=", 1)[1]
@@ -303,10 +324,36 @@ def sign_in(curl: Curl, link: str) -> str:
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+PARTS = ("caddy", "den", "app", "wrk")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds spent so far by each part a request crosses: Caddy, den (the
+    gate runs in its event loop), the workspace (the app) and wrk (the client)."""
+
+    def __init__(self, d: BenchDaemon, ws_id: str) -> None:
+        self.caddy_pid = d.data_dir / "caddy.pid"
+        self.den_pid = d.proc.pid if d.proc is not None else 0
+        self.cgroup = f"/den{d.instance}/{ws_id}"
+
+    @staticmethod
+    def _proc(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def sample(self) -> dict[str, float]:
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {
+            "caddy": self._proc(int(self.caddy_pid.read_text())),
+            "den": self._proc(self.den_pid),
+            "app": cpu_seconds(self.cgroup),
+            "wrk": kids.ru_utime + kids.ru_stime,
+        }
 
 
 def wrk(
-    hosts: Path, url: str, args: argparse.Namespace, headers: tuple[str, ...]
+    hosts: Path, url: str, args: argparse.Namespace, headers: tuple[str, ...], cpu: CpuMeter
 ) -> dict[str, float]:
     """One wrk run: requests/s, p50 and p99 ms; every answer must be a 2xx.
 
@@ -318,6 +365,7 @@ def wrk(
     for h in headers:
         argv += ["-H", h]
     script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    before = cpu.sample()
     res = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(hosts), *argv, url],
         capture_output=True,
@@ -325,9 +373,17 @@ def wrk(
         check=False,
         timeout=args.duration + 60,
     )
+    after = cpu.sample()
     out = res.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if res.returncode != 0 or rps is None or "Non-2xx" in out or "Socket errors" in out:
+    count = re.search(r"^\s+(\d+) requests in", out, re.M)
+    if (
+        res.returncode != 0
+        or rps is None
+        or count is None
+        or "Non-2xx" in out
+        or "Socket errors" in out
+    ):
         raise RuntimeError(f"wrk {url}: exit {res.returncode}\n{out}{res.stderr}")
 
     def pct(p: str) -> float:
@@ -336,7 +392,9 @@ def wrk(
             raise RuntimeError(f"no {p}% in wrk's output:\n{out}")
         return float(m.group(1)) * UNITS[m.group(2)]
 
-    return {"rps": float(rps.group(1)), "p50": pct("50"), "p99": pct("99")}
+    n = int(count.group(1))
+    used = {f"cpu_{k}": (after[k] - before[k]) / n * 1e6 for k in PARTS}
+    return {"rps": float(rps.group(1)), "p50": pct("50"), "p99": pct("99"), **used}
 
 
 def med(values: list[float], nd: int = 1) -> float:
@@ -418,7 +476,7 @@ def run(d: BenchDaemon, work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 stub_server(stub_port, f"{ws['address']}:{FAST_PORT}"),
             )
             admin.add_route(stub_route(stub_port))
-            return measure(c, curl, hosts, cookie, token, args)
+            return measure(c, curl, hosts, cookie, token, args, CpuMeter(d, ws["id"]), d.socket)
         finally:
             # Not there when the run failed before adding them: nothing to remove.
             for rid in ROUTE_IDS:
@@ -437,6 +495,8 @@ def measure(
     cookie: str,
     token: str,
     args: argparse.Namespace,
+    cpu: CpuMeter,
+    sock: Path,
 ) -> dict[str, Any]:
     host = f"{label('bench', 'box')}.{DOMAIN}"
     fast = f"{label('bench', 'box', FAST_PORT)}.{DOMAIN}"
@@ -469,7 +529,7 @@ def measure(
             if name == "public":
                 c.call("share.set", {"ref": REF, "mode": "public"})
             try:
-                small[name].append(wrk(hosts, curl.url(h, "/small.html"), args, hdr))
+                small[name].append(wrk(hosts, curl.url(h, "/small.html"), args, hdr, cpu))
             finally:
                 if name == "public":
                     c.call("share.set", {"ref": REF, "mode": "private"})
@@ -484,6 +544,7 @@ def measure(
     for _ in range(args.wakes):
         ttfb["running"].append(curl.ttfb(page, signed))
         ttfb["direct"].append(curl.ttfb(curl.url(DIRECT, "/small.html")))
+    resumed_before = resume_seconds(sock)
     for _ in range(args.wakes):
         c.call("workspace.suspend", {"ref": REF})
         state = c.call("workspace.get", {"ref": REF})["state"]
@@ -494,6 +555,10 @@ def measure(
         curl.ttfb(page, signed)
     if c.call("workspace.get", {"ref": REF})["state"] != "running":
         raise RuntimeError("a request did not leave the workspace running")
+    resumed_after = resume_seconds(sock)
+    resumes = resumed_after[1] - resumed_before[1]
+    if resumes != args.wakes:
+        raise RuntimeError(f"{args.wakes} wakes, but den counted {resumes} resumes by HTTP")
 
     out: dict[str, Any] = {}
     for name, runs in small.items():
@@ -501,6 +566,8 @@ def measure(
             "rps": med([r["rps"] for r in runs], 0),
             "p50_ms": med([r["p50"] for r in runs], 2),
             "p99_ms": med([r["p99"] for r in runs], 2),
+            # CPU per request of each part: where the time goes, whatever else runs.
+            "cpu_us": {k: med([r[f"cpu_{k}"] for r in runs], 0) for k in PARTS},
         }
     for name in ("cookie", "bearer", "public"):
         out[f"rps_ratio_{name}"] = round(
@@ -522,6 +589,8 @@ def measure(
         }
         for name, pairs in ttfb.items()
     }
+    # Of the wake: den's thaw of the workspace (its own timing: lock, backend, commit).
+    out["ttfb_ms"]["resume_mean"] = round((resumed_after[0] - resumed_before[0]) / resumes * 1e3, 2)
     out["params"] = {
         "rounds": args.rounds,
         "duration_s": args.duration,
@@ -539,13 +608,20 @@ def report(r: dict[str, Any]) -> None:
         table.add_column(col)
 
     def small_rows(
-        what: str, a: dict[str, float], b: dict[str, float], ratio: float, goal: str
+        what: str, a: dict[str, Any], b: dict[str, Any], ratio: float, goal: str
     ) -> None:
         table.add_row(f"{what}: req/s", str(a["rps"]), str(b["rps"]), str(ratio), goal)
         table.add_row(
             "  p50 / p99 ms",
             f"{a['p50_ms']} / {a['p99_ms']}",
             f"{b['p50_ms']} / {b['p99_ms']}",
+            "",
+            "",
+        )
+        table.add_row(
+            "  CPU us/request: " + " / ".join(PARTS),
+            " / ".join(str(a["cpu_us"][k]) for k in PARTS),
+            " / ".join(str(b["cpu_us"][k]) for k in PARTS),
             "",
             "",
         )
@@ -603,6 +679,7 @@ def report(r: dict[str, Any]) -> None:
         "",
         "",
     )
+    table.add_row("  of the wake: den's resume, mean ms", str(t["resume_mean"]), "", "", "")
     Console().print(table)
     print(json.dumps({"bench": "http", **r}))
 
