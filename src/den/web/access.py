@@ -29,30 +29,32 @@ if TYPE_CHECKING:
 # (an expired browser session or JWT stops working within it).
 TTL = 10.0
 _MARK = "den_ws_state_changed"
-_apps: list[App] = []
+_directories: list[Directory] = []
 
 
-def watch_states(app: App) -> None:
-    """Move the app's web generation on whenever a workspace's state changes."""
-    _apps.append(app)
+def _forget(ws_ids: set[str]) -> None:
+    for d in _directories:
+        for ws_id in ws_ids:
+            d.memo.forget(("ws", ws_id))
 
 
 @event.listens_for(Workspace.state, "set")
 def _state_set(target: Workspace, value: Any, old: Any, _initiator: Any) -> None:
-    if value == old:
+    # Only that workspace's view is dropped: the others' (and every session and
+    # credential) stay warm while the idle checker suspends and resumes.
+    if value == old or target.id is None:
         return
-    for app in _apps:
-        app.web_changed()
+    _forget({target.id})
     session = object_session(target)
     if session is not None:
-        session.info[_MARK] = True
+        session.info.setdefault(_MARK, set()).add(target.id)
 
 
 @event.listens_for(Session, "after_commit")
 def _committed(session: Session) -> None:
-    if session.info.pop(_MARK, False):
-        for app in _apps:
-            app.web_changed()
+    changed = session.info.pop(_MARK, None)
+    if changed:
+        _forget(changed)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Memo:
         self.app = app
         self.limit = limit
         self._gen = -1
+        self._forgets = 0  # moves on with every forget (a load across one is not kept)
         self._data: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
 
     def _fresh(self) -> None:
@@ -114,6 +117,17 @@ class Memo:
             )
         return key
 
+    def forget(self, key: Any) -> None:
+        self._forgets += 1
+        self._data.pop(self._key(key), None)
+
+    def put(self, key: Any, value: Any) -> None:
+        """Keep ``value`` for ``key`` now (what the caller itself just made true)."""
+        self._fresh()
+        k = self._key(key)
+        self._data[k] = (time.monotonic(), value)
+        self._data.move_to_end(k)
+
     def known(self, key: Any) -> bool:
         """Whether ``key`` is held now (its next get asks nothing of the database)."""
         self._fresh()
@@ -128,10 +142,10 @@ class Memo:
         if hit is not None and now - hit[0] < TTL:
             self._data.move_to_end(k)
             return hit[1]  # type: ignore[no-any-return]
-        gen = self.app.web_generation
+        gen, forgets = self.app.web_generation, self._forgets
         value = await load()
         # Loaded across a change: good for this request only.
-        if gen == self.app.web_generation:
+        if gen == self.app.web_generation and forgets == self._forgets:
             self._data[k] = (now, value)
             self._data.move_to_end(k)
             while len(self._data) > self.limit:
@@ -145,7 +159,7 @@ class Directory:
     def __init__(self, app: App) -> None:
         self.app = app
         self.memo = Memo(app)
-        watch_states(app)
+        _directories.append(self)
 
     async def site(self, host: str) -> Site | None:
         """The workspace (and port) a host leads to; None for a host den does not serve."""

@@ -7,6 +7,7 @@ through to the upstream den names; any other answer is what the client gets.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -312,6 +313,8 @@ class Gate:
                 )
             finally:
                 await ctx.db.close()
+            # Running now (committed): the next request need not read it again.
+            self.dir.memo.put(("ws", ws.id), dataclasses.replace(ws, state="running"))
             return None
         return pages.page("Workspace busy", pages.para(f"{ws.ref} is {ws.state}."), 503)
 
