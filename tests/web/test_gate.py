@@ -225,7 +225,7 @@ def test_hostile_requests_never_reach_the_workspace(
     assert r.status == 302, r.text  # the Host decides, and that one is private
     assert (
         web.curl(web.url(other, "secret", "/cgi-bin/env"), cookie=web.login_cookie(owner)).status
-        == 403
+        == 404
     )
     after = hits(pool_daemon, ref) + hits(pool_daemon, f"{other}/secret")
     assert after == before
