@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, states
 
 from den.errors import BackendFailure
 
@@ -156,8 +158,27 @@ def delete_netns(name: str) -> None:
             target.unlink()
 
 
+def workspace_mac(address: str) -> str:
+    """The MAC of a workspace's eth0: locally administered, made of its address.
+
+    Known before the workspace runs, so the host can pin it; unique on the
+    bridge because the addresses are.
+    """
+    return "02:de:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(address).packed)
+
+
 def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gateway: str) -> None:
-    """A veth pair: ``host_if`` on the bridge (isolated port), eth0 in ``ns``."""
+    """A veth pair: ``host_if`` on the bridge (isolated port), eth0 in ``ns``.
+
+    Root in a workspace has CAP_NET_ADMIN and CAP_NET_RAW over its netns: it
+    can send any ARP and any source MAC. So the host trusts neither for
+    workspace addresses: its neighbour entry of ``address`` is permanent (ARP
+    never changes it) and points at den's MAC for it, and the bridge forwards
+    that MAC to this port only (a static FDB entry, no learning on the port,
+    no flooding of unknown unicast to it). A workspace that claims another's
+    address or MAC is not heard; one that changes its own MAC cuts itself off.
+    """
+    mac = workspace_mac(address)
     with IPRoute() as ipr:
         br = index(ipr, bridge)
         if br is None:
@@ -168,9 +189,12 @@ def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gat
             idx = index(ipr, host_if)
         if idx is None:
             raise BackendFailure(f"cannot create the veth {host_if}")
-        ipr.link("set", index=idx, master=br, state="up")
+        # The alias names the address on the host side, where detach reads it.
+        ipr.link("set", index=idx, master=br, state="up", ifalias=address)
         # Isolated bridge ports cannot reach each other: no workspace-to-workspace traffic.
-        ipr.brport("set", index=idx, isolated=1)
+        ipr.brport("set", index=idx, isolated=1, learning=0, unicast_flood=0)
+        ipr.fdb("replace", ifindex=idx, lladdr=mac, flags=NTF_MASTER, state=states["noarp"])
+        ipr.neigh("replace", ifindex=br, dst=address, lladdr=mac, state=states["permanent"])
 
     def inside() -> None:
         with IPRoute() as nsr:
@@ -181,12 +205,28 @@ def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gat
             have = {a.get_attr("IFA_ADDRESS") for a in nsr.get_addr(index=eth, family=2)}
             if address not in have:
                 nsr.addr("add", index=eth, address=address, prefixlen=prefixlen)
-            nsr.link("set", index=eth, state="up")
+            nsr.link("set", index=eth, address=mac, state="up")
             nsr.link("set", index=lo, state="up")
             with contextlib.suppress(NetlinkError):
                 nsr.route("add", gateway=gateway)
 
     in_netns(ns, inside)
+
+
+def detach(host_if: str, bridge: str) -> None:
+    """Remove the veth pair and the host's neighbour entry of its address."""
+    with IPRoute() as ipr:
+        idx = index(ipr, host_if)
+        if idx is None:
+            return
+        alias = ipr.link("get", index=idx)[0].get_attr("IFLA_IFALIAS")
+        with contextlib.suppress(NetlinkError):
+            ipr.link("del", index=idx)
+        br = index(ipr, bridge)
+        if alias and br is not None:
+            # The address may go to another workspace: until then nobody owns it.
+            with contextlib.suppress(NetlinkError):
+                ipr.neigh("del", ifindex=br, dst=alias)
 
 
 def counters(host_if: str) -> tuple[int, int]:

@@ -198,7 +198,7 @@ class Network:
 
     async def detach(self, ws_id: str) -> None:
         def work() -> None:
-            links.delete_link(names.veth(self.instance, ws_id))
+            links.detach(names.veth(self.instance, ws_id), self.bridge)
             links.delete_netns(names.netns(self.instance, ws_id))
 
         await asyncio.to_thread(work)
