@@ -170,13 +170,16 @@ def workspace_mac(address: str) -> str:
 def attach(ns: str, host_if: str, bridge: str, address: str, prefixlen: int, gateway: str) -> None:
     """A veth pair: ``host_if`` on the bridge (isolated port), eth0 in ``ns``.
 
-    Root in a workspace has CAP_NET_ADMIN and CAP_NET_RAW over its netns: it
-    can send any ARP and any source MAC. So the host trusts neither for
-    workspace addresses: its neighbour entry of ``address`` is permanent (ARP
-    never changes it) and points at den's MAC for it, and the bridge forwards
-    that MAC to this port only (a static FDB entry, no learning on the port,
-    no flooding of unknown unicast to it). A workspace that claims another's
-    address or MAC is not heard; one that changes its own MAC cuts itself off.
+    A workspace cannot send ARP of its own or change its MAC or address: the
+    host's user namespace owns the netns, so its root's capabilities do not
+    reach it, and seccomp refuses packet and raw sockets. Should both walls
+    fall, the host still trusts neither ARP nor source MACs for workspace
+    addresses (Caddy and den connect to them): its neighbour entry of
+    ``address`` is permanent (ARP never changes it) and names den's MAC for
+    it, and the bridge sends that MAC to this port only (a static FDB entry,
+    no learning on the port, no flooding of unknown unicast to it). A
+    workspace that claims another's address or MAC is not heard; one that
+    changes its own MAC cuts itself off.
     """
     mac = workspace_mac(address)
     with IPRoute() as ipr:
