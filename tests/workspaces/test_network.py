@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pwd
 import random
 import re
 import secrets
@@ -124,8 +125,11 @@ def test_ruleset_isolation_and_nat(pool_daemon: Daemon, bb_image: str, users: Us
         assert re.fullmatch(rf"iifname {br} counter packets \d+ bytes \d+ drop", last_input)
         last_forward = chain(table, "forward").strip().splitlines()[-1].strip()
         assert re.fullmatch(rf"iifname {br} counter packets \d+ bytes \d+ accept", last_forward)
-        # only root on the host connects to workspaces
-        assert re.search(rf"oifname {br} meta skuid != 0 counter .* reject", table)
+        # only root (and the account den's Caddy runs as) on the host connects to workspaces
+        web_uid = pwd.getpwnam(f"{d.prefix}-web").pw_uid
+        assert re.search(
+            rf"oifname {br} meta skuid != {{ 0, {web_uid} }} counter .* reject", table
+        ), table
         nat = nft("list", "table", "ip", f"den{n}-nat")
         subnet = f"10.{77 + n}.0.0/16"
         assert re.search(rf"ip saddr {re.escape(subnet)} oifname != {br} masquerade", nat), nat
