@@ -169,3 +169,30 @@ def caddy_pid(d: Daemon) -> int:
 def read_ca(web: Web) -> Path:
     assert web.ca.is_file(), "Caddy's internal root certificate is missing"
     return web.ca
+
+
+class _Db:
+    """What the gate's functions use of an App: the daemon's database, one generation."""
+
+    web_generation = 0
+
+    def __init__(self, d: Daemon) -> None:
+        from den.db.engine import make_engine, sessionmaker
+
+        self.engine = make_engine(f"sqlite+aiosqlite:///{d.data_dir / 'den.db'}")
+        self.sessions = sessionmaker(self.engine)
+
+
+def call_gate(d: Daemon, module: Any, fn: str, *args: str) -> Any:
+    """Call one of the plain functions the gate uses (``module.fn(app, *args)``) on the
+    daemon's own database, from the test process."""
+    import asyncio
+
+    async def run() -> Any:
+        db = _Db(d)
+        try:
+            return await getattr(module, fn)(db, *args)
+        finally:
+            await db.engine.dispose()
+
+    return asyncio.run(run())

@@ -22,15 +22,15 @@ import pytest
 
 from den.cli.client import RpcError
 from den.config import Settings
-from den.db.engine import make_engine, sessionmaker
 from den.services import domains
 from den.web.labels import label
 from tests.conftest import Daemon
 from tests.helpers.dns import DnsServer, dns_server
+from tests.web.conftest import call_gate
 from tests.workspaces.conftest import BB, Users, create, invalid, make_users, own_daemon
 
 if TYPE_CHECKING:
-    from den.app import App
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +74,8 @@ def err(d: Daemon, method: str, **params: Any) -> RpcError:
     return info.value
 
 
-class _Db:
-    """What the gate's questions use of an App: the daemon's database, one generation."""
-
-    web_generation = 0
-
-    def __init__(self, d: Daemon) -> None:
-        self.engine = make_engine(f"sqlite+aiosqlite:///{d.data_dir / 'den.db'}")
-        self.sessions = sessionmaker(self.engine)
-
-
 def gate(d: Daemon, fn: str, *args: str) -> Any:
-    async def run() -> Any:
-        db = _Db(d)
-        try:
-            return await getattr(domains, fn)(cast("App", db), *args)
-        finally:
-            await db.engine.dispose()
-
-    return asyncio.run(run())
+    return call_gate(d, domains, fn, *args)
 
 
 @pytest.fixture

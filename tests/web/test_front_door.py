@@ -8,8 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,6 +17,7 @@ from tests.helpers.dns import DnsServer, dns_server
 from tests.web.conftest import Web, caddy_pid, serve_files
 from tests.web.test_jwt import Jwks, Key, oauth_env, rsa_key, serve
 from tests.workspaces.conftest import BB, create, own_daemon
+from tests.workspaces.test_idle import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +79,6 @@ def site(d: Daemon, request: pytest.FixtureRequest) -> Iterator[str]:
         yield name
     finally:
         d.call("workspace.delete", ref=ref)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def state(d: Daemon, ref: str) -> str:

@@ -8,7 +8,6 @@ the daemon's own database.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sqlite3
@@ -20,13 +19,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from den.cli.client import RpcError
-from den.db.engine import make_engine, sessionmaker
 from den.services import sharing
 from tests.conftest import Daemon
+from tests.web.conftest import call_gate
 from tests.workspaces.conftest import Users, create, import_bb, invalid, own_daemon
 
 if TYPE_CHECKING:
-    from den.app import App
+    pass
 
 IMAGE = "sharebb"
 
@@ -80,23 +79,8 @@ def code(d: Daemon, method: str, **params: Any) -> int:
     return info.value.code
 
 
-class _Db:
-    """What the gate's functions use of an App: sessions on the daemon's database."""
-
-    def __init__(self, d: Daemon) -> None:
-        self.engine = make_engine(f"sqlite+aiosqlite:///{d.data_dir / 'den.db'}")
-        self.sessions = sessionmaker(self.engine)
-
-
 def gate(d: Daemon, fn: str, *args: str) -> Any:
-    async def run() -> Any:
-        db = _Db(d)
-        try:
-            return await getattr(sharing, fn)(cast("App", db), *args)
-        finally:
-            await db.engine.dispose()
-
-    return asyncio.run(run())
+    return call_gate(d, sharing, fn, *args)
 
 
 def user_id(d: Daemon, name: str) -> int:
