@@ -110,11 +110,8 @@ class Memo:
     @staticmethod
     def _key(key: Any) -> Any:
         # Credentials are kept by digest: the table holds no secrets and no big keys.
-        if isinstance(key, tuple):
-            return tuple(
-                hashlib.sha256(k.encode()).digest() if isinstance(k, str) and len(k) > 64 else k
-                for k in key
-            )
+        if isinstance(key, tuple) and key[0] in ("session", "bearer", "link"):
+            return (key[0], *(hashlib.sha256(str(k).encode()).digest() for k in key[1:]))
         return key
 
     def forget(self, key: Any) -> None:
@@ -165,7 +162,9 @@ class Directory:
         """The workspace (and port) a host leads to; None for a host den does not serve."""
         domain = self.app.settings.domain
         if not host.endswith("." + domain):
-            return await self.memo.get(("domain", host), lambda: self._custom(host))
+            # Not kept here: any name can be asked for, and domain_target answers
+            # from a table of its own without the database.
+            return await self._custom(host)
         hosts = await self.memo.get("hosts", self._hosts)
         return hosts.get(host[: -len(domain) - 1])
 

@@ -238,7 +238,8 @@ class Caddy:
     async def _relay_log(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
         async for raw in proc.stderr:
-            line = raw.decode(errors="replace").strip()
+            # The ask endpoint's path is Caddy's secret: never in den's log.
+            line = raw.decode(errors="replace").strip().replace(self.ask_secret, "***")
             try:
                 entry = json.loads(line)
                 level = str(entry.get("level", "info"))

@@ -94,9 +94,14 @@ def workspace_route(gate: Path) -> dict[str, Any]:
             "response": {
                 "replace": {
                     "Set-Cookie": [
-                        {"search_regexp": r"^\s*(__Host-|__Secure-)?den_.*$", "replace": ""}
+                        {
+                            "search_regexp": r"(?i)^\s*=?\s*(__Host-|__Secure-)?den_.*$",
+                            "replace": "",
+                        }
                     ]
-                }
+                },
+                # It would wipe den's sign-in for every workspace host at once.
+                "delete": ["Clear-Site-Data"],
             }
         },
     }
@@ -168,9 +173,12 @@ def build(
         issuers = [acme]
         policies = [{"issuers": issuers, "on_demand": True}]
         certificates = {}
-    tls: dict[str, Any] = {
-        "automation": {"policies": policies, "on_demand": {"ask": ask_url}},
-    }
+    on_demand: dict[str, Any] = {"ask": ask_url}
+    if settings.tls == "acme":
+        # A public CA limits certificates per domain and week: a burst of new
+        # names (many published ports) must not use the week up at once.
+        on_demand["rate_limit"] = {"interval": 60_000_000_000, "burst": 5}
+    tls: dict[str, Any] = {"automation": {"policies": policies, "on_demand": on_demand}}
     if certificates:
         tls["certificates"] = certificates
     servers: dict[str, Any] = {"den": server}

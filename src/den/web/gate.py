@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from aiohttp import web
 from sqlalchemy import update
@@ -118,22 +118,19 @@ class Gate:
 
         return await self.dir.memo.get(("link", ws_id, value), load)
 
-    async def _signed_in(self, values: list[str], remote: str, held: int) -> Who | None:
-        """The user of the session cookies: only when every valid one is the same user
-        (a workspace's script can add cookies for den's domain, not pick who you are)."""
+    async def _signed_in(self, values: list[str], remote: str) -> Who | None:
+        """The user of the session cookies: only when every value is looked at and all
+        the valid ones are the same user (a workspace's script can add cookies for
+        den's domain, never choose who you are)."""
+        if len(values) > MAX_COOKIES:
+            return None
         users: dict[int, Who] = {}
-        for value in values[:MAX_COOKIES]:
+        for value in values:
             if len(value) > MAX_CREDENTIAL:
                 continue
-            known = self.dir.memo.known(("session", value))
-            if held and not known:
-                continue
             who = await self._session(value)
-            if who is None:
-                if not known:
-                    self.failures.failed(remote)
-                continue
-            users[who.user_id] = who
+            if who is not None:
+                users[who.user_id] = who
         return next(iter(users.values())) if len(users) == 1 else None
 
     # -- the check -----------------------------------------------------------------------
@@ -150,57 +147,45 @@ class Gate:
         ws = None if site is None else await self.dir.workspace(site.ws_id)
         if ws is not None and ws.state in ("deleting", "creating"):
             ws = None
-        ours = host.endswith("." + settings.domain)
-        if ws is None and not ours:
+        if ws is None and not host.endswith("." + settings.domain):
             self.app.metrics.http_refused.labels("unknown-host").inc()
             return pages.not_found()
         url = base(settings, host) + uri
-        query = urlsplit(uri).query
-        if ws is not None and SHARE_PARAM in query:
+        query = uri.partition("?")[2]
+        if SHARE_PARAM in query:
+            # The same page for a bad link to a workspace that does not exist.
             return await self._take_link(ws, uri, query)
 
         remote = h.get("X-Den-Remote", "")
-        held = self.failures.retry_after(remote)
         who: Who | None = None
-        used_auth = False
         auth = h.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            known = self.dir.memo.known(("bearer", auth))
-            if held and not known:
-                self.app.metrics.http_refused.labels("held").inc()
-                return pages.page(
-                    "Too many failed sign-ins",
-                    pages.para(f"Too many bad credentials from {remote}; retry in {held} s."),
-                    429,
-                    {"Retry-After": str(held)},
-                )
+        scheme, _, credential = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and credential.strip():
             who = await self._bearer(auth) if len(auth) <= MAX_CREDENTIAL else None
-            used_auth = who is not None
             if who is None:
-                if not known:
-                    self.failures.failed(remote)
-                self.app.metrics.http_refused.labels("bad-credential").inc()
-                return pages.page(
-                    "Not signed in",
-                    pages.para(
-                        "The bearer credential was not accepted (unknown, expired or revoked)."
-                    ),
-                    401,
-                    {"WWW-Authenticate": "Bearer"},
-                )
+                return self._bad_bearer(remote)
         cookies = _cookies(h.getall("Cookie", []))
         # den's cookies act only for requests this site's own pages make, or for a
         # plain navigation to it: another workspace's page cannot use them.
         ambient = _ambient_ok(h, base(settings, host))
+        if not ambient and any(_is_den(name) for name in cookies) and who is None:
+            refused = ws is None or self._how(ws, None) is None
+            if refused:  # the same answer whether or not the workspace exists
+                self.app.metrics.http_refused.labels("cross-site").inc()
+                return pages.page(
+                    "Refused",
+                    pages.para("A request from another site may not use your den sign-in here."),
+                    403,
+                )
         if who is None and ambient:
-            who = await self._signed_in(cookies.get(weblogin.COOKIE, []), remote, held)
+            who = await self._signed_in(cookies.get(weblogin.COOKIE, []), remote)
 
         if ws is None:
             # The same answer for every name: a stranger learns nothing of which exist.
             self.app.metrics.http_refused.labels("unknown-host").inc()
             return pages.not_found() if who is not None else self._to_login(url)
         how = self._how(ws, who)
-        if how is None and ambient:
+        if how in (None, "public") and ambient:
             links = cookies.get(SHARE_COOKIE, [])
             if links and len(links[0]) <= MAX_CREDENTIAL and await self._link(ws.id, links[0]):
                 how = "link"
@@ -208,30 +193,48 @@ class Gate:
             if who is not None:
                 self.app.metrics.http_refused.labels("not-shared").inc()
                 return pages.not_found()
-            if not ambient and any(_is_den(name) for name in cookies):
-                self.app.metrics.http_refused.labels("cross-site").inc()
-                return pages.page(
-                    "Refused",
-                    pages.para("A request from another site may not use your den sign-in here."),
-                    403,
-                )
             self.app.metrics.http_refused.labels("signed-out").inc()
             return self._to_login(url)
 
-        woken = await self._wake(ws)
+        woken = await self._wake(ws, how)
         if woken is not None:
             return woken
         port = site.port if site is not None and site.port else ws.http_port
+        # A visitor is named to the app only when let in as themselves: a public
+        # page or a link does not learn which den user opened it.
+        named = who.name if who is not None and how in ("owner", "admin", "user") else ""
         self.app.activity.touch(ws.id, "http")
         self.app.metrics.http_requests.labels(ws.ref, how).inc()
-        self.visits.seen(ws.id, ws.ref, who.name if who else "", how, remote)
+        self.visits.seen(ws.id, ws.ref, named, how, remote)
         resp = web.Response(status=200)
         resp.headers["X-Den-Upstream"] = f"{ws.address}:{port}"
-        resp.headers["X-Den-User"] = who.name if who else ""
+        resp.headers["X-Den-User"] = named
         resp.headers["X-Den-Share"] = how
         resp.headers["X-Den-Cookie"] = _without_den(h.getall("Cookie", []))
-        resp.headers["X-Den-Authorization"] = "" if used_auth else auth
+        # A den token or a JWT never reaches an app, whatever the scheme it came in.
+        keep = who is None and TOKEN_PREFIX not in auth and "." not in credential
+        resp.headers["X-Den-Authorization"] = auth if keep else ""
         return resp
+
+    def _bad_bearer(self, remote: str) -> web.Response:
+        """A bearer that is no credential of den's; answered at once while its address
+        keeps sending bad ones (a good one is still looked up: nobody is locked out)."""
+        self.app.metrics.http_refused.labels("bad-credential").inc()
+        wait = self.failures.retry_after(remote)
+        self.failures.failed(remote)
+        if wait:
+            return pages.page(
+                "Too many failed sign-ins",
+                pages.para(f"Too many bad credentials from {remote}; retry in {wait} s."),
+                429,
+                {"Retry-After": str(wait)},
+            )
+        return pages.page(
+            "Not signed in",
+            pages.para("The bearer credential was not accepted (unknown, expired or revoked)."),
+            401,
+            {"WWW-Authenticate": "Bearer"},
+        )
 
     def _how(self, ws: WsView, who: Who | None) -> str | None:
         """How ``who`` may open the workspace's URLs (a read-only token may not)."""
@@ -254,18 +257,24 @@ class Gate:
             text="Sign in to den first: " + login + "\n",
         )
 
-    async def _take_link(self, ws: WsView, uri: str, query: str) -> web.Response:
+    async def _take_link(self, ws: WsView | None, uri: str, query: str) -> web.Response:
         pairs = parse_qsl(query, keep_blank_values=True)
         values = [v for k, v in pairs if k == SHARE_PARAM]
         rest = [(k, v) for k, v in pairs if k != SHARE_PARAM]
-        if len(values) != 1 or not await self._link(ws.id, values[0]):
+        good = (
+            ws is not None
+            and len(values) == 1
+            and len(values[0]) <= MAX_CREDENTIAL
+            and await self._link(ws.id, values[0])
+        )
+        if not good:
             self.app.metrics.http_refused.labels("bad-link").inc()
             return pages.page(
                 "Link not valid",
                 pages.para("This share link does not exist or was revoked; ask for a new one."),
                 403,
             )
-        path = urlsplit(uri).path or "/"
+        path = uri.partition("?")[0] or "/"
         target = path + ("?" + urlencode(rest) if rest else "")
         # The secret leaves the URL (history, Referer) for a cookie of this host alone.
         cookie = f"{SHARE_COOKIE}={values[0]}; Path=/; Secure; HttpOnly; SameSite=Lax"
@@ -274,8 +283,10 @@ class Gate:
             headers={"Location": target, "Set-Cookie": cookie, "Cache-Control": "no-store"},
         )
 
-    async def _wake(self, ws: WsView) -> web.Response | None:
-        """Make the workspace run for this request; a page when it cannot."""
+    async def _wake(self, ws: WsView, how: str) -> web.Response | None:
+        """Make the workspace run for this request; a page when it cannot (what went
+        wrong is told to its owner and admins only)."""
+        insider = how in ("owner", "admin")
         if ws.state == "running":
             return None
         if ws.state in ("stopped", "failed"):
@@ -295,9 +306,8 @@ class Gate:
             try:
                 await REGISTRY.call(self.app, WEB, "workspace.start", {"ref": ws.ref})
             except DenError as err:
-                return pages.page(
-                    "Workspace did not start", pages.para(f"{ws.ref}: {err.message}"), 503
-                )
+                why = err.message if insider else "it did not start; its owner can see why"
+                return pages.page("Workspace did not start", pages.para(f"{ws.ref}: {why}"), 503)
             return None
         if ws.state == "suspended":
             from den.services.power import ensure_running
@@ -308,9 +318,8 @@ class Gate:
                 row, owner = await find_workspace(ctx, ws.ref)
                 await ensure_running(ctx, row, owner, "http")
             except DenError as err:
-                return pages.page(
-                    "Workspace did not wake", pages.para(f"{ws.ref}: {err.message}"), 503
-                )
+                why = err.message if insider else "it did not wake; its owner can see why"
+                return pages.page("Workspace did not wake", pages.para(f"{ws.ref}: {why}"), 503)
             finally:
                 await ctx.db.close()
             # Running now (committed): the next request need not read it again.
@@ -348,22 +357,28 @@ class Gate:
 
 def _ambient_ok(h: Any, origin: str) -> bool:
     """Whether den's cookies may act for this request: the site's own page asked, or
-    the user navigated to it (a link, the address bar); never another site's script,
-    form post or websocket."""
+    the user opened it (a link, the address bar) as a page of its own; never another
+    site's script, form post, frame or websocket."""
     site = h.get("Sec-Fetch-Site")
+    safe = h.get("X-Den-Method") in ("GET", "HEAD")
     if site is not None:
         if site in ("same-origin", "none"):
             return True
         return bool(
-            h.get("X-Den-Method") in ("GET", "HEAD") and h.get("Sec-Fetch-Mode") == "navigate"
+            safe
+            and h.get("Sec-Fetch-Mode") == "navigate"
+            and h.get("Sec-Fetch-Dest", "document") == "document"
         )
+    # A client without Sec-Fetch-* (curl, an old browser): another origin never;
+    # no origin at all only for a safe method.
     sent = h.get("Origin")
-    return sent is None or sent == origin
+    return sent == origin or (sent is None and safe)
 
 
 def _clean_path(uri: str) -> bool:
-    """No ``..`` segment (also %-encoded or with backslashes), no NUL, no control bytes."""
-    path = urlsplit(uri).path
+    """No ``..`` segment (also %-encoded, with backslashes or a ``;`` suffix), no NUL, no
+    control bytes."""
+    path = uri.partition("?")[0].partition("#")[0]
     if not path.startswith("/"):
         return False
     decoded = path
@@ -375,7 +390,7 @@ def _clean_path(uri: str) -> bool:
     if any(ord(c) < 0x20 or c == "\x7f" for c in decoded):
         return False
     segments = decoded.replace("\\", "/").split("/")
-    return ".." not in segments
+    return all(seg.partition(";")[0] != ".." for seg in segments)
 
 
 def _cookies(headers: list[str]) -> dict[str, list[str]]:

@@ -3,6 +3,7 @@ den's own pages at the domain itself (signing a browser in and out)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 GATE_KEY = web.AppKey("den_gate", Gate)
+# den's own host alone: no workspace host can plant a __Host- cookie for it.
+NEXT_COOKIE = "__Host-den_next"
 
 
 def _gate(request: web.Request) -> Gate:
@@ -108,7 +111,7 @@ async def _login_get(request: web.Request, app: App) -> web.Response:
         if nxt != home_url(app.settings):
             # Where to go once signed in, for the link opened next in this browser.
             resp.set_cookie(
-                "den_next", nxt, max_age=900, secure=True, httponly=True, samesite="Lax"
+                NEXT_COOKIE, nxt, max_age=900, secure=True, httponly=True, samesite="Lax"
             )
         return resp
     name = await weblogin.link_user(app, link)
@@ -146,7 +149,7 @@ async def _login_post(request: web.Request, app: App) -> web.Response:
     link = str(form.get("t", ""))
     nxt = _safe_next(app, str(form.get("next", "")))
     if nxt == home_url(app.settings):
-        nxt = _safe_next(app, request.cookies.get("den_next", ""))
+        nxt = _safe_next(app, request.cookies.get(NEXT_COOKIE, ""))
     client = request.headers.get("X-Den-Remote", "")
     agent = request.headers.get("User-Agent", "")[:200]
     try:
@@ -156,7 +159,7 @@ async def _login_post(request: web.Request, app: App) -> web.Response:
     max_age = max(1, int(app.settings.web_session_days * 86400))
     resp = web.Response(status=303, headers={"Location": nxt, "Cache-Control": "no-store"})
     resp.headers.add("Set-Cookie", _session_cookie(app, value, max_age))
-    resp.del_cookie("den_next")
+    resp.del_cookie(NEXT_COOKIE, secure=True, httponly=True, samesite="Lax")
     log.info("browser signed in", extra={"ctx": {"user": name}})
     return resp
 
@@ -194,7 +197,8 @@ async def ask_handler(request: web.Request) -> web.Response:
 
     app: App = request.app[APP_KEY]  # type: ignore[assignment]
     caddy = getattr(app, "caddy", None)
-    if caddy is None or request.match_info.get("secret") != caddy.ask_secret:
+    given = request.match_info.get("secret", "").encode()
+    if caddy is None or not hmac.compare_digest(given, caddy.ask_secret.encode()):
         return web.Response(status=404)
     name = request.query.get("domain", "").lower().rstrip(".")
     gate: Gate | None = getattr(app, "gate", None)
