@@ -317,6 +317,9 @@ def test_long_download_and_upload_stream_with_flat_daemon_memory(
             str(web.ca),
             "-H",
             f"Cookie: {cookie}",
+            # a form post of the app's own page, as a browser sends it
+            "-H",
+            f"Origin: {web.url(owner, name, '').rstrip('/')}",
             "--data-binary",
             "@-",
             web.url(owner, name, "/cgi-bin/count"),
