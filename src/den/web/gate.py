@@ -212,7 +212,7 @@ class Gate:
         resp.headers["X-Den-Share"] = how
         resp.headers["X-Den-Cookie"] = _without_den(h.getall("Cookie", []))
         # A den token or a JWT never reaches an app, whatever the scheme it came in.
-        keep = who is None and TOKEN_PREFIX not in auth and "." not in credential
+        keep = who is None and TOKEN_PREFIX not in auth
         resp.headers["X-Den-Authorization"] = auth if keep else ""
         return resp
 
