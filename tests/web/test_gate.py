@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, ssh_key
 from tests.web.conftest import Web, serve_files
 from tests.workspaces.conftest import Users, create, make_users, ok
 
@@ -436,3 +437,24 @@ def test_sign_in_page_names_the_user_and_next_stays_on_den(
     ):
         r = web.curl(web.home + "_den/login", "--data-urlencode", f"t={t}", headers=headers)
         assert r.status == 403
+
+
+def test_removing_a_key_and_logout_sign_browsers_out(
+    pool_daemon: Daemon, web: Web, site: tuple[str, str], tmp_path: Path
+) -> None:
+    owner, name = site
+    url = web.url(owner, name)
+    _, public = ssh_key(tmp_path)
+    key = pool_daemon.call("key.add", user=owner, key=public)
+    first, second = web.login_cookie(owner), web.login_cookie(owner)
+    assert web.curl(url, cookie=first).status == 200
+    sid = second.split("=", 1)[1].split("_", 1)[0]
+    assert pool_daemon.call_as(owner, "login.revoke", {"id": sid}).get("result") is not None
+    assert web.curl(url, cookie=second).status == 302
+    assert web.curl(url, cookie=first).status == 200
+    # A key that may have been stolen: every browser it could have signed in goes.
+    pool_daemon.call("key.remove", user=owner, fingerprint=key["fingerprint"])
+    deadline = time.monotonic() + 10
+    while web.curl(url, cookie=first).status != 302:
+        assert time.monotonic() < deadline, "a removed key left a browser signed in"
+        time.sleep(0.2)
