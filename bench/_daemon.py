@@ -11,11 +11,13 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 DEN = str(Path(sys.executable).parent / "den")
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,3 +120,19 @@ class BenchDaemon:
         )
         for line in res.stdout.splitlines():
             subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True, check=False)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_job(c: Any, job: dict[str, Any]) -> None:
+    """Follow an image job to its end (a den Client); raise if it failed."""
+    while job["state"] == "running":
+        time.sleep(0.5)
+        job = c.call("job.get", {"id": job["id"]})
+    if job["state"] != "done":
+        raise RuntimeError(f"image job failed: {job}")

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rich.console import Console
 from rich.table import Table
 
-from _daemon import ROOT, BenchDaemon
+from _daemon import ROOT, BenchDaemon, wait_job
 from den.cli.client import Client
 
 # A minbase rootfs tarball: the benchmark's own, else the tests' (minbase + git).
@@ -51,14 +51,6 @@ def ms(fn: Callable[[], Any]) -> float:
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return round(s[min(len(s) - 1, int(q * len(s)))], 2)
-
-
-def wait_job(c: Client, job: dict[str, Any]) -> None:
-    while job["state"] == "running":
-        time.sleep(0.5)
-        job = c.call("job.get", {"id": job["id"]})
-    if job["state"] != "done":
-        raise RuntimeError(f"image job failed: {job}")
 
 
 def ensure_image(c: Client) -> None:

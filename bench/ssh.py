@@ -40,26 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rich.console import Console
 from rich.table import Table
 
-from _daemon import ROOT, BenchDaemon
+from _daemon import ROOT, BenchDaemon, free_port, wait_job
 from den.cli.client import Client
 
 CACHE_DIR = ROOT / ".cache" / "images"
 IMAGE = "dev"
 SSHD = Path("/usr/sbin/sshd")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_job(c: Client, job: dict[str, Any]) -> None:
-    while job["state"] == "running":
-        time.sleep(0.5)
-        job = c.call("job.get", {"id": job["id"]})
-    if job["state"] != "done":
-        raise RuntimeError(f"image job failed: {job}")
 
 
 def ensure_sshd() -> None:

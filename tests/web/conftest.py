@@ -19,7 +19,7 @@ import pytest
 from den.cli.client import RpcError
 from den.web.labels import label
 from tests.conftest import Daemon
-from tests.workspaces.conftest import import_bb
+from tests.workspaces.conftest import Users, import_bb, make_users
 from tests.workspaces.escape.conftest import dev_image_as
 
 DOMAIN = "den.localhost"
@@ -115,6 +115,13 @@ def parse_reply(raw: bytes) -> Reply:
         k, _, v = line.partition(":")
         headers.setdefault(k.strip().lower(), []).append(v.strip())
     return Reply(status, headers, body)
+
+
+@pytest.fixture
+def users(pool_daemon: Daemon) -> Iterator[Users]:
+    """den users a test makes on the pool daemon; deleted (with their workspaces) after."""
+    with make_users(pool_daemon) as u:
+        yield u
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Response, sync_pl
 
 from tests.conftest import Daemon
 from tests.web.conftest import Web, serve_files, wait_listening
-from tests.workspaces.conftest import Users, create, detach, make_users, run
+from tests.workspaces.conftest import Users, create, detach, run
 
 CHROMIUM = "/usr/bin/chromium"
 STREAM_SERVER = Path(__file__).parent / "data" / "stream_server.py"
@@ -178,12 +178,6 @@ def new_page(browser: Browser, contexts: list[BrowserContext]) -> NewPage:
         return ctx.new_page()
 
     return make
-
-
-@pytest.fixture
-def users(pool_daemon: Daemon) -> Iterator[Users]:
-    with make_users(pool_daemon) as u:
-        yield u
 
 
 @pytest.fixture

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Daemon, ssh_key
 from tests.web.conftest import Web, serve_files
-from tests.workspaces.conftest import Users, create, make_users, ok
+from tests.workspaces.conftest import Users, create, ok
 
 # /cgi-bin/env prints the request's environment (the headers the app got) and
 # counts every request that reached the app in /tmp/hits.
@@ -26,12 +25,6 @@ CGI = (
     "'printf \"Content-Type: text/plain\\r\\n\\r\\n\"' 'env' > /srv/www/cgi-bin/env "
     "&& chmod +x /srv/www/cgi-bin/env"
 )
-
-
-@pytest.fixture
-def users(pool_daemon: Daemon) -> Iterator[Users]:
-    with make_users(pool_daemon) as u:
-        yield u
 
 
 @pytest.fixture

@@ -184,7 +184,7 @@ async def _logout(request: web.Request, app: App, gate: Gate) -> web.Response:
 
 async def _home(request: web.Request, app: App, gate: Gate) -> web.Response:
     values = _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
-    who = await weblogin.session_user(app, values[0]) if len(values) == 1 else None
+    who = await gate._signed_in(values, request.headers.get("X-Den-Remote", ""))
     if who is None:
         return await _login_get(request, app)
     form = '<form method=post action="/_den/logout"><button type=submit>Sign out</button></form>'

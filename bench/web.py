@@ -32,17 +32,11 @@ Goals: (a) >= 0.8x (b) in requests/s, >= 0.9x in throughput; wake p50 < 30 ms.
 Prints a table and one JSON line. Needs root; makes its own daemon, pool,
 image and workspace, and removes them.
 
-    .venv/bin/python bench/http.py [--rounds 3] [--duration 10] [--connections 32]
+    .venv/bin/python bench/web.py [--rounds 3] [--duration 10] [--connections 32]
         [--threads 2] [--downloads 6] [--wakes 20]
 """
 
 from __future__ import annotations
-
-import sys
-
-# This file is bench/http.py: its directory, first on sys.path when it runs,
-# would shadow the standard library's http (aiohttp's too). It goes last.
-sys.path.append(sys.path.pop(0))
 
 import argparse
 import contextlib
@@ -55,15 +49,15 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from _daemon import ROOT, BenchDaemon
+from _daemon import ROOT, BenchDaemon, free_port, wait_job
 from den.backends.cgroups import cpu_seconds
 from den.cli.client import Client
 from den.web.caddy_config import workspace_route
@@ -111,20 +105,6 @@ async def main():
     await server.serve_forever()
 asyncio.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_job(c: Client, job: dict[str, Any]) -> None:
-    while job["state"] == "running":
-        time.sleep(0.5)
-        job = c.call("job.get", {"id": job["id"]})
-    if job["state"] != "done":
-        raise RuntimeError(f"image job failed: {job}")
 
 
 def sh(c: Client, script: str, stdin: str = "") -> str:
