@@ -9,175 +9,33 @@ server-sent events and wake-on-request.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import itertools
 import os
-import socket
-import subprocess
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Response, sync_playwright
+from playwright.sync_api import Page
 
 from tests.conftest import Daemon
-from tests.web.conftest import Web, serve_files, wait_listening
+from tests.web.conftest import (
+    CHROMIUM,
+    NewPage,
+    Web,
+    goto,
+    login_link,
+    press_sign_in,
+    reload,
+    serve_files,
+    sign_in,
+    wait_listening,
+)
 from tests.workspaces.conftest import Users, create, detach, run
 
-CHROMIUM = "/usr/bin/chromium"
 STREAM_SERVER = Path(__file__).parent / "data" / "stream_server.py"
 APP_TEXT = "hello from den"
-CLONE_NEWNET = 0x40000000
-LIBC = ctypes.CDLL(None, use_errno=True)
-NewPage = Callable[[], Page]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium")
-
-
-def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if LIBC.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
-
-
-def listen_in_netns(netns: str, port: int) -> socket.socket:
-    """A socket listening on 127.0.0.1:``port`` inside ``netns`` (made by a thread that
-    enters it: a socket stays in the namespace it was made in)."""
-    made: list[socket.socket | OSError] = []
-
-    def enter() -> None:
-        try:
-            _setns(f"/run/netns/{netns}")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", port))
-            sock.listen(64)
-            made.append(sock)
-        except OSError as err:  # reported to the caller below
-            made.append(err)
-
-    t = threading.Thread(target=enter)  # it ends in the namespace; nothing else runs there
-    t.start()
-    t.join()
-    if isinstance(made[0], OSError):
-        raise made[0]
-    return made[0]
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
-
-
-@contextlib.contextmanager
-def relay(listener: socket.socket, port: int) -> Iterator[None]:
-    """Bytes from the browser's namespace to Caddy on the host's 127.0.0.1:``port``,
-    relayed as they come (no buffering: streams stay streams)."""
-    stop = threading.Event()
-    conns: list[socket.socket] = []
-
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                inside, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            inside.settimeout(None)
-            try:
-                outside = socket.create_connection(("127.0.0.1", port))
-            except OSError:
-                inside.close()
-                continue
-            conns.extend((inside, outside))
-            for a, b in ((inside, outside), (outside, inside)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        server.join()
-        listener.close()
-        for c in conns:
-            c.close()
-
-
-@pytest.fixture(scope="module")
-def browser(web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    """One headless Chromium for the module; every test opens contexts of its own.
-
-    Chromium drops connections it is opening whenever the host's addresses change
-    (ERR_NETWORK_CHANGED), and every workspace den starts adds a veth pair on the
-    host. So it runs in a network namespace of its own, whose 127.0.0.1:PORT is
-    relayed to Caddy's.
-    """
-    home = tmp_path_factory.mktemp("chromium-home")
-    env: dict[str, str | float | bool] = {**os.environ, "HOME": str(home)}
-    # Chromium on Linux trusts the roots in $HOME/.pki/nssdb: Caddy's, here.
-    nss = home / ".pki" / "nssdb"
-    nss.mkdir(parents=True)
-    db = f"sql:{nss}"
-    subprocess.run(["certutil", "-N", "-d", db, "--empty-password"], check=True)
-    subprocess.run(
-        ["certutil", "-A", "-d", db, "-n", "den test root", "-t", "C,,", "-i", str(web.ca)],
-        check=True,
-    )
-    netns = f"denbrowser{os.getpid()}"
-    launcher = home / "chromium"
-    launcher.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
-    launcher.chmod(0o755)
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-        with relay(listen_in_netns(netns, web.port), web.port), sync_playwright() as p:
-            b = p.chromium.launch(executable_path=str(launcher), args=["--no-sandbox"], env=env)
-            try:
-                yield b
-            finally:
-                b.close()
-    finally:
-        subprocess.run(["ip", "netns", "delete", netns], check=False)
-
-
-@pytest.fixture
-def contexts(browser: Browser) -> Iterator[list[BrowserContext]]:
-    """Browser contexts a test opens (a fresh profile each: no cookies); closed after."""
-    opened: list[BrowserContext] = []
-    try:
-        yield opened
-    finally:
-        for c in opened:
-            c.close()
-
-
-@pytest.fixture
-def new_page(browser: Browser, contexts: list[BrowserContext]) -> NewPage:
-    """``new_page()``: a page in a browser context of its own."""
-
-    def make() -> Page:
-        # No certificate error is ignored: Chromium trusts Caddy's root (above).
-        ctx = browser.new_context()
-        ctx.set_default_timeout(30_000)
-        contexts.append(ctx)
-        return ctx.new_page()
-
-    return make
 
 
 @pytest.fixture
@@ -187,40 +45,6 @@ def site(pool_daemon: Daemon, users: Users, web_bb: str) -> tuple[str, str]:
     create(pool_daemon, owner, "app", image=web_bb)
     serve_files(pool_daemon, f"{owner}/app", text=APP_TEXT)
     return owner, "app"
-
-
-def goto(page: Page, url: str) -> Response:
-    resp = page.goto(url)
-    assert resp is not None
-    return resp
-
-
-def reload(page: Page) -> Response:
-    resp = page.reload()
-    assert resp is not None
-    return resp
-
-
-def press_sign_in(page: Page, link: str, user: str | None = None) -> None:
-    """Open a one-time link and press its button, as a person does."""
-    goto(page, link)
-    if user is not None:
-        assert f"Sign this browser in to den as {user}?" in page.inner_text("body")
-    with page.expect_navigation():
-        page.get_by_role("button", name="Sign in").click()
-
-
-def login_link(d: Daemon, user: str) -> str:
-    res = d.call_as(user, "login.link")
-    assert "result" in res, res
-    url: str = res["result"]["url"]
-    return url
-
-
-def sign_in(page: Page, web: Web, link: str) -> None:
-    press_sign_in(page, link)
-    assert page.url == web.home, page.url
-    assert "Signed in as" in page.inner_text("body")
 
 
 def on_sign_in_page(page: Page, web: Web) -> None:
