@@ -50,6 +50,26 @@ class Settings(BaseSettings):
     http_port: int = Field(
         8780, ge=0, le=65535, description="Port of the HTTP listener; 0 picks a free port."
     )
+    http_overlay: str = Field(
+        "auto",
+        description="Also serve the HTTP listener on an overlay network address: auto (the "
+        "host's first global address in 400::/7, Mycelium's range, if any), off, or an IPv6 "
+        "address of the host.",
+    )
+
+    @field_validator("http_overlay")
+    @classmethod
+    def _overlay(cls, v: str) -> str:
+        import ipaddress
+
+        v = v.strip().lower()
+        if v in ("auto", "off"):
+            return v
+        try:
+            return str(ipaddress.IPv6Address(v))
+        except ValueError:
+            raise ValueError("expected auto, off or an IPv6 address of this host") from None
+
     ssh_port: int = Field(
         2222, ge=0, le=65535, description="Port of the SSH gateway; 0 picks a free port."
     )
@@ -193,6 +213,13 @@ class Settings(BaseSettings):
     )
     web_session_days: float = Field(
         14.0, gt=0, le=366, description="Days a browser stays signed in."
+    )
+    web_terminal_grace: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        description="Seconds a browser terminal's shell outlives its closed page, for the page "
+        "to re-attach to it (then it is hung up).",
     )
     login_link_seconds: int = Field(
         300, ge=10, le=86400, description="Seconds a one-time login link stays valid."

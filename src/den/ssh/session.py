@@ -1,11 +1,12 @@
 """A shell, a command or the sftp subsystem inside a workspace, over one channel.
 
 The process is ``crun exec`` into the workspace's container: with a PTY its
-terminal master comes back over a console socket and is relayed to the
-channel (window changes become TIOCSWINSZ); without one, stdin, stdout and
-stderr are three pipes kept apart. crun runs detached under den's small
-subreaper (den.ssh.reaper), so the channel ends as the process did: its exit
-status, or ``exit-signal`` when a signal killed it.
+terminal master comes back over a console socket (den.ssh.pty, shared with
+the browser terminal) and is relayed to the channel (window changes become
+TIOCSWINSZ); without one, stdin, stdout and stderr are three pipes kept apart.
+crun runs detached under den's small subreaper (den.ssh.reaper), so the
+channel ends as the process did: its exit status, or ``exit-signal`` when a
+signal killed it.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
-import secrets
 import signal
-import socket
-import struct
-import termios
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,25 +24,22 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from den import tasks
-from den.backends import cgroups
-from den.backends.bundle import PATH
 from den.backends.crun import pidfd_of_child, signal_child, signal_exec
-from den.errors import BackendFailure, DenError
+from den.errors import DenError
 from den.services.account import ROOT, login_account
-from den.slots import UserSlots
-from den.ssh import inside, reaper, sftp, surface
-from den.ssh.relay import FdReader, FdWriter, receive_fd
+from den.ssh import inside, pty, reaper, sftp, surface
+from den.ssh.pty import SPAWN_ENV, Pty
+from den.ssh.relay import FdReader, FdWriter
 from den.ssh.target import Ready, as_root, ready
 
 if TYPE_CHECKING:
     from den.ssh.link import Link
 
 log = logging.getLogger(__name__)
-_sessions = UserSlots()  # shell, exec and sftp sessions each den user runs now
+_sessions = pty.SLOTS  # shared with the browser terminal (den.web.term)
 DRAIN_SECONDS = 2.0
 F_SETPIPE_SZ = 1031
-# crun and den's sftp worker get none of the daemon's environment.
-SPAWN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+__all__ = ["SPAWN_ENV", "WorkspaceSession"]
 
 
 class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
@@ -62,6 +56,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         self.pid_file: Path | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.proc_fd: int | None = None  # pidfd of ``proc``, taken when it was spawned
+        self.pty: Pty | None = None  # with a terminal, the process runs on this one
         self.ws: Ready | None = None
         self.closed = False
         self.slot: str | None = None  # the den user whose ssh_max_sessions this holds one of
@@ -106,8 +101,8 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         self.size = (width, height, pixwidth, pixheight)
-        if self.master is not None:
-            _set_size(self.master, self.size)
+        if self.pty is not None:
+            self.pty.resize(self.size)
 
     def signal_received(self, signal_name: str) -> None:
         sig = getattr(signal, f"SIG{signal_name.upper()}", None)
@@ -192,7 +187,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         backend = app.backend
         root = as_root(self.chan.get_extra_info("username") or "")
         acct = await login_account(app, self.ws.spec, ROOT if root else "")
-        self.pid_file = backend.bundle(self.ws.ws_id) / f"ssh-{secrets.token_hex(6)}.pid"
+        self.pid_file = pty.pid_file(app, self.ws.ws_id)
         if kind == "sftp":
             argv = await sftp.server_argv(app, self.ws, acct, self.pid_file)
             return await self._pipes(argv, stderr_to_log=True)
@@ -213,14 +208,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
 
     def _env(self, acct: inside.Account) -> dict[str, str]:
         assert self.chan is not None
-        env = {
-            "PATH": PATH,
-            "HOME": acct.home,
-            "USER": acct.name,
-            "LOGNAME": acct.name,
-            "SHELL": acct.shell,
-            "LANG": "C.UTF-8",
-        }
+        env = pty.login_env(acct)
         allowed = self.link.app.settings.ssh_accept_env
         for k, v in self.chan.get_environment().items():
             if surface.accept_env(k, v, allowed):
@@ -300,51 +288,13 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
     ) -> int:
         assert self.chan is not None and self.ws is not None and self.pid_file is not None
         chan, ws_id = self.chan, self.ws.ws_id
-        app = self.link.app
-        sock_dir = Path(f"/run/den/ssh{app.settings.instance}")
-        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = sock_dir / f"c{secrets.token_hex(6)}.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        term = self.pty = Pty(self.link.app, self.pid_file)
+        self.reaped = True
+        if self.closed:  # the client left while it was being prepared
+            term.kill(signal.SIGHUP)
         try:
-            listener.bind(str(path))
-            listener.listen(1)
-            argv = app.backend.crun.exec_argv(
-                cid,
-                args,
-                env=env,
-                cwd=acct.home,
-                user=acct.ids,
-                pid_file=self.pid_file,
-                console_socket=path,
-                detach=True,
-            )
-            self.reaped = True
-            proc = self.proc = await asyncio.create_subprocess_exec(
-                *reaper.wrap(self.pid_file, argv),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env=SPAWN_ENV,
-            )
-            self.proc_fd = pidfd_of_child(proc.pid)
-            if self.closed:  # the client left while it was being started
-                self._kill(signal.SIGHUP)
-            got = asyncio.ensure_future(receive_fd(listener))
-            exited = asyncio.ensure_future(proc.wait())
-            await asyncio.wait({got, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if not got.done():
-                got.cancel()
-                assert proc.stderr is not None
-                detail = (await proc.stderr.read()).decode(errors="replace").strip()
-                raise BackendFailure(
-                    f"could not start a terminal in the workspace: {detail[-300:]}"
-                )
-        finally:
-            listener.close()
-            path.unlink(missing_ok=True)
-        master = self.master = got.result()
-        try:
-            _set_size(master, self.size)
+            await term.start(cid, args, env, acct, self.size)
+            self.master = term.master
 
             def out(data: bytes) -> None:
                 self.link.count_out(len(data))
@@ -352,29 +302,25 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
                 if not self.closed:
                     chan.write(data)
 
-            self.stdin = FdWriter(master, chan.pause_reading, chan.resume_reading, close_fd=False)
+            term.attach(out, chan.pause_reading, chan.resume_reading)
+            assert term.stdin is not None and term.reader is not None
+            self.stdin, self.readers = term.stdin, [term.reader]
             for data in self.pending:
-                self.stdin.write(data)
+                term.write(data)
             self.pending.clear()
-            reader = FdReader(master, out, lambda: None)
-            self.readers = [reader]
-            rc = await exited
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(reader.done.wait(), 0.2)
-            reader.close()
-            self.stdin._finish()
-            assert proc.stderr is not None
-            await proc.stderr.read()
+            return await term.wait()
         finally:
             self.master = None
-            os.close(master)
-        return rc
+            term.close()
 
     def _kill(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the process the channel runs: the one crun started
         (its pid file), else our own child (crun before it wrote the pid file,
         or den's sftp worker). Only through pidfds: a pid file outlives its
         process, and that pid may be someone else's by now (:func:`signal_exec`)."""
+        if self.pty is not None:
+            self.pty.kill(sig)
+            return
         proc, fd = self.proc, self.proc_fd
         if proc is None or fd is None or proc.returncode is not None:
             return
@@ -395,15 +341,5 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         if now - self._frozen_check < 1.0:
             return
         self._frozen_check = now
-        cg = self.link.app.backend.cgroup(self.ws.ws_id)
-        if cgroups.is_frozen(cg) and self.link.ref is not None:
-            tasks.spawn(
-                ready(self.link.app, self.link.caller, self.link.ref),
-                name=f"ssh-wake-{self.ws.ws_id}",
-            )
-
-
-def _set_size(fd: int, size: tuple[int, int, int, int]) -> None:
-    width, height, pw, ph = size
-    with contextlib.suppress(OSError):
-        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, pw, ph))
+        if self.link.ref is not None:
+            pty.wake(self.link.app, self.link.caller, self.link.ref, self.ws.ws_id)
