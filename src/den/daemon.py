@@ -15,6 +15,7 @@ from den import log as den_log
 from den import tasks
 from den.app import App
 from den.config import Settings
+from den.net import overlay
 from den.rpc.server import make_web_app, prepare_socket
 from den.services import idle, load_all, metrics, reconciler
 from den.ssh.server import Gateway
@@ -25,6 +26,11 @@ log = logging.getLogger("den.daemon")
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
     load_all()
+    try:
+        # A thread: pyroute2's netlink socket runs an event loop of its own.
+        overlay_addr = await asyncio.to_thread(overlay.choose, settings.http_overlay)
+    except ValueError as err:
+        raise SystemExit(f"den: {err}") from None
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
     app = App(settings)
     if settings.web:
@@ -49,6 +55,7 @@ async def serve(settings: Settings) -> None:
     server = tcp_site._server
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else 0
+    overlay_addr = await _serve_overlay(app, runner, overlay_addr, port)
     # Workspaces may reach den's own listeners on the bridge: with port 0 the
     # real ports are known only now.
     await app.backend.network.set_ports([ssh_port, port])
@@ -60,6 +67,7 @@ async def serve(settings: Settings) -> None:
         "http_port": port,
         "ssh_port": ssh_port,
         "instance": settings.instance,
+        "overlay": overlay_addr,  # None: not served on an overlay network
     }
     if app.caddy is not None:
         from den.web.urls import home_url
@@ -93,6 +101,25 @@ async def serve(settings: Settings) -> None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         log.info("stopped")
+
+
+async def _serve_overlay(
+    app: App, runner: web.AppRunner, addr: str | None, port: int
+) -> str | None:
+    """The HTTP listener on the overlay address too; an address found (auto) that
+    cannot be bound is skipped, one the config names stops den."""
+    if addr is None:
+        return None
+    try:
+        await web.TCPSite(runner, addr, port, reuse_address=True).start()
+    except OSError as err:
+        if app.settings.http_overlay != "auto":
+            raise SystemExit(f"den: cannot listen on http_overlay [{addr}]:{port}: {err}") from None
+        log.warning("overlay address not served", extra={"ctx": {"addr": addr, "error": str(err)}})
+        return None
+    overlay.record(app, addr, port)
+    log.info("serving on the overlay network", extra={"ctx": {"http": overlay.url(addr, port)}})
+    return addr
 
 
 async def _start_web(app: App, http_port: int) -> web.AppRunner:

@@ -84,7 +84,19 @@ def fail(message: str, code: int = 1) -> None:
 def invoke(ctx: typer.Context, m: MethodSpec, params: dict[str, Any]) -> Any:
     state = ctx.find_object(State)
     assert state is not None
+    if m.name == "ui.allow" and params.get("me") and not state.url:
+        params = _me_over_ssh(params)
     return call(state, m.name, params)
+
+
+def _me_over_ssh(params: dict[str, Any]) -> dict[str, Any]:
+    """`den ui allow --me` on the unix socket, where den sees no address: the ssh
+    login this CLI runs in names the client ($SSH_CONNECTION: its address first).
+    Without one, --me goes as it is and the daemon asks for ADDR."""
+    fields = os.environ.get("SSH_CONNECTION", "").split()
+    if not fields:
+        return params
+    return {**{k: v for k, v in params.items() if k != "me"}, "addr": fields[0]}
 
 
 def call(state: State, method: str, params: Any) -> Any:
@@ -167,6 +179,20 @@ def config_show(
         render.print_json(rows)
     else:
         render.print_result(rows, ("option", "value", "source"))
+
+
+@app.command("tui")
+def tui(
+    ctx: typer.Context,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.5)] = 1.5,
+) -> None:
+    """An interactive terminal UI: workspaces with live state, start/stop/suspend/resume,
+    a shell in one (ssh), sessions, code changes and push, users (admins). q quits, ? helps."""
+    from den.cli.tui import run
+
+    state = ctx.find_object(State)
+    assert state is not None
+    run(state.client(), interval)
 
 
 @app.command("rpc")

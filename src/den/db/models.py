@@ -316,3 +316,16 @@ class DomainHold(Base):
     domain: Mapped[str] = mapped_column(String(253), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     until: Mapped[datetime] = mapped_column()
+
+
+class UiAllow(Base):
+    """An address or network allowed to reach den's dashboard and API over TCP
+    (``den ui allow``); none at all: every address may (den.web.allow)."""
+
+    __tablename__ = "ui_allow"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    network: Mapped[str] = mapped_column(String(64), unique=True)  # a CIDR, host bits clear
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

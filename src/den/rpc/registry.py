@@ -56,6 +56,7 @@ class Caller:
     via: str  # "unix", "tcp", "ssh", "local"
     user_id: int | None = None
     token_id: str | None = None
+    addr: str = ""  # the client's IP address where the transport knows it (TCP, ssh, web)
 
     @property
     def is_admin(self) -> bool:

@@ -6,6 +6,7 @@ token. Both end in :func:`den.rpc.jsonrpc.handle_body`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -92,7 +93,9 @@ async def request_caller(request: web.Request) -> Caller | web.Response:
     addr = request.remote or "?"
     header = request.headers.get("Authorization")
     try:
-        return await bearer_caller(app, header) or await authenticate(app, header) or ANONYMOUS_TCP
+        caller = await bearer_caller(app, header) or await authenticate(app, header)
+        # The client's address: what `den ui allow --me` adds.
+        return dataclasses.replace(caller or ANONYMOUS_TCP, addr=request.remote or "")
     except Unauthenticated as err:
         # Only a den token that fails counts: a malformed header is refused
         # before the database is asked, and says nothing about any secret. A
@@ -161,7 +164,12 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def make_web_app(app: App) -> web.Application:
-    web_app = web.Application(client_max_size=app.settings.max_body_bytes)
+    from den.web import allow
+
+    web_app = web.Application(
+        client_max_size=app.settings.max_body_bytes,
+        middlewares=[allow.middleware(app, allow.tcp_remote)],
+    )
     web_app[APP_KEY] = app
     web_app[FAILURES_KEY] = AuthFailures(
         app.settings.api_max_auth_failures, app.settings.api_auth_failure_window

@@ -24,6 +24,7 @@ MODULES = (
     "sharing",
     "domains",
     "webca",
+    "ui",
 )
 
 

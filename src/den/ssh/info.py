@@ -34,6 +34,10 @@ class Info(BaseModel):
     ca_root: str = Field(
         "", description="Caddy's internal root certificate (tls internal): `den ca` prints it."
     )
+    overlay: str = Field(
+        "", description="The overlay network address den also serves on (empty: none)."
+    )
+    overlay_http: str = Field("", description="The API and dashboard at that address.")
 
 
 @method("system.info", right=Right.read, cli=Cli("info"))
@@ -51,7 +55,15 @@ async def system_info(ctx: Context, p: NoParams) -> Info:
         workspace_login="ssh -p PORT NAME@HOST (yours), OWNER.NAME@HOST (admins); "
         "any other login name: the den shell",
         **_web_info(ctx),
+        **_overlay_info(ctx),
     )
+
+
+def _overlay_info(ctx: Context) -> dict[str, object]:
+    from den.net.overlay import serving
+
+    addr, url = serving(ctx.app)
+    return {"overlay": addr, "overlay_http": url}
 
 
 def _web_info(ctx: Context) -> dict[str, object]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import shlex
@@ -63,7 +64,9 @@ class ShellState:
         link = self.link
         if link.revoked:
             raise Unauthenticated("this ssh connection was revoked")
-        link.caller = await current_caller(link.app, link.caller.user_id, link.fingerprint)
+        caller = await current_caller(link.app, link.caller.user_id, link.fingerprint)
+        # The client's address: what `den ui allow --me` adds.
+        link.caller = dataclasses.replace(caller, addr=link.client[0])
         return await REGISTRY.call(link.app, link.caller, method, params)
 
     def call(self, method: str, params: dict[str, Any]) -> Any:
