@@ -327,7 +327,13 @@ def browser(web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brow
     subprocess.run(["ip", "netns", "add", netns], check=True)
     try:
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-        with relay(listen_in_netns(netns, web.port), web.port), sync_playwright() as p:
+        # den's TCP listener (its dashboard) too, at the same address and port.
+        http_port = int(web.d.http_url.rsplit(":", 1)[1])
+        with (
+            relay(listen_in_netns(netns, web.port), web.port),
+            relay(listen_in_netns(netns, http_port), http_port),
+            sync_playwright() as p,
+        ):
             b = p.chromium.launch(executable_path=str(launcher), args=["--no-sandbox"], env=env)
             try:
                 yield b

@@ -177,9 +177,15 @@ def make_web_app(app: App) -> web.Application:
     web_app.router.add_post("/rpc", rpc_handler)
     web_app.router.add_get("/openrpc.json", openrpc_handler)
     web_app.router.add_get("/metrics", metrics_handler)
-    from den.web.server import ask_handler
+    from den.web import dash
+    from den.web.dash.base import SURFACE, Surface
+    from den.web.server import add_login_routes, ask_handler
 
     web_app.router.add_get("/_den/ask/{secret}", ask_handler)
+    # The dashboard, and signing a browser in to it, on this listener too.
+    web_app[SURFACE] = Surface(app, via_caddy=False)
+    add_login_routes(web_app.router, "")
+    dash.add_routes(web_app.router, "")
     return web_app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -13,8 +14,9 @@ from aiohttp import web
 from den.errors import DenError, Unauthenticated
 from den.rpc.registry import REGISTRY, Caller, Right
 from den.services import weblogin
-from den.web import pages
+from den.web import dash, pages
 from den.web.caddy_config import ERROR, GATE, PAGES
+from den.web.dash.base import SURFACE, Surface
 from den.web.gate import Gate, _cookies
 from den.web.urls import base, home_url
 
@@ -63,10 +65,49 @@ def _session_cookie(app: App, value: str, max_age: int) -> str:
     )
 
 
-def _same_origin(request: web.Request, app: App) -> bool:
+@dataclass(frozen=True)
+class Door:
+    """Where a browser signs in: den's domain through Caddy (a cookie for the domain,
+    which its workspace URLs see too), or den's own TCP listener (a host-only cookie)."""
+
+    app: App
+    home: str  # the home page's URL, ending in "/"
+    client: str  # the client's address
+    via_caddy: bool
+
+    def safe_next(self, url: str) -> str:
+        if self.via_caddy:
+            return _safe_next(self.app, url)
+        # On TCP only a path of this listener: "//x" and "/\\x" lead elsewhere.
+        if (
+            url.startswith("/")
+            and not url.startswith(("//", "/\\"))
+            and len(url) <= 4000
+            and not any(c == "\\" or ord(c) < 0x21 or ord(c) == 0x7F for c in url)
+        ):
+            return url
+        return self.home
+
+    def cookie(self, value: str, max_age: int) -> str:
+        if self.via_caddy:
+            return _session_cookie(self.app, value, max_age)
+        secure = "; Secure" if self.home.startswith("https:") else ""
+        return (
+            f"{weblogin.COOKIE}={value}; Path=/; Max-Age={max_age}{secure}; HttpOnly; SameSite=Lax"
+        )
+
+
+def door(request: web.Request) -> Door:
+    from den.web.dash.base import origin_of, remote_of, surface
+
+    s = surface(request)
+    return Door(s.app, origin_of(request) + "/", remote_of(request), s.via_caddy)
+
+
+def _same_origin(request: web.Request, d: Door) -> bool:
     """A form post from den's own page (login CSRF: nobody else may sign you in)."""
     origin = request.headers.get("Origin", "")
-    if origin.rstrip("/") == home_url(app.settings).rstrip("/"):
+    if origin.rstrip("/") == d.home.rstrip("/"):
         return True
     # Browsers send "Origin: null" for a form on a page with "Referrer-Policy: no-referrer"
     # (den's pages); their Sec-Fetch-Site, which no page can set, says where it came from.
@@ -82,23 +123,32 @@ async def error_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def pages_handler(request: web.Request) -> web.StreamResponse:
-    gate = _gate(request)
-    app = gate.app
-    path = request.path.removeprefix(PAGES) or "/"
-    if path == "/_den/login":
-        if request.method == "POST":
-            return await _login_post(request, app)
-        return await _login_get(request, app)
-    if path == "/_den/logout" and request.method == "POST":
-        return await _logout(request, app, gate)
-    if path == "/" and request.method in ("GET", "HEAD"):
-        return await _home(request, app, gate)
+    """What the dashboard's routes do not answer at den's domain: nothing."""
     return pages.not_found()
 
 
-async def _login_get(request: web.Request, app: App) -> web.Response:
+async def login_handler(request: web.Request) -> web.StreamResponse:
+    d = door(request)
+    if request.method == "POST":
+        return await _login_post(request, d)
+    return await _login_get(request, d)
+
+
+async def logout_handler(request: web.Request) -> web.StreamResponse:
+    return await _logout(request, door(request))
+
+
+def add_login_routes(router: web.UrlDispatcher, prefix: str) -> None:
+    """Signing in and out at ``prefix``/_den/login and /_den/logout (either listener)."""
+    router.add_get(prefix + "/_den/login", login_handler)
+    router.add_post(prefix + "/_den/login", login_handler)
+    router.add_post(prefix + "/_den/logout", logout_handler)
+
+
+async def _login_get(request: web.Request, d: Door) -> web.Response:
+    app = d.app
     link = request.query.get("t", "")
-    nxt = _safe_next(app, request.query.get("next", ""))
+    nxt = d.safe_next(request.query.get("next", ""))
     if not link:
         host = urlsplit(home_url(app.settings)).hostname or "HOST"
         port = app.ssh_port or app.settings.ssh_port
@@ -108,7 +158,8 @@ async def _login_get(request: web.Request, app: App) -> web.Response:
             + pages.para("and open the link it prints (it works once, for a few minutes).")
         )
         resp = pages.page("Sign in to den", body, 401)
-        if nxt != home_url(app.settings):
+        # A __Host- cookie needs https: on plain http the next link lands at home.
+        if nxt != d.home and d.home.startswith("https:"):
             # Where to go once signed in, for the link opened next in this browser.
             resp.set_cookie(
                 NEXT_COOKIE, nxt, max_age=900, secure=True, httponly=True, samesite="Lax"
@@ -125,10 +176,12 @@ async def _login_get(request: web.Request, app: App) -> web.Response:
         "<button type=submit>Sign in</button></form>"
     )
     # CSP's form-action covers the redirect that answers the form: to a workspace URL.
-    csp = pages.SECURITY_HEADERS["Content-Security-Policy"].replace(
-        "form-action 'self'",
-        f"form-action 'self' {base(app.settings, '*.' + app.settings.domain)}",
-    )
+    csp = pages.SECURITY_HEADERS["Content-Security-Policy"]
+    if d.via_caddy:
+        csp = csp.replace(
+            "form-action 'self'",
+            f"form-action 'self' {base(app.settings, '*.' + app.settings.domain)}",
+        )
     return pages.page(
         "Sign in to den",
         pages.para(f"Sign this browser in to den as {name}?") + form,
@@ -142,15 +195,16 @@ def _attr(value: str) -> str:
     return escape(value, quote=True)
 
 
-async def _login_post(request: web.Request, app: App) -> web.Response:
-    if not _same_origin(request, app):
+async def _login_post(request: web.Request, d: Door) -> web.Response:
+    app = d.app
+    if not _same_origin(request, d):
         return pages.page("Refused", pages.para("This form must be sent from den's own page."), 403)
     form = await request.post()
     link = str(form.get("t", ""))
-    nxt = _safe_next(app, str(form.get("next", "")))
-    if nxt == home_url(app.settings):
-        nxt = _safe_next(app, request.cookies.get(NEXT_COOKIE, ""))
-    client = request.headers.get("X-Den-Remote", "")
+    nxt = d.safe_next(str(form.get("next", "")))
+    if nxt == d.home and d.via_caddy:
+        nxt = d.safe_next(request.cookies.get(NEXT_COOKIE, ""))
+    client = d.client
     agent = request.headers.get("User-Agent", "")[:200]
     try:
         value, _expires, name = await weblogin.consume_link(app, link, client, agent)
@@ -158,14 +212,16 @@ async def _login_post(request: web.Request, app: App) -> web.Response:
         return pages.page("Link not valid", pages.para(err.message), 401)
     max_age = max(1, int(app.settings.web_session_days * 86400))
     resp = web.Response(status=303, headers={"Location": nxt, "Cache-Control": "no-store"})
-    resp.headers.add("Set-Cookie", _session_cookie(app, value, max_age))
-    resp.del_cookie(NEXT_COOKIE, secure=True, httponly=True, samesite="Lax")
+    resp.headers.add("Set-Cookie", d.cookie(value, max_age))
+    if d.via_caddy:
+        resp.del_cookie(NEXT_COOKIE, secure=True, httponly=True, samesite="Lax")
     log.info("browser signed in", extra={"ctx": {"user": name}})
     return resp
 
 
-async def _logout(request: web.Request, app: App, gate: Gate) -> web.Response:
-    if not _same_origin(request, app):
+async def _logout(request: web.Request, d: Door) -> web.Response:
+    app = d.app
+    if not _same_origin(request, d):
         return pages.page("Refused", pages.para("This form must be sent from den's own page."), 403)
     values = _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
     for value in values:
@@ -177,18 +233,9 @@ async def _logout(request: web.Request, app: App, gate: Gate) -> web.Response:
             await REGISTRY.call(app, caller, "login.revoke", {"id": who.session_id})
         except DenError as err:
             log.warning("sign-out failed: %s", err.message)
-    resp = web.Response(status=303, headers={"Location": home_url(app.settings)})
-    resp.headers.add("Set-Cookie", _session_cookie(app, "", 0))
+    resp = web.Response(status=303, headers={"Location": d.home})
+    resp.headers.add("Set-Cookie", d.cookie("", 0))
     return resp
-
-
-async def _home(request: web.Request, app: App, gate: Gate) -> web.Response:
-    values = _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
-    who = await gate._signed_in(values, request.headers.get("X-Den-Remote", ""))
-    if who is None:
-        return await _login_get(request, app)
-    form = '<form method=post action="/_den/logout"><button type=submit>Sign out</button></form>'
-    return pages.page("den", pages.para(f"Signed in as {who.name}.") + form)
 
 
 async def ask_handler(request: web.Request) -> web.Response:
@@ -210,9 +257,18 @@ async def ask_handler(request: web.Request) -> web.Response:
 
 
 def make_gate_app(app: App, gate: Gate) -> web.Application:
-    web_app = web.Application(client_max_size=64 * 1024)
+    from den.web import allow
+
+    # The UI allow-list covers den's own pages at the domain, not workspace URLs.
+    web_app = web.Application(
+        client_max_size=64 * 1024, middlewares=[allow.middleware(app, allow.caddy_remote)]
+    )
     web_app[GATE_KEY] = gate
+    web_app[SURFACE] = Surface(app, via_caddy=True)
     web_app.router.add_get(GATE, gate_handler)
     web_app.router.add_get(ERROR, error_handler)
+    add_login_routes(web_app.router, PAGES)
+    dash.add_routes(web_app.router, PAGES)
+    # Last: any other path at den's domain (the router tries routes in order).
     web_app.router.add_route("*", PAGES + "{tail:.*}", pages_handler)
     return web_app

@@ -1,0 +1,257 @@
+"""What every dashboard page uses: who the browser is, the CSRF rule, templates, and
+calls into the one method registry (the web layer reads and changes nothing itself)."""
+
+from __future__ import annotations
+
+import dataclasses
+import mimetypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote, urlencode
+
+import jinja2
+from aiohttp import web
+
+from den.rpc.registry import REGISTRY, Caller, Right
+from den.services import weblogin
+from den.web import pages
+from den.web.gate import MAX_COOKIES, MAX_CREDENTIAL, _cookies
+from den.web.urls import home_url
+
+if TYPE_CHECKING:
+    from den.app import App
+
+WEB_DIR = Path(__file__).resolve().parent.parent
+TEMPLATES = WEB_DIR / "templates"
+STATIC = WEB_DIR / "static"
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+FLASH = "den_flash"
+
+
+@dataclass(frozen=True)
+class Surface:
+    """Which listener an aiohttp app is: through Caddy (den's domain) or den's TCP one."""
+
+    app: App
+    via_caddy: bool
+
+
+SURFACE = web.AppKey("den_dash_surface", Surface)
+
+
+@dataclass(frozen=True)
+class Browser:
+    """The browser behind a request: who is signed in (None: nobody), from where."""
+
+    app: App
+    caller: Caller | None
+    remote: str
+    origin: str  # the dashboard's own origin, as this browser reaches it
+    via_caddy: bool
+    cookies: tuple[str, ...] = ()  # its den_session values (streams re-check them)
+
+    @property
+    def secure(self) -> bool:
+        return self.origin.startswith("https:")
+
+
+def surface(request: web.Request) -> Surface:
+    return request.app[SURFACE]
+
+
+def remote_of(request: web.Request) -> str:
+    """The client's address: Caddy's word for it through Caddy (the gate's socket is
+    Caddy's alone), the peer's on TCP."""
+    if surface(request).via_caddy:
+        return request.headers.get("X-Den-Remote", "")
+    return request.remote or ""
+
+
+def origin_of(request: web.Request) -> str:
+    s = surface(request)
+    if s.via_caddy:
+        return home_url(s.app.settings).rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
+def session_values(request: web.Request) -> list[str]:
+    return _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
+
+
+async def user_of(app: App, values: list[str] | tuple[str, ...]) -> weblogin.SessionUser | None:
+    """The gate's one rule, asked of the database each time (no memo: streams re-check
+    with it): at most MAX_COOKIES values, and all the valid ones the same user."""
+    if len(values) > MAX_COOKIES:
+        return None
+    users: dict[int, weblogin.SessionUser] = {}
+    for value in values:
+        if len(value) > MAX_CREDENTIAL:
+            continue
+        who = await weblogin.session_user(app, value)
+        if who is not None:
+            users[who.user_id] = who
+    return next(iter(users.values())) if len(users) == 1 else None
+
+
+def _caller(who: weblogin.SessionUser, remote: str) -> Caller:
+    right = Right.admin if who.role == "admin" else Right.write
+    caller = Caller(who.name, who.role, right, "web", user_id=who.user_id)
+    if "addr" in {f.name for f in dataclasses.fields(Caller)}:
+        caller = dataclasses.replace(caller, addr=remote)  # type: ignore[call-arg,unused-ignore]
+    return caller
+
+
+async def browser(request: web.Request) -> Browser:
+    s = surface(request)
+    values = session_values(request)
+    remote = remote_of(request)
+    who = await user_of(s.app, values) if values else None
+    caller = _caller(who, remote) if who is not None else None
+    return Browser(s.app, caller, remote, origin_of(request), s.via_caddy, tuple(values))
+
+
+def sign_in_url(request: web.Request) -> str:
+    """The sign-in page, coming back to this page once signed in."""
+    b_origin = origin_of(request)
+    path = request.path
+    pages_prefix = "/_den/pages"
+    if surface(request).via_caddy:
+        path = path.removeprefix(pages_prefix) or "/"
+    here = path + ("?" + request.query_string if request.query_string else "")
+    if surface(request).via_caddy:
+        here = b_origin + here
+    return "/_den/login?" + urlencode({"next": here})
+
+
+async def signed_in(request: web.Request, admin: bool = False) -> Browser:
+    """The signed-in browser; a stranger is sent to sign in (302), and a member on an
+    admin page gets the same 404 as an unknown address."""
+    b = await browser(request)
+    if b.caller is None:
+        raise web.HTTPFound(sign_in_url(request), headers={"Cache-Control": "no-store"})
+    if admin and not b.caller.is_admin:
+        raise _not_found()
+    return b
+
+
+def _not_found() -> web.HTTPNotFound:
+    resp = pages.not_found()
+    return web.HTTPNotFound(
+        text=resp.text, content_type="text/html", headers=dict(pages.SECURITY_HEADERS)
+    )
+
+
+def same_origin(request: web.Request, b: Browser) -> bool:
+    """The CSRF rule of every POST and websocket upgrade: sent by den's own page."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != "null":
+        return origin.rstrip("/") == b.origin
+    # No Origin (or "null"): only the browser's own Sec-Fetch-Site, which no page can
+    # set, may vouch for it.
+    return request.headers.get("Sec-Fetch-Site") == "same-origin"
+
+
+async def call(b: Browser, method: str, params: dict[str, Any]) -> Any:
+    """A registered method, as this browser's user (their rights, their audit trail)."""
+    assert b.caller is not None
+    return await REGISTRY.call(b.app, b.caller, method, params)
+
+
+# -- templates -------------------------------------------------------------------------------
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def _when(value: Any) -> str:
+    """An ISO time as 'YYYY-MM-DD HH:MM' UTC ('' for none)."""
+    if not value:
+        return ""
+    text = str(value).replace("T", " ")
+    return text[:16] + " UTC"
+
+
+def _size_mb(value: Any) -> str:
+    if value is None:
+        return "-"
+    mb = int(value)
+    return f"{mb / 1024:g} GiB" if mb >= 1024 and mb % 256 == 0 else f"{mb} MiB"
+
+
+_ENV.filters["when"] = _when
+_ENV.filters["mb"] = _size_mb
+
+
+def flash_name(secure: bool) -> str:
+    # Over https a __Host- cookie: no workspace host can plant a message for den's pages.
+    return "__Host-" + FLASH if secure else FLASH
+
+
+def set_flash(resp: web.StreamResponse, b: Browser, ok: bool, text: str) -> None:
+    value = quote(("ok:" if ok else "error:") + text[:500], safe="")
+    resp.set_cookie(
+        flash_name(b.secure), value, max_age=60, path="/", secure=b.secure or None,
+        httponly=True, samesite="Strict",
+    )  # fmt: skip
+
+
+def _take_flash(request: web.Request) -> tuple[str, str] | None:
+    raw = request.cookies.get(flash_name(origin_of(request).startswith("https:")))
+    if not raw:
+        return None
+    kind, _, text = unquote(raw).partition(":")
+    return ("ok" if kind == "ok" else "error", text[:500])
+
+
+def render(request: web.Request, template: str, status: int = 200, **ctx: Any) -> web.Response:
+    """A page from ``template`` (autoescaped; it extends layout.html), with den's CSP."""
+    flash = _take_flash(request)
+    ctx.setdefault("b", None)
+    ctx.setdefault("title", "")
+    text = _ENV.get_template(template).render(flash=flash, **ctx)
+    resp = web.Response(text=text, status=status, content_type="text/html")
+    resp.headers.update(HEADERS)
+    if flash is not None:
+        secure = origin_of(request).startswith("https:")
+        resp.del_cookie(flash_name(secure), path="/", secure=secure or None)
+    return resp
+
+
+# -- static files ----------------------------------------------------------------------------
+
+TYPES = {".js": "text/javascript", ".css": "text/css", ".map": "application/json"}
+
+
+async def static_handler(request: web.Request) -> web.StreamResponse:
+    """Files of src/den/web/static alone (nothing outside it, however the path is spelt)."""
+    rel = request.match_info.get("path", "")
+    try:
+        path = (STATIC / rel).resolve()
+    except (OSError, ValueError):
+        raise web.HTTPNotFound() from None
+    if not path.is_relative_to(STATIC.resolve()) or not path.is_file():
+        raise web.HTTPNotFound()
+    ctype = TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0]
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": ctype or "application/octet-stream",
+            "Cache-Control": "public, max-age=3600",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
