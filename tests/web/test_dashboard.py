@@ -14,7 +14,7 @@ from playwright.sync_api import Page
 from den.services import load_all
 from tests.conftest import Daemon
 from tests.web.conftest import NewPage, Web, goto, login_link, sign_in
-from tests.workspaces.conftest import Users
+from tests.workspaces.conftest import Users, create
 
 load_all()
 
@@ -104,3 +104,108 @@ def test_dashboard_on_the_tcp_listener(
     mine = [c for c in cookies if c["name"] == "den_session"]
     assert len(mine) == 1 and mine[0]["domain"] == "127.0.0.1" and not mine[0]["secure"]
     assert mine[0]["httpOnly"]
+
+
+def wait_text(page: Page, selector: str, text: str, timeout: float = 30_000) -> None:
+    page.wait_for_function(
+        "([sel, text]) => { const el = document.querySelector(sel);"
+        " return el !== null && el.textContent.trim() === text; }",
+        arg=[selector, text],
+        timeout=timeout,
+    )
+
+
+def test_create_from_the_dashboard_and_watch_its_state_live(
+    pool_daemon: Daemon, web: Web, member: str, web_bb: str, new_page: NewPage
+) -> None:
+    page = signed_in_page(pool_daemon, web, new_page, member)
+    # A bad name: the registry's own words come back, and nothing is made.
+    page.get_by_label("Name").fill("Bad Name!")
+    page.get_by_label("Image").select_option(web_bb)
+    with page.expect_navigation():
+        page.get_by_role("button", name="Create").click()
+    assert "Invalid params" in page.inner_text(".flash.error")
+    assert pool_daemon.call("workspace.list", user=member) == []
+
+    page.get_by_label("Name").fill("app")
+    page.get_by_label("Image").select_option(web_bb)
+    with page.expect_navigation():
+        page.get_by_role("button", name="Create").click()
+    assert page.url == web.home
+    assert "workspace.create app: done" in page.inner_text(".flash.ok")
+    ref = f"{member}/app"
+    cell = f"tr[data-id='{ref}'] [data-field=state]"
+    wait_text(page, cell, "running")
+
+    # Changes made elsewhere (here: over the API) reach the open page without a reload.
+    page.evaluate("window.denMark = 'same page'")
+    page.wait_for_function("window.denEvents && window.denEvents.readyState === 1")
+    pool_daemon.call("workspace.suspend", ref=ref)
+    wait_text(page, cell, "suspended")
+    pool_daemon.call("workspace.resume", ref=ref)
+    wait_text(page, cell, "running")
+    assert page.evaluate("window.denMark") == "same page"
+
+    # Its page, and an action from it: stop, then back to it with the state shown.
+    goto(page, web.home + f"w/{ref}")
+    assert page.title() == f"{ref} · den"
+    with page.expect_navigation():
+        page.get_by_role("button", name="Stop").click()
+    assert page.url == web.home + f"w/{ref}"
+    assert pool_daemon.call("workspace.get", ref=ref)["state"] == "stopped"
+    assert page.inner_text(".facts [data-field=state]") == "stopped"
+
+
+def test_a_member_cannot_see_another_members_workspace(
+    pool_daemon: Daemon, web: Web, users: Users, web_bb: str, new_page: NewPage
+) -> None:
+    owner, other = users.make("member"), users.make("member")
+    create(pool_daemon, owner, "secret", image=web_bb)
+    page = signed_in_page(pool_daemon, web, new_page, other)
+    resp = goto(page, web.home + f"w/{owner}/secret")
+    assert resp.status == 404 and "Not found" in page.title()
+    assert owner not in page.content()
+    resp = goto(page, web.home + f"w/{owner}/nothing-here")
+    assert resp.status == 404
+    resp = goto(page, web.home + "admin")
+    assert resp.status == 404
+    goto(page, web.home)
+    assert f"{owner}/secret" not in page.content()
+    # The event stream says nothing of it either.
+    events = page.evaluate(
+        """() => new Promise((resolve) => {
+            const es = new EventSource("/_den/events?kinds=workspace&all=1");
+            const got = [];
+            es.onmessage = (e) => got.push(JSON.parse(e.data));
+            setTimeout(() => { es.close(); resolve(got); }, 2500);
+        })"""
+    )
+    assert all(e["id"].split("/")[0] == other for e in events), events
+
+
+def test_a_form_post_from_another_origin_is_refused(
+    pool_daemon: Daemon, web: Web, member: str, web_bb: str
+) -> None:
+    cookie = web.login_cookie(member)
+    url = web.home + "_den/do/workspace.create"
+    form = ["--data-urlencode", "name=evil", "--data-urlencode", f"image={web_bb}"]
+    workspace_origin = web.url(member, "app").rstrip("/")
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Origin": workspace_origin},  # a page on a workspace URL: same site, not den's origin
+        {"Origin": "null", "Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {},
+    ):
+        reply = web.curl(url, *form, headers=headers, cookie=cookie)
+        assert reply.status == 403, (headers, reply.status, reply.text)
+    assert pool_daemon.call("workspace.list", user=member) == []
+    # Den's own page's post goes through (the same request, from den's origin).
+    reply = web.curl(url, *form, headers={"Origin": web.home.rstrip("/")}, cookie=cookie)
+    assert reply.status == 303, reply.text
+    assert [w["name"] for w in pool_daemon.call("workspace.list", user=member)] == ["evil"]
+    # Unknown methods and signed-out posts.
+    origin = {"Origin": web.home.rstrip("/"), "Accept": "application/json"}
+    assert web.curl(web.home + "_den/do/no.such", headers=origin, cookie=cookie).status == 404
+    reply = web.curl(url, *form, headers=origin)
+    assert reply.status == 401 and reply.json()["error"]["message"] == "not signed in"

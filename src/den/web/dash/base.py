@@ -3,7 +3,6 @@ calls into the one method registry (the web layer reads and changes nothing itse
 
 from __future__ import annotations
 
-import dataclasses
 import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +104,7 @@ async def user_of(app: App, values: list[str] | tuple[str, ...]) -> weblogin.Ses
 
 def _caller(who: weblogin.SessionUser, remote: str) -> Caller:
     right = Right.admin if who.role == "admin" else Right.write
-    caller = Caller(who.name, who.role, right, "web", user_id=who.user_id)
-    if "addr" in {f.name for f in dataclasses.fields(Caller)}:
-        caller = dataclasses.replace(caller, addr=remote)  # type: ignore[call-arg,unused-ignore]
-    return caller
+    return Caller(who.name, who.role, right, "web", user_id=who.user_id, addr=remote)
 
 
 async def browser(request: web.Request) -> Browser:
