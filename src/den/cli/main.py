@@ -195,20 +195,6 @@ def tui(
     run(state.client(), interval)
 
 
-@app.command("tui")
-def tui(
-    ctx: typer.Context,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.5)] = 1.5,
-) -> None:
-    """An interactive terminal UI: workspaces with live state, start/stop/suspend/resume,
-    a shell in one (ssh), sessions, code changes and push, users (admins). q quits, ? helps."""
-    from den.cli.tui import run
-
-    state = ctx.find_object(State)
-    assert state is not None
-    run(state.client(), interval)
-
-
 @app.command("rpc")
 def rpc(
     ctx: typer.Context,
