@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page
 
+from den.rpc.registry import REGISTRY
 from den.services import load_all
 from tests.conftest import Daemon
 from tests.web.conftest import NewPage, Web, goto, login_link, sign_in
@@ -209,3 +210,69 @@ def test_a_form_post_from_another_origin_is_refused(
     assert web.curl(web.home + "_den/do/no.such", headers=origin, cookie=cookie).status == 404
     reply = web.curl(url, *form, headers=origin)
     assert reply.status == 401 and reply.json()["error"]["message"] == "not signed in"
+
+
+MEMBER_PAGES = ["/", "/w/{user}/app", "/keys", "/tokens", "/audit"]
+ADMIN_PAGES = [
+    "/admin", "/admin/users", "/admin/workspaces", "/admin/sessions", "/admin/images",
+    "/admin/jobs", "/admin/audit", "/admin/node", "/admin/ui", "/admin/metrics/{user}/app",
+]  # fmt: skip
+
+
+def test_every_page_renders_and_every_form_calls_a_registered_method(
+    pool_daemon: Daemon, web: Web, users: Users, web_bb: str, new_page: NewPage, tmp_path: Path
+) -> None:
+    seen = 0
+    for role in ("member", "admin"):
+        user = users.make(role)
+        create(pool_daemon, user, "app", image=web_bb)
+        pool_daemon.call("workspace.stop", ref=f"{user}/app")  # lighter; its page is the same
+        page = signed_in_page(pool_daemon, web, new_page, user)
+        paths = MEMBER_PAGES + (ADMIN_PAGES if role == "admin" else [])
+        for path in (p.format(user=user) for p in paths):
+            resp = goto(page, web.home + path.lstrip("/"))
+            if path.startswith("/admin") and resp.status == 404:
+                continue  # an admin page not built (yet): nothing to check
+            assert resp.status == 200, (role, path, resp.status)
+            html = page.content()
+            forms = forms_of(html)
+            assert forms, (role, path)  # at least sign-out
+            for method, action in forms:
+                assert method == "post", (path, action)
+                if action == "/_den/logout":
+                    continue
+                assert action.startswith("/_den/do/"), (path, action)
+                assert action.removeprefix("/_den/do/") in REGISTRY.methods, (path, action)
+                seen += 1
+            shot = tmp_path / f"{role}{path.replace('/', '_')}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            png_not_blank(shot)
+        if role == "member":
+            # Admin pages are not there for a member: the same 404 as any unknown address.
+            for path in ("/admin", "/admin/users"):
+                assert goto(page, web.home + path.lstrip("/")).status == 404
+    assert seen > 20
+
+
+def test_a_token_secret_is_shown_once(
+    pool_daemon: Daemon, web: Web, member: str, new_page: NewPage
+) -> None:
+    page = signed_in_page(pool_daemon, web, new_page, member)
+    goto(page, web.home + "tokens")
+    page.get_by_label("Description").fill("from the dashboard")
+    with page.expect_navigation() as nav:
+        page.get_by_role("button", name="Create token").click()
+    resp = nav.value
+    assert resp is not None and resp.status == 200
+    assert resp.headers["cache-control"] == "no-store"
+    secret = page.input_value("#secret")
+    assert secret.startswith("den_") and len(secret) > 30, secret
+    (token,) = pool_daemon.call("token.list", user=member)
+    assert token["description"] == "from the dashboard"
+    goto(page, web.home + "tokens")
+    assert secret not in page.content() and "from the dashboard" in page.inner_text("main")
+    # Revoke it from its row (a confirmation first).
+    page.once("dialog", lambda d: d.accept())
+    with page.expect_navigation():
+        page.get_by_role("button", name="Revoke").click()
+    assert pool_daemon.call("token.list", user=member)[0]["state"] == "revoked"
