@@ -16,11 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from textual.app import App, ComposeResult
 from textual.pilot import Pilot
 
 from den.cli.client import Client
 from den.cli.tui import Api, DenTui
-from den.cli.tui.views import ChangesScreen, Help, ListScreen, Prompt, SessionsScreen, Table
+from den.cli.tui.views import (
+    ChangesScreen,
+    Confirm,
+    Help,
+    ListScreen,
+    Prompt,
+    SessionsScreen,
+    Table,
+)
 from tests.conftest import Daemon
 from tests.ssh.conftest import Person, person, ssh_opts
 from tests.workspaces.conftest import Users, import_bb
@@ -89,7 +98,7 @@ def notes(app: DenTui) -> list[str]:
     return [n.message for n in app._notifications]
 
 
-def drive(app: DenTui, script: Callable[[Pilot[None]], Awaitable[None]]) -> None:
+def drive(app: App[None], script: Callable[[Pilot[None]], Awaitable[None]]) -> None:
     async def main() -> None:
         async with app.run_test(size=(140, 36)) as pilot:
             await script(pilot)
@@ -188,6 +197,14 @@ def test_admin_sees_all_suspends_resumes_and_views_sessions_and_users(
         await pilot.press("space")
         await until(pilot, lambda: not isinstance(app.screen, Help))
 
+        # Delete asks first; no keeps it.
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, Confirm))
+        await pilot.press("n")
+        await until(pilot, lambda: not isinstance(app.screen, Confirm))
+        await pilot.pause(0.6)
+        assert world.d.call("workspace.get", ref=world.ref)["state"] == "running"
+
         shot = Path(app.save_screenshot("workspaces.svg", str(tmp_path)))
         text = shot.read_text()
         assert shot.stat().st_size > 2000 and world.ws in text and "suspend" in text.lower()
@@ -250,5 +267,31 @@ def test_member_does_not_see_anothers_workspace_nor_users(world: World) -> None:
         await pilot.pause(0.2)
         assert app.screen is screen
         await pilot.press("q")
+
+    drive(app, script)
+
+
+def test_table_keeps_the_cursor_on_its_row() -> None:
+    """Rows added, removed or changed around the selected one: the cursor stays on it."""
+
+    class One(App[None]):
+        def compose(self) -> ComposeResult:
+            yield Table()
+
+    app = One()
+
+    async def script(pilot: Pilot[None]) -> None:
+        t = app.query_one(Table)
+        t.set_columns(["name", "state"])
+        t.fill([(k, [k, "running"]) for k in ("a", "b", "c")])
+        t.move_cursor(row=1)
+        t.fill([(k, [k, "running"]) for k in ("a", "b", "c")])
+        assert t.selected == "b"
+        t.fill([("b", ["b", "suspended"]), ("c", ["c", "running"])])  # in place
+        assert t.selected == "b" and t.get_row("b")[1].plain == "suspended"
+        t.fill([(k, [k, "running"]) for k in ("0", "a", "b", "c")])  # a row before it
+        assert t.selected == "b" and t.cursor_row == 2
+        t.fill([("x", ["[red]x[/]", "running"])])  # gone; den's data is no markup
+        assert t.selected == "x" and t.get_row("x")[0].plain == "[red]x[/]"
 
     drive(app, script)
