@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
@@ -10,8 +11,9 @@ from urllib.parse import urlsplit
 
 from den.cli.client import Client, ConnectError, RpcError
 
-# Everything a call may fail with that the user should read (as a notification).
-CallError = (RpcError, ConnectError, OSError)
+# Everything a call may fail with that the user should read (as a notification):
+# den's refusal, den unreachable, a connection broken mid-answer.
+CallError = (RpcError, ConnectError, OSError, http.client.HTTPException)
 
 
 class Api:
