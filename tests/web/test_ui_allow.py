@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,6 +16,7 @@ import pytest
 
 from den.cli.client import RpcError
 from tests.conftest import Daemon
+from tests.ssh.conftest import person
 from tests.web.conftest import Web, serve_files
 from tests.workspaces.conftest import Users, create, invalid
 
@@ -150,6 +152,16 @@ def test_me_is_the_callers_own_address(d: Daemon, users: Users) -> None:
     finally:
         del d.env["SSH_CONNECTION"]
     assert "192.0.2.9" in [e["network"] for e in d.call("ui.list")]
+
+
+def test_me_in_dens_ssh_shell_is_the_ssh_clients_address(
+    d: Daemon, users: Users, tmp_path: Path
+) -> None:
+    admin = person(d, users, tmp_path, role="admin")
+    res = admin.ssh("den", "ui", "allow", "--me", "--json", args=("-b", B))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["network"] == B
+    assert whoami(d, B)[0] == 200 and whoami(d, A)[0] == 403
 
 
 def test_bad_addresses_name_the_field(d: Daemon) -> None:
