@@ -276,3 +276,44 @@ def test_a_token_secret_is_shown_once(
     with page.expect_navigation():
         page.get_by_role("button", name="Revoke").click()
     assert pool_daemon.call("token.list", user=member)[0]["state"] == "revoked"
+
+
+def test_event_streams_are_bounded_and_end_when_the_session_is_revoked(
+    pool_daemon: Daemon, member: str
+) -> None:
+    import asyncio
+    import time
+
+    import aiohttp
+
+    base = pool_daemon.http_url
+    t = login_link(pool_daemon, member).split("t=", 1)[1]
+
+    async def run() -> None:
+        jar = aiohttp.CookieJar(unsafe=True)  # a cookie for an IP address
+        async with aiohttp.ClientSession(base, cookie_jar=jar) as http:
+            async with http.post(
+                "/_den/login", data={"t": t}, headers={"Origin": base}, allow_redirects=False
+            ) as r:
+                assert r.status == 303, await r.text()
+            streams = []
+            for _ in range(8):
+                r = await http.get("/_den/events")
+                assert r.status == 200 and r.content_type == "text/event-stream"
+                streams.append(r)
+            async with http.get("/_den/events") as r:
+                assert r.status == 429
+            # Signed out (through the registry, as `den logout` does): every stream ends.
+            (session,) = [s for s in pool_daemon.call("login.list") if s["user"] == member]
+            pool_daemon.call("login.revoke", id=session["id"])
+            start = time.monotonic()
+            for r in streams:
+                async with asyncio.timeout(15):
+                    while await r.content.readany():
+                        pass
+                r.release()
+            assert time.monotonic() - start < 12
+            async with http.get("/_den/events", allow_redirects=False) as r:
+                assert r.status == 302 and r.headers["Location"].startswith("/_den/login")
+
+    asyncio.run(run())
