@@ -54,7 +54,7 @@ class BenchDaemon:
             "DEN_ACCOUNT_PREFIX": self.prefix,
             "DEN_SOCKET_GROUP": self.group,
             "DEN_FSTAB": str(self.base / "fstab"),
-            "DEN_LOG_LEVEL": "warning",
+            "DEN_LOG_LEVEL": os.environ.get("DEN_LOG_LEVEL", "warning"),
             "DEN_RECONCILE_INTERVAL": "0",
             **(extra_env or {}),
         }
@@ -71,7 +71,10 @@ class BenchDaemon:
                     stdout=subprocess.DEVNULL,
                 )
             state = self.data_dir / "serve.json"
-            self.proc = subprocess.Popen([DEN, "serve"], env=self.env, stderr=subprocess.DEVNULL)
+            # DEN_BENCH_LOG=FILE keeps the daemon's log (with DEN_LOG_LEVEL) for a failed run.
+            log = os.environ.get("DEN_BENCH_LOG")
+            with open(log or os.devnull, "ab") as err:
+                self.proc = subprocess.Popen([DEN, "serve"], env=self.env, stderr=err)
             deadline = time.monotonic() + 30
             while not (state.exists() and self.socket.exists()):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -136,3 +139,26 @@ def wait_job(c: Any, job: dict[str, Any]) -> None:
         job = c.call("job.get", {"id": job["id"]})
     if job["state"] != "done":
         raise RuntimeError(f"image job failed: {job}")
+
+
+def busybox_image(c: Any, name: str) -> None:
+    """A tiny image (a den Client): static busybox with every applet, root and a
+    login shell with line editing (/bin/sh), as the tests' ``bb`` image."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    with tempfile.TemporaryDirectory(prefix="den-bench-bb-") as tmp:
+        root = Path(tmp) / "rootfs"
+        for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "root", "run", "home"):
+            (root / d).mkdir(parents=True)
+        shutil.copy2(busybox, root / "bin" / "busybox")
+        applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True)
+        for applet in applets.stdout.split():
+            if applet != "busybox":
+                (root / "bin" / applet).symlink_to("busybox")
+        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (root / "etc" / "group").write_text("root:x:0:\ntty:x:5:\n")
+        (root / "tmp").chmod(0o1777)
+        tarball = Path(tmp) / "bb.tar"
+        subprocess.run(
+            ["tar", "-C", str(root), "--numeric-owner", "-cf", str(tarball), "."], check=True
+        )
+        wait_job(c, c.call("image.import", {"name": name, "path": str(tarball)}))

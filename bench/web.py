@@ -29,17 +29,39 @@ same for the running workspace and for (b), and den's own timing of the
 resume (its /metrics).
 
 Goals: (a) >= 0.8x (b) in requests/s, >= 0.9x in throughput; wake p50 < 30 ms.
-Prints a table and one JSON line. Needs root; makes its own daemon, pool,
-image and workspace, and removes them.
 
-    .venv/bin/python bench/web.py [--rounds 3] [--duration 10] [--connections 32]
-        [--threads 2] [--downloads 6] [--wakes 20]
+The dashboard (part ``dash``), among 20 members and 200 workspaces of a tiny
+busybox image (spread round robin, all but a few stopped again) and an admin:
+the admin's page of all workspaces (/admin/workspaces) and a member's home
+page (/, their 10 workspaces), through Caddy at https://den.localhost:PORT.
+Time to the first byte with curl (a new connection each: TLS handshake
+included, and shown without it) and, in Debian's Chromium driven by
+Playwright (in a network namespace of its own, see _browser.py; signed in
+with a one-time link and its button), the first byte and the ``load`` event
+from the page's PerformanceNavigationTiming (warm cache: one load first);
+p50 and p95 of each.
+
+Keystroke echo (part ``keys``), in the same run and the same workspace's
+login shell: the browser terminal's websocket (/_den/term/OWNER/NAME through
+Caddy, with the browser session cookie and den's Origin, as its page opens it)
+beside ``ssh -t`` through den's SSH gateway (asyncssh with a PTY). One byte
+sent, the time until its echo arrives; alternating sides, small pauses; p50
+and p99. Goal: web p50 <= 1.5x ssh p50.
+
+Prints tables and one JSON line. Needs root; makes its own daemon, pool,
+images, users and workspaces, and removes them.
+
+    .venv/bin/python bench/web.py [--parts gate,dash,keys] [--rounds 3] [--duration 10]
+        [--connections 32] [--threads 2] [--downloads 6] [--wakes 20] [--users 20]
+        [--workspaces 200] [--running 5] [--jobs 4] [--loads 20] [--keys 200] [--pause 0.02]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -47,17 +69,28 @@ import re
 import resource
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import asyncssh
+from aiohttp.abc import AbstractResolver, ResolveResult
+from playwright.sync_api import Browser
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
-from _daemon import ROOT, BenchDaemon, free_port, wait_job
+from _browser import chromium
+from _daemon import ROOT, BenchDaemon, busybox_image, free_port, wait_job
 from den.backends.cgroups import cpu_seconds
 from den.cli.client import Client
 from den.web.caddy_config import workspace_route
@@ -382,15 +415,46 @@ def med(values: list[float], nd: int = 1) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="wrk runs per variant, alternating")
-    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    ap.add_argument("--connections", type=int, default=32, help="wrk connections")
-    ap.add_argument("--threads", type=int, default=2, help="wrk threads")
-    ap.add_argument("--downloads", type=int, default=6, help="100 MB downloads per side")
-    ap.add_argument("--wakes", type=int, default=20, help="suspend -> first byte rounds")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Short run: --parts dash,keys --workspaces 40 --users 4 --loads 5 --keys 50",
+    )
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS_ALL),
+        help="which measures, comma-separated: gate (workspace URLs), dash (page loads), "
+        "keys (keystroke echo); default all",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="gate: wrk runs per variant, alternating")
+    ap.add_argument("--duration", type=int, default=10, help="gate: seconds per wrk run")
+    ap.add_argument("--connections", type=int, default=32, help="gate: wrk connections")
+    ap.add_argument("--threads", type=int, default=2, help="gate: wrk threads")
+    ap.add_argument("--downloads", type=int, default=6, help="gate: 100 MB downloads per side")
+    ap.add_argument("--wakes", type=int, default=20, help="gate: suspend -> first byte rounds")
+    ap.add_argument("--users", type=int, default=20, help="dash: members made")
+    ap.add_argument("--workspaces", type=int, default=200, help="dash: workspaces, round robin")
+    ap.add_argument("--running", type=int, default=5, help="dash: workspaces left running")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=4,
+        help="dash: concurrent API calls in setup (workspace.create: one at a time, see make_fleet)",
+    )
+    ap.add_argument("--loads", type=int, default=20, help="dash: page loads per page and client")
+    ap.add_argument("--keys", type=int, default=200, help="keys: keystrokes per side")
+    ap.add_argument("--pause", type=float, default=0.02, help="keys: seconds between keystrokes")
     args = ap.parse_args()
-    for prog in ("wrk", "curl", "unshare"):
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not args.parts or not args.parts <= set(PARTS_ALL):
+        ap.error(f"--parts: a comma-separated subset of {','.join(PARTS_ALL)}")
+    if args.users < 1 or args.workspaces < args.users:
+        ap.error("--workspaces must be at least --users, and --users at least 1")
+    need = ["curl"]
+    if "gate" in args.parts:
+        need += ["wrk", "unshare"]
+    if "dash" in args.parts:
+        need += ["chromium", "certutil"]
+    for prog in need:
         if shutil.which(prog) is None:
             sys.exit(f"{prog} is missing: run `make bench-deps` (scripts/install-deps bench)")
     work = Path(tempfile.mkdtemp(prefix="den-bench-http-"))
@@ -411,61 +475,91 @@ def main() -> None:
 
 def run(d: BenchDaemon, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     c = Client(socket_path=str(d.socket), timeout=600)
+    curl = Curl(
+        d.data_dir / "caddy" / "data" / "pki" / "authorities" / "local" / "root.crt",
+        int(d.info["https_port"]),
+    )
+    out: dict[str, Any] = {}
     try:
-        # den's dev image (python3 and curl inside): the tests' cached copy, else built.
-        cached = sorted(CACHE_DIR.glob("bookworm-dev-*.tar.zst"))
-        job = (
-            c.call("image.import", {"name": IMAGE, "path": str(cached[-1])})
-            if cached
-            else c.call("image.build", {"name": IMAGE, "suite": "bookworm", "preset": "dev"})
-        )
-        wait_job(c, job)
-        c.call("user.create", {"name": "bench", "role": "member"})
-        ws = c.call("workspace.create", {"name": "box", "user": "bench", "image": IMAGE})
-        start_apps(c)
-        c.call("web.publish", {"ref": REF, "port": FAST_PORT})
-        curl = Curl(
-            d.data_dir / "caddy" / "data" / "pki" / "authorities" / "local" / "root.crt",
-            int(d.info["https_port"]),
-        )
-        # The user's credentials: a den token (scripts) and a browser session (people).
-        token = c.call("token.create", {"user": "bench", "right": "write"})["token"]
-        as_user = Client(url=f"http://127.0.0.1:{d.info['http_port']}", token=token)
-        try:
-            cookie = sign_in(curl, as_user.call("login.link")["url"])
-        finally:
-            as_user.close()
-        hosts = work / "hosts"
-        names = [
-            DOMAIN,
-            DIRECT,
-            DIRECT_FAST,
-            STUB,
-            f"{label('bench', 'box')}.{DOMAIN}",
-            f"{label('bench', 'box', FAST_PORT)}.{DOMAIN}",
-        ]
-        hosts.write_text(f"127.0.0.1 localhost {' '.join(names)}\n")
-        admin = CaddyAdmin(d.data_dir / "caddy" / "admin.sock")
-        stub_port = free_port()
-        try:
-            admin.add_route(direct_route(ROUTE_IDS[0], DIRECT, f"{ws['address']}:8080"))
-            admin.add_route(direct_route(ROUTE_IDS[1], DIRECT_FAST, f"{ws['address']}:{FAST_PORT}"))
-            admin.request(
-                "PUT",
-                f"/config/apps/http/servers/{STUB_SERVER}",
-                stub_server(stub_port, f"{ws['address']}:{FAST_PORT}"),
-            )
-            admin.add_route(stub_route(stub_port))
-            return measure(c, curl, hosts, cookie, token, args, CpuMeter(d, ws["id"]), d.socket)
-        finally:
-            # Not there when the run failed before adding them: nothing to remove.
-            for rid in ROUTE_IDS:
-                with contextlib.suppress(RuntimeError, OSError):
-                    admin.request("DELETE", f"/id/{rid}")
-            with contextlib.suppress(RuntimeError, OSError):
-                admin.request("DELETE", f"/config/apps/http/servers/{STUB_SERVER}")
+        if "gate" in args.parts:
+            out.update(run_gate(d, c, curl, work, args))
+        if args.parts & {"dash", "keys"}:
+            fleet = make_fleet(d, c, args)
+            member_cookie = sign_in(curl, user_call(d, c, fleet.member, "login.link")["url"])
+            if "dash" in args.parts:
+                out["dash"] = measure_dash(d, c, curl, fleet, member_cookie, args)
+            if "keys" in args.parts:
+                out["keys"] = measure_keys(d, c, curl, fleet, member_cookie, args)
+        return out
     finally:
         c.close()
+
+
+def run_gate(
+    d: BenchDaemon, c: Client, curl: Curl, work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    # den's dev image (python3 and curl inside): the tests' cached copy, else built.
+    cached = sorted(CACHE_DIR.glob("bookworm-dev-*.tar.zst"))
+    job = (
+        c.call("image.import", {"name": IMAGE, "path": str(cached[-1])})
+        if cached
+        else c.call("image.build", {"name": IMAGE, "suite": "bookworm", "preset": "dev"})
+    )
+    wait_job(c, job)
+    c.call("user.create", {"name": "bench", "role": "member"})
+    ws = c.call("workspace.create", {"name": "box", "user": "bench", "image": IMAGE})
+    start_apps(c)
+    c.call("web.publish", {"ref": REF, "port": FAST_PORT})
+    # The user's credentials: a den token (scripts) and a browser session (people).
+    token = c.call("token.create", {"user": "bench", "right": "write"})["token"]
+    cookie = sign_in(curl, user_call(d, c, "bench", "login.link", token=token)["url"])
+    hosts = work / "hosts"
+    names = [
+        DOMAIN,
+        DIRECT,
+        DIRECT_FAST,
+        STUB,
+        f"{label('bench', 'box')}.{DOMAIN}",
+        f"{label('bench', 'box', FAST_PORT)}.{DOMAIN}",
+    ]
+    hosts.write_text(f"127.0.0.1 localhost {' '.join(names)}\n")
+    admin = CaddyAdmin(d.data_dir / "caddy" / "admin.sock")
+    stub_port = free_port()
+    try:
+        admin.add_route(direct_route(ROUTE_IDS[0], DIRECT, f"{ws['address']}:8080"))
+        admin.add_route(direct_route(ROUTE_IDS[1], DIRECT_FAST, f"{ws['address']}:{FAST_PORT}"))
+        admin.request(
+            "PUT",
+            f"/config/apps/http/servers/{STUB_SERVER}",
+            stub_server(stub_port, f"{ws['address']}:{FAST_PORT}"),
+        )
+        admin.add_route(stub_route(stub_port))
+        return measure(c, curl, hosts, cookie, token, args, CpuMeter(d, ws["id"]), d.socket)
+    finally:
+        # Not there when the run failed before adding them: nothing to remove.
+        for rid in ROUTE_IDS:
+            with contextlib.suppress(RuntimeError, OSError):
+                admin.request("DELETE", f"/id/{rid}")
+        with contextlib.suppress(RuntimeError, OSError):
+            admin.request("DELETE", f"/config/apps/http/servers/{STUB_SERVER}")
+        # The gate's workspace stops: the page loads and keystrokes share the machine.
+        with contextlib.suppress(Exception):
+            c.call("workspace.stop", {"ref": REF})
+
+
+def user_call(
+    d: BenchDaemon, c: Client, user: str, method: str, token: str | None = None
+) -> dict[str, Any]:
+    """``method`` called as ``user`` (over den's TCP listener, with a token of theirs):
+    what only a user's own credential may do, such as making a sign-in link."""
+    if token is None:
+        token = c.call("token.create", {"user": user, "right": "write"})["token"]
+    as_user = Client(url=f"http://127.0.0.1:{d.info['http_port']}", token=token)
+    try:
+        result: dict[str, Any] = as_user.call(method)
+        return result
+    finally:
+        as_user.close()
 
 
 def measure(
@@ -582,7 +676,410 @@ def measure(
     return out
 
 
+# -- the dashboard and the browser terminal, among many users and workspaces -----------
+
+PARTS_ALL = ("gate", "dash", "keys")
+BB = "bb"
+ADMIN = "boss"
+UNLIMITED = dict.fromkeys(("max_workspaces", "max_cpu", "max_memory_mb", "max_disk_mb"), -1)
+# The load event's time and the first byte's, as Chromium measured them for the page.
+NAV_TIMING = """() => {
+  const n = performance.getEntriesByType("navigation")[0];
+  return [n.responseStart - n.startTime, n.loadEventStart - n.startTime];
+}"""
+
+
+@dataclasses.dataclass
+class Fleet:
+    users: list[str]
+    refs: list[str]  # OWNER/NAME, every workspace made
+    member: str  # the member whose home page is timed; their first workspace is the terminal's
+    running: list[str]
+
+
+def calls(d: BenchDaemon, jobs: int, what: str, todo: list[tuple[str, dict[str, Any]]]) -> None:
+    """API calls, ``jobs`` at a time (each thread a client of its own), with progress."""
+    local = threading.local()
+    clients: list[Client] = []
+    lock = threading.Lock()
+
+    def one(method: str, params: dict[str, Any]) -> None:
+        c = getattr(local, "client", None)
+        if c is None:
+            c = local.client = Client(socket_path=str(d.socket), timeout=600)
+            with lock:
+                clients.append(c)
+        c.call(method, params)
+
+    pool = ThreadPoolExecutor(jobs)
+    try:
+        with Progress(console=Console(stderr=True)) as progress:
+            task = progress.add_task(what, total=len(todo))
+            for fut in as_completed([pool.submit(one, m, p) for m, p in todo]):
+                fut.result()
+                progress.advance(task)
+    finally:
+        # On a failure, what has not started yet does not start.
+        pool.shutdown(cancel_futures=True)
+        for c in clients:
+            c.close()
+
+
+def make_fleet(d: BenchDaemon, c: Client, args: argparse.Namespace) -> Fleet:
+    """An admin, ``--users`` members and ``--workspaces`` busybox workspaces spread over
+    them round robin; all but ``--running`` of them stopped again."""
+    busybox_image(c, BB)
+    users = [f"u{i:02d}" for i in range(args.users)]
+    c.call("user.create", {"name": ADMIN, "role": "admin"})
+    calls(d, args.jobs, "users", [("user.create", {"name": u, **UNLIMITED}) for u in users])
+    refs = [f"{users[i % len(users)]}/w{i // len(users)}" for i in range(args.workspaces)]
+    small = {"image": BB, "mem": "64M", "disk": "256M"}
+    # One create at a time: concurrent creates that pick the same address retry after a
+    # rollback, and den then fails them with "Internal error" (the owner's row expired).
+    calls(
+        d,
+        1,
+        "workspaces",
+        [
+            ("workspace.create", {"user": r.split("/")[0], "name": r.split("/")[1], **small})
+            for r in refs
+        ],
+    )
+    running = refs[: max(1, args.running)]
+    stop = [("workspace.stop", {"ref": r}) for r in refs[len(running) :]]
+    calls(d, args.jobs, "stopping", stop)
+    return Fleet(users, refs, users[0], running)
+
+
+def rows_shown(body: str, refs: list[str]) -> int:
+    """How many of ``refs`` the page names (OWNER/NAME, whole)."""
+    return sum(1 for r in refs if re.search(rf"(?<![\w/]){re.escape(r)}(?![\w/])", body))
+
+
+def pct(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank below)."""
+    ordered = sorted(values)
+    return round(ordered[int(p / 100 * (len(ordered) - 1))], 2)
+
+
+def measure_dash(
+    d: BenchDaemon,
+    c: Client,
+    curl: Curl,
+    fleet: Fleet,
+    member_cookie: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Time to first byte (curl) and to the load event (Chromium) of the admin's page of
+    every workspace and a member's home page, through Caddy."""
+    admin_cookie = sign_in(curl, user_call(d, c, ADMIN, "login.link")["url"])
+    mine = [r for r in fleet.refs if r.startswith(fleet.member + "/")]
+    # The admin page of all workspaces, where it exists yet; else the admin's home page.
+    admin_path = "/admin/workspaces"
+    code, body = curl.get(curl.url(DOMAIN, admin_path), (f"Cookie: {admin_cookie}",))
+    if code == 404:
+        admin_path = "/"
+        code, body = curl.get(curl.url(DOMAIN, admin_path), (f"Cookie: {admin_cookie}",))
+    if code != 200:
+        raise RuntimeError(f"the admin's {admin_path}: status {code}: {body[:300]}")
+    pages = {
+        "admin": (ADMIN, admin_path, admin_cookie, fleet.refs, rows_shown(body, fleet.refs)),
+    }
+    code, body = curl.get(curl.url(DOMAIN, "/"), (f"Cookie: {member_cookie}",))
+    shown = rows_shown(body, fleet.refs)
+    if code != 200 or shown != len(mine) or rows_shown(body, mine) != len(mine):
+        raise RuntimeError(f"the member's home page: status {code}, {shown} of {len(mine)} rows")
+    pages["member"] = (fleet.member, "/", member_cookie, mine, shown)
+
+    out: dict[str, Any] = {}
+    for role, (_, path, cookie, _, shown) in pages.items():
+        url = curl.url(DOMAIN, path)
+        curl.ttfb(url, (f"Cookie: {cookie}",))  # warm up (den's caches, Caddy's session)
+        firsts = [curl.ttfb(url, (f"Cookie: {cookie}",)) for _ in range(args.loads)]
+        out[role] = {
+            "path": path,
+            "rows": shown,
+            "bytes": len(curl.get(url, (f"Cookie: {cookie}",))[1].encode()),
+            "curl_ttfb_ms": spread([t for t, _ in firsts]),
+            "curl_ttfb_after_tls_ms": spread([a for _, a in firsts]),
+        }
+    with chromium(curl.ca, curl.port) as browser:
+        for role, (user, path, _, _, _) in pages.items():
+            link = user_call(d, c, user, "login.link")["url"]
+            timings = browser_loads(browser, link, curl.url(DOMAIN, path), args.loads)
+            out[role]["chromium_ttfb_ms"] = spread([t for t, _ in timings])
+            out[role]["chromium_load_ms"] = spread([t for _, t in timings])
+    out["admin_page_missing"] = admin_path != "/admin/workspaces"
+    out["users"] = len(fleet.users)
+    out["workspaces"] = len(fleet.refs)
+    out["running"] = len(fleet.running)
+    out["loads"] = args.loads
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"p50": pct(values, 50), "p95": pct(values, 95)}
+
+
+def browser_loads(browser: Browser, link: str, url: str, n: int) -> list[tuple[float, float]]:
+    """Sign a fresh browser profile in with a one-time link (its button, as a person does),
+    then load ``url`` n times (after one more that fills the cache): (first byte, load) ms."""
+    ctx = browser.new_context()
+    try:
+        ctx.set_default_timeout(60_000)
+        page = ctx.new_page()
+        page.goto(link)
+        with page.expect_navigation():
+            page.get_by_role("button", name="Sign in").click()
+        timings: list[tuple[float, float]] = []
+        for i in range(n + 1):
+            resp = page.goto(url, wait_until="load")
+            if resp is None or resp.status != 200 or page.url != url:
+                status = resp.status if resp else None
+                raise RuntimeError(f"Chromium: {url}: status {status}, at {page.url}")
+            page.wait_for_function(
+                '() => performance.getEntriesByType("navigation")[0].loadEventEnd > 0'
+            )
+            first, load = page.evaluate(NAV_TIMING)
+            if i:
+                timings.append((float(first), float(load)))
+        return timings
+    finally:
+        ctx.close()
+
+
+class Localhost(AbstractResolver):
+    """*.localhost is 127.0.0.1 (glibc does not say so; curl and browsers do by themselves)."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+class Tty:
+    """One terminal's output as it comes (a queue of chunks; b"" at its end) and a way in."""
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        self.send = send
+        self.out: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def drain(self) -> None:
+        while not self.out.empty():
+            if not self.out.get_nowait():
+                raise RuntimeError("the terminal ended")
+
+    async def quiet(self, first: float = 20, idle: float = 0.3) -> None:
+        """Wait for output, then for ``idle`` seconds of none (a prompt drawn, a line redrawn)."""
+        timeout = first
+        while True:
+            try:
+                chunk = await asyncio.wait_for(self.out.get(), timeout)
+            except TimeoutError:
+                return
+            if not chunk:
+                raise RuntimeError("the terminal ended")
+            timeout = idle
+
+    async def echo(self, key: bytes = b"a", timeout: float = 10) -> float:
+        """ms from sending one byte to its echo arriving."""
+        self.drain()
+        t = time.perf_counter()
+        await self.send(key)
+        got = b""
+        while key not in got:
+            chunk = await asyncio.wait_for(self.out.get(), timeout)
+            if not chunk:
+                raise RuntimeError("the terminal ended")
+            got += chunk
+        return (time.perf_counter() - t) * 1e3
+
+
+async def web_tty(
+    http: aiohttp.ClientSession, curl: Curl, ref: str, cookie: str
+) -> tuple[Tty, aiohttp.ClientWebSocketResponse, asyncio.Task[None]]:
+    """The browser terminal's websocket, as its page opens it (the session cookie, den's
+    Origin), through Caddy; its output read into a Tty."""
+    home = curl.url(DOMAIN, "")
+    ws = await http.ws_connect(
+        f"wss://{DOMAIN}:{curl.port}/_den/term/{ref}",
+        headers={"Cookie": cookie, "Origin": home},
+        max_msg_size=0,
+    )
+    hello = await ws.receive()
+    if hello.type != aiohttp.WSMsgType.TEXT or json.loads(hello.data).get("type") != "attached":
+        raise RuntimeError(f"the browser terminal did not attach: {hello.type} {hello.data!r}")
+    await ws.send_str(json.dumps({"type": "resize", "cols": 80, "rows": 24}))
+
+    async def send(data: bytes) -> None:
+        await ws.send_bytes(data)
+
+    tty = Tty(send)
+
+    async def read() -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                tty.out.put_nowait(msg.data)
+        tty.out.put_nowait(b"")
+
+    return tty, ws, asyncio.create_task(read())
+
+
+async def ssh_tty(
+    port: int, name: str, key: asyncssh.SSHKey
+) -> tuple[Tty, asyncssh.SSHClientConnection, asyncio.Task[None]]:
+    """``ssh -t NAME@den``: a login shell on a PTY through den's SSH gateway."""
+    conn = await asyncssh.connect(
+        "127.0.0.1", port, username=name, client_keys=[key], known_hosts=None
+    )
+    proc = await conn.create_process(term_type="xterm", term_size=(80, 24), encoding=None)
+
+    async def send(data: bytes) -> None:
+        proc.stdin.write(data)
+
+    tty = Tty(send)
+
+    async def read() -> None:
+        while data := await proc.stdout.read(65536):
+            tty.out.put_nowait(data)
+        tty.out.put_nowait(b"")
+
+    return tty, conn, asyncio.create_task(read())
+
+
+def measure_keys(
+    d: BenchDaemon,
+    c: Client,
+    curl: Curl,
+    fleet: Fleet,
+    cookie: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Keystroke echo in the same workspace's shell: the browser terminal beside ssh."""
+    ref = fleet.running[0]
+    owner = ref.split("/")[0]
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    c.call("key.add", {"user": owner, "key": key.export_public_key().decode().strip()})
+    web_ms, ssh_ms = asyncio.run(keystrokes(curl, int(d.info["ssh_port"]), ref, cookie, key, args))
+    return {
+        "workspace": ref,
+        "keystrokes": args.keys,
+        "web_ms": {"p50": pct(web_ms, 50), "p99": pct(web_ms, 99)},
+        "ssh_ms": {"p50": pct(ssh_ms, 50), "p99": pct(ssh_ms, 99)},
+        "ratio_p50": round(statistics.median(web_ms) / statistics.median(ssh_ms), 2),
+    }
+
+
+async def keystrokes(
+    curl: Curl, ssh_port: int, ref: str, cookie: str, key: asyncssh.SSHKey, args: argparse.Namespace
+) -> tuple[list[float], list[float]]:
+    ssl_ctx = ssl.create_default_context(cafile=str(curl.ca))
+    connector = aiohttp.TCPConnector(resolver=Localhost(), ssl=ssl_ctx)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        web, ws, web_reader = await web_tty(http, curl, ref, cookie)
+        ssh, conn, ssh_reader = await ssh_tty(ssh_port, ref.split("/")[1], key)
+        try:
+            for tty in (web, ssh):
+                await tty.quiet()  # the login shell's prompt
+            times: dict[str, list[float]] = {"web": [], "ssh": []}
+            for i in range(args.keys):
+                # Alternate who goes first: neither always finds the machine quieter.
+                order = (("web", web), ("ssh", ssh)) if i % 2 == 0 else (("ssh", ssh), ("web", web))
+                for side, tty in order:
+                    times[side].append(await tty.echo())
+                    await asyncio.sleep(args.pause)
+                if i % 40 == 39:  # ^U: an empty line again, before it wraps
+                    for tty in (web, ssh):
+                        await tty.send(b"\x15")
+                        await tty.quiet(first=1, idle=0.1)
+            return times["web"], times["ssh"]
+        finally:
+            await ws.close()
+            conn.close()
+            await conn.wait_closed()
+            for task in (web_reader, ssh_reader):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
 def report(r: dict[str, Any]) -> None:
+    if "small_direct" in r:
+        report_gate(r)
+    if "dash" in r:
+        report_dash(r["dash"])
+    if "keys" in r:
+        report_keys(r["keys"])
+    print(json.dumps({"bench": "http", **r}))
+
+
+def report_dash(r: dict[str, Any]) -> None:
+    title = (
+        f"dashboard page load through Caddy: {r['workspaces']} workspaces "
+        f"({r['running']} running), {r['users']} members, {r['loads']} loads each"
+    )
+    table = Table(title=title)
+    for col in (
+        "page",
+        "rows",
+        "KiB",
+        "curl first byte p50 / p95 ms",
+        "  after TLS",
+        "Chromium first byte",
+        "Chromium load",
+    ):
+        table.add_column(col)
+    for role, what in (("admin", "admin"), ("member", "member")):
+        m = r[role]
+        page = f"{what}: {m['path']}"
+        if role == "admin" and r["admin_page_missing"]:
+            page += " (no /admin/workspaces yet)"
+        table.add_row(
+            page,
+            str(m["rows"]),
+            str(round(m["bytes"] / 1024, 1)),
+            *(
+                f"{m[k]['p50']} / {m[k]['p95']}"
+                for k in (
+                    "curl_ttfb_ms",
+                    "curl_ttfb_after_tls_ms",
+                    "chromium_ttfb_ms",
+                    "chromium_load_ms",
+                )
+            ),
+        )
+    Console().print(table)
+
+
+def report_keys(r: dict[str, Any]) -> None:
+    table = Table(title=f"keystroke echo in {r['workspace']}'s shell, {r['keystrokes']} each")
+    for col in ("path", "p50 ms", "p99 ms", "web p50 / ssh p50", "goal"):
+        table.add_column(col)
+    w, s = r["web_ms"], r["ssh_ms"]
+    table.add_row(
+        "browser terminal (websocket via Caddy)",
+        str(w["p50"]),
+        str(w["p99"]),
+        str(r["ratio_p50"]),
+        "<= 1.5",
+    )
+    table.add_row("ssh -t (den's gateway)", str(s["p50"]), str(s["p99"]), "", "")
+    Console().print(table)
+
+
+def report_gate(r: dict[str, Any]) -> None:
     table = Table(title="workspace URL: Caddy + den's gate (a) vs the same Caddy, no check (b)")
     for col in ("measure", "(a) gate", "(b) direct", "a/b", "goal"):
         table.add_column(col)
@@ -661,7 +1158,6 @@ def report(r: dict[str, Any]) -> None:
     )
     table.add_row("  of the wake: den's resume, mean ms", str(t["resume_mean"]), "", "", "")
     Console().print(table)
-    print(json.dumps({"bench": "http", **r}))
 
 
 if __name__ == "__main__":
