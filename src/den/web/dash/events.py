@@ -27,6 +27,7 @@ RECHECK = 5.0  # seconds between checks that the browser session still stands
 KEEPALIVE = 15.0  # seconds of silence before a comment line (finds clients gone)
 STREAMS_PER_USER = 8
 ID_FIELD = {"workspace": "ref", "session": "id", "job": "id"}
+OWNER_FIELD = {"workspace": "owner", "session": "user", "job": "owner"}
 # What a page shows of each: the rest (logs, results) is not streamed.
 FIELDS = {
     "workspace": ("state", "state_reason", "last_activity_at", "last_activity_kind", "cpu",
@@ -48,6 +49,8 @@ def _sources(everyone: bool) -> list[tuple[str, str, dict[str, Any]]]:
 
 async def snapshot(b: Browser, everyone: bool, kinds: set[str]) -> dict[Key, dict[str, Any]]:
     """What the page shows, as the registry tells this user now."""
+    assert b.caller is not None
+    name = b.caller.name
     out: dict[Key, dict[str, Any]] = {}
     for kind, method, params in _sources(everyone):
         if kind not in kinds:
@@ -57,6 +60,10 @@ async def snapshot(b: Browser, everyone: bool, kinds: set[str]) -> dict[Key, dic
         except DenError:
             continue  # not theirs to see: left out
         for row in rows:
+            # An admin's session.list and job.list are everyone's: without ?all=1 only
+            # their own, as for anyone.
+            if not everyone and row.get(OWNER_FIELD[kind], name) != name:
+                continue
             out[(kind, str(row[ID_FIELD[kind]]))] = {f: row.get(f) for f in FIELDS[kind]}
     return out
 

@@ -21,10 +21,14 @@ async def _images(b: Browser) -> list[dict[str, Any]]:
 
 async def home(request: web.Request) -> web.Response:
     b = await signed_in(request)
+    assert b.caller is not None
     workspaces = await call(b, "workspace.list", {})
+    # An admin's session.list and job.list are everyone's: the home page is one's own.
+    sessions = [s for s in await call(b, "session.list", {}) if s["user"] == b.caller.name]
+    jobs = [j for j in await call(b, "job.list", {}) if j["owner"] == b.caller.name]
     return render(
         request, "home.html", b=b, title="Workspaces", workspaces=workspaces,
-        images=await _images(b), live="workspace,session,job",
+        sessions=sessions, jobs=jobs, images=await _images(b), live="workspace,session,job",
     )  # fmt: skip
 
 

@@ -53,7 +53,12 @@
       table.querySelectorAll("thead th").forEach(function (th) {
         const td = document.createElement("td");
         const name = th.getAttribute("data-field");
-        if (name) {
+        if (name === "progress") {
+          const bar = document.createElement("progress");
+          bar.setAttribute("data-field", "progress");
+          td.appendChild(bar);
+          setField(bar, name, ev.fields);
+        } else if (name) {
           td.setAttribute("data-field", name);
           if (name === "state") td.className = "state";
           setField(td, name, ev.fields);
