@@ -12,7 +12,7 @@ from aiohttp import web
 def add_routes(router: web.UrlDispatcher, prefix: str) -> None:
     """Every dashboard route, under ``prefix``."""
     from den.web import term
-    from den.web.dash import events, member
+    from den.web.dash import admin, events, member
     from den.web.dash.base import static_handler
     from den.web.dash.do import do_handler
 
@@ -21,4 +21,5 @@ def add_routes(router: web.UrlDispatcher, prefix: str) -> None:
     router.add_get(prefix + "/_den/events", events.events_handler)
     member.add_routes(router, prefix)
     term.add_routes(router, prefix)  # the browser terminal (den.web.term)
+    admin.add_routes(router, prefix)  # the admin pages (den.web.dash.admin)
     # The admin pages (helper B) and the browser terminal (helper C) add their line here.
