@@ -76,13 +76,21 @@ def world(pool_daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Iter
 async def until(
     pilot: Pilot[None],
     check: Callable[[], object],
-    timeout: float = 20,
-    why: Callable[[], object] = lambda: "",
+    timeout: float = 60,
+    why: Callable[[], object] | None = None,
 ) -> None:
-    """Let the app run until ``check()`` holds (``why()`` says what it saw instead)."""
+    """Let the app run until ``check()`` holds (``why()`` says what it saw instead).
+
+    Generous: on a loaded 2-core host a stop or start may take many seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out: {why()}"
+        if asyncio.get_running_loop().time() > deadline:
+            app = pilot.app
+            seen = why() if why else ""
+            tables = app.screen.query(Table)
+            cells = tables.first().cells if tables else None
+            said = [n.message for n in app._notifications]
+            raise AssertionError(f"timed out on {type(app.screen).__name__}: {cells} {said} {seen}")
         await pilot.pause(0.05)
 
 

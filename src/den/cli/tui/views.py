@@ -177,8 +177,8 @@ class ListScreen(Polled):
         yield Footer()
 
     def on_mount(self) -> None:
+        # No super(): Textual calls every class's handler, Polled's (the poller) after this one.
         self.query_one(Table).set_columns([label for label, _ in self.columns])
-        super().on_mount()
 
     def fetch(self) -> Any:
         return self.api.call(self.method, self.params)
