@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -141,6 +142,27 @@ def test_admin_kills_a_browser_terminal(
     page.wait_for_selector("#terminal[data-state=ended]")
     assert "The shell ended" in page.inner_text("#term-status")
     assert sid not in [s["id"] for s in pool_daemon.call("session.list")]
+    # Opening it was a login into the workspace, in the audit log as ssh's are.
+    events = pool_daemon.call("audit.list", target=f"workspace:{ref}", actor=owner)
+    assert sid in [e["params"].get("session") for e in events if e["method"] == "web.terminal"]
+
+
+def test_signing_out_ends_the_terminal(
+    pool_daemon: Daemon, web: Web, box: tuple[str, str, str], new_page: NewPage
+) -> None:
+    owner, _admin, ref = box
+    page = new_page()
+    sid = open_terminal(page, web, pool_daemon, owner, ref)
+    res = pool_daemon.call_as(owner, "login.revoke", {"all": True})  # `den logout --all`
+    assert "result" in res, res
+    # The open websocket re-checks its browser session (every 5 s): closed, shell ended.
+    page.wait_for_selector("#terminal[data-state=ended]", timeout=15_000)
+    assert "signed out" in page.inner_text("#term-status")
+    page.wait_for_function("() => !sessionStorage.length")  # nothing left to re-attach to
+    deadline = time.monotonic() + 10
+    while sid in [s["id"] for s in pool_daemon.call("session.list")]:
+        assert time.monotonic() < deadline, "the shell outlived its revoked browser session"
+        time.sleep(0.1)
 
 
 def upgrade(web: Web, path: str, cookie: str, origin: str) -> int:

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 
 from den import tasks
+from den.db.models import AuditEvent
 from den.errors import Conflict, DenError
 from den.rpc.registry import Right
 from den.services.account import login_account
@@ -390,6 +391,7 @@ async def socket_handler(request: web.Request) -> web.StreamResponse:
             extra={"ctx": {"user": b.caller.name, "target": ref, "session": term.entry.id}},
         )
         tasks.spawn(term.run(), name=f"web-term-{term.entry.id}")
+        tasks.spawn(_audit(term), name=f"web-term-audit-{term.entry.id}")
     await term.serve(sock, b, resumed)
     return sock
 
@@ -403,6 +405,25 @@ def _attachable(app: App, caller: Caller, ref: str, sid: str, key: str) -> Termi
     if term.caller.user_id != caller.user_id or term.ref != ref:
         return None
     return term if hmac.compare_digest(key.encode(), term.key.encode()) else None
+
+
+async def _audit(term: Terminal) -> None:
+    """A terminal opened is a login into the workspace: in the audit log, as ssh's are."""
+    params = {"client": term.entry.client, "session": term.entry.id}
+    async with term.app.sessions() as db:
+        db.add(
+            AuditEvent(
+                actor=term.caller.name[:64],
+                via="web",
+                method="web.terminal",
+                target=f"workspace:{term.ref}",
+                params=params,
+                outcome="ok",
+                error="",
+                duration_ms=0.0,
+            )
+        )
+        await db.commit()
 
 
 def add_routes(router: web.UrlDispatcher, prefix: str) -> None:
