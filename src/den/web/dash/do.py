@@ -130,5 +130,24 @@ async def do_handler(request: web.Request) -> web.StreamResponse:
         )  # fmt: skip
     resp = web.HTTPSeeOther(nxt, headers={"Cache-Control": "no-store"})
     target = params.get("ref") or params.get("name") or params.get("id") or ""
-    set_flash(resp, b, True, f"{name} {target}: done".replace("  ", " "))
+    set_flash(resp, b, True, f"{name} {target}: done".replace("  ", " ") + _more(name, result))
     return resp
+
+
+def _duration(seconds: int) -> str:
+    if seconds <= 0:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _more(name: str, result: Any) -> str:
+    """What a result says that the next page does not show."""
+    if name == "workspace.idle" and isinstance(result, dict):
+        return (
+            f" (suspends after {_duration(int(result['effective_suspend']))} idle, "
+            f"stops after {_duration(int(result['effective_stop']))})"
+        )
+    return ""
