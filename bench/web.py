@@ -443,6 +443,12 @@ def main() -> None:
     ap.add_argument("--loads", type=int, default=20, help="dash: page loads per page and client")
     ap.add_argument("--keys", type=int, default=200, help="keys: keystrokes per side")
     ap.add_argument("--pause", type=float, default=0.02, help="keys: seconds between keystrokes")
+    ap.add_argument(
+        "--xterm",
+        type=int,
+        default=50,
+        help="keys: keystrokes typed into the terminal page in Chromium too (0: none)",
+    )
     args = ap.parse_args()
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not args.parts or not args.parts <= set(PARTS_ALL):
@@ -803,7 +809,7 @@ def measure_dash(
             "curl_ttfb_ms": spread([t for t, _ in firsts]),
             "curl_ttfb_after_tls_ms": spread([a for _, a in firsts]),
         }
-    with chromium(curl.ca, curl.port) as browser:
+    with chromium(Path(curl.ca), curl.port) as browser:
         for role, (user, path, _, _, _) in pages.items():
             link = user_call(d, c, user, "login.link")["url"]
             timings = browser_loads(browser, link, curl.url(DOMAIN, path), args.loads)
@@ -973,13 +979,73 @@ def measure_keys(
     key = asyncssh.generate_private_key("ssh-ed25519")
     c.call("key.add", {"user": owner, "key": key.export_public_key().decode().strip()})
     web_ms, ssh_ms = asyncio.run(keystrokes(curl, int(d.info["ssh_port"]), ref, cookie, key, args))
+    xterm: dict[str, float] = {}
+    if args.xterm > 0:
+        link = user_call(d, c, owner, "login.link")["url"]
+        with chromium(Path(curl.ca), curl.port) as browser:
+            typed = xterm_keystrokes(browser, link, curl.url(DOMAIN, f"/terminal/{ref}"), args)
+        xterm = {"p50": pct(typed, 50), "p99": pct(typed, 99), "n": len(typed)}
     return {
         "workspace": ref,
         "keystrokes": args.keys,
         "web_ms": {"p50": pct(web_ms, 50), "p99": pct(web_ms, 99)},
         "ssh_ms": {"p50": pct(ssh_ms, 50), "p99": pct(ssh_ms, 99)},
         "ratio_p50": round(statistics.median(web_ms) / statistics.median(ssh_ms), 2),
+        "chromium_xterm_ms": xterm,
     }
+
+
+# Armed before a key is pressed: from the keydown to the screen (xterm's rows in the DOM)
+# showing one more "a" than before.
+XTERM_ARM = """() => {
+  const rows = document.querySelector("#terminal .xterm-rows");
+  const count = () => (rows.textContent.match(/a/g) || []).length;
+  const before = count();
+  let t0 = null;
+  document.addEventListener("keydown", () => { t0 = performance.now(); },
+                            {capture: true, once: true});
+  window.denEcho = new Promise(resolve => {
+    const seen = new MutationObserver(() => {
+      if (t0 !== null && count() > before) {
+        seen.disconnect();
+        resolve(performance.now() - t0);
+      }
+    });
+    seen.observe(rows, {subtree: true, childList: true, characterData: true});
+  });
+}"""
+
+
+def xterm_keystrokes(
+    browser: Browser, link: str, url: str, args: argparse.Namespace
+) -> list[float]:
+    """Keystrokes typed into the terminal page (xterm.js) in Chromium: ms from keydown
+    to the echo drawn."""
+    ctx = browser.new_context()
+    try:
+        ctx.set_default_timeout(30_000)
+        page = ctx.new_page()
+        page.goto(link)
+        with page.expect_navigation():
+            page.get_by_role("button", name="Sign in").click()
+        page.goto(url)
+        page.wait_for_function(
+            '() => document.querySelector("#terminal .xterm-rows")?.textContent.trim()'
+        )
+        page.click("#terminal")
+        page.wait_for_timeout(500)  # the whole prompt drawn
+        times: list[float] = []
+        for i in range(args.xterm):
+            page.evaluate(XTERM_ARM)
+            page.keyboard.press("a")
+            times.append(float(page.evaluate("() => window.denEcho")))
+            page.wait_for_timeout(args.pause * 1e3)
+            if i % 40 == 39:
+                page.keyboard.press("Control+u")
+                page.wait_for_timeout(200)
+        return times
+    finally:
+        ctx.close()
 
 
 async def keystrokes(
@@ -1076,6 +1142,14 @@ def report_keys(r: dict[str, Any]) -> None:
         "<= 1.5",
     )
     table.add_row("ssh -t (den's gateway)", str(s["p50"]), str(s["p99"]), "", "")
+    if x := r["chromium_xterm_ms"]:
+        table.add_row(
+            f"  Chromium: keydown to echo drawn by xterm.js ({x['n']})",
+            str(x["p50"]),
+            str(x["p99"]),
+            "",
+            "",
+        )
     Console().print(table)
 
 
