@@ -1,7 +1,8 @@
-"""The live SSH sessions of the daemon: one per authenticated connection.
+"""The live SSH sessions of the daemon: one per authenticated connection, and
+one per browser terminal (kind ``web``, den.web.term).
 
-Kept in memory: a session lives exactly as long as its TCP connection, so a
-restarted daemon has none to remember.
+Kept in memory: a session lives exactly as long as its TCP connection (a
+browser terminal: its shell), so a restarted daemon has none to remember.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class SshSession:
     client: str  # "ADDRESS:PORT"
     close: Callable[[], None] = field(repr=False)
     id: str = field(default_factory=lambda: secrets.token_hex(4))
-    kinds: list[str] = field(default_factory=list)  # shell, exec, sftp, forward, den
+    kinds: list[str] = field(default_factory=list)  # shell, exec, sftp, forward, den, web
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     bytes_in: int = 0
     bytes_out: int = 0
