@@ -95,6 +95,10 @@ def test_dashboard_on_the_tcp_listener(
     pool_daemon: Daemon, web: Web, member: str, new_page: NewPage
 ) -> None:
     page = new_page()
+    # A stranger is sent to the sign-in page, which says how to sign in here.
+    resp = goto(page, pool_daemon.http_url + "/tokens")
+    assert resp.status == 401 and page.url.startswith(pool_daemon.http_url + "/_den/login?")
+    assert pool_daemon.http_url + "/_den/login?t=" in page.inner_text("body")
     link = tcp_link(pool_daemon, login_link(pool_daemon, member))
     goto(page, link)
     with page.expect_navigation():

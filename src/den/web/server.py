@@ -157,6 +157,11 @@ async def _login_get(request: web.Request, d: Door) -> web.Response:
             + pages.para(f"ssh -p {port} {host} login")
             + pages.para("and open the link it prints (it works once, for a few minutes).")
         )
+        if not d.via_caddy:
+            body += pages.para(
+                "Here, on den's own listener: open ", d.home + "_den/login?t=…",
+                " with the t= part of that link.",
+            )  # fmt: skip
         resp = pages.page("Sign in to den", body, 401)
         # A __Host- cookie needs https: on plain http the next link lands at home.
         if nxt != d.home and d.home.startswith("https:"):
