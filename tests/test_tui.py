@@ -21,6 +21,7 @@ from textual.pilot import Pilot
 
 from den.cli.client import Client
 from den.cli.tui import Api, DenTui
+from den.cli.tui.app import Workspaces
 from den.cli.tui.views import (
     ChangesScreen,
     Confirm,
@@ -268,7 +269,8 @@ def test_member_does_not_see_anothers_workspace_nor_users(world: World) -> None:
 
     async def script(pilot: Pilot[None]) -> None:
         screen = app.screen
-        await until(pilot, lambda: getattr(screen, "me", None))
+        assert isinstance(screen, Workspaces)
+        await until(pilot, lambda: screen.me)  # set with the first list den returned
         await pilot.pause(0.6)  # a second poll: still nothing of the owner's
         assert table(app).cells == {}
         await pilot.press("u")  # the users view is for admins: the key does nothing

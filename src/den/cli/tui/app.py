@@ -175,8 +175,8 @@ class DenTui(App[None]):
         self.interval = interval
         self.runner = runner
 
-    def on_mount(self) -> None:
-        self.push_screen(Workspaces(self.api, self.interval))
+    def get_default_screen(self) -> Workspaces:
+        return Workspaces(self.api, self.interval)  # the first screen: escape never leaves it
 
     def on_unmount(self) -> None:
         self.api.close()
