@@ -326,8 +326,12 @@ async def maybe_teardown_network(ctx: Context) -> None:
         await ctx.app.backend.teardown_host()
 
 
-async def insert_row(ctx: Context, ws: Workspace) -> None:
-    """Insert a ``creating`` row with a fresh address and commit it (desired state first)."""
+async def insert_row(ctx: Context, ws: Workspace, *keep: object) -> None:
+    """Insert a ``creating`` row with a fresh address and commit it (desired state first).
+
+    ``keep``: rows the caller goes on reading (its owner, a source): a rollback
+    expires every row of the session, and an expired attribute read later outside
+    an await would fail, so they are loaded again after one."""
     for _attempt in range(5):
         ws.address = await _allocate_address(ctx)
         ctx.db.add(ws)
@@ -338,6 +342,9 @@ async def insert_row(ctx: Context, ws: Workspace) -> None:
             await ctx.db.rollback()
             if "address" not in str(exc.orig):
                 raise Conflict(f"a workspace named {ws.name!r} exists already") from None
+            # Another create took the same address between our read and our commit.
+            for row in keep:
+                await ctx.db.refresh(row)
     raise Conflict("could not allocate an address; try again")
 
 
@@ -388,7 +395,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     async with owner_lock(ctx, owner):
         await _name_free(ctx, owner, p.name)
         await check_quota(ctx, owner, cpu, memory_mb, disk_mb, pids=pids)
-        await insert_row(ctx, ws)
+        await insert_row(ctx, ws, owner)
     pool = ctx.app.pool
 
     written = False
@@ -527,7 +534,7 @@ async def workspace_clone(ctx: Context, p: WsClone) -> WorkspaceOut:
     async with owner_lock(ctx, owner):
         await _name_free(ctx, owner, p.name)
         await check_quota(ctx, owner, src.cpu, src.memory_mb, src.disk_mb, pids=src.pids)
-        await insert_row(ctx, ws)
+        await insert_row(ctx, ws, owner, src)
     pool = ctx.app.pool
 
     async def storage() -> None:
