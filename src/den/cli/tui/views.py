@@ -11,6 +11,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
 from textual.worker import get_current_worker
@@ -87,6 +88,7 @@ class Polled(Screen[None]):
         self.api = api
         self.interval = interval
         self._wake = threading.Event()
+        self._gone = False
 
     def fetch(self) -> Any:
         """Read the data (in the worker thread)."""
@@ -100,7 +102,18 @@ class Polled(Screen[None]):
         self._poll()
 
     def on_unmount(self) -> None:
+        self._gone = True
         self._wake.set()  # the worker is cancelled: let it see that now, not after its wait
+
+    def _deliver(self, data: Any) -> None:
+        # A list may arrive just after the screen was closed (escape while den answered),
+        # when its widgets are being removed: nothing to show it on.
+        if self._gone:
+            return
+        try:
+            self.show(data)
+        except NoMatches:
+            return
 
     def poll_now(self) -> None:
         self._wake.set()
@@ -121,7 +134,7 @@ class Polled(Screen[None]):
                 return
             try:
                 if not problem:
-                    self.app.call_from_thread(self.show, data)
+                    self.app.call_from_thread(self._deliver, data)
                 elif problem != last_error:  # once per new problem, not every poll
                     self.app.call_from_thread(self.error, problem)
             except RuntimeError:  # the app has ended meanwhile
