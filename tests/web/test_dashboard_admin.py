@@ -18,7 +18,8 @@ from tests.conftest import Daemon, ssh_key
 from tests.ssh.conftest import person
 from tests.web.conftest import NewPage, Web, goto, login_link, sign_in
 from tests.web.test_dashboard import png_not_blank
-from tests.workspaces.conftest import Users, create, make_bb_rootfs, tar_dir
+from tests.storage.conftest import tar_dir
+from tests.workspaces.conftest import Users, create, make_bb_rootfs
 
 ADMIN_PAGES = [
     "admin", "admin/users", "admin/workspaces", "admin/sessions", "admin/images", "admin/jobs",
@@ -60,7 +61,7 @@ def test_admin_pages_are_404_for_members_and_send_strangers_to_sign_in(
     reply = web.curl(pool_daemon.http_url + "/admin/users", cookie=member_cookie)
     assert reply.status in (302, 404)  # its cookie is Caddy's domain's: a stranger there
     # A workspace or user that is not there: 404 for an admin too.
-    for path in ("admin/metrics/nobody/nothing", "admin/users/nobody-here"):
+    for path in ("admin/metrics/nobody/nothing", "admin/metrics/Bad!/x", "admin/users/Bad!"):
         assert web.curl(web.home + path, cookie=admin_cookie).status == 404
 
 

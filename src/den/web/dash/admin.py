@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from den.errors import DenError, NotFound
+from den.errors import DenError
 from den.web.dash import charts
 from den.web.dash.base import Browser, _not_found, call, render, signed_in
 from den.web.dash.do import message
@@ -192,7 +192,7 @@ async def metrics(request: web.Request) -> web.Response:
     try:
         ws = await call(b, "workspace.get", {"ref": ref})
         points = await call(b, "workspace.metrics", {"ref": ref, "since": window, "step": step})
-    except NotFound:
+    except DenError:  # not there, or not a workspace's name at all: 404 either way
         raise _not_found() from None
     end = datetime.now(UTC)
     start = end - timedelta(seconds=seconds)
