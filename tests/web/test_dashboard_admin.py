@@ -16,9 +16,9 @@ from den.cli.client import RpcError
 from den.web.dash import charts
 from tests.conftest import Daemon, ssh_key
 from tests.ssh.conftest import person
+from tests.storage.conftest import tar_dir
 from tests.web.conftest import NewPage, Web, goto, login_link, sign_in
 from tests.web.test_dashboard import png_not_blank
-from tests.storage.conftest import tar_dir
 from tests.workspaces.conftest import Users, create, make_bb_rootfs
 
 ADMIN_PAGES = [
