@@ -154,6 +154,7 @@ def test_create_from_the_dashboard_and_watch_its_state_live(
     # Its page, and an action from it: stop, then back to it with the state shown.
     goto(page, web.home + f"w/{ref}")
     assert page.title() == f"{ref} · den"
+    assert page.locator(".flash").count() == 0  # a message is shown once
     page.get_by_label("Suspend after").fill("30m")
     with page.expect_navigation():
         page.get_by_role("button", name="Set").first.click()

@@ -18,7 +18,7 @@ def add_routes(router: web.UrlDispatcher, prefix: str) -> None:
 
     router.add_get(prefix + "/_den/static/{path:.+}", static_handler)
     router.add_post(prefix + "/_den/do/{method}", do_handler)
-    router.add_get(prefix + "/_den/events", events.events_handler)
+    router.add_get(prefix + "/_den/events", events.events_handler, allow_head=False)
     member.add_routes(router, prefix)
     term.add_routes(router, prefix)  # the browser terminal (den.web.term)
     admin.add_routes(router, prefix)  # the admin pages (den.web.dash.admin)

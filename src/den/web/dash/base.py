@@ -15,6 +15,7 @@ from aiohttp import web
 from den.rpc.registry import REGISTRY, Caller, Right
 from den.services import weblogin
 from den.web import pages
+from den.web.caddy_config import PAGES
 from den.web.gate import MAX_COOKIES, MAX_CREDENTIAL, _cookies
 from den.web.urls import home_url
 
@@ -118,14 +119,12 @@ async def browser(request: web.Request) -> Browser:
 
 def sign_in_url(request: web.Request) -> str:
     """The sign-in page, coming back to this page once signed in."""
-    b_origin = origin_of(request)
     path = request.path
-    pages_prefix = "/_den/pages"
     if surface(request).via_caddy:
-        path = path.removeprefix(pages_prefix) or "/"
+        path = path.removeprefix(PAGES) or "/"
     here = path + ("?" + request.query_string if request.query_string else "")
     if surface(request).via_caddy:
-        here = b_origin + here
+        here = origin_of(request) + here  # den's domain takes only full URLs of its own
     return "/_den/login?" + urlencode({"next": here})
 
 
