@@ -46,9 +46,21 @@ class Bar:
             transient=False,
         )
         self.task: TaskID = self.progress.add_task(title, total=None, step="")
+        # Not a terminal (a log, CI): a bar is drawn only at the end, so each new
+        # kind of step is printed as a line instead (not one per package).
+        self.lines = not quiet and not render.err_console.is_terminal
+        self.title = title
+        self.last = ""
 
     def update(self, now: int, end: int, step: str) -> None:
         self.progress.update(self.task, completed=now, total=end or None, step=step[:60])
+        kind = step.partition(" ")[0]
+        if self.lines and step and kind != self.last.partition(" ")[0]:
+            self.last = step
+            pct = f"{100 * now // end}% " if end else ""
+            render.err_console.print(
+                f"{self.title}: {pct}{step}", markup=False, highlight=False, soft_wrap=True
+            )
 
     def __enter__(self) -> Bar:
         self.progress.start()

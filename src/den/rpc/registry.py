@@ -287,7 +287,10 @@ def _log_call(ctx: Context, start: float, outcome: str) -> None:
     ctx.app.metrics.rpc_latency.labels(ctx.method.name).observe(seconds)
     if ctx.method.right == Right.public and outcome == "ok":
         return  # health checks and discovery would drown the log
-    log.info(
+    # An open dashboard reads its lists every second (live updates): a debug line.
+    quiet = ctx.caller.via == "web" and not ctx.method.mutating and outcome == "ok"
+    log.log(
+        logging.DEBUG if quiet else logging.INFO,
         "call",
         extra={
             "ctx": {

@@ -421,11 +421,17 @@ async def build(
         unsafe_io.unlink()
         for w in parser.warnings:
             log.info("debootstrap warning for image %s: %s", name, w)
+        fetched = len(parser.downloaded)
+        cached = len(parser.validated - parser.downloaded)
         log.info(
             "image %s: %d packages downloaded, %d taken from the package cache",
             name,
-            len(parser.downloaded),
-            len(parser.validated - parser.downloaded),
+            fetched,
+            cached,
+        )
+        # A step too: whoever follows the build (a job, den init) sees what it cost.
+        progress(
+            LOCALES_AT, SCALE, f"{fetched} packages downloaded, {cached} from the package cache"
         )
 
     async def fill(target: Path) -> None:
