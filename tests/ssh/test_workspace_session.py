@@ -148,3 +148,30 @@ def test_debian_login_shell(alice: Person, debian_image: str) -> None:
         child.expect(pexpect.EOF)
     finally:
         child.close()
+
+
+def test_keystrokes_right_after_a_freeze_wake_an_open_shell(alice: Person, ws: str) -> None:
+    """A shell is open; the workspace is suspended right after a keystroke was checked;
+    the next keystrokes (within that same second) must still wake it: the cgroup is
+    read at most once a second, and a keystroke in between is checked at its end."""
+    d = alice.d
+    ref = f"{alice.name}/{ws}"
+    child = pexpect.spawn(
+        "ssh",
+        ["-tt", *alice.opts(), f"{ws}@127.0.0.1"],
+        encoding="utf-8",
+        timeout=20,
+        env={"TERM": "xterm", "PATH": "/usr/bin:/bin"},
+    )
+    try:
+        child.sendline("echo rea''dy")
+        child.expect("ready")
+        child.send(" ")  # checked now: not frozen
+        d.call("workspace.suspend", ref=ref)
+        child.sendline("\x15echo wo''ke")  # ^U clears the space; within the second
+        child.expect("woke")
+        assert d.call("workspace.get", ref=ref)["state"] == "running"
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)

@@ -62,6 +62,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         self.slot: str | None = None  # the den user whose ssh_max_sessions this holds one of
         self.reaped = False  # runs under den.ssh.reaper, which forwards signals
         self._frozen_check = 0.0
+        self._wake_later = False  # a check is due at the end of this second
 
     # -- asyncssh callbacks ----------------------------------------------------
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
@@ -335,11 +336,22 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
             signal_child(fd, sig)
 
     def _wake(self) -> None:
-        """A keystroke into a workspace the idle checker froze thaws it."""
+        """A keystroke into a workspace the idle checker froze thaws it. The cgroup is
+        read at most once a second; a keystroke in between is checked at the end of
+        that second (the keystrokes right after a freeze must wake it too)."""
         assert self.ws is not None
-        now = asyncio.get_running_loop().time()
-        if now - self._frozen_check < 1.0:
+        loop = asyncio.get_running_loop()
+        wait = self._frozen_check + 1.0 - loop.time()
+        if wait > 0:
+            if not self._wake_later:
+                self._wake_later = True
+                loop.call_later(wait, self._wake_deferred)
             return
-        self._frozen_check = now
+        self._frozen_check = loop.time()
         if self.link.ref is not None:
             pty.wake(self.link.app, self.link.caller, self.link.ref, self.ws.ws_id)
+
+    def _wake_deferred(self) -> None:
+        self._wake_later = False
+        if not self.closed:
+            self._wake()
