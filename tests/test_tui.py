@@ -311,3 +311,31 @@ def test_table_keeps_the_cursor_on_its_row() -> None:
         assert t.selected == "x" and t.get_row("x")[0].plain == "[red]x[/]"
 
     drive(app, script)
+
+
+def test_den_data_reaches_the_terminal_without_escape_sequences(world: World) -> None:
+    """A member's display name with terminal escapes (a window title, a clipboard write,
+    a cleared screen): the admin's users view shows it with the controls replaced,
+    since Textual writes a cell's text to the terminal as it is."""
+    hostile = "ada\x1b]0;owned\x1b\\\x1b]52;c;ZWNobyBoaQ==\x1b\\\x1b[2J\x9b31m"
+    c = world.client(world.other)
+    try:
+        c.call("user.update", {"name": world.other, "display_name": hostile})
+    finally:
+        c.close()
+    app = DenTui(Api(world.client()), interval=0.5, runner=Recorder())
+
+    async def script(pilot: Pilot[None]) -> None:
+        await until(pilot, lambda: row(app, world.ref))
+        await pilot.press("u")
+        await until(pilot, lambda: isinstance(app.screen, ListScreen))
+        await until(pilot, lambda: world.other in table(app).cells)
+        shown = [c.plain for c in table(app).get_row(world.other)]
+        assert not any(ch in s for s in shown for ch in "\x1b\x9b"), shown
+        assert "ada\ufffd]0;owned" in " ".join(shown), shown
+        await pilot.press("q")
+
+    try:
+        drive(app, script)
+    finally:
+        world.d.call("user.update", name=world.other, display_name="")

@@ -19,6 +19,7 @@ from den.cli.tui.views import (
     SessionsScreen,
     Table,
     cell,
+    plain,
     users_screen,
 )
 
@@ -202,7 +203,7 @@ class DenTui(App[None]):
                 return
             outcome = self._run(argv)  # headless (tests): nothing to hand over
         if outcome:
-            self.notify(outcome, severity="warning", markup=False)
+            self.notify(plain(outcome).plain, severity="warning", markup=False)
 
     def _run(self, argv: Sequence[str]) -> str:
         """Run ``argv``; what went wrong ('' when it exited 0).

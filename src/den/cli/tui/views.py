@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -19,6 +20,15 @@ from textual.worker import get_current_worker
 from den.cli.tui.api import Api, CallError
 
 Column = tuple[str, Callable[[dict[str, Any]], object]]
+# C0 and C1 controls but tab and newline: Textual writes a cell's text to the terminal as
+# it is, so an escape sequence in den's data (a display name, an ssh client's version, a
+# branch name a workspace chose) would reach the terminal and act there.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(text: str) -> Text:
+    """den's data as text: never markup, and no control character reaches the terminal."""
+    return Text(_CONTROL.sub("\ufffd", text))
 
 
 def cell(value: object) -> str:
@@ -66,15 +76,14 @@ class Table(DataTable[Text]):
             for key, values in rows:
                 for label, old, new in zip(labels, self.cells[key], values, strict=True):
                     if old != new:
-                        # Text, not str: den's data is never read as markup.
-                        self.update_cell(key, label, Text(new), update_width=True)
+                        self.update_cell(key, label, plain(new), update_width=True)
                 self.cells[key] = values
             return
         selected = self.selected
         self.clear()
         self.cells = {}
         for key, values in rows:
-            self.add_row(*(Text(v) for v in values), key=key)
+            self.add_row(*(plain(v) for v in values), key=key)
             self.cells[key] = values
         if selected in keys:
             self.move_cursor(row=keys.index(selected))
@@ -119,7 +128,7 @@ class Polled(Screen[None]):
         self._wake.set()
 
     def error(self, message: str) -> None:
-        self.app.notify(message, severity="error", markup=False)
+        self.app.notify(plain(message).plain, severity="error", markup=False)
 
     @work(thread=True, exclusive=True, group="poll")
     def _poll(self) -> None:
@@ -154,7 +163,7 @@ class Polled(Screen[None]):
         except CallError as exc:
             self.app.call_from_thread(self.error, f"{method}: {exc}")
         else:
-            self.app.call_from_thread(self.app.notify, done, markup=False)
+            self.app.call_from_thread(self.app.notify, plain(done).plain, markup=False)
         self.poll_now()
 
 
@@ -304,7 +313,7 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(Text(self.question))
+            yield Label(plain(self.question))
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", id="yes", variant="error")
                 yield Button("No (n)", id="no")
@@ -328,9 +337,9 @@ class Prompt(ModalScreen[dict[str, str] | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(Text(self.heading))
+            yield Label(plain(self.heading))
             for name, placeholder, value in self.fields:
-                yield Input(value=value, placeholder=placeholder, id=name)
+                yield Input(value=plain(value).plain, placeholder=placeholder, id=name)
             with Horizontal(classes="buttons"):
                 yield Button("OK", id="ok", variant="primary")
                 yield Button("Cancel", id="cancel")
