@@ -315,3 +315,25 @@ def test_ui_page_restricts_to_me_then_opens_access(
         assert web.curl(web.home, "--interface", "127.0.0.2").status != 403
     finally:
         d.call("ui.open")  # the daemon is shared: never leave it restricted
+
+
+def test_a_members_hostile_strings_are_text_on_the_admins_pages(
+    pool_daemon: Daemon, web: Web, users: Users
+) -> None:
+    """What a member writes (display name, token description) and an admin reads: text,
+    never markup, and no page allows an inline script (CSP)."""
+    member, admin = users.make("member"), users.make("admin")
+    x = '"><img src=x onerror=alert(1)><script>alert(2)</script>'
+    assert "result" in pool_daemon.call_as(
+        member, "user.update", {"name": member, "display_name": x}
+    )
+    assert "result" in pool_daemon.call_as(member, "token.create", {"description": x})
+    admin_cookie, member_cookie = web.login_cookie(admin), web.login_cookie(member)
+    for path, cookie in (("admin/users", admin_cookie), ("tokens", member_cookie)):
+        reply = web.curl(web.home + path, cookie=cookie)
+        assert reply.status == 200, (path, reply.status)
+        assert "<img src=x" not in reply.text and "<script>alert" not in reply.text, path
+        assert "&lt;img src=x onerror=alert(1)&gt;" in reply.text, path
+        csp = reply.header("content-security-policy")
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp, csp
+        assert "frame-ancestors 'none'" in csp and reply.header("cache-control") == "no-store"
