@@ -199,3 +199,66 @@ def test_cross_site_websocket_and_strangers_are_refused(
         for path in (f"/terminal/{ref}", f"/_den/term/{ref}"):
             assert upgrade(web, path, stranger, home) == 404
         assert web.curl(home + f"/terminal/{owner}/nothing", cookie=cookie).status == 404
+
+
+def test_reattaching_from_a_page_that_stopped_reading_keeps_the_output_flowing(
+    pool_daemon: Daemon, box: tuple[str, str, str]
+) -> None:
+    """A page too slow for the shell's output pauses the shell; another page taking the
+    terminal over gets it going again (it was left paused for good)."""
+    import asyncio
+    import concurrent.futures
+
+    import aiohttp
+
+    owner, _admin, ref = box
+    base = pool_daemon.http_url
+    t = login_link(pool_daemon, owner).split("t=", 1)[1]
+
+    def bytes_out(sid: str) -> int:
+        return int(next(s["bytes_out"] for s in web_sessions(pool_daemon, ref) if s["id"] == sid))
+
+    async def paused(sid: str) -> int:
+        """Once den stopped reading the shell's output: how much it had read."""
+        before = -1
+        async with asyncio.timeout(60):
+            while True:
+                now = await asyncio.to_thread(bytes_out, sid)
+                if now == before:
+                    return now
+                before = now
+                await asyncio.sleep(1.5)
+
+    async def run() -> None:
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(base, cookie_jar=jar) as http:
+            async with http.post(
+                "/_den/login", data={"t": t}, headers={"Origin": base}, allow_redirects=False
+            ) as r:
+                assert r.status == 303, await r.text()
+            path, origin = f"/_den/term/{ref}", {"Origin": base}
+            slow = await http.ws_connect(path, headers=origin)
+            hello = await slow.receive_json()
+            sid = hello["id"]
+            try:
+                # Endless output this page reads none of: den pauses the shell.
+                await slow.send_bytes(b"yes\n")
+                stalled = await paused(sid)
+                fast = await http.ws_connect(
+                    f"{path}?attach={sid}&key={hello['key']}", headers=origin
+                )
+                assert (await fast.receive_json())["resumed"] is True
+                got = 0
+                async with asyncio.timeout(30):
+                    while got < 4 * 65536:  # more than the replayed tail
+                        msg = await fast.receive()
+                        assert msg.type == aiohttp.WSMsgType.BINARY, msg
+                        got += len(msg.data)
+                assert await asyncio.to_thread(bytes_out, sid) > stalled
+                await fast.close()
+            finally:
+                await slow.close()
+                await asyncio.to_thread(pool_daemon.call, "session.kill", id=sid)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()

@@ -276,6 +276,12 @@ class Terminal:
         if old is not None:
             old.kick = (ELSEWHERE, "attached elsewhere")
             old.wakeup.set()
+            if old.full:
+                # The shell was paused for that slow page, which gets nothing more:
+                # the new one would otherwise never see output again.
+                old.full = False
+                if self.pty is not None:
+                    self.pty.resume()
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
