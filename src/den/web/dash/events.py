@@ -81,6 +81,11 @@ def changes(before: dict[Key, dict[str, Any]], now: dict[Key, dict[str, Any]]) -
 async def events_handler(request: web.Request) -> web.StreamResponse:
     b = await signed_in(request)
     assert b.caller is not None and b.caller.user_id is not None
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        # Another page (a workspace's is same-site: the cookie goes along) could hold
+        # this user's streams open, each a registry poll a second, until the cap
+        # refuses den's own pages. Only the browser sets this header.
+        raise web.HTTPForbidden(text="den: live updates are for den's own pages\n")
     uid = b.caller.user_id
     key = (id(b.app), uid)
     if _open[key] >= STREAMS_PER_USER:
