@@ -90,7 +90,10 @@ class Web:
         return parse_reply(res.stdout)
 
     def login_cookie(self, user: str) -> str:
-        """Sign in as ``user`` the way a browser does: a one-time link, then its form."""
+        """Sign in as ``user`` the way a browser does: a one-time link, then its form.
+        The Cookie header such a browser sends den's domain: ``den_session`` (for the
+        domain: workspace URLs read it) and ``__Host-den_session`` (den's own pages
+        read only this one) with the same value."""
         res = self.d.call_as(user, "login.link")
         assert "result" in res, res
         link = res["result"]["url"]
@@ -102,10 +105,9 @@ class Web:
             headers={"Origin": self.home.rstrip("/")},
         )
         assert reply.status == 303, reply.text
-        for c in reply.headers.get("set-cookie", []):
-            if c.startswith("den_session="):
-                return c.split(";", 1)[0]
-        raise AssertionError(f"no session cookie in {reply.headers}")
+        jar = {c.split("=", 1)[0]: c.split(";", 1)[0] for c in reply.headers.get("set-cookie", [])}
+        assert {"den_session", "__Host-den_session"} <= jar.keys(), reply.headers
+        return f"{jar['den_session']}; {jar['__Host-den_session']}"
 
 
 def parse_reply(raw: bytes) -> Reply:

@@ -14,7 +14,7 @@ from playwright.sync_api import Page
 from den.rpc.registry import REGISTRY
 from den.services import load_all
 from tests.conftest import Daemon
-from tests.web.conftest import NewPage, Web, goto, login_link, sign_in
+from tests.web.conftest import NewPage, Web, goto, login_link, serve_files, sign_in
 from tests.workspaces.conftest import Users, create
 
 load_all()
@@ -346,3 +346,114 @@ def test_event_streams_are_bounded_and_end_when_the_session_is_revoked(
     # In a thread of its own: Playwright's sync API keeps an event loop on this one.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, run()).result()
+
+
+# -- where a session cookie is good ----------------------------------------------------------
+
+
+def tcp_session(d: Daemon, web: Web, user: str, source: str) -> str:
+    """Sign in on den's TCP listener with curl from the address ``source``: the value
+    of its host-only cookie."""
+    t = login_link(d, user).split("t=", 1)[1]
+    reply = web.curl(
+        d.http_url + "/_den/login", "--interface", source, "--data-urlencode", f"t={t}",
+        headers={"Origin": d.http_url},
+    )  # fmt: skip
+    assert reply.status == 303, reply.text
+    (cookie,) = [c for c in reply.headers.get("set-cookie", []) if c.startswith("den_session=")]
+    assert "domain=" not in cookie.lower()
+    return cookie.split(";", 1)[0].split("=", 1)[1]
+
+
+def test_a_tcp_listener_session_works_only_from_the_address_it_signed_in_from(
+    pool_daemon: Daemon, web: Web, member: str
+) -> None:
+    # The TCP listener's cookie goes to every port of its host (a workspace's dev server
+    # forwarded with ssh -L too): replayed from elsewhere, it is no one's.
+    tcp = pool_daemon.http_url
+    value = tcp_session(pool_daemon, web, member, "127.0.0.2")
+    jar = f"den_session={value}"
+    token = ["--data-urlencode", "right=admin", "--data-urlencode", "description=stolen"]
+    as_json = {"Origin": tcp, "Accept": "application/json"}
+
+    def dashboard(source: str) -> int:
+        return web.curl(tcp + "/tokens", "--interface", source, cookie=jar).status
+
+    assert dashboard("127.0.0.2") == 200
+    assert dashboard("127.0.0.1") == 302
+    reply = web.curl(tcp + "/_den/do/token.create", "--interface", "127.0.0.1", *token,
+                     headers=as_json, cookie=jar)  # fmt: skip
+    assert reply.status == 401, reply.text
+    events = web.curl(tcp + "/_den/events", "--interface", "127.0.0.1", cookie=jar)
+    assert events.status == 302
+    # Through Caddy (which sees 127.0.0.1), as den's page's cookie or a workspace URL's.
+    apex = f"__Host-den_session={value}"
+    assert web.curl(web.home + "tokens", cookie=apex).status == 302
+    reply = web.curl(web.home + "_den/do/token.create", *token, cookie=apex,
+                     headers={"Origin": web.home.rstrip("/"), "Accept": "application/json"})  # fmt: skip
+    assert reply.status == 401, reply.text
+    # A workspace that is not there: 404 for a signed-in user, sign in for a stranger.
+    assert web.curl(web.url(member, "nothing"), cookie=jar).status == 302
+    assert pool_daemon.call("token.list", user=member) == []
+    # From its own address it acts, on TCP and through Caddy alike.
+    reply = web.curl(tcp + "/_den/do/token.create", "--interface", "127.0.0.2",
+                     "--data-urlencode", "description=mine", headers=as_json, cookie=jar)  # fmt: skip
+    assert reply.status == 200 and reply.json()["result"]["description"] == "mine", reply.text
+    here = tcp_session(pool_daemon, web, member, "127.0.0.1")
+    assert web.curl(web.home + "tokens", cookie=f"__Host-den_session={here}").status == 200
+    assert web.curl(web.url(member, "nothing"), cookie=f"den_session={here}").status == 404
+    assert web.curl(web.home + "tokens", "--interface", "127.0.0.2",
+                    cookie=f"__Host-den_session={here}").status == 302  # fmt: skip
+    assert [t["description"] for t in pool_daemon.call("token.list", user=member)] == ["mine"]
+
+
+def test_den_pages_read_only_their_own_host_cookie(
+    pool_daemon: Daemon, web: Web, users: Users, web_bb: str
+) -> None:
+    # A workspace's page can set den_session for the whole domain (its owner's valid
+    # session): den's own pages do not take it, its owner's workspace URLs still do.
+    owner, victim = users.make("member"), users.make("member")
+    create(pool_daemon, owner, "app", image=web_bb)
+    serve_files(pool_daemon, f"{owner}/app")
+    theirs, mine = web.login_cookie(owner), web.login_cookie(victim)
+    tossed = theirs.split(";", 1)[0]
+    assert tossed.startswith("den_session=")
+    reply = web.curl(web.home, cookie=tossed)
+    assert reply.status == 302 and "/_den/login?next=" in reply.header("location")
+    form = ["--data-urlencode", "description=planted"]
+    reply = web.curl(web.home + "_den/do/token.create", *form, cookie=tossed,
+                     headers={"Origin": web.home.rstrip("/"), "Accept": "application/json"})  # fmt: skip
+    assert reply.status == 401 and pool_daemon.call("token.list", user=owner) == []
+    assert "hello from den" in web.curl(web.url(owner, "app"), cookie=tossed).text
+    # A signed-in victim stays themselves on den's pages whatever den_session is added.
+    reply = web.curl(web.home, cookie=f"{tossed}; {mine}")
+    assert reply.status == 200 and f"Signed in as <strong>{victim}</strong>" in reply.text
+    # Signing out takes the host cookie's session, and clears both cookies.
+    reply = web.curl(web.home + "_den/logout", "-X", "POST", cookie=f"{tossed}; {mine}",
+                     headers={"Origin": web.home.rstrip("/")})  # fmt: skip
+    assert reply.status == 303
+    cleared = {c.split("=", 1)[0]: c for c in reply.headers.get("set-cookie", [])}
+    assert "Max-Age=0" in cleared["den_session"] and "Max-Age=0" in cleared["__Host-den_session"]
+    assert f"Domain={web.home.split('//')[1].split(':')[0]}" in cleared["den_session"]
+    assert "Domain" not in cleared["__Host-den_session"]
+    states = {s["user"]: s["state"] for s in pool_daemon.call("login.list")
+              if s["user"] in (owner, victim)}  # fmt: skip
+    assert states == {owner: "active", victim: "revoked"}, states
+
+
+def test_signing_in_through_caddy_sets_both_cookies_and_signing_out_clears_them(
+    pool_daemon: Daemon, web: Web, member: str, new_page: NewPage
+) -> None:
+    page = signed_in_page(pool_daemon, web, new_page, member)
+    host = web.home.split("//")[1].split(":")[0]
+    jar = {c["name"]: c for c in page.context.cookies() if "den_session" in c["name"]}
+    assert jar.keys() == {"den_session", "__Host-den_session"}, jar
+    domain_wide, own = jar["den_session"], jar["__Host-den_session"]
+    assert domain_wide["value"] == own["value"]
+    assert domain_wide["domain"] == "." + host and own["domain"] == host
+    assert all(c["secure"] and c["httpOnly"] and c["path"] == "/" for c in jar.values())
+    assert own["sameSite"] == "Lax"
+    with page.expect_navigation():
+        page.get_by_role("button", name="Sign out").click()
+    assert not [c for c in page.context.cookies() if "den_session" in c["name"]]
+    assert goto(page, web.home + "tokens").status == 401  # the sign-in page

@@ -50,7 +50,7 @@ def consume(d: Daemon, value: str, agent: str = "test-agent") -> tuple[str, date
 
 
 def who(d: Daemon, cookie: str) -> SessionUser | None:
-    return gate_run(d, lambda app: session_user(app, cookie))
+    return gate_run(d, lambda app: session_user(app, cookie, "127.0.0.1"))
 
 
 def link_value(url: str) -> str:

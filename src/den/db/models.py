@@ -274,6 +274,9 @@ class BrowserSession(Base):
     expires_at: Mapped[datetime] = mapped_column()
     last_seen_at: Mapped[datetime | None] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
+    # Signed in on den's own TCP listener: valid from this client address alone (a
+    # host-only cookie reaches every port of the host); None: signed in through Caddy.
+    bound_client: Mapped[str | None] = mapped_column(String(64))
 
 
 class LoginLink(Base):

@@ -26,6 +26,7 @@ from den.errors import Conflict, Forbidden, InvalidParams, NotFound, Unauthentic
 from den.rpc.registry import Cli, CliArg, Context, NoParams, Params, Right, method
 from den.services.common import Name, user_or_self
 from den.services.tokens import hash_secret
+from den.web.allow import address
 from den.web.urls import home_url
 
 if TYPE_CHECKING:
@@ -241,11 +242,27 @@ async def link_user(app: App, value: str) -> str | None:
     return user.name
 
 
-async def consume_link(app: App, value: str, client: str, agent: str) -> tuple[str, datetime, str]:
+def _canonical(client: str) -> str:
+    """A client address as sessions are bound to it ("" for none: matches nothing)."""
+    ip = address(client)
+    return "" if ip is None else str(ip)
+
+
+def client_ok(bound: str | None, remote: str) -> bool:
+    """Whether a request from ``remote`` may use a session bound to ``bound`` (None:
+    an unbound session, good from anywhere)."""
+    return bound is None or (bound != "" and _canonical(remote) == bound)
+
+
+async def consume_link(
+    app: App, value: str, client: str, agent: str, bind: bool = False
+) -> tuple[str, datetime, str]:
     """Use a login link (``<id>_<secret>``) once: a new browser session.
 
-    Returns (cookie value, its expiry, user name); raises Unauthenticated when the
-    link is unknown, used or expired.
+    With ``bind`` the session is good only for requests from ``client`` (signed in
+    on den's own TCP listener, whose host-only cookie every port of that host gets,
+    a workspace's forwarded dev server too). Returns (cookie value, its expiry, user
+    name); raises Unauthenticated when the link is unknown, used or expired.
     """
     parts = _split(value)
     if parts is None:
@@ -298,6 +315,7 @@ async def consume_link(app: App, value: str, client: str, agent: str) -> tuple[s
                 created_at=now,
                 expires_at=expires,
                 last_seen_at=now,
+                bound_client=_canonical(client) if bind else None,
             )
         )
         db.add(
@@ -306,7 +324,7 @@ async def consume_link(app: App, value: str, client: str, agent: str) -> tuple[s
                 via="web",
                 method="login.consume",
                 target=f"login-session:{sid}",
-                params={"link": lid, "client": _printable(client, 64)},
+                params={"link": lid, "client": _printable(client, 64), "bound": bind},
                 outcome="ok",
             )
         )
@@ -316,9 +334,10 @@ async def consume_link(app: App, value: str, client: str, agent: str) -> tuple[s
     return f"{sid}_{session_secret}", expires, name
 
 
-async def session_user(app: App, value: str) -> SessionUser | None:
-    """The user a session cookie stands for; None when unknown, revoked, expired or
-    the user is gone."""
+async def session_user(app: App, value: str, remote: str) -> SessionUser | None:
+    """The user a session cookie stands for, sent by a client at ``remote``; None when
+    unknown, revoked, expired, the user is gone, or the session is bound to another
+    client address."""
     parts = _split(value)
     if parts is None:
         return None
@@ -333,7 +352,7 @@ async def session_user(app: App, value: str) -> SessionUser | None:
             return None
         session, user = row
         now = datetime.now(UTC)
-        if _state(session, now) != "active":
+        if _state(session, now) != "active" or not client_ok(session.bound_client, remote):
             return None
         seen = session.last_seen_at
         if seen is None or (now - seen).total_seconds() > TOUCH_EVERY:

@@ -87,15 +87,17 @@ class Gate:
 
     # -- credentials -----------------------------------------------------------------
 
-    async def _session(self, value: str) -> Who | None:
+    async def _session(self, value: str, remote: str) -> Who | None:
         async def load() -> Who | None:
-            s = await weblogin.session_user(self.app, value)
+            s = await weblogin.session_user(self.app, value, remote)
             if s is None:
                 return None
             right = Right.admin if s.role == "admin" else Right.write
             return Who(s.user_id, s.name, s.role, "session", right)
 
-        return await self.dir.memo.get(("session", value), load)
+        # Keyed by the address too: a session bound to one client address is no one's
+        # from another, and a remembered answer must not say otherwise.
+        return await self.dir.memo.get(("session", value, remote), load)
 
     async def _bearer(self, header: str) -> Who | None:
         async def load() -> Who | None:
@@ -128,7 +130,7 @@ class Gate:
         for value in values:
             if len(value) > MAX_CREDENTIAL:
                 continue
-            who = await self._session(value)
+            who = await self._session(value, remote)
             if who is not None:
                 users[who.user_id] = who
         return next(iter(users.values())) if len(users) == 1 else None

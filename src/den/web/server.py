@@ -16,8 +16,8 @@ from den.rpc.registry import REGISTRY, Caller, Right
 from den.services import weblogin
 from den.web import dash, pages
 from den.web.caddy_config import ERROR, GATE, PAGES
-from den.web.dash.base import SURFACE, Surface
-from den.web.gate import Gate, _cookies
+from den.web.dash.base import HOST_COOKIE, SURFACE, Surface, session_values
+from den.web.gate import Gate
 from den.web.urls import base, home_url
 
 if TYPE_CHECKING:
@@ -68,7 +68,8 @@ def _session_cookie(app: App, value: str, max_age: int) -> str:
 @dataclass(frozen=True)
 class Door:
     """Where a browser signs in: den's domain through Caddy (a cookie for the domain,
-    which its workspace URLs see too), or den's own TCP listener (a host-only cookie)."""
+    which its workspace URLs see too), or den's own TCP listener (a host-only cookie,
+    which every port of that host gets: the session is bound to the client's address)."""
 
     app: App
     home: str  # the home page's URL, ending in "/"
@@ -88,13 +89,18 @@ class Door:
             return url
         return self.home
 
-    def cookie(self, value: str, max_age: int) -> str:
+    def cookies(self, value: str, max_age: int) -> list[str]:
         if self.via_caddy:
-            return _session_cookie(self.app, value, max_age)
+            # The domain's cookie for workspace URLs, and a host-only one den's own pages
+            # read (a workspace's page can set the first for the domain, not the second).
+            own = (
+                f"{HOST_COOKIE}={value}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite=Lax"
+            )
+            return [_session_cookie(self.app, value, max_age), own]
         secure = "; Secure" if self.home.startswith("https:") else ""
-        return (
+        return [
             f"{weblogin.COOKIE}={value}; Path=/; Max-Age={max_age}{secure}; HttpOnly; SameSite=Lax"
-        )
+        ]
 
 
 def door(request: web.Request) -> Door:
@@ -212,12 +218,15 @@ async def _login_post(request: web.Request, d: Door) -> web.Response:
     client = d.client
     agent = request.headers.get("User-Agent", "")[:200]
     try:
-        value, _expires, name = await weblogin.consume_link(app, link, client, agent)
+        value, _expires, name = await weblogin.consume_link(
+            app, link, client, agent, bind=not d.via_caddy
+        )
     except Unauthenticated as err:
         return pages.page("Link not valid", pages.para(err.message), 401)
     max_age = max(1, int(app.settings.web_session_days * 86400))
     resp = web.Response(status=303, headers={"Location": nxt, "Cache-Control": "no-store"})
-    resp.headers.add("Set-Cookie", d.cookie(value, max_age))
+    for cookie in d.cookies(value, max_age):
+        resp.headers.add("Set-Cookie", cookie)
     if d.via_caddy:
         resp.del_cookie(NEXT_COOKIE, secure=True, httponly=True, samesite="Lax")
     log.info("browser signed in", extra={"ctx": {"user": name}})
@@ -228,9 +237,8 @@ async def _logout(request: web.Request, d: Door) -> web.Response:
     app = d.app
     if not _same_origin(request, d):
         return pages.page("Refused", pages.para("This form must be sent from den's own page."), 403)
-    values = _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
-    for value in values:
-        who = await weblogin.session_user(app, value)
+    for value in session_values(request):
+        who = await weblogin.session_user(app, value, d.client)
         if who is None:
             continue
         caller = Caller(who.name, who.role, Right.write, "web", user_id=who.user_id)
@@ -239,7 +247,8 @@ async def _logout(request: web.Request, d: Door) -> web.Response:
         except DenError as err:
             log.warning("sign-out failed: %s", err.message)
     resp = web.Response(status=303, headers={"Location": d.home})
-    resp.headers.add("Set-Cookie", d.cookie("", 0))
+    for cookie in d.cookies("", 0):
+        resp.headers.add("Set-Cookie", cookie)
     return resp
 
 

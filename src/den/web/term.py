@@ -347,7 +347,7 @@ class Terminal:
         ends the terminal; not the gate's memo)."""
         while True:
             await asyncio.sleep(RECHECK_SECONDS)
-            who = await user_of(self.app, b.cookies)
+            who = await user_of(self.app, b.cookies, b.remote)
             if who is None or who.user_id != self.caller.user_id:
                 self.revoke("signed out")
                 return

@@ -36,6 +36,7 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 FLASH = "den_flash"
+HOST_COOKIE = "__Host-" + weblogin.COOKIE  # the session cookie of den's domain itself
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Browser:
     remote: str
     origin: str  # the dashboard's own origin, as this browser reaches it
     via_caddy: bool
-    cookies: tuple[str, ...] = ()  # its den_session values (streams re-check them)
+    cookies: tuple[str, ...] = ()  # its session cookie values (streams re-check them)
 
     @property
     def secure(self) -> bool:
@@ -85,19 +86,26 @@ def origin_of(request: web.Request) -> str:
 
 
 def session_values(request: web.Request) -> list[str]:
-    return _cookies(request.headers.getall("Cookie", [])).get(weblogin.COOKIE, [])
+    """The browser's session cookie values for den's own pages. At den's domain only
+    the host-only ``__Host-`` one: a workspace's page can set ``den_session`` for the
+    whole domain (its owner's session: the victim would act as them), never this."""
+    name = HOST_COOKIE if surface(request).via_caddy else weblogin.COOKIE
+    return _cookies(request.headers.getall("Cookie", [])).get(name, [])
 
 
-async def user_of(app: App, values: list[str] | tuple[str, ...]) -> weblogin.SessionUser | None:
+async def user_of(
+    app: App, values: list[str] | tuple[str, ...], remote: str
+) -> weblogin.SessionUser | None:
     """The gate's one rule, asked of the database each time (no memo: streams re-check
-    with it): at most MAX_COOKIES values, and all the valid ones the same user."""
+    with it): at most MAX_COOKIES values, and all the valid ones (for a client at
+    ``remote``) the same user."""
     if len(values) > MAX_COOKIES:
         return None
     users: dict[int, weblogin.SessionUser] = {}
     for value in values:
         if len(value) > MAX_CREDENTIAL:
             continue
-        who = await weblogin.session_user(app, value)
+        who = await weblogin.session_user(app, value, remote)
         if who is not None:
             users[who.user_id] = who
     return next(iter(users.values())) if len(users) == 1 else None
@@ -112,7 +120,7 @@ async def browser(request: web.Request) -> Browser:
     s = surface(request)
     values = session_values(request)
     remote = remote_of(request)
-    who = await user_of(s.app, values) if values else None
+    who = await user_of(s.app, values, remote) if values else None
     caller = _caller(who, remote) if who is not None else None
     return Browser(s.app, caller, remote, origin_of(request), s.via_caddy, tuple(values))
 

@@ -127,7 +127,7 @@ async def events_handler(request: web.Request) -> web.StreamResponse:
             if time.monotonic() - checked >= RECHECK:
                 # The session itself, from the database (not the gate's memo): signed
                 # out, expired, or the user demoted or gone ends the stream.
-                who = await user_of(b.app, b.cookies)
+                who = await user_of(b.app, b.cookies, b.remote)
                 if who is None or who.user_id != uid or who.role != b.caller.role:
                     break
                 checked = time.monotonic()
