@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from den.cli.client import Client
+from den.cli.client import Client, RpcError
 from den.rpc.registry import REGISTRY
 from den.services import load_all
 from tests.conftest import Daemon, running_daemon
@@ -299,3 +299,72 @@ def test_daemon_healthy_after_fuzzing(fuzz_daemon: Daemon, client: Client) -> No
     assert fuzz_daemon.call("rpc.health")["status"] == "ok"
     assert fuzz_daemon.proc is not None and fuzz_daemon.proc.poll() is None
     assert "Traceback" not in fuzz_daemon.log_text()
+
+
+# -- human text --------------------------------------------------------------------
+
+TEXT_USER = "fz-text"
+# NUL, an escape sequence (clear screen), CR, DEL, a C1 control (CSI), a Unicode line separator.
+CONTROLS = ["a\x00b", "a\x1b[2Jb", "a\rb", "a\x7fb", "a\x9b2Jb", "a\u2028b"]
+
+
+@pytest.fixture(scope="module")
+def text_user(fuzz_daemon: Daemon) -> Iterator[str]:
+    fuzz_daemon.call("user.create", name=TEXT_USER, display_name="Ada Old")
+    try:
+        yield TEXT_USER
+    finally:
+        fuzz_daemon.call("user.delete", name=TEXT_USER)
+
+
+def state(d: Daemon, user: str) -> Any:
+    return (
+        d.call("user.get", name=user)["display_name"],
+        user_names(d),
+        d.call("token.list", user=user),
+        d.call("key.list", user=user),
+        d.call("egress.list"),
+        d.call("ui.list"),
+    )
+
+
+@pytest.mark.parametrize("bad", CONTROLS, ids=repr)
+def test_control_characters_in_human_text_refused(
+    fuzz_daemon: Daemon, client: Client, text_user: str, bad: str
+) -> None:
+    """Text den stores and shows to others takes no control characters; a refused call
+    names the field and changes nothing. The workspace "nows" does not exist: the text is
+    refused before anything is looked up."""
+    import asyncssh
+
+    pub = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    before = state(fuzz_daemon, text_user)
+    for method, params, field in [
+        ("user.update", {"name": text_user, "display_name": bad}, "display_name"),
+        ("user.create", {"name": "fz-ctl", "display_name": bad}, "display_name"),
+        ("token.create", {"user": text_user, "description": bad}, "description"),
+        ("key.add", {"user": text_user, "key": f"{pub} {bad}"}, "key"),
+        ("share.link", {"ref": "nows", "note": bad}, "note"),
+        ("egress.allow", {"dest": "192.0.2.1", "note": bad}, "note"),
+        ("ui.allow", {"addr": "192.0.2.7", "note": bad}, "note"),
+        ("code.push", {"workspace": "nows", "message": bad}, "message"),
+    ]:
+        req = {"jsonrpc": "2.0", "method": method, "params": params, "id": 1}
+        status, out = client.post(orjson.dumps(req))
+        resp = orjson.loads(out)
+        assert status == 200
+        assert resp["error"]["code"] == -32602, (method, resp)
+        assert [e["field"] for e in resp["error"]["data"]["errors"]] == [field], (method, resp)
+    assert state(fuzz_daemon, text_user) == before
+
+
+def test_human_text_keeps_unicode_and_commit_message_lines(
+    fuzz_daemon: Daemon, text_user: str
+) -> None:
+    fuzz_daemon.call("user.update", name=text_user, display_name="Zoë 名前 😀")
+    assert fuzz_daemon.call("user.get", name=text_user)["display_name"] == "Zoë 名前 😀"
+    fuzz_daemon.call("user.update", name=text_user, display_name="Ada Old")
+    # Lines and tabs pass validation: the call gets as far as finding the workspace.
+    with pytest.raises(RpcError) as err:
+        fuzz_daemon.call("code.push", workspace=f"{text_user}/nows", message="Subject\n\n\tbody\n")
+    assert err.value.code != -32602, err.value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -318,11 +319,14 @@ def test_den_data_reaches_the_terminal_without_escape_sequences(world: World) ->
     a cleared screen): the admin's users view shows it with the controls replaced,
     since Textual writes a cell's text to the terminal as it is."""
     hostile = "ada\x1b]0;owned\x1b\\\x1b]52;c;ZWNobyBoaQ==\x1b\\\x1b[2J\x9b31m"
-    c = world.client(world.other)
+    # den refuses control characters in a display name (den.services.common.Line), but a
+    # row stored before it did still holds them: put one there as such a row.
+    db = sqlite3.connect(world.d.data_dir / "den.db")
     try:
-        c.call("user.update", {"name": world.other, "display_name": hostile})
+        with db:
+            db.execute("UPDATE users SET display_name = ? WHERE name = ?", (hostile, world.other))
     finally:
-        c.close()
+        db.close()
     app = DenTui(Api(world.client()), interval=0.5, runner=Recorder())
 
     async def script(pilot: Pilot[None]) -> None:

@@ -22,6 +22,7 @@ from den.db.models import User, Workspace
 from den.errors import BackendFailure, Conflict, InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
 from den.services import account
+from den.services.common import Text
 from den.services.power import ensure_running
 from den.services.workspaces import spec_of
 from den.storage import code, giturl
@@ -109,7 +110,7 @@ class PushParams(WorkspaceParams):
         max_length=300,
         description="Repo path in /code, e.g. github.com/org/repo (default: the one with changes).",
     )
-    message: Annotated[str, CliOpt(flags=("--message", "-m"))] = Field(
+    message: Annotated[Text, CliOpt(flags=("--message", "-m"))] = Field(
         min_length=1, max_length=20000, description="Commit message."
     )
 

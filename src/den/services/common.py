@@ -1,4 +1,4 @@
-"""Helpers shared by the service modules: names, scoping, durations."""
+"""Helpers shared by the service modules: names, human text, scoping, durations."""
 
 from __future__ import annotations
 
@@ -38,6 +38,40 @@ def _check_user_name(value: str) -> str:
 
 
 UserName = Annotated[Name, AfterValidator(_check_user_name)]
+
+# Human text den stores and shows to others (a display name, a token's description, a note):
+# a control character in it is never meant, and where it is shown raw (a terminal, a log line,
+# a git header) it is an escape sequence or a cut. C0, DEL and C1 controls, the Unicode line
+# and paragraph separators, and lone surrogates (JSON escapes can carry one; UTF-8 cannot
+# store it) are refused rather than cleaned, so that what den stores is what was sent.
+_NOT_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# A commit message has lines and may indent with tabs; nothing else in C0.
+_NOT_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def is_line(value: str) -> bool:
+    """Whether ``value`` is one line of printable text (what ``Line`` takes)."""
+    return not _NOT_LINE.search(value)
+
+
+def _check_line(value: str) -> str:
+    if not is_line(value):
+        raise ValueError("must be one line of printable text (no control characters)")
+    return value
+
+
+def _check_text(value: str) -> str:
+    if _NOT_TEXT.search(value):
+        raise ValueError(
+            "must be printable text (no control characters other than newline and tab)"
+        )
+    return value
+
+
+# One line of human text; bound its length with Field(max_length=...) where it is used.
+Line = Annotated[str, AfterValidator(_check_line)]
+# Lines of human text (newlines and tabs allowed), e.g. a commit message.
+Text = Annotated[str, AfterValidator(_check_text)]
 
 
 async def release_db(ctx: Context) -> None:

@@ -24,7 +24,7 @@ from den.db.models import EgressRule, User, Workspace
 from den.errors import Conflict, InvalidParams, NotFound
 from den.net.firewall import Exception4
 from den.rpc.registry import Cli, CliArg, Context, NoParams, Params, Right, method
-from den.services.common import Name, find_user
+from den.services.common import Line, Name, find_user
 from den.services.workspaces import find_workspace
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class EgressSpec(Params):
         None, ge=1, le=65535, description="Only this port (with --proto, else TCP and UDP)."
     )
     proto: Literal["tcp", "udp"] | None = Field(None, description="Only this protocol.")
-    note: str = Field("", max_length=200, description="Why (shown by `den egress ls`).")
+    note: Line = Field("", max_length=200, description="Why (shown by `den egress ls`).")
 
 
 class EgressRemove(Params):

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from den.db.models import SshKey, User
 from den.errors import Conflict, InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
-from den.services.common import Name, find_user, user_or_self
+from den.services.common import Name, find_user, is_line, user_or_self
 from den.services.revocation import Revoked
 
 MAX_KEY_TEXT = 16384
@@ -66,6 +66,11 @@ def parse_public_key(text: str) -> ParsedKey:
             field="key",
         )
     comment = key.get_comment() or ""
+    if not is_line(comment):  # shown in key listings: an escape sequence there is an attack
+        raise InvalidParams(
+            "the key's comment must be one line of printable text (no control characters)",
+            field="key",
+        )
     return ParsedKey(
         algorithm=key.get_algorithm(),
         fingerprint=key.get_fingerprint("sha256"),

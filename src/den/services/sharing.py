@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from den.db.models import PublishedPort, ShareLink, ShareUser, User, Workspace
 from den.errors import Conflict, InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
-from den.services.common import Name, parse_when
+from den.services.common import Line, Name, parse_when
 from den.services.tokens import hash_secret
 from den.services.workspaces import find_workspace, published_ports, ws_urls
 from den.web.urls import workspace_url
@@ -245,7 +245,7 @@ class ShareSet(Params):
 
 class LinkCreate(Params):
     ref: Annotated[str, CliArg()] = Field(max_length=80, description="NAME or OWNER/NAME.")
-    note: str = Field("", max_length=200, description="Who or what the link is for.")
+    note: Line = Field("", max_length=200, description="Who or what the link is for.")
     expires: str | None = Field(
         None,
         max_length=64,

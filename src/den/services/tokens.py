@@ -14,7 +14,7 @@ from sqlalchemy import event, select
 from den.db.models import Token, User
 from den.errors import Forbidden, InvalidParams, NotFound, Unauthenticated
 from den.rpc.registry import Caller, Cli, CliArg, Context, Params, Right, method
-from den.services.common import Name, parse_when, user_or_self
+from den.services.common import Line, Name, parse_when, user_or_self
 
 if TYPE_CHECKING:
     from den.app import App
@@ -56,7 +56,7 @@ class TokenCreate(Params):
     expires: str | None = Field(
         None, max_length=64, description="Expiry: a duration (30d, 12h) or an ISO 8601 time."
     )
-    description: str = Field("", max_length=200, description="What the token is for.")
+    description: Line = Field("", max_length=200, description="What the token is for.")
 
 
 class TokenList(Params):

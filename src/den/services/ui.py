@@ -14,6 +14,7 @@ from sqlalchemy import delete, select
 from den.db.models import UiAllow
 from den.errors import InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
+from den.services.common import Line
 from den.web import allow
 
 ADDR = "An IP address (192.0.2.7, 2001:db8::7) or a CIDR network (10.1.0.0/16)."
@@ -33,7 +34,7 @@ class UiAllowParams(Params):
         description="Your own address, as den sees this call (the den CLI on the unix "
         "socket takes it from $SSH_CONNECTION).",
     )
-    note: str = Field("", max_length=200, description="Why (shown by `den ui list`).")
+    note: Line = Field("", max_length=200, description="Why (shown by `den ui list`).")
 
 
 class UiRemoveParams(Params):

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from den.db.models import SshKey, User, Workspace
 from den.errors import Conflict, Forbidden, InvalidParams
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
-from den.services.common import Name, UserName, find_user
+from den.services.common import Line, Name, UserName, find_user
 from den.services.dotfiles import DotfilesUrl, shown
 from den.services.keys import TAKEN, parse_public_key
 from den.services.quotas import QUOTAS, defaulted, effective_quotas
@@ -103,7 +103,7 @@ class UserCreate(_Quotas, _Named):
     role: Annotated[Role, CliOpt(flags=("--admin",), flag_value="admin")] = Field(
         "member", description="admin or member."
     )
-    display_name: str = Field("", max_length=200, description="Full name shown in listings.")
+    display_name: Line = Field("", max_length=200, description="Full name shown in listings.")
     email: Email = Field("", description="Email address git commits with in the workspaces.")
     dotfiles: DotfilesUrl = Field("", description="Dotfiles repository of new workspaces.")
     keys: Annotated[list[str], CliOpt(flags=("--key",), read_file=True)] = Field(
@@ -117,7 +117,7 @@ class UserRef(Params):
 
 class UserUpdate(_Quotas, _Named):
     role: Role | None = Field(None, description="New role (admins only).")
-    display_name: str | None = Field(None, max_length=200, description="New display name.")
+    display_name: Line | None = Field(None, max_length=200, description="New display name.")
     email: Email | None = Field(None, description="New email address (empty: none).")
     dotfiles: DotfilesUrl | None = Field(
         None, description="Dotfiles repository of new workspaces (empty: none)."
