@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
@@ -41,3 +42,36 @@ def test_old_exec_audit_rows_lose_their_input(tmp_path: Path) -> None:
     assert shaped["ref"] == "a/b" and list(shaped["env"]) == ["TOKEN"]
     assert shaped["argv"][0] == "sh" and len(shaped["argv"]) == 3
     assert json.loads(rows["user.create"]) == other
+
+
+def test_browser_sessions_from_before_binding_are_signed_out(tmp_path: Path) -> None:
+    """An older TCP listener's session cookie would stay good from every address: the
+    upgrade that binds new ones signs the old ones out (which door made them is not
+    known), and the rest of the row stays."""
+    db = tmp_path / "den.db"
+    url = f"sqlite:///{db}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", normalize_url(url))
+    command.upgrade(cfg, "0010")
+    with sqlite3.connect(db) as c:
+        c.execute(
+            "INSERT INTO users (name, role, display_name, account, created_at, updated_at) "
+            "VALUES ('ann', 'member', '', 'den-ann', datetime('now'), datetime('now'))"
+        )
+        c.execute(
+            "INSERT INTO browser_sessions (id, user_id, secret_hash, client, agent, created_at, "
+            "expires_at) VALUES ('abc', 1, 'h', '127.0.0.1', 'a', datetime('now'), "
+            "datetime('now', '+14 days'))"
+        )
+    _upgrade(url)
+    with sqlite3.connect(db) as c:
+        row = c.execute(
+            "SELECT id, client, bound_client, revoked_at FROM browser_sessions"
+        ).fetchone()
+    assert row[:3] == ("abc", "127.0.0.1", None)
+    revoked = datetime.fromisoformat(row[3])
+    assert (
+        abs((revoked.replace(tzinfo=revoked.tzinfo or UTC) - datetime.now(UTC)).total_seconds())
+        < 60
+    )
