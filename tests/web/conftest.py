@@ -300,9 +300,13 @@ def relay(listener: socket.socket, port: int) -> Iterator[None]:
             c.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    """One headless Chromium for the test session (every web test module shares it); every test opens contexts of its own.
+    """A headless Chromium for a test module; every test opens contexts of its own.
+
+    Not one for the whole session: Playwright's synchronous API keeps an event loop
+    running in the main thread while it is started, and every later test calling
+    ``asyncio.run()`` there would fail.
 
     Chromium drops connections it is opening whenever the host's addresses change
     (ERR_NETWORK_CHANGED), and every workspace den starts adds a veth pair on the

@@ -27,4 +27,13 @@ async def purge(instance: int, data_dir: Path, subnet: str | None = None) -> lis
 
 
 def purge_sync(instance: int, data_dir: Path) -> list[str]:
-    return asyncio.run(purge(instance, data_dir))
+    """:func:`purge` from synchronous code, also from a thread whose event loop is
+    running (then in a thread of its own: a loop cannot be entered twice)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(purge(instance, data_dir))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, purge(instance, data_dir)).result()
