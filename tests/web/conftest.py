@@ -7,18 +7,16 @@ root) and, in the browser tests, Debian's Chromium driven by Playwright.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bench._browser import listen_in_netns, relay  # one copy: the benchmarks' Chromium too
 from playwright.sync_api import Browser, BrowserContext, Page, Response, sync_playwright
 
 from den.cli.client import RpcError
@@ -31,8 +29,6 @@ DOMAIN = "den.localhost"
 WEB_BB = "webbb"
 WEB_DEV = "dev"
 CHROMIUM = "/usr/bin/chromium"
-CLONE_NEWNET = 0x40000000
-LIBC = ctypes.CDLL(None, use_errno=True)
 NewPage = Callable[[], Page]
 
 
@@ -217,87 +213,6 @@ def call_gate(d: Daemon, module: Any, fn: str, *args: str) -> Any:
 
 
 # -- the browser (Debian's Chromium, headless, through Playwright) ----------------------------
-
-
-def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if LIBC.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
-
-
-def listen_in_netns(netns: str, port: int) -> socket.socket:
-    """A socket listening on 127.0.0.1:``port`` inside ``netns`` (made by a thread that
-    enters it: a socket stays in the namespace it was made in)."""
-    made: list[socket.socket | OSError] = []
-
-    def enter() -> None:
-        try:
-            _setns(f"/run/netns/{netns}")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", port))
-            sock.listen(64)
-            made.append(sock)
-        except OSError as err:  # reported to the caller below
-            made.append(err)
-
-    t = threading.Thread(target=enter)  # it ends in the namespace; nothing else runs there
-    t.start()
-    t.join()
-    if isinstance(made[0], OSError):
-        raise made[0]
-    return made[0]
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
-
-
-@contextlib.contextmanager
-def relay(listener: socket.socket, port: int) -> Iterator[None]:
-    """Bytes from the browser's namespace to Caddy on the host's 127.0.0.1:``port``,
-    relayed as they come (no buffering: streams stay streams)."""
-    stop = threading.Event()
-    conns: list[socket.socket] = []
-
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                inside, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            inside.settimeout(None)
-            try:
-                outside = socket.create_connection(("127.0.0.1", port))
-            except OSError:
-                inside.close()
-                continue
-            conns.extend((inside, outside))
-            for a, b in ((inside, outside), (outside, inside)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        server.join()
-        listener.close()
-        for c in conns:
-            c.close()
 
 
 @pytest.fixture(scope="module")
