@@ -330,10 +330,16 @@ def sign_in(curl: Curl, link: str) -> str:
         f"t={token}",
         headers=(f"Origin: {home}",),
     )
-    for line in out.splitlines():
-        if line.lower().startswith("set-cookie: den_session="):
-            return line.split(":", 1)[1].strip().split(";", 1)[0]
-    raise RuntimeError(f"the sign-in gave no session cookie: {out[:300]}")
+    # den_session (for workspace URLs) and __Host-den_session (den's own pages at the
+    # apex read only this one): what a browser sends the apex after signing in.
+    cookies = [
+        line.split(":", 1)[1].strip().split(";", 1)[0]
+        for line in out.splitlines()
+        if line.lower().startswith(("set-cookie: den_session=", "set-cookie: __host-den_session="))
+    ]
+    if len(cookies) != 2:
+        raise RuntimeError(f"the sign-in gave no session cookies: {out[:300]}")
+    return "; ".join(cookies)
 
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
