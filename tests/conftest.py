@@ -324,7 +324,12 @@ def pool_daemon() -> Iterator[Daemon]:
     """A daemon on a btrfs loopback pool made by `den init`, shared by the session.
 
     It serves workspace URLs too (Caddy on a free port; tests/web use them)."""
-    env = {"DEN_WEB": "true", "DEN_HTTPS_PORT": str(unused_port())}
+    env = {
+        "DEN_WEB": "true",
+        "DEN_HTTPS_PORT": str(unused_port()),
+        # test_forward_limits waits this out twice: shorter than the default 30 s.
+        "DEN_SSH_FORWARD_OPEN_SECONDS": "12",
+    }
     with running_daemon(env, pool="8G") as d:
         yield d
 

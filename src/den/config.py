@@ -118,6 +118,13 @@ class Settings(BaseSettings):
         description="Shell, command and sftp sessions one den user may run at once over ssh "
         "(each keeps host processes while its command runs).",
     )
+    ssh_forward_open_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="A connection forwarded to the client (ssh -R, an agent) whose channel "
+        "the client has not confirmed by then is closed inside the workspace.",
+    )
     api_max_auth_failures: int = Field(
         20,
         ge=1,
@@ -232,6 +239,12 @@ class Settings(BaseSettings):
     oauth_audience: str = Field("", max_length=2000, description="Required `aud` of a JWT.")
     oauth_user_claim: str = Field(
         "sub", max_length=100, description="JWT claim that names the den user."
+    )
+    oauth_jwks_refetch_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=86400,
+        description="At most one JWKS fetch this often (a token naming an unknown key).",
     )
     dns_servers: list[str] = Field(
         default_factory=list,

@@ -160,13 +160,13 @@ async def relay_out(
     """Bridge a connection accepted inside the workspace to a new channel to the client.
 
     The socket is closed if the client has not confirmed the channel within
-    OPEN_SECONDS; the bridge keeps its place until the client answers (a late
+    ``ssh_forward_open_seconds``; the bridge keeps its place until the client answers (a late
     channel is closed at once) or its connection ends.
     """
     bridge = await attach(link, ws_id, sock, ticket)
     opening = asyncio.ensure_future(open_channel(lambda: bridge))
     try:
-        done, _ = await asyncio.wait({opening}, timeout=limits.OPEN_SECONDS)
+        done, _ = await asyncio.wait({opening}, timeout=link.app.settings.ssh_forward_open_seconds)
         if not done:
             log.info("ssh: a forwarded channel was not confirmed in time: closed inside")
             bridge.abort_socket()

@@ -16,8 +16,8 @@ channel (a client that never answers a channel open, or never acknowledges its
 close, keeps what that channel holds in the daemon; the place bounds it).
 
 Nothing is read from a relay's socket before its channel is open (:func:`hold`),
-and a channel the client has not confirmed within :data:`OPEN_SECONDS` closes
-the connection inside.
+and a channel the client has not confirmed within ``ssh_forward_open_seconds``
+closes the connection inside.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 RELAYS_PER_LISTENER = 256
 AGENT_RELAYS = 128
 RELAYS_PER_USER = 1024
-OPEN_SECONDS = 30.0  # a forwarded channel the client has not confirmed by then is given up
 QUIET_SECONDS = 60.0  # one log line per limit and burst of refusals, not one per connection
 
 _users = UserSlots()  # relays each den user has open now

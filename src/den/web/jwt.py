@@ -5,7 +5,8 @@ key algorithms only: never "none" nor HMAC, whose "key" would be public), with
 ``oauth_issuer`` as ``iss``, ``oauth_audience`` in ``aud`` and an ``exp`` in the
 future, stands for the den user its ``oauth_user_claim`` names. PyJWT does the
 verification; the JWKS is fetched with aiohttp, cached, and fetched again when
-old or when a token names a key it lacks (at most once per REFETCH seconds, so
+old or when a token names a key it lacks (at most once per
+``oauth_jwks_refetch_seconds``, so
 tokens with made-up key ids cannot make den hammer the issuer).
 """
 
@@ -51,7 +52,6 @@ MAX_TOKEN = 16384  # characters of a JWT: far above any real one, far below a he
 MAX_JWKS = 1 << 20  # bytes of a JWKS document
 FETCH_TIMEOUT = 10.0
 MAX_AGE = 300.0  # seconds a fetched JWKS is trusted: keys the issuer removed stop working
-REFETCH = 30.0  # seconds between two fetches (unknown kid, stale set, failed fetch)
 LEEWAY = 30  # seconds of clock skew allowed on exp/nbf/iat
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
@@ -100,7 +100,7 @@ class JwtVerifier:
             )
         if kid is not None and (not isinstance(kid, str) or len(kid) > 200):
             raise Unauthenticated("malformed JWT: its kid is not a string")
-        key = await self._key(s.oauth_jwks_url, kid, alg)
+        key = await self._key(s.oauth_jwks_url, kid, alg, s.oauth_jwks_refetch_seconds)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -139,16 +139,16 @@ class JwtVerifier:
         right = Right.admin if user.role == "admin" else Right.write
         return Caller(user.name, user.role, right, "jwt", user_id=user.id)
 
-    async def _key(self, url: str, kid: str | None, alg: str) -> jwt.PyJWK:
+    async def _key(self, url: str, kid: str | None, alg: str, every: float) -> jwt.PyJWK:
         if url != self._url:
             self._url, self._jwks, self._keys, self._fetched_at = url, [], {}, None
             self._tried_at = float("-inf")
         now = time.monotonic()
         if self._fetched_at is None or now - self._fetched_at > MAX_AGE:
-            await self._refresh(url)
+            await self._refresh(url, every)
         key = self._find(kid, alg)
         if key is None:
-            await self._refresh(url)  # a key the issuer added since (rotation)
+            await self._refresh(url, every)  # a key the issuer added since (rotation)
             key = self._find(kid, alg)
         if key is not None:
             return key
@@ -179,11 +179,11 @@ class JwtVerifier:
         self._keys[(kid, alg)] = found[0]
         return found[0]
 
-    async def _refresh(self, url: str) -> None:
-        """Fetch the JWKS unless it was tried less than REFETCH seconds ago."""
+    async def _refresh(self, url: str, every: float) -> None:
+        """Fetch the JWKS unless it was tried less than ``every`` seconds ago."""
         tried = self._tried_at
         async with self._lock:
-            if self._tried_at != tried or time.monotonic() - self._tried_at < REFETCH:
+            if self._tried_at != tried or time.monotonic() - self._tried_at < every:
                 return  # fetched by another caller meanwhile, or too soon again
             self._tried_at = time.monotonic()
             try:
