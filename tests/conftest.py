@@ -335,12 +335,25 @@ def pool_daemon() -> Iterator[Daemon]:
 
 
 def unused_port() -> int:
-    """A TCP port nothing listens on now (the kernel's pick)."""
+    """A TCP port nothing uses now, below the kernel's ephemeral range.
+
+    Not the kernel's pick (bind to port 0): that is an ephemeral port, which any
+    outgoing connection on the host may take the moment its listener goes away,
+    and a server restarted on it (Caddy after a kill) could then not bind it.
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port between 10000 and {low}")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
