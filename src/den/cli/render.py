@@ -29,6 +29,12 @@ def _cell(value: Any) -> Text:
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+def printable(text: str) -> str:
+    """``text`` with every control character replaced: names and messages may come
+    from a workspace, and no escape sequence of theirs may reach the terminal."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 def _plain(value: Any) -> str:
     if value is None:
         return "-"
@@ -36,8 +42,7 @@ def _plain(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, dict | list):
         return orjson.dumps(value).decode()
-    # Names and messages may come from a workspace: no escape sequence reaches the terminal.
-    text = _CONTROL.sub("\ufffd", str(value))
+    text = printable(str(value))
     # ISO timestamps: seconds are enough on a screen.
     if len(text) >= 19 and text[4] == "-" and text[10] == "T":
         return text[:19].replace("T", " ")

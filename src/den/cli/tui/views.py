@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -17,18 +16,17 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
 from textual.worker import get_current_worker
 
+from den.cli.render import printable
 from den.cli.tui.api import Api, CallError
 
 Column = tuple[str, Callable[[dict[str, Any]], object]]
-# C0 and C1 controls but tab and newline: Textual writes a cell's text to the terminal as
-# it is, so an escape sequence in den's data (a display name, an ssh client's version, a
-# branch name a workspace chose) would reach the terminal and act there.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def plain(text: str) -> Text:
-    """den's data as text: never markup, and no control character reaches the terminal."""
-    return Text(_CONTROL.sub("\ufffd", text))
+    """den's data as text: never markup, and no control character reaches the terminal
+    (Textual writes a cell's text as it is: an escape sequence in a display name, an ssh
+    client's version or a branch name a workspace chose would act there)."""
+    return Text(printable(text))
 
 
 def cell(value: object) -> str:
