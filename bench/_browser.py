@@ -111,9 +111,10 @@ def relay(listener: socket.socket, port: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def chromium(ca: Path, port: int) -> Iterator[Browser]:
-    """Headless Chromium trusting ``ca``, reaching the host's 127.0.0.1:``port``; the
-    namespace, the profile and the browser are gone after, whatever happened."""
+def chromium(ca: Path, *ports: int, name: str = "denbench") -> Iterator[Browser]:
+    """Headless Chromium trusting ``ca``, reaching the host's 127.0.0.1 at ``ports``, in
+    the network namespace ``name``+pid; the namespace, the profile and the browser are
+    gone after, whatever happened (the web tests' browser too)."""
     if not os.path.exists(CHROMIUM):
         raise RuntimeError(f"{CHROMIUM} is missing: run `make bench-deps`")
     with tempfile.TemporaryDirectory(prefix="den-bench-chromium-") as tmp:
@@ -123,10 +124,10 @@ def chromium(ca: Path, port: int) -> Iterator[Browser]:
         db = f"sql:{nss}"
         subprocess.run(["certutil", "-N", "-d", db, "--empty-password"], check=True)
         subprocess.run(
-            ["certutil", "-A", "-d", db, "-n", "den bench root", "-t", "C,,", "-i", str(ca)],
+            ["certutil", "-A", "-d", db, "-n", "den root", "-t", "C,,", "-i", str(ca)],
             check=True,
         )
-        netns = f"denbench{os.getpid()}"
+        netns = f"{name}{os.getpid()}"
         launcher = home / "chromium"
         launcher.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
         launcher.chmod(0o755)
@@ -134,7 +135,10 @@ def chromium(ca: Path, port: int) -> Iterator[Browser]:
         try:
             subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
             env: dict[str, str | float | bool] = {**os.environ, "HOME": str(home)}
-            with relay(listen_in_netns(netns, port), port), sync_playwright() as p:
+            with contextlib.ExitStack() as stack:
+                for port in ports:
+                    stack.enter_context(relay(listen_in_netns(netns, port), port))
+                p = stack.enter_context(sync_playwright())
                 b = p.chromium.launch(executable_path=str(launcher), args=["--no-sandbox"], env=env)
                 try:
                     yield b

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bench._browser import listen_in_netns, relay  # one copy: the benchmarks' Chromium too
-from playwright.sync_api import Browser, BrowserContext, Page, Response, sync_playwright
+from bench._browser import CHROMIUM, chromium  # one copy: the benchmarks' Chromium too
+from playwright.sync_api import Browser, BrowserContext, Page, Response
 
 from den.cli.client import RpcError
 from den.web.labels import label
@@ -28,7 +28,6 @@ from tests.workspaces.escape.conftest import dev_image_as
 DOMAIN = "den.localhost"
 WEB_BB = "webbb"
 WEB_DEV = "dev"
-CHROMIUM = "/usr/bin/chromium"
 NewPage = Callable[[], Page]
 
 
@@ -216,7 +215,7 @@ def call_gate(d: Daemon, module: Any, fn: str, *args: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def browser(web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+def browser(web: Web) -> Iterator[Browser]:
     """A headless Chromium for a test module; every test opens contexts of its own.
 
     Not one for the whole session: Playwright's synchronous API keeps an event loop
@@ -225,43 +224,14 @@ def browser(web: Web, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brow
 
     Chromium drops connections it is opening whenever the host's addresses change
     (ERR_NETWORK_CHANGED), and every workspace den starts adds a veth pair on the
-    host. So it runs in a network namespace of its own, whose 127.0.0.1:PORT is
-    relayed to Caddy's.
+    host. So it runs in a network namespace of its own, whose 127.0.0.1 relays
+    Caddy's port and den's TCP listener (its dashboard) at the same ports.
     """
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium")
-    home = tmp_path_factory.mktemp("chromium-home")
-    env: dict[str, str | float | bool] = {**os.environ, "HOME": str(home)}
-    # Chromium on Linux trusts the roots in $HOME/.pki/nssdb: Caddy's, here.
-    nss = home / ".pki" / "nssdb"
-    nss.mkdir(parents=True)
-    db = f"sql:{nss}"
-    subprocess.run(["certutil", "-N", "-d", db, "--empty-password"], check=True)
-    subprocess.run(
-        ["certutil", "-A", "-d", db, "-n", "den test root", "-t", "C,,", "-i", str(web.ca)],
-        check=True,
-    )
-    netns = f"denbrowser{os.getpid()}"
-    launcher = home / "chromium"
-    launcher.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
-    launcher.chmod(0o755)
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
-        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-        # den's TCP listener (its dashboard) too, at the same address and port.
-        http_port = int(web.d.http_url.rsplit(":", 1)[1])
-        with (
-            relay(listen_in_netns(netns, web.port), web.port),
-            relay(listen_in_netns(netns, http_port), http_port),
-            sync_playwright() as p,
-        ):
-            b = p.chromium.launch(executable_path=str(launcher), args=["--no-sandbox"], env=env)
-            try:
-                yield b
-            finally:
-                b.close()
-    finally:
-        subprocess.run(["ip", "netns", "delete", netns], check=False)
+    http_port = int(web.d.http_url.rsplit(":", 1)[1])
+    with chromium(web.ca, web.port, http_port, name="denbrowser") as b:
+        yield b
 
 
 @pytest.fixture
