@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode
 
 from aiohttp import web
@@ -121,19 +122,7 @@ class Gate:
         return await self.dir.memo.get(("link", ws_id, value), load)
 
     async def _signed_in(self, values: list[str], remote: str) -> Who | None:
-        """The user of the session cookies: only when every value is looked at and all
-        the valid ones are the same user (a workspace's script can add cookies for
-        den's domain, never choose who you are)."""
-        if len(values) > MAX_COOKIES:
-            return None
-        users: dict[int, Who] = {}
-        for value in values:
-            if len(value) > MAX_CREDENTIAL:
-                continue
-            who = await self._session(value, remote)
-            if who is not None:
-                users[who.user_id] = who
-        return next(iter(users.values())) if len(users) == 1 else None
+        return await one_user(values, lambda value: self._session(value, remote))
 
     # -- the check -----------------------------------------------------------------------
 
@@ -355,6 +344,30 @@ class Gate:
         if status == 404 or site is None:
             return pages.not_found()
         return pages.page("Error", pages.para(f"The request failed ({status})."), status)
+
+
+class _OfUser(Protocol):
+    @property
+    def user_id(self) -> int: ...
+
+
+U = TypeVar("U", bound=_OfUser)
+
+
+async def one_user(values: Sequence[str], lookup: Callable[[str], Awaitable[U | None]]) -> U | None:
+    """The user of the session cookies ``values`` (each looked up): only when every
+    value is looked at and all the valid ones are the same user (a workspace's script
+    can add cookies for den's domain, never choose who you are)."""
+    if len(values) > MAX_COOKIES:
+        return None
+    users: dict[int, U] = {}
+    for value in values:
+        if len(value) > MAX_CREDENTIAL:
+            continue
+        who = await lookup(value)
+        if who is not None:
+            users[who.user_id] = who
+    return next(iter(users.values())) if len(users) == 1 else None
 
 
 def _ambient_ok(h: Any, origin: str) -> bool:

@@ -16,7 +16,7 @@ from den.rpc.registry import REGISTRY, Caller, Right
 from den.services import weblogin
 from den.web import pages
 from den.web.caddy_config import PAGES
-from den.web.gate import MAX_COOKIES, MAX_CREDENTIAL, _cookies
+from den.web.gate import _cookies, one_user
 from den.web.urls import home_url
 
 if TYPE_CHECKING:
@@ -99,16 +99,7 @@ async def user_of(
     """The gate's one rule, asked of the database each time (no memo: streams re-check
     with it): at most MAX_COOKIES values, and all the valid ones (for a client at
     ``remote``) the same user."""
-    if len(values) > MAX_COOKIES:
-        return None
-    users: dict[int, weblogin.SessionUser] = {}
-    for value in values:
-        if len(value) > MAX_CREDENTIAL:
-            continue
-        who = await weblogin.session_user(app, value, remote)
-        if who is not None:
-            users[who.user_id] = who
-    return next(iter(users.values())) if len(users) == 1 else None
+    return await one_user(values, lambda value: weblogin.session_user(app, value, remote))
 
 
 def _caller(who: weblogin.SessionUser, remote: str) -> Caller:
