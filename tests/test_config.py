@@ -234,3 +234,20 @@ def test_every_option_documented_in_readme() -> None:
     documented = set(re.findall(r"`([a-z_]+)`", text))
     missing = [name for name in OPTIONS if name not in documented]
     assert not missing, f"options not documented in README.md: {missing}"
+
+
+def test_ports_in_the_ephemeral_range_are_named(tmp_path: Path) -> None:
+    """A listener port the kernel may give to an outgoing connection is reported
+    (at start in the log, and by `den init --check`) with the way out."""
+    from den.host.checks import ephemeral_clashes
+
+    rng = tmp_path / "ip_local_port_range"
+    rng.write_text("32768\t60999\n")
+    s = Settings(http_port=8780, ssh_port=40022, web=True, https_port=52471)
+    clashes = ephemeral_clashes(s, rng)
+    assert len(clashes) == 2, clashes
+    assert clashes[0].startswith("ssh_port 40022 is in the ephemeral range 32768-60999")
+    assert "https_port 52471" in clashes[1] and "pick a port below 32768" in clashes[1]
+    assert ephemeral_clashes(Settings(http_port=8780, ssh_port=2222), rng) == []
+    rng.write_text("garbage")
+    assert ephemeral_clashes(s, rng) == []

@@ -15,6 +15,7 @@ from den import log as den_log
 from den import tasks
 from den.app import App
 from den.config import Settings
+from den.host import checks
 from den.net import overlay
 from den.rpc.server import make_web_app, prepare_socket
 from den.services import idle, load_all, metrics, reconciler
@@ -32,6 +33,8 @@ async def serve(settings: Settings) -> None:
     except ValueError as err:
         raise SystemExit(f"den: {err}") from None
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    for clash in checks.ephemeral_clashes(settings):
+        log.warning("port in the ephemeral range: %s", clash)
     app = App(settings)
     if settings.web:
         from den.web.caddy import ensure_account

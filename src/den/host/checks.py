@@ -143,6 +143,14 @@ def run_checks(settings: Settings) -> list[Check]:
             )
         )
     out.append(network_report(settings))
+    clash = ephemeral_clashes(settings)
+    out.append(
+        Check(
+            "listening ports",
+            True,  # den works; a restarted listener may find its port taken
+            "warning: " + "; ".join(clash) if clash else "outside the kernel's ephemeral range",
+        )
+    )
     pool = settings.pool_dir
     if settings.storage_driver == "overlay":
         out.append(
@@ -181,6 +189,32 @@ def run_checks(settings: Settings) -> list[Check]:
                 )
             )
     return out
+
+
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_clashes(settings: Settings, range_file: Path = EPHEMERAL) -> list[str]:
+    """den's fixed listening ports that lie in the kernel's ephemeral range.
+
+    The kernel gives ports of that range to outgoing connections: while a
+    listener is down (Caddy restarted after a crash, den restarted) any
+    connection on the host may take its port, and the listener cannot bind it
+    again until that connection ends.
+    """
+    try:
+        low, high = (int(x) for x in range_file.read_text().split())
+    except (OSError, ValueError):
+        return []
+    ports = {"http_port": settings.http_port, "ssh_port": settings.ssh_port}
+    if settings.web:
+        ports["https_port"] = settings.web_port
+    return [
+        f"{name} {port} is in the ephemeral range {low}-{high} "
+        f"(net.ipv4.ip_local_port_range): pick a port below {low}"
+        for name, port in ports.items()
+        if port and low <= port <= high
+    ]
 
 
 def network_report(settings: Settings) -> Check:
