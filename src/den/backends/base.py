@@ -20,7 +20,7 @@ import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 Status = Literal["running", "suspended", "stopped", "missing"]
 State = dict[str, Any]
@@ -69,6 +69,50 @@ class ExecResult:
     stderr: bytes
     timed_out: bool = False
     truncated: bool = False  # stdout or stderr had more than ``max_output`` bytes
+
+
+@dataclass(frozen=True)
+class ExecExit:
+    """How a streamed command ended: its exit code, or the signal that killed it
+    (then ``exit_code`` is 128+N, as a shell reports it)."""
+
+    exit_code: int
+    signal: int | None = None
+
+
+class ExecStream(Protocol):
+    """A command running in a workspace, its streams handed over as they come.
+
+    Output is read only as fast as the consumer calls :meth:`read`: the pipes
+    fill and the command waits, so nothing is buffered without bound.
+    """
+
+    async def read(self) -> tuple[int, bytes] | None:
+        """The next chunk, as (1 for stdout or 2 for stderr, bytes); None once both
+        have ended (or, after the command ended, stayed silent a moment: a
+        background process may keep them open)."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Feed stdin; waits while the command does not read (dropped once it
+        closed its stdin)."""
+        ...
+
+    async def close_stdin(self) -> None:
+        """End of input."""
+        ...
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the command (never to the workspace's init)."""
+        ...
+
+    async def wait(self) -> ExecExit:
+        """Wait for the command to end."""
+        ...
+
+    async def close(self) -> None:
+        """Kill the command if it still runs and free everything; idempotent."""
+        ...
 
 
 @dataclass
@@ -156,6 +200,18 @@ class Backend(ABC):
         command (not the workspace) and sets ``timed_out``. Output past
         ``req.max_output`` per stream is read and dropped (never held), and
         sets ``truncated``.
+        """
+
+    @abstractmethod
+    async def exec_stream(
+        self, spec: Spec, state: State, req: ExecRequest, *, tty: bool = False
+    ) -> ExecStream:
+        """Start a command inside a running workspace and return its streams at once.
+
+        ``req.stdin``, ``timeout`` and ``max_output`` are not used: input is
+        written and output read through the stream, and the caller ends it
+        (:meth:`ExecStream.close`). The caller resumes a suspended workspace
+        first and must close the stream whatever happens.
         """
 
     @abstractmethod

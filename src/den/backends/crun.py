@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from den import proc
+from den import proc, tasks
 from den.backends import cgroups
+from den.backends.base import ExecExit
 from den.errors import BackendFailure
 
 
@@ -422,3 +423,178 @@ class Crun:
             if text.startswith("open executable: "):
                 return ExecOutcome(126, stdout, stderr, timed_out, truncated)
         return ExecOutcome(124 if timed_out else rc, stdout, stderr, timed_out, truncated)
+
+
+# After a streamed command ended, output still arriving within this long is
+# passed on; then the streams count as ended even if a background process of
+# the command keeps them open.
+STREAM_DRAIN_SECONDS = 0.2
+STREAM_CHUNK = 1 << 16
+
+
+class StreamedExec:
+    """A ``crun exec`` whose streams are handed over as they come (den.backends.base.ExecStream).
+
+    It runs under den's reaper (den.ssh.reaper), as an ssh session's command does:
+    the reaper ends as the command ended, so a signal is told from an exit code.
+    Each output pipe is read into a StreamReader of ``STREAM_CHUNK`` bytes, which
+    stops reading the pipe when full: what the consumer does not take stays in
+    the kernel's pipe, and the command waits. At most two chunks per stream are
+    held here.
+    """
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        pidfd: int | None,
+        pid_file: Path,
+        readers: dict[int, asyncio.StreamReader],
+        transports: list[asyncio.BaseTransport],
+        stdin: asyncio.StreamWriter,
+    ) -> None:
+        self.proc = proc
+        self.pidfd = pidfd
+        self.pid_file = pid_file
+        self._readers = readers
+        self._transports = transports
+        self._stdin = stdin
+        self._pending: dict[int, asyncio.Future[bytes]] = {}
+        self._exited: asyncio.Future[int] = asyncio.ensure_future(proc.wait())
+        self._closed = False
+
+    @classmethod
+    async def start(cls, argv: list[str], pid_file: Path, env: dict[str, str]) -> StreamedExec:
+        """Spawn ``argv`` (a ``crun exec --detach`` command line) under the reaper."""
+        from den.ssh import reaper
+
+        loop = asyncio.get_running_loop()
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *reaper.wrap(pid_file, argv), stdin=in_r, stdout=out_w, stderr=err_w, env=env
+            )
+        except BaseException:
+            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        pidfd = pidfd_of_child(proc.pid)
+        readers: dict[int, asyncio.StreamReader] = {}
+        transports: list[asyncio.BaseTransport] = []
+        for channel, fd in ((1, out_r), (2, err_r)):
+            reader = asyncio.StreamReader(limit=STREAM_CHUNK)
+            t, _ = await loop.connect_read_pipe(
+                lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
+                os.fdopen(fd, "rb", buffering=0),
+            )
+            readers[channel] = reader
+            transports.append(t)
+        wt, wp = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(in_w, "wb", buffering=0)
+        )
+        transports.append(wt)
+        stdin = asyncio.StreamWriter(wt, wp, None, loop)
+        return cls(proc, pidfd, pid_file, readers, transports, stdin)
+
+    async def read(self) -> tuple[int, bytes] | None:
+        while self._readers:
+            for ch, reader in self._readers.items():
+                if ch not in self._pending:
+                    self._pending[ch] = asyncio.ensure_future(reader.read(STREAM_CHUNK))
+            waiting: list[asyncio.Future[Any]] = list(self._pending.values())
+            if self._exited.done():
+                timeout: float | None = STREAM_DRAIN_SECONDS
+            else:
+                timeout = None
+                waiting.append(self._exited)  # to start the drain timer when it ends
+            done, _ = await asyncio.wait(
+                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:  # ended, and silent: background processes hold the pipes
+                self._stop_reading()
+                return None
+            for ch, fut in list(self._pending.items()):
+                if fut.done():
+                    del self._pending[ch]
+                    data = fut.result()
+                    if data:
+                        return ch, data
+                    del self._readers[ch]
+        return None
+
+    def _stop_reading(self) -> None:
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        self._readers.clear()
+
+    async def write(self, data: bytes) -> None:
+        if self._stdin.is_closing():
+            return
+        try:
+            self._stdin.write(data)
+            await self._stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            self._stdin.close()  # the command closed its stdin: the rest is dropped
+
+    async def close_stdin(self) -> None:
+        self._stdin.close()
+
+    def signal(self, sig: int) -> None:
+        """Through pidfds only (a pid file outlives its process: :func:`signal_exec`).
+        The reaper forwards the usual signals, holding them until crun's process is
+        known; the others (SIGKILL, SIGSTOP) go straight to that process."""
+        from den.ssh import reaper
+
+        if self.proc.returncode is not None or self.pidfd is None:
+            return
+        if sig in reaper.FORWARDED:
+            signal_child(self.pidfd, sig)
+        elif not signal_exec(self.pid_file, self.proc.pid, self.pidfd, sig):
+            tasks.spawn(self._signal_when_started(sig), name="exec signal")
+
+    async def _signal_when_started(self, sig: int) -> bool:
+        """Send ``sig`` to the command once crun has started it (its pid file is
+        there); False if the reaper ended or 5 s passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while self.proc.returncode is None and self.pidfd is not None:
+            if signal_exec(self.pid_file, self.proc.pid, self.pidfd, sig):
+                return True
+            if loop.time() > deadline:
+                return False
+            await asyncio.wait([self._exited], timeout=0.01)
+        return False
+
+    async def wait(self) -> ExecExit:
+        rc = await asyncio.shield(self._exited)
+        if rc < 0:
+            return ExecExit(128 - rc, -rc)
+        if rc != 0 and not self.pid_file.exists():
+            # crun could not start the command (its message went to stderr).
+            return ExecExit(127 if rc == 255 else rc)
+        return ExecExit(rc)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.proc.returncode is None:
+                await self._signal_when_started(signal.SIGKILL)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._exited), 5)
+                except TimeoutError:
+                    signal_child(self.pidfd, signal.SIGKILL)
+                    await self._exited
+        finally:
+            self._stop_reading()
+            for t in self._transports:
+                t.close()
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
+            self.pid_file.unlink(missing_ok=True)

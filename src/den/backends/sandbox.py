@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import time
@@ -22,9 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from den.backends import cgroups, view
-from den.backends.base import Backend, ExecRequest, ExecResult, Spec, State, Stats, Status
+from den.backends.base import (
+    Backend,
+    ExecRequest,
+    ExecResult,
+    ExecStream,
+    Spec,
+    State,
+    Stats,
+    Status,
+)
 from den.backends.bundle import TINI, Views, config
-from den.backends.crun import Crun
+from den.backends.crun import Crun, StreamedExec
 from den.backends.seccomp import Filter
 from den.errors import BackendFailure, Conflict, InvalidParams
 from den.log import timed
@@ -33,6 +43,8 @@ from den.net.network import RESOLV_CONF, Network, host_nameservers
 from den.storage import idmap, mounts
 
 log = logging.getLogger(__name__)
+# crun and den's reaper get none of the daemon's environment.
+SPAWN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 class SandboxBackend(Backend):
@@ -245,7 +257,8 @@ class SandboxBackend(Backend):
             )
         return state
 
-    async def exec(self, spec: Spec, state: State, req: ExecRequest) -> ExecResult:
+    async def _exec_context(self, spec: Spec, req: ExecRequest) -> tuple[str, dict[str, str], str]:
+        """(uid:gid, environment, working directory) of an exec."""
         user, home = await resolve_user(spec.rootfs, req.user)
         env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -253,7 +266,10 @@ class SandboxBackend(Backend):
             "LANG": "C.UTF-8",
             **req.env,
         }
-        cwd = req.cwd or home
+        return user, env, req.cwd or home
+
+    async def exec(self, spec: Spec, state: State, req: ExecRequest) -> ExecResult:
+        user, env, cwd = await self._exec_context(spec, req)
         with timed("crun exec", ws=spec.id):
             out = await self.crun.exec(
                 self.cid(spec.id),
@@ -267,6 +283,22 @@ class SandboxBackend(Backend):
                 max_output=req.max_output,
             )
         return ExecResult(out.exit_code, out.stdout, out.stderr, out.timed_out, out.truncated)
+
+    async def exec_stream(
+        self, spec: Spec, state: State, req: ExecRequest, *, tty: bool = False
+    ) -> ExecStream:
+        if tty:
+            raise InvalidParams(
+                "a terminal is not offered by streaming exec; use `ssh -t` for one", field="tty"
+            )
+        user, env, cwd = await self._exec_context(spec, req)
+        pid_dir = self.bundle(spec.id)
+        pid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pid_file = pid_dir / f"stream-{secrets.token_hex(6)}.pid"
+        argv = self.crun.exec_argv(
+            self.cid(spec.id), req.argv, env=env, cwd=cwd, user=user, pid_file=pid_file, detach=True
+        )
+        return await StreamedExec.start(argv, pid_file, SPAWN_ENV)
 
     async def status(self, spec: Spec, state: State) -> Status:
         st = self.crun.quick_state(self.cid(spec.id))
