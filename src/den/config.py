@@ -335,6 +335,26 @@ class Settings(BaseSettings):
     metrics_retention: int = Field(
         86400, ge=60, description="Seconds of metric samples kept per workspace."
     )
+    # The LLM gateway (den.llm): daily budgets of each user unless an admin set
+    # theirs (`den llm budget set`), and the limits of one request.
+    llm_tokens_per_day: int = Field(
+        0, ge=0, description="LLM tokens a user's workspaces may use per UTC day (0: no limit)."
+    )
+    llm_requests_per_day: int = Field(
+        0, ge=0, description="LLM requests a user's workspaces may make per UTC day (0: no limit)."
+    )
+    llm_max_body_bytes: int = Field(
+        4 << 20, ge=1024, le=1 << 30, description="Largest LLM gateway request body in bytes."
+    )
+    llm_timeout: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="Seconds the LLM gateway waits for an upstream to connect or send more.",
+    )
+    llm_max_concurrent: int = Field(
+        4, ge=1, le=10_000, description="LLM gateway requests one user may have in flight."
+    )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest accepted request body in bytes."
     )

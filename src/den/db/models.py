@@ -332,3 +332,52 @@ class UiAllow(Base):
     note: Mapped[str] = mapped_column(String(200), default="")
     created_by: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- LLM gateway (den.llm) ------------------------------------------------------
+
+
+class LlmProvider(Base):
+    """An upstream OpenAI-compatible API the gateway forwards to (``den llm provider add``)."""
+
+    __tablename__ = "llm_providers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    base_url: Mapped[str] = mapped_column(String(2000))
+    # The provider's API key, sealed (den.secretbox, purpose "llm-provider:NAME").
+    key_sealed: Mapped[str] = mapped_column(Text)
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LlmBudget(Base):
+    """A user's own daily LLM budget; a None limit means the settings' default (0: none)."""
+
+    __tablename__ = "llm_budgets"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_day: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class LlmUsage(Base):
+    """What one user's workspaces asked of one model on one UTC day."""
+
+    __tablename__ = "llm_usage"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, UTC
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Requests whose upstream gave no usage figures (their tokens are not counted).
+    unmetered: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

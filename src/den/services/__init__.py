@@ -25,6 +25,7 @@ MODULES = (
     "domains",
     "webca",
     "ui",
+    "llm",
     "execstream",
 )
 

@@ -87,6 +87,32 @@ class Metrics:
         self.caddy_restarts = Counter(
             "den_caddy_restarts", "Times den restarted Caddy after it died.", registry=r
         )
+        # The LLM gateway (den.llm): requests and tokens charged to each user.
+        self.llm_requests = Counter(
+            "den_llm_requests",
+            "LLM gateway requests by user, provider, model and outcome.",
+            ["user", "provider", "model", "outcome"],
+            registry=r,
+        )
+        self.llm_tokens = Counter(
+            "den_llm_tokens",
+            "LLM tokens used by user, provider, model and kind (prompt, completion).",
+            ["user", "provider", "model", "kind"],
+            registry=r,
+        )
+        self.llm_refusals = Counter(
+            "den_llm_refusals",
+            "LLM gateway requests refused before reaching a provider, by user and reason.",
+            ["user", "reason"],
+            registry=r,
+        )
+        self.llm_latency = Histogram(
+            "den_llm_upstream_seconds",
+            "Time from forwarding an LLM request to its upstream's last byte, by provider.",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def forget_workspace(self, ref: str) -> None:
         for g in (self.ws_cpu, self.ws_memory):
