@@ -1,0 +1,460 @@
+"""The gateway's HTTP side: OpenAI-compatible routes a workspace calls on the
+metadata service, forwarded to the provider that serves the requested model.
+
+Who is charged: the workspace's owner. Who may call: a request that reached
+the metadata listener of that workspace (the listener names the workspace)
+AND carries that workspace's own scoped token as its bearer, so that neither
+a neighbour's packets nor a leaked token of another workspace spend the
+owner's budget.
+
+The provider's key is added here, on the host, and goes nowhere else: not to
+the workspace (its token is never forwarded either), not to a log line, not
+into an error text. Upstream error bodies are passed on with the key masked,
+and an upstream's refusal of the key becomes den's own message.
+
+Streams (``"stream": true``) are relayed chunk by chunk as they arrive, with
+``stream_options.include_usage`` asked of the upstream so that its last
+chunk carries the token counts; without them the request counts as one
+request and is listed as unmetered by ``den llm usage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from sqlalchemy import select
+
+from den import secretbox
+from den.db.models import LlmProvider
+from den.errors import Unauthenticated
+from den.llm import budget
+from den.services.tokens import authenticate
+
+if TYPE_CHECKING:
+    from den.app import App
+
+log = logging.getLogger(__name__)
+
+# An answer that is not a stream is read whole to learn its usage: bounded,
+# so that a broken upstream cannot fill the daemon's memory.
+MAX_UPSTREAM_BODY = 64 << 20
+# An SSE line longer than this is passed on but not searched for usage.
+MAX_SSE_LINE = 1 << 20
+TOKEN_URL = "http://169.254.169.254/v1/token"
+ROUTES = {
+    "/v1/chat/completions": "chat/completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+@dataclass(frozen=True)
+class Charge:
+    """The workspace a request came from and the owner it is charged to."""
+
+    ws_id: str
+    ws_ref: str  # OWNER/NAME
+    user_id: int
+    user: str
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    base_url: str
+    key: str
+
+
+def oai_error(
+    status: int,
+    message: str,
+    type_: str,
+    code: str,
+    *,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    """An error as OpenAI's API words them, so that its clients show the message."""
+    err = {"message": message, "type": type_, "param": param, "code": code, **extra}
+    return web.Response(
+        body=orjson.dumps({"error": err}),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+async def check_bearer(app: App, request: web.Request, who: Charge) -> web.Response | None:
+    """None when the bearer is ``who``'s workspace token; else the 401 to send."""
+    header = request.headers.get("Authorization")
+    hint = f"send 'Authorization: Bearer TOKEN' with this workspace's token from {TOKEN_URL}"
+    if not header:
+        return oai_error(401, f"no credentials: {hint}", "invalid_request_error", "missing_token")
+    try:
+        caller = await authenticate(app, header)
+    except Unauthenticated as exc:
+        return oai_error(401, f"{exc.message}; {hint}", "invalid_request_error", "invalid_token")
+    # Only the token scoped to this very workspace: a user's own den token, or
+    # another workspace's, would let any code that got hold of it spend here.
+    if caller is None or getattr(caller, "scope", None) != who.ws_id:
+        return oai_error(
+            401,
+            f"this is not this workspace's token; {hint}",
+            "invalid_request_error",
+            "invalid_token",
+        )
+    return None
+
+
+async def _providers(app: App) -> list[LlmProvider]:
+    async with app.sessions() as db:
+        return list((await db.execute(select(LlmProvider).order_by(LlmProvider.name))).scalars())
+
+
+async def _upstream_for(app: App, model: str) -> Upstream | None:
+    from den.services.llm import key_purpose
+
+    for p in await _providers(app):
+        if model in (p.models or []):
+            key = secretbox.unseal(app.settings.data_dir, p.key_sealed, key_purpose(p.name))
+            return Upstream(p.name, p.base_url, key.decode())
+    return None
+
+
+async def models(app: App, request: web.Request, who: Charge) -> web.Response:
+    """GET /v1/models: every provider's models, as one list."""
+    refused = await check_bearer(app, request, who)
+    if refused is not None:
+        return refused
+    data = [
+        {
+            "id": m,
+            "object": "model",
+            "created": int(p.created_at.timestamp()),
+            "owned_by": p.name,
+        }
+        for p in await _providers(app)
+        for m in p.models or []
+    ]
+    return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None when it is larger than ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            return None
+    return bytes(buf)
+
+
+class UsageScanner:
+    """Finds the last ``usage`` object in an SSE stream fed in arbitrary chunks."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skipping = False  # inside a line too long to search
+        self.counts: dict[str, int] | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        start = 0
+        while (nl := self._buf.find(b"\n", start)) >= 0:
+            if self._skipping:
+                self._skipping = False
+            else:
+                self._line(bytes(self._buf[start:nl]))
+            start = nl + 1
+        del self._buf[:start]
+        if len(self._buf) > MAX_SSE_LINE:
+            self._buf.clear()
+            self._skipping = True
+
+    def _line(self, line: bytes) -> None:
+        line = line.rstrip(b"\r")
+        if not line.startswith(b"data:") or b'"usage"' not in line:
+            return
+        try:
+            doc = orjson.loads(line[5:].strip())
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(doc, dict):
+            counts = budget.usage_counts(doc.get("usage"))
+            if counts is not None:
+                self.counts = counts
+
+
+def _refuse(app: App, who: Charge, reason: str, resp: web.Response) -> web.Response:
+    app.metrics.llm_refusals.labels(who.user, reason).inc()
+    log.info(
+        "llm request refused",
+        extra={"ctx": {"user": who.user, "ws": who.ws_ref, "reason": reason}},
+    )
+    return resp
+
+
+async def forward(app: App, request: web.Request, who: Charge, path: str) -> web.StreamResponse:
+    """POST /v1/{path}: check, count and forward one request to its model's provider."""
+    refused = await check_bearer(app, request, who)
+    if refused is not None:
+        return _refuse(app, who, "token", refused)
+    limit = app.settings.llm_max_body_bytes
+    body = await _read_body(request, limit)
+    if body is None:
+        return _refuse(
+            app,
+            who,
+            "body_size",
+            oai_error(
+                413,
+                f"the request body is larger than den's limit of {limit} bytes (llm_max_body_bytes)",
+                "invalid_request_error",
+                "request_too_large",
+            ),
+        )
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        return oai_error(
+            400, "the body must be a JSON object", "invalid_request_error", "invalid_json"
+        )
+    model = doc.get("model")
+    if not isinstance(model, str) or not 0 < len(model) <= 200:
+        return oai_error(
+            400,
+            "'model' must name a model (GET /v1/models lists them)",
+            "invalid_request_error",
+            "invalid_model",
+            param="model",
+        )
+    upstream = await _upstream_for(app, model)
+    if upstream is None:
+        return oai_error(
+            404,
+            f"no provider of den's serves the model {model!r}; GET /v1/models lists them",
+            "invalid_request_error",
+            "model_not_found",
+            param="model",
+        )
+    stream = path != "embeddings" and doc.get("stream") is True
+    if stream:
+        opts = doc.get("stream_options")
+        doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    now = datetime.now(UTC)
+    try:
+        async with budget.slot(app, who.user_id):
+            day = await budget.admit(app, who.user_id, upstream.name, model, now)
+            return await _relay(app, request, who, upstream, path, doc, stream, day, model)
+    except budget.TooMany as exc:
+        return _refuse(
+            app,
+            who,
+            "concurrency",
+            oai_error(
+                429,
+                f"{who.user} has {exc.limit} LLM requests in flight, den's limit "
+                "(llm_max_concurrent); retry when one ends",
+                "rate_limit_exceeded",
+                "concurrent_requests",
+                headers={"Retry-After": "1"},
+            ),
+        )
+    except budget.BudgetSpent as exc:
+        unit = "tokens" if exc.which == "tokens" else "requests"
+        resets = exc.resets.strftime("%Y-%m-%dT%H:%M:%SZ")
+        wait = max(1, int((exc.resets - now).total_seconds()))
+        return _refuse(
+            app,
+            who,
+            exc.which,
+            oai_error(
+                429,
+                f"the daily LLM budget of {who.user} for {unit} is spent "
+                f"({exc.used} of {exc.limit} {unit} per day used); it resets at {resets} "
+                "(midnight UTC)",
+                "insufficient_quota",
+                f"daily_{unit}_budget",
+                headers={"Retry-After": str(wait)},
+                budget=f"{unit}_per_day",
+                limit=exc.limit,
+                used=exc.used,
+                resets_at=resets,
+            ),
+        )
+
+
+async def _relay(
+    app: App,
+    request: web.Request,
+    who: Charge,
+    up: Upstream,
+    path: str,
+    doc: dict[str, Any],
+    stream: bool,
+    day: str,
+    model: str,
+) -> web.StreamResponse:
+    t = app.settings.llm_timeout
+    # No total: a long stream is fine as long as the upstream keeps sending.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+    headers = {
+        "Authorization": f"Bearer {up.key}",
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream" if stream else "application/json",
+    }
+    start = time.perf_counter()
+    counts: dict[str, int] | None = None
+    outcome = "error"
+    status = 0
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(
+                f"{up.base_url}/{path}",
+                data=orjson.dumps(doc),
+                headers=headers,
+                allow_redirects=False,  # the key goes to the base URL's host and nowhere else
+            ) as resp,
+        ):
+            status = resp.status
+            if status in (401, 403):
+                outcome = "provider_auth"
+                return oai_error(
+                    502,
+                    f"provider {up.name!r} refused den's key for it (HTTP {status}); "
+                    "an admin must replace it (den llm provider rm/add)",
+                    "upstream_error",
+                    "provider_auth",
+                )
+            ctype = resp.headers.get("Content-Type", "")
+            if stream and status == 200 and ctype.startswith("text/event-stream"):
+                relayed, counts = await _pass_stream(request, resp, t)
+                outcome = "ok"
+                return relayed
+            raw = bytearray()
+            async for chunk in resp.content.iter_any():
+                raw += chunk
+                if len(raw) > MAX_UPSTREAM_BODY:
+                    outcome = "too_large"
+                    return oai_error(
+                        502,
+                        f"provider {up.name!r} answered with more than {MAX_UPSTREAM_BODY} bytes",
+                        "upstream_error",
+                        "upstream_too_large",
+                    )
+            if status == 200:
+                try:
+                    answer = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    answer = None
+                if isinstance(answer, dict):
+                    counts = budget.usage_counts(answer.get("usage"))
+                outcome = "ok"
+            else:
+                outcome = f"upstream_{status}"
+            # An upstream's error text may quote the key it was sent.
+            out = bytes(raw).replace(up.key.encode(), b"***")
+            return web.Response(
+                body=out,
+                status=status,
+                headers={"Content-Type": ctype or "application/json"},
+            )
+    except TimeoutError:
+        outcome = "timeout"
+        return oai_error(
+            504,
+            f"provider {up.name!r} did not answer within {t:g} s (llm_timeout)",
+            "upstream_error",
+            "upstream_timeout",
+        )
+    except aiohttp.ClientError as exc:
+        # The exception's text names the URL at most (never the key), but say less.
+        outcome = "unreachable"
+        return oai_error(
+            502,
+            f"cannot reach provider {up.name!r} ({type(exc).__name__})",
+            "upstream_error",
+            "upstream_unreachable",
+        )
+    finally:
+        seconds = time.perf_counter() - start
+        if outcome == "ok" or counts is not None:
+            await asyncio.shield(budget.settle(app, who.user_id, day, up.name, model, counts))
+        m = app.metrics
+        m.llm_requests.labels(who.user, up.name, model, outcome).inc()
+        m.llm_latency.labels(up.name).observe(seconds)
+        if counts is not None:
+            m.llm_tokens.labels(who.user, up.name, model, "prompt").inc(counts["prompt_tokens"])
+            m.llm_tokens.labels(who.user, up.name, model, "completion").inc(
+                counts["completion_tokens"]
+            )
+        log.info(
+            "llm request",
+            extra={
+                "ctx": {
+                    "user": who.user,
+                    "ws": who.ws_ref,
+                    "provider": up.name,
+                    "model": model,
+                    "path": path,
+                    "stream": stream,
+                    "status": status,
+                    "outcome": outcome,
+                    "tokens": counts["total_tokens"] if counts else None,
+                    "ms": round(seconds * 1e3, 1),
+                }
+            },
+        )
+
+
+async def _pass_stream(
+    request: web.Request, resp: aiohttp.ClientResponse, timeout: float
+) -> tuple[web.StreamResponse, dict[str, int] | None]:
+    """Relay an SSE stream as it comes; the usage of its last chunk that had one."""
+    out = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
+            "Cache-Control": "no-cache",
+        },
+    )
+    await out.prepare(request)
+    scanner = UsageScanner()
+    try:
+        async for chunk in resp.content.iter_any():
+            scanner.feed(chunk)
+            await out.write(chunk)  # waits while the client is slow: never buffers the stream
+    except TimeoutError:
+        # Too late for a status: say it the way streams say errors.
+        err = {
+            "error": {
+                "message": f"the provider sent nothing for {timeout:g} s (llm_timeout)",
+                "type": "upstream_error",
+                "code": "upstream_timeout",
+            }
+        }
+        await out.write(b"data: " + orjson.dumps(err) + b"\n\n")
+    except (ConnectionResetError, aiohttp.ClientError):
+        pass  # the client or the upstream went away: what was used so far still counts
+    with contextlib.suppress(ConnectionResetError):
+        await out.write_eof()
+    return out, scanner.counts
