@@ -358,6 +358,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest accepted request body in bytes."
     )
+    # The metadata service (den.meta) at 169.254.169.254 inside every workspace.
+    meta_token_seconds: int = Field(
+        3600, ge=60, le=86400, description="Lifetime of a workspace's scoped token (/v1/token)."
+    )
+    busy_max_seconds: int = Field(
+        43200, ge=60, le=7 * 86400, description="Longest busy lease (POST /v1/busy?for=...)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )

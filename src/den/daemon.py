@@ -16,6 +16,7 @@ from den import tasks
 from den.app import App
 from den.config import Settings
 from den.host import checks
+from den.meta import server as meta
 from den.net import overlay
 from den.rpc.server import make_web_app, prepare_socket
 from den.services import idle, load_all, metrics, reconciler
@@ -42,6 +43,8 @@ async def serve(settings: Settings) -> None:
         # Before the network is first put in place: Caddy's account may reach workspaces.
         app.backend.network.web_uid = await ensure_account(settings)
     await app.start()
+    # Before the reconciler starts workspaces: it follows the backend from here.
+    await meta.start(app)
     await reconciler.reconcile(app, startup=True)
     reconciler.start_loop(app)
     metrics.start(app)
@@ -96,6 +99,7 @@ async def serve(settings: Settings) -> None:
         if app.caddy is not None:
             await app.caddy.stop()
         await tasks.cancel_all()
+        await meta.stop(app)
         if gate_runner is not None:
             await gate_runner.cleanup()
         await runner.cleanup()

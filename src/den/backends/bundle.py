@@ -10,6 +10,7 @@ from typing import Any
 from den.backends import cgroups
 from den.backends.base import Spec
 from den.backends.seccomp import Filter
+from den.meta import BUSY_NAME, BUSY_PATH
 
 INIT_PATH = "/dev/init"
 TINI = Path("/usr/bin/tini-static")
@@ -149,6 +150,12 @@ def config(
                 "destination": INIT_PATH,
                 "type": "bind",
                 "source": str(views.init),
+                "options": ["bind", "ro", "nosuid", "nodev"],
+            },
+            {  # den-busy (den.meta): read-only, from the same tmpfs as tini
+                "destination": BUSY_PATH,
+                "type": "bind",
+                "source": str(views.init.parent / BUSY_NAME),
                 "options": ["bind", "ro", "nosuid", "nodev"],
             },
             {

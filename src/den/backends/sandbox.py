@@ -19,6 +19,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,10 @@ class SandboxBackend(Backend):
         self._init_ready = False
         self.network = network
         self.crun = Crun(Path(f"/run/den/crun{instance}"))
+        # Told a workspace's id when its netns is about to run processes (start)
+        # and when they ended (stop, delete): den.meta listens inside it meanwhile.
+        self.on_up: list[Callable[[str], Awaitable[None]]] = []
+        self.on_down: list[Callable[[str], Awaitable[None]]] = []
 
     # -- names and paths -------------------------------------------------------
     def cid(self, ws_id: str) -> str:
@@ -174,6 +179,8 @@ class SandboxBackend(Backend):
         if st == "running":
             if cgroups.is_frozen(self.cgroup(spec.id)):
                 await self.resume(spec, state)
+            for up in self.on_up:
+                await up(spec.id)
             return state
         if st is not None:
             await self.crun.delete(cid)
@@ -184,6 +191,8 @@ class SandboxBackend(Backend):
                 await self.network.attach(spec.id, spec.address)
             await asyncio.to_thread(self._prepare, spec)
         state = {k: v for k, v in state.items() if k != "prepared"}
+        for up in self.on_up:  # before any process of the workspace runs
+            await up(spec.id)
         with timed("crun run", ws=spec.id):
             await self.crun.run(cid, self.bundle(spec.id))
         await self._check_init(spec)
@@ -211,6 +220,8 @@ class SandboxBackend(Backend):
         )
 
     async def stop(self, spec: Spec, state: State) -> State:
+        for down in self.on_down:
+            await down(spec.id)
         cid = self.cid(spec.id)
         st = self.crun.quick_state(cid)
         if st is None:
@@ -356,6 +367,8 @@ class SandboxBackend(Backend):
             await self.crun.kill(cid, "KILL", all_processes=True)
             await self.crun.delete(cid)
         await asyncio.to_thread(self._remove_host_parts, ws_id)
+        for down in self.on_down:
+            await down(ws_id)
         await self.network.detach(ws_id)
 
 

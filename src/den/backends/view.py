@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from den.errors import BackendFailure
+from den.meta import BUSY_NAME, DEN_BUSY
 from den.net import links
 from den.storage import mounts
 
@@ -90,12 +91,15 @@ def write_etc(target: Path, files: dict[str, str], mounted: set[str]) -> None:
 def ensure_init(target: Path, tini: Path) -> Path:
     """The instance's shared read-only copy of tini; returns its path."""
     init = target / INIT_NAME
+    busy = target / BUSY_NAME  # den-busy (den.meta), mounted beside it
     target.mkdir(exist_ok=True, mode=0o755)
-    if mounts.is_mountpoint(target) and init.exists():
+    if mounts.is_mountpoint(target) and init.exists() and busy.exists():
         return init
     unmount(target)
     _mount("den", target, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=4m,mode=755")
     shutil.copyfile(tini, init)
     init.chmod(0o755)
+    busy.write_text(DEN_BUSY)
+    busy.chmod(0o755)
     _mount("den", target, "tmpfs", _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     return init

@@ -381,3 +381,43 @@ class LlmUsage(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+# -- the metadata service (den.meta): environment variables and busy leases ------------
+
+
+class EnvVar(Base):
+    """A variable /v1/env gives a workspace: set for it, or for all of a user's.
+
+    ``scope`` is "ws:ID" or "user:ID" (the uniqueness key); the value is sealed
+    (den.secretbox, purpose "env:SCOPE:KEY").
+    """
+
+    __tablename__ = "env_vars"
+    __table_args__ = (UniqueConstraint("scope", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(64))
+    ws_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    key: Mapped[str] = mapped_column(String(128))
+    value_sealed: Mapped[str] = mapped_column(Text)
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BusyLease(Base):
+    """A workspace held awake until ``until`` (POST /v1/busy): the idle checker waits."""
+
+    __tablename__ = "busy_leases"
+
+    ws_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    until: Mapped[datetime] = mapped_column()
+    by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

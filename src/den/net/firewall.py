@@ -173,11 +173,10 @@ def ruleset(instance: int, p: Policy) -> str:
         )
     else:
         policy = f'iifname "{br}" counter drop'
-    # The metadata service (a later issue) will be a DNAT of 169.254.169.254:80
-    # to a den listener on the gateway, in a prerouting chain of the nat table
-    # (`iifname BR ip daddr 169.254.169.254 tcp dport 80 dnat to GW:PORT`): NAT
-    # happens before routing, so the packet becomes the host's input, the
-    # input chain's port list admits it, and `blocked` never sees it.
+    # The metadata service (den.meta) needs no rule: den listens on
+    # 169.254.169.254 inside each workspace's own netns (on its lo), so those
+    # connections never leave the namespace. Packets to 169.254.169.254 that do
+    # reach the bridge (another link-local address) stay `blocked`.
     return f"""
 add table inet {table}
 delete table inet {table}

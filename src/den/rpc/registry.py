@@ -57,6 +57,9 @@ class Caller:
     user_id: int | None = None
     token_id: str | None = None
     addr: str = ""  # the client's IP address where the transport knows it (TCP, ssh, web)
+    # A workspace id: the caller is code inside that workspace (den.meta's
+    # token), allowed only SCOPED_METHODS and only on that workspace.
+    scope: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -305,9 +308,33 @@ def _log_call(ctx: Context, start: float, outcome: str) -> None:
     )
 
 
+# What a workspace-scoped caller may call: about its own workspace, never a list.
+SCOPED_METHODS = frozenset(
+    {
+        "workspace.get",
+        "workspace.exec",
+        "workspace.exec_stream",
+        "workspace.why",
+        "workspace.busy",
+        "web.port",
+        "web.publish",
+        "web.unpublish",
+        "share.show",
+        "share.set",
+        "share.link",
+        "share.unlink",
+    }
+)
+
+
 def check_right(caller: Caller, m: Method) -> None:
     if m.right == Right.public:
         return
+    if caller.scope is not None and m.name not in SCOPED_METHODS:
+        raise Forbidden(
+            f"{m.name} is not open to a workspace token; it may call only "
+            + ", ".join(sorted(SCOPED_METHODS))
+        )
     if not caller.authenticated:
         raise Unauthenticated(
             f"{m.name} needs an identity: call over the unix socket as root or as a den "

@@ -27,6 +27,8 @@ MODULES = (
     "ui",
     "llm",
     "execstream",
+    "envvars",
+    "why",
 )
 
 

@@ -17,10 +17,18 @@ class Activity:
     def __init__(self) -> None:
         self._last: dict[str, tuple[float, str]] = {}
         self._busy: defaultdict[str, int] = defaultdict(int)
+        # The last time of each kind, for `den why` (den.services.why).
+        self._kinds: defaultdict[str, dict[str, float]] = defaultdict(dict)
 
     def touch(self, ws_id: str, kind: str) -> None:
         """Something happened in or for the workspace just now."""
-        self._last[ws_id] = (time.time(), kind)
+        now = time.time()
+        self._last[ws_id] = (now, kind)
+        self._kinds[ws_id][kind] = now
+
+    def kinds(self, ws_id: str) -> dict[str, float]:
+        """The last time of each kind of activity den saw since it started."""
+        return dict(self._kinds.get(ws_id, {}))
 
     @contextmanager
     def busy(self, ws_id: str, kind: str) -> Iterator[None]:
@@ -47,3 +55,4 @@ class Activity:
     def forget(self, ws_id: str) -> None:
         self._last.pop(ws_id, None)
         self._busy.pop(ws_id, None)
+        self._kinds.pop(ws_id, None)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import BaseModel, Field
 
 from den import tasks
-from den.db.models import AuditEvent, User, Workspace
+from den.db.models import AuditEvent, BusyLease, User, Workspace
 from den.errors import DenError, InvalidParams
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
 from den.services.common import Name, parse_duration, user_or_self
@@ -108,6 +108,9 @@ class IdleChecker:
             return None
         if first_look:
             return None  # no CPU or network delta yet: never judge on one look
+        lease = await db.get(BusyLease, ws.id)
+        if lease is not None and lease.until > datetime.now(UTC):
+            return None  # a busy lease (den.services.why) holds it awake: a hold, not activity
         suspend_after, stop_after = effective(ws, owner, app)
         idle_for = now - last
         if stop_after and idle_for >= stop_after:

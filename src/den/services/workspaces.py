@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from den.backends.base import Spec
 from den.config import Settings
-from den.db.models import Image, PublishedPort, User, Workspace
+from den.db.models import BusyLease, Image, PublishedPort, User, Workspace
 from den.errors import BackendFailure, Conflict, DenError, InvalidParams, NotFound
 from den.log import timed
 from den.net import ipam
@@ -87,6 +87,9 @@ class WorkspaceOut(BaseModel):
     url: str = Field("", description="Its HTTPS URL (proxied to its http_port).")
     urls: list[str] = Field(
         default_factory=list, description="Every URL: the main one, then its published ports'."
+    )
+    busy_until: datetime | None = Field(
+        None, description="Held awake until then by a busy lease (den-busy inside; den show)."
     )
 
 
@@ -169,6 +172,9 @@ async def find_workspace(
     if row is None:
         raise NotFound(f"no workspace {ref!r}; `den ls` lists yours")
     ws, owner = row
+    if ctx.caller.scope is not None and ws.id != ctx.caller.scope:
+        # A workspace's own token (den.meta) reaches that workspace alone.
+        raise NotFound(f"no workspace {ref!r}: a workspace token reaches only its own")
     if ws.state == "deleting" and not deleting:
         why = f": {ws.state_reason}" if ws.state_reason else ""
         raise Conflict(f"workspace {owner.name}/{ws.name} is being deleted{why}")
@@ -457,6 +463,9 @@ async def workspace_get(ctx: Context, p: WsRef) -> WorkspaceOut:
     ws, owner = await find_workspace(ctx, p.ref, deleting=True)
     out = await ws_out_urls(ctx, ws, owner.name)
     out.dotfiles_log = dotfiles.log_of(ws, out.ref) if ws.dotfiles_state else None
+    lease = await ctx.db.get(BusyLease, ws.id)
+    if lease is not None and lease.until > datetime.now(UTC):
+        out.busy_until = lease.until  # the reason it stays awake
     return out
 
 

@@ -1,0 +1,313 @@
+"""Listeners of the metadata service inside workspace network namespaces.
+
+See :mod:`den.meta` for the design. Other modules extend the service:
+
+* ``META_ROUTES``: append ``fn(router)`` at import time (a module listed in
+  den.services.MODULES, or imported by one); each adds aiohttp routes to the
+  metadata app. Handlers call :func:`identity` to know the workspace.
+* :func:`add_port`: a further TCP service on 169.254.169.254:PORT in every
+  workspace (MAIL's port 25); ``factory(ident)`` makes an asyncio.Protocol per
+  connection, told which workspace it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pyroute2 import IPRoute
+from sqlalchemy import select
+
+from den import tasks
+from den.db.models import User, Workspace
+from den.errors import BackendFailure
+from den.meta import ADDRESS
+from den.net import links, names
+
+if TYPE_CHECKING:
+    from den.app import App
+
+log = logging.getLogger(__name__)
+
+HTTP_PORT = 80
+_SO_NETNS_COOKIE = 71  # linux/asm-generic/socket.h, Linux 5.14+
+
+
+@dataclass(frozen=True)
+class WsIdentity:
+    """The workspace a metadata connection came from (by the socket it reached)."""
+
+    ws_id: str
+    name: str
+    owner: str
+    owner_id: int
+
+    @property
+    def ref(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+
+META_ROUTES: list[Callable[[web.UrlDispatcher], None]] = []
+ProtocolFactory = Callable[[WsIdentity], asyncio.Protocol]
+
+APP_KEY = web.AppKey("den_app", object)
+META_KEY: web.AppKey[Meta] = web.AppKey("den_meta")
+_IDENT = "den.meta.identity"
+
+
+def identity(request: web.Request) -> WsIdentity:
+    """The workspace asking, for a handler of the metadata app."""
+    ident = request.get(_IDENT)
+    if not isinstance(ident, WsIdentity):  # only when called outside the metadata app
+        raise web.HTTPForbidden(text="not a metadata request")
+    return ident
+
+
+def den_app(request: web.Request) -> App:
+    return request.app[APP_KEY]  # type: ignore[return-value]
+
+
+def netns_cookie(sock: Any) -> int | None:
+    """The cookie of the network namespace a socket lives in."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8)
+    except (OSError, AttributeError):
+        return None
+    return int(struct.unpack("Q", raw)[0])
+
+
+@dataclass
+class _Listening:
+    cookie: int
+    site: web.SockSite | None = None
+    servers: dict[int, asyncio.Server] = field(default_factory=dict)
+
+
+def _bind(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        # No SO_REUSEPORT: nobody inside may bind beside den.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((ADDRESS, port))
+        s.listen(128)
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def _open(netns: str, ports: list[int]) -> dict[int, socket.socket]:
+    """Listening sockets on ADDRESS:port for ``ports``, made inside ``netns``."""
+    out: dict[int, socket.socket] = {}
+
+    def work() -> None:
+        with IPRoute() as ipr:
+            lo = links.index(ipr, "lo")
+            if lo is None:
+                raise BackendFailure("no lo")
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=lo, family=2)}
+            if ADDRESS not in have:
+                ipr.addr("add", index=lo, address=ADDRESS, prefixlen=32)
+            ipr.link("set", index=lo, state="up")
+        for port in ports:
+            out[port] = _bind(port)
+
+    try:
+        links.in_netns(netns, work)
+    except BackendFailure:
+        for s in out.values():
+            s.close()
+        raise
+    return out
+
+
+class Meta:
+    """The metadata service of one daemon: its aiohttp runner and the listeners."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.runner: web.AppRunner | None = None
+        self.ports: dict[int, ProtocolFactory] = {}
+        self.open: dict[str, _Listening] = {}
+        self.by_cookie: dict[int, str] = {}
+        self._lock = asyncio.Lock()
+
+    async def setup(self) -> None:
+        webapp = web.Application(client_max_size=self.app.settings.max_body_bytes)
+        webapp[APP_KEY] = self.app
+        webapp[META_KEY] = self
+        webapp.middlewares.append(_identify)
+        from den.meta import routes  # noqa: F401 - appends the service's own routes
+
+        for add in META_ROUTES:
+            add(webapp.router)
+        self.runner = web.AppRunner(webapp, access_log=None, handle_signals=False)
+        await self.runner.setup()
+
+    async def lookup(self, ws_id: str) -> WsIdentity | None:
+        async with self.app.sessions() as db:
+            row = (
+                await db.execute(
+                    select(Workspace, User)
+                    .join(User, Workspace.user_id == User.id)
+                    .where(Workspace.id == ws_id)
+                )
+            ).first()
+        if row is None or row[0].state == "deleting":
+            return None
+        ws, owner = row
+        return WsIdentity(ws.id, ws.name, owner.name, owner.id)
+
+    async def up(self, ws_id: str) -> None:
+        """Listen inside the workspace's netns (idempotent); never fails its start."""
+        async with self._lock:
+            if ws_id in self.open or self.runner is None:
+                return
+            netns = names.netns(self.app.settings.instance, ws_id)
+            ports = [HTTP_PORT, *self.ports]
+            try:
+                socks = await asyncio.to_thread(_open, netns, ports)
+            except BackendFailure as err:
+                log.warning(
+                    "metadata service not served in a workspace",
+                    extra={"ctx": {"ws": ws_id, "error": err.message}},
+                )
+                return
+            cookie = netns_cookie(socks[HTTP_PORT])
+            if cookie is None:  # pragma: no cover - kernels before 5.14
+                for s in socks.values():
+                    s.close()
+                log.warning("no SO_NETNS_COOKIE: the metadata service is off")
+                return
+            entry = _Listening(cookie)
+            self.open[ws_id] = entry
+            self.by_cookie[cookie] = ws_id
+            entry.site = web.SockSite(self.runner, socks.pop(HTTP_PORT))
+            await entry.site.start()
+            for port, sock in socks.items():
+                entry.servers[port] = await self._serve_port(ws_id, port, sock)
+
+    async def _serve_port(self, ws_id: str, port: int, sock: socket.socket) -> asyncio.Server:
+        factory = self.ports[port]
+        ident = await self.lookup(ws_id)
+
+        def make() -> asyncio.Protocol:
+            if ident is None:
+                raise ConnectionRefusedError
+            return factory(ident)
+
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(make, sock=sock)
+
+    async def down(self, ws_id: str) -> None:
+        async with self._lock:
+            entry = self.open.pop(ws_id, None)
+            if entry is None:
+                return
+            self.by_cookie.pop(entry.cookie, None)
+            if entry.site is not None:
+                with contextlib.suppress(RuntimeError):
+                    await entry.site.stop()
+            for server in entry.servers.values():
+                server.close()
+
+    def add_port(self, port: int, factory: ProtocolFactory) -> None:
+        self.ports[port] = factory
+        for ws_id in list(self.open):
+            tasks.spawn(self._add_port_to(ws_id, port), name=f"meta-port-{port}")
+
+    async def _add_port_to(self, ws_id: str, port: int) -> None:
+        netns = names.netns(self.app.settings.instance, ws_id)
+        try:
+            socks = await asyncio.to_thread(_open, netns, [port])
+        except BackendFailure as err:
+            log.warning(
+                "metadata port not served in a workspace",
+                extra={"ctx": {"ws": ws_id, "port": port, "error": err.message}},
+            )
+            return
+        async with self._lock:
+            entry = self.open.get(ws_id)
+            if entry is None or port in entry.servers:
+                socks[port].close()
+                return
+            entry.servers[port] = await self._serve_port(ws_id, port, socks[port])
+
+    async def close(self) -> None:
+        for ws_id in list(self.open):
+            await self.down(ws_id)
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@web.middleware
+async def _identify(request: web.Request, handler: Any) -> web.StreamResponse:
+    meta = request.app[META_KEY]
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    cookie = netns_cookie(sock) if sock is not None else None
+    ws_id = meta.by_cookie.get(cookie) if cookie is not None else None
+    ident = await meta.lookup(ws_id) if ws_id is not None else None
+    if ident is None:
+        return web.json_response({"error": "this workspace is not known to den"}, status=403)
+    request[_IDENT] = ident
+    resp: web.StreamResponse = await handler(request)
+    return resp
+
+
+_metas: weakref.WeakKeyDictionary[App, Meta] = weakref.WeakKeyDictionary()
+
+
+def get(app: App) -> Meta | None:
+    return _metas.get(app)
+
+
+_pending: weakref.WeakKeyDictionary[App, dict[int, ProtocolFactory]] = weakref.WeakKeyDictionary()
+
+
+def add_port(app: App, port: int, factory: ProtocolFactory) -> None:
+    """Serve ``factory(ident)`` (an asyncio.Protocol per connection) on
+    169.254.169.254:``port`` in every running workspace and each one started
+    from now on. May be called before or after the service starts."""
+    meta = _metas.get(app)
+    if meta is None:
+        _pending.setdefault(app, {})[port] = factory
+    else:
+        meta.add_port(port, factory)
+
+
+async def start(app: App) -> Meta:
+    """Set up the service, follow the backend's starts and stops, and listen in
+    every workspace that runs now (the daemon restarted under them)."""
+    meta = Meta(app)
+    meta.ports.update(_pending.pop(app, {}))
+    await meta.setup()
+    _metas[app] = meta
+    backend = app.backend
+    backend.on_up.append(meta.up)
+    backend.on_down.append(meta.down)
+    async with app.sessions() as db:
+        rows = (
+            await db.execute(
+                select(Workspace.id).where(Workspace.state.in_(("running", "suspended")))
+            )
+        ).all()
+    for (ws_id,) in rows:
+        if backend.crun.quick_state(backend.cid(ws_id)) == "running":
+            await meta.up(ws_id)
+    return meta
+
+
+async def stop(app: App) -> None:
+    meta = _metas.pop(app, None)
+    if meta is not None:
+        await meta.close()
