@@ -335,6 +335,46 @@ class Settings(BaseSettings):
     metrics_retention: int = Field(
         86400, ge=60, description="Seconds of metric samples kept per workspace."
     )
+    # Mail (den.mail): NAME.OWNER@mail_domain is workspace NAME of OWNER. Inbound
+    # SMTP delivers to ~/Maildir inside it; outbound, 169.254.169.254:25 inside
+    # every workspace relays through mail_relay with den's From.
+    mail_domain: str = Field(
+        "",
+        max_length=200,
+        pattern=r"^([a-z0-9]([a-z0-9.-]*[a-z0-9])?)?$",
+        description="Mail domain of workspaces (NAME.OWNER@DOMAIN); empty: no mail at all.",
+    )
+    mail_host: str = Field("127.0.0.1", description="Address inbound SMTP listens on.")
+    mail_port: int = Field(
+        2525, ge=0, le=65535, description="Port of inbound SMTP (0 picks a free port)."
+    )
+    mail_max_bytes: int = Field(
+        10 << 20, ge=1024, le=1 << 30, description="Largest message accepted, in or out, in bytes."
+    )
+    mail_max_recipients: int = Field(
+        50, ge=1, le=10_000, description="Recipients of one message, in or out."
+    )
+    mail_max_connections: int = Field(
+        64, ge=1, le=100_000, description="SMTP connections den holds at once, in and out."
+    )
+    mail_relay: str = Field(
+        "",
+        max_length=300,
+        pattern=r"^(\[?[A-Za-z0-9.:-]+\]?:[0-9]{1,5})?$",
+        description="HOST:PORT of the SMTP relay outbound mail goes through; empty: none "
+        "(`den mail relay-login` stores its credentials, sealed).",
+    )
+    mail_relay_tls: Literal["auto", "starttls", "tls", "none"] = Field(
+        "auto",
+        description="TLS to the relay: auto (STARTTLS when offered), starttls (required), "
+        "tls (from the first byte), none.",
+    )
+    mail_per_hour: int = Field(
+        60,
+        ge=0,
+        le=1_000_000,
+        description="Messages one user's workspaces may send per hour (0: none).",
+    )
     # The LLM gateway (den.llm): daily budgets of each user unless an admin set
     # theirs (`den llm budget set`), and the limits of one request.
     llm_tokens_per_day: int = Field(

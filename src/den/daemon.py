@@ -58,6 +58,9 @@ async def serve(settings: Settings) -> None:
     await tcp_site.start()
     gateway = Gateway(app)
     ssh_port = await gateway.start()
+    from den.mail import run as mail
+
+    mail_server = await mail.start(app)  # None: mail_domain unset
     server = tcp_site._server
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else 0
@@ -96,6 +99,8 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down")
     finally:
         await gateway.stop()
+        if mail_server is not None:
+            mail_server.close()
         if app.caddy is not None:
             await app.caddy.stop()
         await tasks.cancel_all()

@@ -27,6 +27,7 @@ MODULES = (
     "ui",
     "llm",
     "execstream",
+    "mail",
     "envvars",
     "why",
 )

@@ -1,0 +1,38 @@
+"""Mail's place in the daemon: started when ``mail_domain`` is set, else nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from den.mail import inbound, outbound
+from den.mail.smtp import Connections
+from den.meta.server import add_port
+
+if TYPE_CHECKING:
+    from den.app import App
+
+log = logging.getLogger(__name__)
+OUTBOUND_PORT = 25
+
+
+async def start(app: App) -> asyncio.Server | None:
+    """Inbound SMTP on the host and outbound SMTP in every workspace; the caller
+    closes the server it gets (None: mail is off)."""
+    s = app.settings
+    if not s.mail_domain:
+        return None
+    conns = Connections(s.mail_max_connections)
+    try:
+        server = await inbound.start(app, conns)
+    except OSError as err:
+        raise SystemExit(
+            f"den: cannot listen for mail on {s.mail_host}:{s.mail_port}: {err}"
+        ) from None
+    add_port(app, OUTBOUND_PORT, outbound.factory(app, conns))
+    port = server.sockets[0].getsockname()[1]
+    log.info(
+        "mail serving", extra={"ctx": {"domain": s.mail_domain, "smtp": f"{s.mail_host}:{port}"}}
+    )
+    return server

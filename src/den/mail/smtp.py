@@ -1,0 +1,96 @@
+"""What den's two SMTP services share: a connection cap and the message checks."""
+
+from __future__ import annotations
+
+import asyncio
+import email.errors
+import email.parser
+import email.policy
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+
+class Connections:
+    """Open SMTP connections, in and out, against mail_max_connections: each may
+    hold up to mail_max_bytes of a message in memory, so their number is bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+
+class CappedSMTP(SMTP):
+    """aiosmtpd's session, turned away with 421 past the connection cap."""
+
+    def __init__(self, handler: Any, conns: Connections, **kw: Any) -> None:
+        super().__init__(handler, **kw)
+        self._conns = conns
+        self._counted = False
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._counted:  # not STARTTLS's second call
+            if self._conns.open >= self._conns.limit:
+                self._refused = True
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 too many connections; try again later\r\n")
+                transport.close()
+                return
+            self._counted = True
+            self._conns.open += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._counted:
+            self._counted = False
+            self._conns.open -= 1
+        super().connection_lost(error)
+
+
+def malformed(content: bytes) -> str | None:
+    """Why ``content`` is not an RFC 5322 message den passes on, or None.
+
+    A NUL (RFC 5321 4.1.1.4 allows none), no header section, or not exactly one
+    From field (RFC 5322 3.6). The answer is 554 (RFC 5321 4.2.2: the data was
+    refused for good); 5.6.0 is RFC 3463's "media error".
+    """
+    if b"\0" in content:
+        return "554 5.6.0 malformed message: NUL byte"
+    msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(content)
+    if any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects):
+        return "554 5.6.0 malformed message: a header line without a colon"
+    if not msg.keys():
+        return "554 5.6.0 malformed message: no header section"
+    if len(msg.get_all("From") or []) != 1:
+        return "554 5.6.0 malformed message: it needs exactly one From header"
+    return None
+
+
+def split_headers(content: bytes) -> tuple[list[bytes], bytes]:
+    """The header fields (each with its folded lines, CRLF-joined) and the body."""
+    head, sep, body = content.partition(b"\r\n\r\n")
+    if not sep:  # headers only
+        head, body = content.removesuffix(b"\r\n"), b""
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        else:
+            fields.append(line)
+    return fields, body
+
+
+def field_name(field: bytes) -> bytes:
+    return field.split(b":", 1)[0].strip().lower()
+
+
+def join(fields: list[bytes], body: bytes) -> bytes:
+    return b"\r\n".join(fields) + b"\r\n\r\n" + body
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """A client's word (HELO name, address) fit for a header or a log line."""
+    return "".join(c for c in text if " " < c < "\x7f")[:limit] or "unknown"

@@ -1,0 +1,238 @@
+"""Mail: inbound SMTP into a workspace's Maildir, outbound from inside through a relay.
+
+One daemon with mail on (its own pool, the bb image), a relay (aiosmtpd) the
+test runs on loopback, smtplib as the outside sender, and busybox's ``nc -e``
+with a tiny sh SMTP dialogue as the program inside a workspace.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import smtplib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.conftest import Daemon, unused_port
+from tests.workspaces.conftest import BB, create, make_users, ok, own_daemon, sh, wait_for
+
+DOMAIN = "mail.den.test"
+MAX_BYTES = 64 * 1024
+PER_HOUR = 2
+
+
+class Relay:
+    """The admin's relay: keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.got: list[Envelope] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.got.append(envelope)
+        return "250 OK"
+
+
+@dataclass
+class Env:
+    d: Daemon
+    owner: str
+    ws: str  # its name
+    port: int  # inbound SMTP
+    relay: Relay
+
+    @property
+    def ref(self) -> str:
+        return f"{self.owner}/{self.ws}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.ws}.{self.owner}@{DOMAIN}"
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    relay = Relay()
+    relay_port = unused_port()
+    controller = Controller(relay, hostname="127.0.0.1", port=relay_port)
+    controller.start()
+    port = unused_port()
+    settings = {
+        "DEN_DEFAULT_IMAGE": BB,
+        "DEN_MAIL_DOMAIN": DOMAIN,
+        "DEN_MAIL_PORT": str(port),
+        "DEN_MAIL_MAX_BYTES": str(MAX_BYTES),
+        "DEN_MAIL_MAX_RECIPIENTS": "3",
+        "DEN_MAIL_RELAY": f"127.0.0.1:{relay_port}",
+        "DEN_MAIL_PER_HOUR": str(PER_HOUR),
+    }
+    try:
+        with own_daemon(settings) as d, make_users(d) as users:
+            owner = users.make()
+            create(d, owner, "inbox")
+            yield Env(d, owner, "inbox", port, relay)
+    finally:
+        controller.stop()
+
+
+def smtp(e: Env) -> smtplib.SMTP:
+    return smtplib.SMTP("127.0.0.1", e.port, timeout=30)
+
+
+def message(to: str, subject: str, body: str = "hello\n", **headers: str) -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = "someone@outside.example"
+    m["To"] = to
+    m["Subject"] = subject
+    for k, v in headers.items():
+        m[k] = v
+    m.set_content(body)
+    return m
+
+
+def maildir(e: Env, ref: str | None = None) -> str:
+    """Every message in ~/Maildir/new, read from inside the workspace."""
+    return ok(e.d, ref or e.ref, 'cat "$HOME"/Maildir/new/* 2>/dev/null; true')
+
+
+def test_delivered_into_maildir_inside(env: Env) -> None:
+    with smtp(env) as s:
+        s.send_message(message(env.address, "first"))
+    text = maildir(env)
+    assert "Subject: first" in text and "hello" in text
+    assert f"by {DOMAIN} (den)" in text  # den's Received line
+    # Written by the login user: the file is theirs, readable by them alone.
+    listing = ok(env.d, env.ref, 'ls -ln "$HOME"/Maildir/new; id -u; ls "$HOME"/Maildir')
+    lines = listing.splitlines()
+    uid = lines[-4]
+    file_line = next(line for line in lines if line.startswith("-"))
+    assert file_line.startswith("-rw-------"), file_line
+    assert file_line.split()[2] == uid, listing
+    assert lines[-3:] == ["cur", "new", "tmp"], listing
+
+
+def test_refused_recipients(env: Env) -> None:
+    with smtp(env) as s:
+        s.ehlo()
+        s.mail("a@outside.example")
+        code, text = s.rcpt(f"nosuch.{env.owner}@{DOMAIN}")
+        assert code == 550 and b"5.1.1" in text
+        code, text = s.rcpt(f"{env.ws}.nobody@{DOMAIN}")
+        assert code == 550 and b"5.1.1" in text
+        code, text = s.rcpt(f"{env.ws}.{env.owner}@elsewhere.example")
+        assert code == 550 and b"relaying denied" in text
+        # Bad syntax: of the command 501, of the address 553 (RFC 5321 4.2.3).
+        assert s.docmd("RCPT", "nonsense")[0] == 501
+        assert s.docmd("RCPT TO:", "<<not an address")[0] == 553
+        for _ in range(3):
+            assert s.rcpt(env.address)[0] == 250
+        code, text = s.rcpt(env.address)
+        assert code == 452 and b"too many recipients" in text
+
+
+def test_oversized_and_malformed_refused(env: Env) -> None:
+    big = message(env.address, "big", ("y" * 70 + "\n") * (MAX_BYTES // 70 + 10))
+    with smtp(env) as s:
+        # Declared in MAIL FROM (smtplib sends SIZE=): refused before the data.
+        with pytest.raises(smtplib.SMTPSenderRefused) as err:
+            s.send_message(big)
+        assert err.value.smtp_code == 552
+    with smtp(env) as s:
+        # Undeclared: refused after the data.
+        s.ehlo()
+        s.mail("a@outside.example")
+        s.rcpt(env.address)
+        code, _ = s.data(big.as_bytes(policy=email.policy.SMTP))
+        assert code == 552
+        s.rset()
+        s.mail("a@outside.example")
+        s.rcpt(env.address)
+        code, text = s.data(b"Subject: no sender\r\n\r\nbody\r\n")
+        assert code == 554 and b"From" in text
+        s.rset()
+        s.mail("a@outside.example")
+        s.rcpt(env.address)
+        code, text = s.data(b"this is not a header\r\nFrom: x@y\r\n\r\nbody\r\n")
+        assert code == 554
+    assert "Subject: big" not in maildir(env)
+    assert "no sender" not in maildir(env)
+
+
+def test_suspended_is_resumed_stopped_deferred(env: Env) -> None:
+    d = env.d
+    create(d, env.owner, "sleepy")
+    ref = f"{env.owner}/sleepy"
+    to = f"sleepy.{env.owner}@{DOMAIN}"
+    d.call("workspace.suspend", ref=ref)
+    with smtp(env) as s:
+        s.send_message(message(to, "wake up"))
+    assert d.call("workspace.get", ref=ref)["state"] == "running"
+    assert "Subject: wake up" in maildir(env, ref)
+    d.call("workspace.stop", ref=ref)
+    with smtp(env) as s:
+        s.ehlo()
+        s.mail("a@outside.example")
+        code, text = s.rcpt(to)
+        assert code == 450 and b"stopped" in text
+    assert d.call("workspace.get", ref=ref)["state"] == "stopped"
+
+
+# -- outbound ------------------------------------------------------------------------
+
+# A client of 169.254.169.254:25 in busybox sh: nc runs it with the connection
+# on its stdin and stdout; den's replies go to stderr (the exec's output).
+DIALOGUE = r"""cat > /tmp/smtp.sh <<'EOF'
+#!/bin/sh
+r() { while IFS= read -r l; do echo "$l" >&2; case "$l" in [0-9][0-9][0-9]-*) ;; *) break;; esac; done; }
+r
+printf 'EHLO inside\r\n'; r
+printf 'MAIL FROM:<ceo@bank.example>\r\n'; r
+printf 'RCPT TO:<friend@far.example>\r\n'; r
+printf 'DATA\r\n'; r
+printf 'From: The Bank <ceo@bank.example>\r\nSender: ceo@bank.example\r\nTo: friend@far.example\r\nSubject: SUBJ\r\n\r\nhi from inside\r\n.\r\n'; r
+printf 'QUIT\r\n'; r
+EOF
+chmod +x /tmp/smtp.sh
+"""
+
+
+def send_inside(e: Env, subject: str) -> str:
+    ok(e.d, e.ref, DIALOGUE.replace("SUBJ", subject), user="root")
+    res = sh(e.d, e.ref, "nc -w 20 169.254.169.254 25 -e /tmp/smtp.sh")
+    return str(res["stderr"])
+
+
+def relayed(e: Env, subject: str) -> Any:
+    for env in e.relay.got:
+        if f"Subject: {subject}".encode() in (env.original_content or b""):
+            return env
+    return None
+
+
+def test_outbound_relayed_with_dens_from_and_limited(env: Env) -> None:
+    reply = send_inside(env, "out-1")
+    assert f"250 2.1.0 sender is {env.address}" in reply, reply
+    assert "250 2.0.0 sent" in reply, reply
+    got = wait_for(lambda: relayed(env, "out-1"))
+    assert got is not None
+    assert got.mail_from == env.address
+    assert got.rcpt_tos == ["friend@far.example"]
+    content = (got.original_content or b"").decode()
+    assert f"From: {env.address}\r\n" in content
+    assert "bank.example" not in content.split("\r\nTo:")[0]  # From and Sender replaced
+    assert "Sender:" not in content
+    assert "hi from inside" in content
+    # The audit log: the recipients' count and the size, not who or what.
+    events = env.d.client().call("audit.list", {"method": "mail.send"})
+    ev = next(x for x in events if x["target"] == f"workspace:{env.ref}")
+    assert ev["params"]["recipients"] == 1 and "friend" not in str(ev)
+
+    # PER_HOUR messages per user: the next one is told when to retry.
+    for i in range(2, PER_HOUR + 2):
+        reply = send_inside(env, f"out-{i}")
+    assert "450 4.7.1 rate limit" in reply and "retry after" in reply, reply
+    assert relayed(env, f"out-{PER_HOUR + 1}") is None
