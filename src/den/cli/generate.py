@@ -209,6 +209,10 @@ def make_command(m: MethodSpec, invoke: Invoke, local: bool = True) -> Callable[
             if not sys.stdin.isatty():
                 raise typer.BadParameter(f"{question} Pass --yes to confirm without a terminal.")
             typer.confirm(question, abort=True)
+        if cli.exec_output and not as_json and local:
+            from den.cli.execstream import from_cli  # output as it comes (--json: at the end)
+
+            raise typer.Exit(from_cli(ctx, sent))
         result = invoke(ctx, m, sent)
         if cli.follow_job:
             from den.cli.jobs import follow

@@ -177,6 +177,9 @@ def make_web_app(app: App) -> web.Application:
     web_app.router.add_post("/rpc", rpc_handler)
     web_app.router.add_get("/openrpc.json", openrpc_handler)
     web_app.router.add_get("/metrics", metrics_handler)
+    from den.web.execws import exec_handler  # streaming exec (den.services.execstream)
+
+    web_app.router.add_get("/v1/exec", exec_handler)
     from den.web import dash
     from den.web.dash.base import SURFACE, Surface
     from den.web.server import add_login_routes, ask_handler
