@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import json
 import secrets
+import socket
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from aiohttp import web
 
 from den.cli.client import RpcError
 from tests.conftest import Daemon
-from tests.workspaces.conftest import Users
+from tests.workspaces.conftest import Users, create, make_users, ok, sh
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
 META = "http://169.254.169.254"
@@ -180,3 +182,185 @@ def test_providers_are_admins_and_keys_stay_sealed(
     assert any(e["target"] == f"llm-provider:{provider.name}" for e in events), events
     assert provider.key not in json.dumps(events)
     assert provider.key not in d.log_text()
+
+
+# -- from inside a workspace --------------------------------------------------------
+
+TOKEN = f'wget -qO- {META}/v1/token | sed \'s/.*"token": *"\\([^"]*\\)".*/\\1/\''
+
+
+@pytest.fixture(scope="module")
+def ws(pool_daemon: Daemon, bb_image: str) -> Iterator[tuple[str, str]]:
+    """A member and a busybox workspace of theirs: (user, ref)."""
+    with make_users(pool_daemon) as us:
+        owner = us.make()
+        create(pool_daemon, owner, "llm", image=bb_image)
+        yield owner, f"{owner}/llm"
+
+
+def post(d: Daemon, ref: str, path: str, body: dict[str, Any], token: str = "") -> str:
+    """POST from inside with busybox wget and the workspace's token; its stdout."""
+    auth = (
+        f'"Authorization: Bearer {token}"' if token else '"Authorization: Bearer $(' + TOKEN + ')"'
+    )
+    script = (
+        f"wget -qO- --header {auth} --header 'Content-Type: application/json' "
+        f'--post-data "$BODY" {META}{path}'
+    )
+    return ok(d, ref, script, env={"BODY": json.dumps(body)})
+
+
+def raw_post(
+    d: Daemon, ref: str, path: str, body: dict[str, Any], auth: str = ""
+) -> tuple[int, str]:
+    """POST over a raw HTTP/1.0 connection (busybox nc): the status and body even of an
+    error, which busybox wget does not show. nc's input stays open (a fifo held by fd 3)
+    until the server has answered and closed: at its end of input nc half-closes, and
+    the server would hang up before answering."""
+    script = (
+        f'T="{auth}"; [ -n "$T" ] || T="Bearer $({TOKEN})"; F=/tmp/llm.$$; mkfifo $F; '
+        f"nc 169.254.169.254 80 <$F >$F.out & P=$!; exec 3>$F; "
+        f"printf 'POST {path} HTTP/1.0\\r\\nHost: m\\r\\nAuthorization: %s\\r\\n"
+        "Content-Type: application/json\\r\\nContent-Length: %s\\r\\n\\r\\n%s' "
+        '"$T" "${#BODY}" "$BODY" >&3; wait $P; exec 3>&-; cat $F.out; rm -f $F $F.out'
+    )
+    out = ok(d, ref, script, env={"BODY": json.dumps(body)})
+    head, _, payload = out.partition("\r\n\r\n")
+    return int(head.split()[1]), payload
+
+
+def prometheus(d: Daemon) -> str:
+    """GET /metrics as root over the daemon's unix socket."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(d.socket))
+        s.sendall(b"GET /metrics HTTP/1.0\r\nHost: den\r\n\r\n")
+        data = b"".join(iter(lambda: s.recv(65536), b""))
+    head, _, body = data.decode().partition("\r\n\r\n")
+    assert " 200 " in head.splitlines()[0], head
+    return body
+
+
+def chat(model: str, stream: bool = False) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "ping"}], "stream": stream}
+
+
+def usage_of(d: Daemon, user: str) -> dict[str, Any]:
+    res = d.cli("llm", "usage", user, "--json", check=True)
+    rows = json.loads(res.stdout)
+    assert len(rows) == 1 and rows[0]["user"] == user, rows
+    return dict(rows[0])
+
+
+def test_chat_and_stream_pass_through(pool_daemon: Daemon, provider: Any, ws: Any) -> None:
+    d, (owner, ref) = pool_daemon, ws
+    model = provider.models[0]
+    listed = json.loads(
+        ok(d, ref, f'wget -qO- --header "Authorization: Bearer $({TOKEN})" {META}/v1/models')
+    )
+    assert {m["id"] for m in listed["data"]} >= set(provider.models), listed
+
+    answer = json.loads(post(d, ref, "/v1/chat/completions", chat(model)))
+    assert answer["choices"][0]["message"]["content"] == "pong"
+    assert answer["usage"] == USAGE
+    assert provider.up.seen[-1]["messages"] == [{"role": "user", "content": "ping"}]
+
+    streamed = post(d, ref, "/v1/chat/completions", chat(model, stream=True))
+    events = [line[6:] for line in streamed.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", streamed
+    words = [c["delta"]["content"] for e in events[:-1] for c in json.loads(e)["choices"]]
+    assert "".join(words) == "streamed"
+    # den asked the upstream for the stream's usage, and passed its chunk on.
+    assert provider.up.seen[-1]["stream_options"] == {"include_usage": True}
+    assert json.loads(events[-2])["usage"] == USAGE
+
+    emb = json.loads(post(d, ref, "/v1/embeddings", {"model": provider.models[2], "input": "x"}))
+    assert emb["data"][0]["embedding"] == [0.1, 0.2]
+
+    # An upstream error quoting the key reaches the workspace with the key masked.
+    status, body = raw_post(d, ref, "/v1/chat/completions", chat(provider.models[1]))
+    assert status == 400 and "overloaded" in body and provider.key not in body, body
+
+    status, body = raw_post(d, ref, "/v1/chat/completions", chat("no-such-model"))
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found", body
+
+    u = usage_of(d, owner)
+    assert u["requests"] == 4, u
+    assert u["tokens"] == 2 * USAGE["total_tokens"] + 3, u
+    by_model = {m["model"]: m for m in u["models"]}
+    assert by_model[model]["requests"] == 2 and by_model[model]["prompt_tokens"] == 14
+    # The member sees their own use with `den llm usage`, not anyone else's.
+    res = d.cli("llm", "usage", user=owner, check=True)
+    assert owner in res.stdout and "27" in res.stdout, res.stdout
+    assert d.cli("llm", "usage", "root", user=owner).returncode != 0
+
+    assert provider.up.bad_auth == 0
+    prom = prometheus(d)
+    assert (
+        f'den_llm_tokens_total{{kind="completion",model="{model}",provider="{provider.name}",user="{owner}"}} 10.0'
+        in prom
+    )
+
+
+def test_only_the_workspace_token(pool_daemon: Daemon, provider: Any, ws: Any) -> None:
+    d, (owner, ref) = pool_daemon, ws
+    status, body = raw_post(d, ref, "/v1/chat/completions", chat(provider.models[0]), auth="x")
+    assert status == 401, body
+    user_token = d.call("token.create", user=owner, right="write")["token"]
+    status, body = raw_post(
+        d, ref, "/v1/chat/completions", chat(provider.models[0]), auth=f"Bearer {user_token}"
+    )
+    assert status == 401 and "token" in json.loads(body)["error"]["message"], body
+
+
+def test_budgets_refuse_at_the_limit(pool_daemon: Daemon, provider: Any, ws: Any) -> None:
+    d, (owner, ref) = pool_daemon, ws
+    model = provider.models[0]
+    before = usage_of(d, owner)
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT00:00:00Z")
+    try:
+        d.call("llm.budget.set", user=owner, requests_per_day=before["requests"] + 1)
+        post(d, ref, "/v1/chat/completions", chat(model))  # the last one allowed
+        status, body = raw_post(d, ref, "/v1/chat/completions", chat(model, stream=True))
+        assert status == 429, body
+        err = json.loads(body)["error"]
+        assert err["code"] == "daily_requests_budget" and err["budget"] == "requests_per_day"
+        assert err["resets_at"] == tomorrow and tomorrow in err["message"], err
+        assert usage_of(d, owner)["requests"] == before["requests"] + 1
+
+        d.call("llm.budget.set", user=owner, requests_per_day=0, tokens_per_day=1)
+        status, body = raw_post(
+            d, ref, "/v1/embeddings", {"model": provider.models[2], "input": "x"}
+        )
+        assert status == 429, body
+        err = json.loads(body)["error"]
+        assert err["code"] == "daily_tokens_budget" and "tokens" in err["message"], err
+        assert err["resets_at"] == tomorrow
+    finally:
+        d.call("llm.budget.set", user=owner, requests_per_day=-1, tokens_per_day=-1)
+    post(d, ref, "/v1/chat/completions", chat(model))  # the default: no limit
+    prom = prometheus(d)
+    assert f'den_llm_refusals_total{{reason="requests",user="{owner}"}} 1.0' in prom
+    assert f'den_llm_refusals_total{{reason="tokens",user="{owner}"}} 1.0' in prom
+
+
+def test_the_key_never_reaches_the_workspace(pool_daemon: Daemon, provider: Any, ws: Any) -> None:
+    d, (_owner, ref) = pool_daemon, ws
+    post(d, ref, "/v1/chat/completions", chat(provider.models[0], stream=True))
+    # The needle in two halves: the search's own environment must not match.
+    half = len(provider.key) // 2
+    found = sh(
+        d,
+        ref,
+        'K="$A$B"; grep -rl "$K" /etc /home /root /tmp /var /run 2>/dev/null; '
+        "cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' "
+        '| grep -c "$K"',
+        env={"A": provider.key[:half], "B": provider.key[half:]},
+    )
+    assert found["stdout"].split() == ["0"], found
+    assert provider.key not in d.log_text()
+    c = d.client()
+    try:
+        events = c.call("audit.list", {"limit": 1000})
+    finally:
+        c.close()
+    assert provider.key not in json.dumps(events)

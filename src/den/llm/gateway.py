@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,8 @@ from den import secretbox
 from den.db.models import LlmProvider
 from den.errors import Unauthenticated
 from den.llm import budget
-from den.services.tokens import authenticate
+from den.meta import token
+from den.meta.server import META_ROUTES, WsIdentity, den_app, identity
 
 if TYPE_CHECKING:
     from den.app import App
@@ -101,12 +103,12 @@ async def check_bearer(app: App, request: web.Request, who: Charge) -> web.Respo
     if not header:
         return oai_error(401, f"no credentials: {hint}", "invalid_request_error", "missing_token")
     try:
-        caller = await authenticate(app, header)
+        caller = await token.verify(app, header)
     except Unauthenticated as exc:
         return oai_error(401, f"{exc.message}; {hint}", "invalid_request_error", "invalid_token")
-    # Only the token scoped to this very workspace: a user's own den token, or
-    # another workspace's, would let any code that got hold of it spend here.
-    if caller is None or getattr(caller, "scope", None) != who.ws_id:
+    # Only the token scoped to this very workspace: another workspace's would
+    # let code that got hold of it spend from here (and be charged elsewhere).
+    if caller.scope != who.ws_id:
         return oai_error(
             401,
             f"this is not this workspace's token; {hint}",
@@ -458,3 +460,33 @@ async def _pass_stream(
     with contextlib.suppress(ConnectionResetError):
         await out.write_eof()
     return out, scanner.counts
+
+
+# -- routes on the metadata app ------------------------------------------------------
+
+
+def _charge(request: web.Request) -> tuple[App, Charge]:
+    ident: WsIdentity = identity(request)
+    return den_app(request), Charge(ident.ws_id, ident.ref, ident.owner_id, ident.owner)
+
+
+async def _models(request: web.Request) -> web.StreamResponse:
+    app, who = _charge(request)
+    return await models(app, request, who)
+
+
+def _forwarder(path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        app, who = _charge(request)
+        return await forward(app, request, who, path)
+
+    return handler
+
+
+def _add(router: web.UrlDispatcher) -> None:
+    router.add_get("/v1/models", _models)
+    for route, path in ROUTES.items():
+        router.add_post(route, _forwarder(path))
+
+
+META_ROUTES.append(_add)

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from den import secretbox
 from den.db.models import LlmBudget, LlmProvider, LlmUsage, User
 from den.errors import Conflict, InvalidParams, NotFound
+from den.llm import gateway  # noqa: F401 - adds its routes to the metadata app
 from den.llm.budget import day_of, limits_of, resets_at, used_on
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, NoParams, Params, Right, method
 from den.services.common import Name, find_user
