@@ -195,6 +195,21 @@ def tui(
     run(state.client(), interval)
 
 
+@app.command("mcp")
+def mcp(ctx: typer.Context) -> None:
+    """Serve MCP (Model Context Protocol) on stdin/stdout for an agent: den's tools,
+    as you (relayed to the daemon's unix socket). Over HTTP: URL/mcp with a token."""
+    from den.mcp.stdio import main as mcp_main
+
+    state = ctx.find_object(State)
+    assert state is not None
+    sock = state.client().socket_path
+    if sock is None:
+        fail("den mcp talks to the daemon's unix socket; over --url use URL/mcp with a token")
+        return
+    raise typer.Exit(mcp_main(sock))
+
+
 @app.command("rpc")
 def rpc(
     ctx: typer.Context,

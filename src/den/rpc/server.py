@@ -164,6 +164,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def make_web_app(app: App) -> web.Application:
+    from den.mcp.http import handler as mcp_handler
     from den.web import allow
 
     web_app = web.Application(
@@ -177,6 +178,7 @@ def make_web_app(app: App) -> web.Application:
     web_app.router.add_post("/rpc", rpc_handler)
     web_app.router.add_get("/openrpc.json", openrpc_handler)
     web_app.router.add_get("/metrics", metrics_handler)
+    web_app.router.add_route("*", "/mcp", mcp_handler)  # MCP (den.mcp.http)
     from den.web.execws import exec_handler  # streaming exec (den.services.execstream)
 
     web_app.router.add_get("/v1/exec", exec_handler)

@@ -271,6 +271,7 @@ async def ask_handler(request: web.Request) -> web.Response:
 
 
 def make_gate_app(app: App, gate: Gate) -> web.Application:
+    from den.mcp.http import caddy_handler as mcp_caddy_handler
     from den.web import allow
 
     # The UI allow-list covers den's own pages at the domain, not workspace URLs.
@@ -283,6 +284,7 @@ def make_gate_app(app: App, gate: Gate) -> web.Application:
     web_app.router.add_get(ERROR, error_handler)
     add_login_routes(web_app.router, PAGES)
     dash.add_routes(web_app.router, PAGES)
+    web_app.router.add_route("*", PAGES + "/mcp", mcp_caddy_handler)  # MCP (den.mcp.http)
     # Last: any other path at den's domain (the router tries routes in order).
     web_app.router.add_route("*", PAGES + "{tail:.*}", pages_handler)
     return web_app
