@@ -8,18 +8,21 @@ with a tiny sh SMTP dialogue as the program inside a workspace.
 from __future__ import annotations
 
 import email.policy
+import secrets
 import smtplib
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from tests.conftest import Daemon, unused_port
-from tests.workspaces.conftest import BB, create, make_users, ok, own_daemon, sh, wait_for
+from tests.workspaces.conftest import BB, Users, create, make_users, ok, own_daemon, sh, wait_for
 
 DOMAIN = "mail.den.test"
 MAX_BYTES = 64 * 1024
@@ -27,10 +30,36 @@ PER_HOUR = 2
 
 
 class Relay:
-    """The admin's relay: keeps what it is given."""
+    """The admin's relay: keeps what it is given, and the logins it saw."""
 
     def __init__(self) -> None:
         self.got: list[Envelope] = []
+        self.logins: list[tuple[bytes, bytes]] = []
+        self.port = unused_port()
+        self.controller: Controller | None = None
+
+    def start(self) -> None:
+        # A stopped Controller does not start again: a new one each time. AUTH is
+        # offered in the clear: the test's loopback relay has no certificate.
+        self.controller = Controller(
+            self,
+            hostname="127.0.0.1",
+            port=self.port,
+            authenticator=self.authenticate,
+            auth_require_tls=False,
+        )
+        self.controller.start()
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        self.logins.append((data.login, data.password))
+        return AuthResult(success=True)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.got.append(envelope)
@@ -44,6 +73,7 @@ class Env:
     ws: str  # its name
     port: int  # inbound SMTP
     relay: Relay
+    users: Users
 
     @property
     def ref(self) -> str:
@@ -57,9 +87,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     relay = Relay()
-    relay_port = unused_port()
-    controller = Controller(relay, hostname="127.0.0.1", port=relay_port)
-    controller.start()
+    relay.start()
     port = unused_port()
     settings = {
         "DEN_DEFAULT_IMAGE": BB,
@@ -67,16 +95,16 @@ def env() -> Iterator[Env]:
         "DEN_MAIL_PORT": str(port),
         "DEN_MAIL_MAX_BYTES": str(MAX_BYTES),
         "DEN_MAIL_MAX_RECIPIENTS": "3",
-        "DEN_MAIL_RELAY": f"127.0.0.1:{relay_port}",
+        "DEN_MAIL_RELAY": f"127.0.0.1:{relay.port}",
         "DEN_MAIL_PER_HOUR": str(PER_HOUR),
     }
     try:
         with own_daemon(settings) as d, make_users(d) as users:
             owner = users.make()
             create(d, owner, "inbox")
-            yield Env(d, owner, "inbox", port, relay)
+            yield Env(d, owner, "inbox", port, relay, users)
     finally:
-        controller.stop()
+        relay.stop()
 
 
 def smtp(e: Env) -> smtplib.SMTP:
@@ -200,9 +228,9 @@ chmod +x /tmp/smtp.sh
 """
 
 
-def send_inside(e: Env, subject: str) -> str:
-    ok(e.d, e.ref, DIALOGUE.replace("SUBJ", subject), user="root")
-    res = sh(e.d, e.ref, "nc -w 20 169.254.169.254 25 -e /tmp/smtp.sh")
+def send_inside(e: Env, subject: str, ref: str = "") -> str:
+    ok(e.d, ref or e.ref, DIALOGUE.replace("SUBJ", subject), user="root")
+    res = sh(e.d, ref or e.ref, "nc -w 20 169.254.169.254 25 -e /tmp/smtp.sh")
     return str(res["stderr"])
 
 
@@ -236,3 +264,31 @@ def test_outbound_relayed_with_dens_from_and_limited(env: Env) -> None:
         reply = send_inside(env, f"out-{i}")
     assert "450 4.7.1 rate limit" in reply and "retry after" in reply, reply
     assert relayed(env, f"out-{PER_HOUR + 1}") is None
+
+
+def test_relay_login_sealed_and_relay_down(env: Env, tmp_path: Path) -> None:
+    d = env.d
+    other = env.users.make()  # a user of their own: the first one used up their hour
+    create(d, other, "out")
+    ref = f"{other}/out"
+    secret = f"pw-{secrets.token_hex(8)}"
+    pw_file = tmp_path / "pw"
+    pw_file.write_text(secret + "\n")
+    d.cli("mail", "relay-login", "--user", "den-relay", "--password-file", str(pw_file), check=True)
+    stored = (d.data_dir / "mail-relay.json").read_text()
+    assert secret not in stored and "den-relay" in stored
+    assert stat.S_IMODE((d.data_dir / "mail-relay.json").stat().st_mode) == 0o600
+
+    reply = send_inside(env, "with-login", ref)
+    assert "250 2.0.0 sent" in reply, reply
+    assert (b"den-relay", secret.encode()) in env.relay.logins
+    audit = str(d.client().call("audit.list", {"method": "mail.relay_login"}))
+    assert "den-relay" in audit and secret not in audit
+    assert secret not in d.log_text()
+
+    env.relay.stop()
+    try:
+        reply = send_inside(env, "relay-down", ref)
+        assert "451 4.4.1" in reply and "unreachable" in reply, reply
+    finally:
+        env.relay.start()

@@ -116,12 +116,13 @@ class Inbound:
         # Maildir files end lines with LF, as local mail readers expect.
         message = (received + content).replace(b"\r\n", b"\n")
         failed = []
-        for rcpt in envelope.rcpt_tos:
+        rcpts = list(dict.fromkeys(envelope.rcpt_tos))  # one named twice: delivered once
+        for rcpt in rcpts:
             ws_name, owner = mail.parse(rcpt, self.domain) or ("", "")
             why = await self.deliver(ws_name, owner, message)
             if why:
                 failed.append(f"{rcpt}: {why}")
-        if failed and len(failed) == len(envelope.rcpt_tos):
+        if failed and len(failed) == len(rcpts):
             return f"451 4.3.0 not delivered ({'; '.join(failed)[:300]}); try later"
         # Some delivered: a 4xx now would deliver those twice on the retry; the
         # others are in the log.

@@ -54,6 +54,8 @@ class Identity(Protocol):
     def name(self) -> str: ...
     @property
     def owner(self) -> str: ...
+    @property
+    def ws_id(self) -> str: ...
 
 
 class RateLimit:
@@ -250,6 +252,7 @@ def factory(app: App, conns: Connections) -> Callable[[Identity], asyncio.Protoc
         return CappedSMTP(
             Outbound(app, who, rate),
             conns,
+            who.ws_id,
             data_size_limit=s.mail_max_bytes,
             enable_SMTPUTF8=True,
             hostname=s.mail_domain,

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 OUTBOUND_PORT = 25
+PER_WORKSPACE = 4  # outbound SMTP connections of one workspace at once
 
 
 async def start(app: App) -> asyncio.Server | None:
@@ -23,14 +24,16 @@ async def start(app: App) -> asyncio.Server | None:
     s = app.settings
     if not s.mail_domain:
         return None
-    conns = Connections(s.mail_max_connections)
     try:
-        server = await inbound.start(app, conns)
+        server = await inbound.start(app, Connections(s.mail_max_connections))
     except OSError as err:
         raise SystemExit(
             f"den: cannot listen for mail on {s.mail_host}:{s.mail_port}: {err}"
         ) from None
-    add_port(app, OUTBOUND_PORT, outbound.factory(app, conns))
+    # Their own cap: outside senders cannot hold the workspaces' mail up, nor
+    # one workspace the others'.
+    out = Connections(s.mail_max_connections, PER_WORKSPACE)
+    add_port(app, OUTBOUND_PORT, outbound.factory(app, out))
     port = server.sockets[0].getsockname()[1]
     log.info(
         "mail serving", extra={"ctx": {"domain": s.mail_domain, "smtp": f"{s.mail_host}:{port}"}}

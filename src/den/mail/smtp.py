@@ -6,39 +6,53 @@ import asyncio
 import email.errors
 import email.parser
 import email.policy
+from collections import Counter
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
 
 class Connections:
-    """Open SMTP connections, in and out, against mail_max_connections: each may
-    hold up to mail_max_bytes of a message in memory, so their number is bounded."""
+    """Open SMTP connections of one service against its cap (each may hold up to
+    mail_max_bytes of a message in memory), and per key (a workspace) against
+    ``per_key``, so that one workspace cannot take every slot from the others."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_key: int = 0) -> None:
         self.limit = limit
-        self.open = 0
+        self.per_key = per_key or limit
+        self.open: Counter[str] = Counter()
+
+    def take(self, key: str) -> bool:
+        if self.open.total() >= self.limit or self.open[key] >= self.per_key:
+            return False
+        self.open[key] += 1
+        return True
+
+    def release(self, key: str) -> None:
+        self.open[key] -= 1
+        if self.open[key] <= 0:
+            del self.open[key]
 
 
 class CappedSMTP(SMTP):
-    """aiosmtpd's session, turned away with 421 past the connection cap."""
+    """aiosmtpd's session, turned away with 421 past the connection caps."""
 
-    def __init__(self, handler: Any, conns: Connections, **kw: Any) -> None:
+    def __init__(self, handler: Any, conns: Connections, key: str = "", **kw: Any) -> None:
         super().__init__(handler, **kw)
         self._conns = conns
+        self._key = key
         self._counted = False
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._counted:  # not STARTTLS's second call
-            if self._conns.open >= self._conns.limit:
+            if not self._conns.take(self._key):
                 self._refused = True
                 assert isinstance(transport, asyncio.WriteTransport)
                 transport.write(b"421 4.7.0 too many connections; try again later\r\n")
                 transport.close()
                 return
             self._counted = True
-            self._conns.open += 1
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -46,7 +60,7 @@ class CappedSMTP(SMTP):
             return
         if self._counted:
             self._counted = False
-            self._conns.open -= 1
+            self._conns.release(self._key)
         super().connection_lost(error)
 
 
