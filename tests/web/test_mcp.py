@@ -42,10 +42,27 @@ def member(pool_daemon: Daemon, web_bb: str) -> Iterator[Member]:
         yield Member(name, write, read, web_bb)
 
 
-def http_client(d: Daemon, token: str | None, mode: str = "auto") -> Client:
+Logs = list[tuple[str | None, Any]]
+
+
+def logger_of(logs: Logs) -> Any:
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append((params.logger, params.data))
+
+    return on_log
+
+
+def http_client(
+    d: Daemon, token: str | None, mode: str = "auto", logs: Logs | None = None
+) -> Client:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     http = httpx2.AsyncClient(headers=headers, timeout=120)
-    return Client(streamable_http_client(d.http_url + "/mcp", http_client=http), mode=mode)
+    return Client(
+        streamable_http_client(d.http_url + "/mcp", http_client=http),
+        mode=mode,
+        logging_callback=logger_of(logs if logs is not None else []),
+        log_level="info",
+    )
 
 
 def text(res: types.CallToolResult) -> Any:
@@ -74,7 +91,7 @@ def names(tools: types.ListToolsResult) -> set[str]:
     return {t.name for t in tools.tools}
 
 
-async def exercise(client: Client, m: Member, ws: str) -> None:
+async def exercise(client: Client, m: Member, ws: str, logs: Logs) -> None:
     """What any MCP client does with den: list, read, create, stream, files."""
     tools = await client.list_tools()
     listed = names(tools)
@@ -119,6 +136,29 @@ async def exercise(client: Client, m: Member, ws: str) -> None:
     assert seen[0] == "one\n" and "".join(seen).count("two") == 1
     assert "[stderr] err\n" in seen
 
+    # Without a progress token the chunks come as log messages, a logger per stream.
+    out = ok(
+        await client.call_tool(
+            "workspace.exec_stream", {"ref": ws, "argv": ["sh", "-c", "echo out; echo bad >&2"]}
+        )
+    )
+    assert out["stdout"] == "out\n" and ("stdout", "out\n") in logs and ("stderr", "bad\n") in logs
+
+    # A cancelled call kills its command.
+    pidfile = f"/tmp/pid{secrets.token_hex(2)}"
+    argv = ["sh", "-c", f"echo $$ > {pidfile}; echo started; exec sleep 1000"]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(
+            client.call_tool("workspace.exec_stream", {"ref": ws, "argv": argv}), 3
+        )
+    alive = f"kill -0 $(cat {pidfile}) 2>/dev/null && echo alive || echo gone"
+    for _ in range(100):
+        res = ok(await client.call_tool("workspace.exec", {"ref": ws, "argv": ["sh", "-c", alive]}))
+        if res["stdout"].strip() == "gone":
+            break
+        await asyncio.sleep(0.1)
+    assert res["stdout"].strip() == "gone"
+
     # Files inside the workspace, as its user: a round trip, and clear refusals.
     body = "héllo\nden\n"
     path = f"notes{secrets.token_hex(2)}.txt"
@@ -147,8 +187,9 @@ def test_http_with_a_token(pool_daemon: Daemon, member: Member) -> None:
     ws = f"h{secrets.token_hex(2)}"
 
     async def go() -> None:
-        async with http_client(d, m.write) as client:
-            await exercise(client, m, ws)
+        logs: Logs = []
+        async with http_client(d, m.write, logs=logs) as client:
+            await exercise(client, m, ws, logs)
 
     run(go)
     # Audited like any call, as the token's user, over TCP.
@@ -262,8 +303,9 @@ def test_stdio(pool_daemon: Daemon, member: Member) -> None:
     )
 
     async def go() -> None:
-        async with Client(params) as client:
-            await exercise(client, m, ws)
+        logs: Logs = []
+        async with Client(params, logging_callback=logger_of(logs), log_level="info") as client:
+            await exercise(client, m, ws, logs)
 
     run(go)
     events = audit(d, actor=m.name, method="workspace.exec_stream")
