@@ -28,6 +28,7 @@ from tests.workspaces.conftest import Users, create, make_users, ok, sh
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
 META = "http://169.254.169.254"
+SLOW = 2.0  # seconds between the chunks of the "-slow" model's streams
 
 
 class FakeProvider:
@@ -91,7 +92,7 @@ class FakeProvider:
         for word in ("str", "eam", "ed"):
             chunk = {"object": "chat.completion.chunk", "choices": [{"delta": {"content": word}}]}
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(SLOW if body["model"].endswith("-slow") else 0.05)
         if (body.get("stream_options") or {}).get("include_usage"):
             last = {"object": "chat.completion.chunk", "choices": [], "usage": USAGE}
             await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
@@ -121,7 +122,7 @@ def provider(pool_daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> I
     up = FakeProvider(key)
     up.start()
     name = f"p{secrets.token_hex(3)}"
-    models = [f"{name}-chat", f"{name}-leaky", f"{name}-embed"]
+    models = [f"{name}-chat", f"{name}-leaky", f"{name}-embed", f"{name}-slow"]
     key_file = tmp_path_factory.mktemp("llm") / "key"
     key_file.write_text(key + "\n")
     try:
@@ -352,8 +353,11 @@ def test_the_key_never_reaches_the_workspace(pool_daemon: Daemon, provider: Any,
         d,
         ref,
         'K="$A$B"; grep -rl "$K" /etc /home /root /tmp /var /run 2>/dev/null; '
-        "cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' "
-        '| grep -c "$K"',
+        # Matched by the shell itself: a grep's own command line would hold the needle.
+        "n=0; for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do "
+        "tr '\\0' '\\n' <$f 2>/dev/null >/tmp/.p; "
+        'while read -r l; do case "$l" in *"$K"*) n=$((n+1));; esac; done </tmp/.p; done; '
+        "rm -f /tmp/.p; echo $n",
         env={"A": provider.key[:half], "B": provider.key[half:]},
     )
     assert found["stdout"].split() == ["0"], found
@@ -364,3 +368,26 @@ def test_the_key_never_reaches_the_workspace(pool_daemon: Daemon, provider: Any,
     finally:
         c.close()
     assert provider.key not in json.dumps(events)
+
+
+def test_streams_arrive_as_sent_and_in_flight_is_capped(
+    pool_daemon: Daemon, provider: Any, ws: Any
+) -> None:
+    d, (_owner, ref) = pool_daemon, ws
+    slow = json.dumps(chat(provider.models[3], stream=True))
+    req = (
+        f'wget -qO- --header "Authorization: Bearer $T" --header "Content-Type: application/json" '
+        f'--post-data "$BODY" {META}/v1/chat/completions'
+    )
+    # The first chunk is read a whole pause before the stream ends: den did not hold it.
+    # Meanwhile the owner's cap of requests in flight (llm_max_concurrent, 4) holds.
+    script = (
+        f"T=$({TOKEN}); for i in 1 2 3; do {req} >/dev/null & done; "
+        f"{req} | {{ read -r first; A=$(date +%s); cat >/dev/null; B=$(date +%s); "
+        'echo "$first" | grep -q "data: " && echo "gap $((B - A))"; } & sleep 0.5; '
+        f"{req} 2>&1; wait"
+    )
+    out = ok(d, ref, script, env={"BODY": slow})
+    gap = int(out.split("gap ")[1].split()[0])
+    assert gap >= SLOW * 2 - 1, out
+    assert "429" in out, out
