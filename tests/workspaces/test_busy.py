@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import Daemon
-from tests.workspaces.conftest import BB, ok, own_daemon, sh
+from tests.workspaces.conftest import ok, own_daemon, sh
 from tests.workspaces.test_idle import IDLE_ENV, state, wait_for
 
 

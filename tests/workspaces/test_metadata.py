@@ -67,7 +67,7 @@ def token_of(d: Daemon, ref: str) -> str:
 def test_identity_keys_and_env_from_inside(pair: Pair) -> None:
     d, ref = pair.d, pair.a["ref"]
     d.call("env.set", ref=ref, env=[f"API_KEY={SECRET}", "MODE=a b 'c'"])
-    d.call("env.set", user=pair.owner, env=["SHARED=all", "MODE=user"])
+    d.call("env.set", ref=f"{pair.owner}/*", env=["SHARED=all", "MODE=user"])
     ident = json.loads(ok(d, ref, f"wget -qO- {META}/v1/identity"))
     assert ident["workspace"] == "ma" and ident["owner"] == pair.owner
     assert ident["id"] == pair.a["id"]
@@ -88,6 +88,13 @@ def test_identity_keys_and_env_from_inside(pair: Pair) -> None:
     assert listed["API_KEY"]["value"] == "***" and listed["SHARED"]["scope"] == "user"
     revealed = {r["key"]: r["value"] for r in d.call("env.list", ref=ref, reveal=True)}
     assert revealed["API_KEY"] == SECRET
+    # the CLI: KEY=VALUE arguments, or lines from stdin (off the command line)
+    d.cli("env", "set", ref, "CLI_VAR=1", check=True)
+    d.cli("env", "set", ref, "--from-file", "-", input="export FROM_STDIN=x y\n", check=True)
+    shown = d.cli("env", "ls", ref, check=True).stdout
+    assert "CLI_VAR" in shown and "FROM_STDIN" in shown and SECRET not in shown
+    env = json.loads(ok(d, ref, f"wget -qO- {META}/v1/env"))
+    assert env["CLI_VAR"] == "1" and env["FROM_STDIN"] == "x y"
     d.call("env.remove", ref=ref, key="MODE")
     assert json.loads(ok(d, ref, f"wget -qO- {META}/v1/env"))["MODE"] == "user"
     # another member sees none of it
@@ -105,7 +112,8 @@ def test_identity_keys_and_env_from_inside(pair: Pair) -> None:
     finally:
         c.close()
     assert events and SECRET not in json.dumps(events)
-    assert "API_KEY" in json.dumps(events[0]["params"])
+    audited = json.dumps([e["params"] for e in events])
+    assert "API_KEY" in audited and "FROM_STDIN" in audited and "x y" not in audited
 
 
 def test_scoped_token_reaches_its_own_workspace_only(pair: Pair) -> None:

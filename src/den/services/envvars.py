@@ -1,8 +1,8 @@
 """Environment variables the metadata service gives a workspace (GET /v1/env).
 
 Set by the owner or an admin, for one workspace (``den env set NAME K=V``) or
-for all of a user's (``den env set --user ALICE K=V``; a workspace's own
-value wins). Values are sealed at rest (den.secretbox, purpose
+for all of a user's (``den env set 'ALICE/*' K=V``, ``'*'`` for your own; a
+workspace's own value wins). Values are sealed at rest (den.secretbox, purpose
 "env:SCOPE:KEY"), shown masked by ``den env ls`` unless ``--reveal``, and
 never reach a log or the audit log: the params field is ``env`` (den.log's
 input_shapes keeps only names and lengths of it) or ``secret_file`` (masked
@@ -22,7 +22,7 @@ from den import secretbox
 from den.db.models import EnvVar
 from den.errors import InvalidParams, NotFound
 from den.rpc.registry import Cli, CliArg, CliOpt, Context, Params, Right, method
-from den.services.common import Name, user_or_self
+from den.services.common import user_or_self
 from den.services.workspaces import find_workspace
 
 if TYPE_CHECKING:
@@ -64,11 +64,9 @@ def _parse(items: list[str], secret_file: str) -> dict[str, str]:
 
 
 class _Target(Params):
-    ref: Annotated[str | None, CliArg()] = Field(
-        None, max_length=80, description="Workspace NAME or OWNER/NAME (or --user)."
-    )
-    user: Name | None = Field(
-        None, description="Set for all of this user's workspaces instead of one."
+    ref: Annotated[str, CliArg()] = Field(
+        max_length=80,
+        description="Workspace NAME or OWNER/NAME; OWNER/* (or *): all of a user's workspaces.",
     )
 
 
@@ -83,7 +81,10 @@ class EnvSet(_Target):
 
     @field_serializer("env")
     def _names_only(self, value: list[str]) -> dict[str, str]:
-        return {item.partition("=")[0][:128]: "***" for item in value}
+        # Every key set (from the file too), never a value: what the audit log keeps.
+        lines = [ln.strip().removeprefix("export ").strip() for ln in self.secret_file.splitlines()]
+        items = [*value, *(ln for ln in lines if "=" in ln and not ln.startswith("#"))]
+        return {item.partition("=")[0][:128]: "***" for item in items[:MAX_VARS]}
 
     @field_serializer("secret_file")
     def _no_file(self, value: str) -> str:
@@ -106,15 +107,17 @@ class EnvOut(BaseModel):
     updated_at: datetime
 
 
+def _all_of(ref: str) -> bool:
+    return ref == "*" or ref.endswith("/*")
+
+
 async def _scope(ctx: Context, p: _Target) -> tuple[str, dict[str, Any], str]:
     """(scope key, row columns, audit target) of a workspace or a user."""
-    if (p.ref is None) == (p.user is None):
-        raise InvalidParams("name a workspace or --user (one of them)", field="ref")
-    if p.ref is not None:
-        ws, owner = await find_workspace(ctx, p.ref)
-        return f"ws:{ws.id}", {"ws_id": ws.id}, f"workspace:{owner.name}/{ws.name}"
-    user = await user_or_self(ctx, p.user)
-    return f"user:{user.id}", {"user_id": user.id}, f"user:{user.name}"
+    if _all_of(p.ref):
+        user = await user_or_self(ctx, p.ref[:-2] or None)
+        return f"user:{user.id}", {"user_id": user.id}, f"user:{user.name}"
+    ws, owner = await find_workspace(ctx, p.ref)
+    return f"ws:{ws.id}", {"ws_id": ws.id}, f"workspace:{owner.name}/{ws.name}"
 
 
 @method("env.set", right=Right.write, cli=Cli("env set"))
@@ -159,7 +162,7 @@ async def env_list(ctx: Context, p: EnvList) -> list[EnvOut]:
     """List a workspace's (or a user's) variables, values masked unless --reveal."""
     scope, _, ctx.target = await _scope(ctx, p)
     scopes = [scope]
-    if p.ref is not None:  # the owner's variables reach it too
+    if not _all_of(p.ref):  # the owner's variables reach it too
         _, owner = await find_workspace(ctx, p.ref)
         scopes.append(f"user:{owner.id}")
     rows = (
