@@ -437,7 +437,7 @@ class Settings(BaseSettings):
             self.network_subnet = f"10.{77 + n}.0.0/16"
         if "account_prefix" not in explicit:
             self.account_prefix = f"den{n}-"
-        for port in ("http_port", "ssh_port"):
+        for port in ("http_port", "ssh_port", "mail_port"):
             if port not in explicit and getattr(self, port):
                 setattr(self, port, getattr(self, port) + n)
         return self

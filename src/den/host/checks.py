@@ -209,6 +209,8 @@ def ephemeral_clashes(settings: Settings, range_file: Path = EPHEMERAL) -> list[
     ports = {"http_port": settings.http_port, "ssh_port": settings.ssh_port}
     if settings.web:
         ports["https_port"] = settings.web_port
+    if settings.mail_domain:
+        ports["mail_port"] = settings.mail_port
     return [
         f"{name} {port} is in the ephemeral range {low}-{high} "
         f"(net.ipv4.ip_local_port_range): pick a port below {low}"
