@@ -18,6 +18,7 @@ lines instead, one connection one session, for ``den mcp``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -98,7 +99,7 @@ def service(app: App) -> McpService:
 
 def _unauthenticated() -> web.Response:
     err = Unauthenticated(
-        "/mcp needs an identity: send 'Authorization: Bearer <token>' (den token ls/add), "
+        "/mcp needs an identity: send 'Authorization: Bearer <token>' (`den token create`), "
         "or run `den mcp` on the daemon's host"
     )
     return _error(err, 401, {"WWW-Authenticate": 'Bearer realm="den"'})
@@ -158,8 +159,6 @@ async def caddy_handler(request: web.Request) -> web.StreamResponse:
     caller = found or ANONYMOUS_TCP
     if not caller.authenticated:
         return _unauthenticated()
-    import dataclasses
-
     return await _serve(app, request, dataclasses.replace(caller, addr=remote))
 
 
