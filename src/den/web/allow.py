@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 RemoteOf = Callable[[web.Request], str | None]
-# Answered in JSON (a JSON-RPC error object), not as a page.
-API_PATHS = frozenset({"/rpc", "/openrpc.json", "/metrics"})
+# Answered in JSON (a JSON-RPC error object), not as a page: the API, MCP
+# (here and through Caddy) and streaming exec.
+API_PATHS = frozenset({"/rpc", "/openrpc.json", "/metrics", "/mcp", PAGES + "/mcp", "/v1/exec"})
 ASK_ROUTE = "/_den/ask/{secret}"
 SIGN_IN = frozenset({PAGES + "/_den/login", PAGES + "/_den/logout"})
 
