@@ -65,7 +65,7 @@ async def exec_handler(request: web.Request) -> web.StreamResponse:
     try:
         params = await _first_frame(sock)
         running = await open_exec(app, caller, params)
-        await _relay(sock, running)
+        await _relay(request, sock, running)
     except DenError as err:
         await _send_json(sock, {"error": err.to_error()})
     except Exception:
@@ -99,14 +99,16 @@ async def _send_json(sock: web.WebSocketResponse, data: dict[str, Any]) -> None:
         await sock.send_str(orjson.dumps(data).decode())
 
 
-async def _relay(sock: web.WebSocketResponse, run: RunningExec) -> None:
+async def _relay(request: web.Request, sock: web.WebSocketResponse, run: RunningExec) -> None:
     """Output to the socket and the socket's frames to the command, until the command
-    ended and its output went out (then the exit frame), or the socket closed."""
+    ended and its output went out (then the exit frame), or the client went away."""
     inbound = asyncio.ensure_future(_from_client(sock, run))
     outbound = asyncio.ensure_future(_to_client(sock, run))
+    gone = asyncio.ensure_future(_connection_lost(request))
     try:
-        done, _ = await asyncio.wait({inbound, outbound}, return_when=asyncio.FIRST_COMPLETED)
-        if outbound in done:
+        done, _ = await asyncio.wait({inbound, outbound, gone}, return_when=asyncio.FIRST_COMPLETED)
+        # A send that failed: the client went away (ConnectionResetError).
+        if outbound in done and not isinstance(outbound.exception(), ConnectionError):
             outbound.result()
             ended = await run.wait()
             name = signal.Signals(ended.signal).name[3:] if ended.signal else None
@@ -114,12 +116,19 @@ async def _relay(sock: web.WebSocketResponse, run: RunningExec) -> None:
                 sock,
                 {"exit_code": ended.exit_code, "signal": name, "timed_out": run.timed_out},
             )
-        else:
-            inbound.result()  # the client went away: the caller's close() kills it
+        # Else the client went away: the caller's close() kills the command.
     finally:
-        for task in (inbound, outbound):
+        for task in (inbound, outbound, gone):
             task.cancel()
-        await asyncio.gather(inbound, outbound, return_exceptions=True)
+        await asyncio.gather(inbound, outbound, gone, return_exceptions=True)
+
+
+async def _connection_lost(request: web.Request) -> None:
+    """Returns once the client's connection is gone. Needed besides reading the socket:
+    while the command does not read its stdin, the client's frames are not read
+    either (backpressure), and a close frame waits behind them."""
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(1.0)
 
 
 async def _to_client(sock: web.WebSocketResponse, run: RunningExec) -> None:
