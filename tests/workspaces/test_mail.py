@@ -221,15 +221,21 @@ printf 'EHLO inside\r\n'; r
 printf 'MAIL FROM:<ceo@bank.example>\r\n'; r
 printf 'RCPT TO:<friend@far.example>\r\n'; r
 printf 'DATA\r\n'; r
-printf 'From: The Bank <ceo@bank.example>\r\nSender: ceo@bank.example\r\nTo: friend@far.example\r\nSubject: SUBJ\r\n\r\nhi from inside\r\n.\r\n'; r
+printf 'MESSAGE'; r
 printf 'QUIT\r\n'; r
 EOF
 chmod +x /tmp/smtp.sh
 """
+SPOOFING = (
+    "From: The Bank <ceo@bank.example>\\r\\nSender: ceo@bank.example\\r\\n"
+    "To: friend@far.example\\r\\nSubject: SUBJ\\r\\n\\r\\nhi from inside\\r\\n.\\r\\n"
+)
 
 
-def send_inside(e: Env, subject: str, ref: str = "") -> str:
-    ok(e.d, ref or e.ref, DIALOGUE.replace("SUBJ", subject), user="root")
+def send_inside(e: Env, subject: str, ref: str = "", message: str = SPOOFING) -> str:
+    """Send ``message`` (printf's format: \\r, \\n) from inside; den's replies."""
+    script = DIALOGUE.replace("MESSAGE", message).replace("SUBJ", subject)
+    ok(e.d, ref or e.ref, script, user="root")
     res = sh(e.d, ref or e.ref, "nc -w 20 169.254.169.254 25 -e /tmp/smtp.sh")
     return str(res["stderr"])
 
@@ -292,3 +298,24 @@ def test_relay_login_sealed_and_relay_down(env: Env, tmp_path: Path) -> None:
         assert "451 4.4.1" in reply and "unreachable" in reply, reply
     finally:
         env.relay.start()
+
+
+def test_bare_line_ends_smuggle_no_header(env: Env) -> None:
+    """A bare LF or CR inside the header section is a line end to the relay (and to
+    aiosmtplib, which turns it into CRLF): a From or Sender hidden behind one must go
+    like any other, not ride along as part of the field before it."""
+    d = env.d
+    other = env.users.make()  # an hour of their own
+    create(d, other, "lf")
+    ref = f"{other}/lf"
+    hidden = (
+        "X-A: 1\\nFrom: The Bank <ceo@bank.example>\\rSender: ceo@bank.example\\r\\n"
+        "To: friend@far.example\\r\\nSubject: SUBJ\\r\\n\\r\\nhi\\r\\n.\\r\\n"
+    )
+    reply = send_inside(env, "bare-lf", ref, hidden)
+    assert "250 2.0.0 sent" in reply, reply
+    got = wait_for(lambda: relayed(env, "bare-lf"))
+    assert got is not None
+    head = (got.original_content or b"").decode().split("\r\n\r\n")[0]
+    assert "bank.example" not in head, head
+    assert head.count("From:") == 1 and f"From: lf.{other}@{DOMAIN}" in head, head

@@ -33,7 +33,15 @@ from aiosmtpd.smtp import Envelope, Session
 from den import mail, secretbox
 from den.db.models import AuditEvent
 from den.errors import DenError
-from den.mail.smtp import CappedSMTP, Connections, field_name, join, malformed, split_headers
+from den.mail.smtp import (
+    CappedSMTP,
+    Connections,
+    crlf,
+    field_name,
+    join,
+    malformed,
+    split_headers,
+)
 
 if TYPE_CHECKING:
     from den.app import App
@@ -155,7 +163,7 @@ class Outbound:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: CappedSMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content or b""
+        content = crlf(envelope.original_content or b"")
         bad = malformed(content)
         if bad:
             return bad

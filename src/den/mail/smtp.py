@@ -6,6 +6,7 @@ import asyncio
 import email.errors
 import email.parser
 import email.policy
+import re
 from collections import Counter
 from typing import Any
 
@@ -81,6 +82,16 @@ def malformed(content: bytes) -> str | None:
     if len(msg.get_all("From") or []) != 1:
         return "554 5.6.0 malformed message: it needs exactly one From header"
     return None
+
+
+# Every line end a mail program may take for one: aiosmtplib sends each as CRLF.
+_LINE_END = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def crlf(content: bytes) -> bytes:
+    """``content`` with each bare LF or CR made CRLF, as the relay will get it: a
+    field hidden behind one (``X: 1\\nFrom: ...``) is then a field den sees."""
+    return _LINE_END.sub(b"\r\n", content)
 
 
 def split_headers(content: bytes) -> tuple[list[bytes], bytes]:
