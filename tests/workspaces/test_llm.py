@@ -73,7 +73,7 @@ class FakeProvider:
             return web.json_response({"error": {"message": "bad key"}}, status=401)
         body = await request.json()
         self.seen.append(body)
-        if body["model"].endswith("-leaky"):
+        if body["model"].endswith("-leaky") and not body.get("stream"):
             # Some providers quote the key they were sent in their errors.
             msg = f"model overloaded for key {self.key}"
             return web.json_response({"error": {"message": msg}}, status=400)
@@ -89,6 +89,15 @@ class FakeProvider:
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if body["model"].endswith("-leaky"):
+            # An error in the stream quoting the key, cut in two inside it.
+            err = b'data: {"error": {"message": "quota of ' + self.key.encode() + b'"}}\n\n'
+            cut = err.index(self.key.encode()) + len(self.key) // 2
+            for part in (err[:cut], err[cut:]):
+                await resp.write(part)
+                await asyncio.sleep(0.2)
+            await resp.write_eof()
+            return resp
         for word in ("str", "eam", "ed"):
             chunk = {"object": "chat.completion.chunk", "choices": [{"delta": {"content": word}}]}
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -391,3 +400,22 @@ def test_streams_arrive_as_sent_and_in_flight_is_capped(
     gap = int(out.split("gap ")[1].split()[0])
     assert gap >= SLOW * 2 - 1, out
     assert "429" in out, out
+
+
+def test_stream_errors_masked_and_stream_a_boolean(
+    pool_daemon: Daemon, provider: Any, ws: Any
+) -> None:
+    d, (_owner, ref) = pool_daemon, ws
+    # The key quoted in an error inside a 200 stream, arriving in two pieces.
+    out = post(d, ref, "/v1/chat/completions", chat(provider.models[1], stream=True))
+    assert "quota of ***" in out and provider.key not in out, out
+    half = len(provider.key) // 2
+    assert provider.key[:half] not in out and provider.key[half:] not in out, out
+    # A "stream" that is not a boolean is refused: an upstream taking "true" or 1 for
+    # true would stream without the usage den asks of streams, and go unmetered.
+    for value in ("true", 1):
+        status, body = raw_post(
+            d, ref, "/v1/chat/completions", {**chat(provider.models[0]), "stream": value}
+        )
+        assert status == 400, body
+        assert json.loads(body)["error"]["param"] == "stream", body

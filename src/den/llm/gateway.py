@@ -203,6 +203,30 @@ class UsageScanner:
                 self.counts = counts
 
 
+class KeyMask:
+    """Masks the provider key in a stream fed in arbitrary chunks (an upstream's
+    error inside a stream may quote it, cut anywhere). Holds back only a tail
+    that could begin the key, so that an SSE event still passes at once."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key.encode()
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = (self._tail + chunk).replace(self._key, b"***")
+        first = self._key[:1]
+        i = data.find(first, max(0, len(data) - len(self._key) + 1))
+        while i >= 0 and not self._key.startswith(data[i:]):
+            i = data.find(first, i + 1)
+        cut = len(data) if i < 0 else i
+        self._tail = data[cut:]
+        return data[:cut]
+
+    def flush(self) -> bytes:
+        out, self._tail = self._tail, b""
+        return out
+
+
 def _refuse(app: App, who: Charge, reason: str, resp: web.Response) -> web.Response:
     app.metrics.llm_refusals.labels(who.user, reason).inc()
     log.info(
@@ -256,6 +280,16 @@ async def forward(app: App, request: web.Request, who: Charge, path: str) -> web
             "invalid_request_error",
             "model_not_found",
             param="model",
+        )
+    if not isinstance(doc.get("stream"), bool | None):
+        # An upstream that took "true" or 1 for true would stream without the
+        # usage den asks of streams only: the request would go unmetered.
+        return oai_error(
+            400,
+            "'stream' must be true or false",
+            "invalid_request_error",
+            "invalid_value",
+            param="stream",
         )
     stream = path != "embeddings" and doc.get("stream") is True
     if stream:
@@ -349,7 +383,7 @@ async def _relay(
                 )
             ctype = resp.headers.get("Content-Type", "")
             if stream and status == 200 and ctype.startswith("text/event-stream"):
-                relayed, counts = await _pass_stream(request, resp, t)
+                relayed, counts = await _pass_stream(request, resp, t, up.key)
                 outcome = "ok"
                 return relayed
             raw = bytearray()
@@ -429,9 +463,10 @@ async def _relay(
 
 
 async def _pass_stream(
-    request: web.Request, resp: aiohttp.ClientResponse, timeout: float
+    request: web.Request, resp: aiohttp.ClientResponse, timeout: float, key: str
 ) -> tuple[web.StreamResponse, dict[str, int] | None]:
-    """Relay an SSE stream as it comes; the usage of its last chunk that had one."""
+    """Relay an SSE stream as it comes, the key masked; the usage of its last
+    chunk that had one."""
     out = web.StreamResponse(
         status=200,
         headers={
@@ -441,10 +476,12 @@ async def _pass_stream(
     )
     await out.prepare(request)
     scanner = UsageScanner()
+    mask = KeyMask(key)
     try:
         async for chunk in resp.content.iter_any():
             scanner.feed(chunk)
-            await out.write(chunk)  # waits while the client is slow: never buffers the stream
+            # Waits while the client is slow: never buffers the stream.
+            await out.write(mask.feed(chunk))
     except TimeoutError:
         # Too late for a status: say it the way streams say errors.
         err = {
@@ -454,10 +491,11 @@ async def _pass_stream(
                 "code": "upstream_timeout",
             }
         }
-        await out.write(b"data: " + orjson.dumps(err) + b"\n\n")
+        await out.write(mask.flush() + b"\n\ndata: " + orjson.dumps(err) + b"\n\n")
     except (ConnectionResetError, aiohttp.ClientError):
         pass  # the client or the upstream went away: what was used so far still counts
     with contextlib.suppress(ConnectionResetError):
+        await out.write(mask.flush())
         await out.write_eof()
     return out, scanner.counts
 
