@@ -21,6 +21,8 @@ from tests.conftest import Daemon, ssh_key
 from tests.workspaces.conftest import NETNS, Users, create, ok, sh
 
 META = "http://169.254.169.254"
+# What /v1/token, /v1/env and /v1/busy writes need (a forged request has no say in it).
+GET = 'wget -qO- --header "Den-Metadata: true"'
 SECRET = "s3cr3t-V4lue-that-must-not-leak"
 
 
@@ -61,7 +63,7 @@ def rpc_inside(
 
 
 def token_of(d: Daemon, ref: str) -> str:
-    return str(json.loads(ok(d, ref, f"wget -qO- {META}/v1/token"))["token"])
+    return str(json.loads(ok(d, ref, f"{GET} {META}/v1/token"))["token"])
 
 
 def test_identity_keys_and_env_from_inside(pair: Pair) -> None:
@@ -73,15 +75,15 @@ def test_identity_keys_and_env_from_inside(pair: Pair) -> None:
     assert ident["id"] == pair.a["id"]
     keys = ok(d, ref, f"wget -qO- {META}/v1/keys")
     assert keys.startswith("ssh-ed25519 ") and keys.count("\n") == 1
-    env = json.loads(ok(d, ref, f"wget -qO- {META}/v1/env"))
+    env = json.loads(ok(d, ref, f"{GET} {META}/v1/env"))
     # the workspace's own value wins over the owner's
     assert env == {"API_KEY": SECRET, "MODE": "a b 'c'", "SHARED": "all"}
     # B gets the owner's variables only
-    assert json.loads(ok(d, pair.b["ref"], f"wget -qO- {META}/v1/env")) == {
+    assert json.loads(ok(d, pair.b["ref"], f"{GET} {META}/v1/env")) == {
         "SHARED": "all",
         "MODE": "user",
     }
-    sourced = ok(d, ref, f"wget -qO- '{META}/v1/env?format=sh' > /tmp/e; . /tmp/e; echo \"$MODE\"")
+    sourced = ok(d, ref, f"{GET} '{META}/v1/env?format=sh' > /tmp/e; . /tmp/e; echo \"$MODE\"")
     assert sourced == "a b 'c'\n"
     # ls masks unless asked; rm removes
     listed = {r["key"]: r for r in d.call("env.list", ref=ref)}
@@ -93,10 +95,10 @@ def test_identity_keys_and_env_from_inside(pair: Pair) -> None:
     d.cli("env", "set", ref, "--from-file", "-", input="export FROM_STDIN=x y\n", check=True)
     shown = d.cli("env", "ls", ref, check=True).stdout
     assert "CLI_VAR" in shown and "FROM_STDIN" in shown and SECRET not in shown
-    env = json.loads(ok(d, ref, f"wget -qO- {META}/v1/env"))
+    env = json.loads(ok(d, ref, f"{GET} {META}/v1/env"))
     assert env["CLI_VAR"] == "1" and env["FROM_STDIN"] == "x y"
     d.call("env.remove", ref=ref, key="MODE")
-    assert json.loads(ok(d, ref, f"wget -qO- {META}/v1/env"))["MODE"] == "user"
+    assert json.loads(ok(d, ref, f"{GET} {META}/v1/env"))["MODE"] == "user"
     # another member sees none of it
     other = Users(d)
     try:
@@ -146,7 +148,7 @@ src, path = sys.argv[1], sys.argv[2]
 s = socket.socket()
 s.bind((src, 0))
 s.connect(("169.254.169.254", 80))
-s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\nDen-Metadata: true\r\n\r\n".encode())
 data = b""
 while chunk := s.recv(65536):
     data += chunk
@@ -199,3 +201,54 @@ def test_listener_follows_stop_start_and_a_deleted_workspace_token_dies(
         env={"T": tok},
     )
     assert res2["exit_code"] != 0 and "401" in res2["stderr"]
+
+
+RAW = r"""
+import socket, sys
+s = socket.create_connection(("169.254.169.254", 80), timeout=10)
+s.sendall(sys.argv[1].encode().replace(b"\n", b"\r\n"))
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+sys.stdout.write(data.decode())
+"""
+
+
+def ask_raw(d: Daemon, ws_id: str, method: str, path: str, *headers: str) -> tuple[int, str]:
+    """(status, body) of one request made in the workspace's netns (from the host)."""
+    netns = NETNS / f"den{d.instance}-{ws_id}"
+    req = f"{method} {path} HTTP/1.0\nHost: 169.254.169.254\nContent-Length: 0\n"
+    req += "".join(h + "\n" for h in headers) + "\n"
+    out = subprocess.run(
+        ["nsenter", f"--net={netns}", sys.executable, "-c", RAW, req],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=20,
+    ).stdout
+    head, _, body = out.partition("\n\n")
+    return int(head.split()[1]), body
+
+
+def test_secrets_need_the_metadata_header_and_no_forwarding(pair: Pair) -> None:
+    """A request an SSRF hole (or a proxy) inside makes gets no token, env or lease."""
+    d, a = pair.d, pair.a
+    d.call("env.set", ref=a["ref"], env=[f"HDR_KEY={SECRET}"])
+    for method, path in (("GET", "/v1/token"), ("GET", "/v1/env"), ("POST", "/v1/busy?for=5m")):
+        status, body = ask_raw(d, a["id"], method, path)
+        assert status == 403 and "Den-Metadata: true" in body, (path, body)
+        assert SECRET not in body and "denws_" not in body
+        status, body = ask_raw(d, a["id"], method, path, "Den-Metadata: false")
+        assert status == 403, (path, body)
+        for fwd in ("X-Forwarded-For: 10.0.0.9", "Forwarded: for=10.0.0.9"):
+            status, body = ask_raw(d, a["id"], method, path, "Den-Metadata: true", fwd)
+            assert status == 403 and fwd.split(":")[0] in body, (path, body)
+    assert ask_raw(d, a["id"], "DELETE", "/v1/busy")[0] == 403
+    assert d.call("workspace.get", ref=a["ref"])["busy_until"] is None
+    status, body = ask_raw(d, a["id"], "GET", "/v1/env", "Den-Metadata: true")
+    assert status == 200 and json.loads(body)["HDR_KEY"] == SECRET
+    # what names no secret stays open; the index says what to send
+    assert ask_raw(d, a["id"], "GET", "/v1/identity")[0] == 200
+    assert ask_raw(d, a["id"], "GET", "/v1/busy")[0] == 200
+    status, index = ask_raw(d, a["id"], "GET", "/")
+    assert status == 200 and "Den-Metadata: true" in index and "X-Forwarded-For" in index

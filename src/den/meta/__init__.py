@@ -43,7 +43,8 @@ BUSY_PATH = "/usr/local/bin/den-busy"
 DEN_BUSY = r"""#!/bin/sh
 # den-busy [DURATION] : keep this workspace awake (default 1h; den caps it).
 # den-busy --release  : end the lease.   den-busy --status : show it.
-# It asks den's metadata service at http://169.254.169.254/v1/busy.
+# It asks den's metadata service at http://169.254.169.254/v1/busy (with the
+# Den-Metadata header its writes need).
 case "${1:-}" in
   -h|--help) echo "usage: den-busy [DURATION like 20m, 2h] | --release | --status"; exit 0 ;;
   --release|release) method=POST; path="/v1/busy?for=0" ;;
@@ -52,14 +53,14 @@ case "${1:-}" in
 esac
 if command -v wget >/dev/null 2>&1; then
   if [ "$method" = POST ]; then
-    exec wget -qO- --post-data= "http://169.254.169.254$path"
+    exec wget -qO- --header "Den-Metadata: true" --post-data= "http://169.254.169.254$path"
   fi
-  exec wget -qO- "http://169.254.169.254$path"
+  exec wget -qO- --header "Den-Metadata: true" "http://169.254.169.254$path"
 fi
 if command -v bash >/dev/null 2>&1; then
   exec bash -c '
     exec 3<>/dev/tcp/169.254.169.254/80 || exit 1
-    printf "%s %s HTTP/1.0\r\nHost: 169.254.169.254\r\nContent-Length: 0\r\n\r\n" "$1" "$2" >&3
+    printf "%s %s HTTP/1.0\r\nHost: 169.254.169.254\r\nDen-Metadata: true\r\nContent-Length: 0\r\n\r\n" "$1" "$2" >&3
     IFS=" " read -r _ status _ <&3
     while IFS= read -r line <&3; do [ "${line%$(printf "\r")}" = "" ] && break; done
     cat <&3

@@ -5,6 +5,13 @@ each answer is about that workspace alone. POST /v1/rpc needs the workspace's
 scoped token (as den's API does, calls carry a bearer); /v1/busy acts as the
 workspace's scoped caller through the registry, so it is checked and audited
 like any call.
+
+What hands out a secret (/v1/token, /v1/env) or changes something (/v1/busy
+writes) also needs the header ``Den-Metadata: true`` and refuses a request
+carrying ``X-Forwarded-For`` or ``Forwarded``: a web app inside with a
+server-side request forgery hole (it fetches a URL it is given) sends neither
+a header of the attacker's choosing nor, when it is a proxy, without saying it
+forwards; the clouds' metadata services do the same (``Metadata-Flavor``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from den.rpc.registry import REGISTRY
 
 INDEX = """den metadata service (this workspace only)
 
+/v1/token, /v1/env and POST or DELETE /v1/busy need the header 'Den-Metadata: true'
+(e.g. curl -H 'Den-Metadata: true' ...) and refuse proxied requests (X-Forwarded-For).
+
 GET  /v1/identity        who am I: workspace, owner, URL (JSON)
 GET  /v1/keys            the owner's public SSH keys (authorized_keys lines)
 GET  /v1/env             variables set by the owner or an admin (JSON; ?format=sh: export lines)
@@ -42,6 +52,27 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _err(err: DenError, status: int) -> web.Response:
     return _json({"error": err.to_error()}, status)
+
+
+HEADER = "Den-Metadata"
+_PROXIED = ("X-Forwarded-For", "Forwarded")
+
+
+def _guarded(request: web.Request) -> web.Response | None:
+    """The 403 for a request that may be forged or forwarded (see the module's text)."""
+    for name in _PROXIED:
+        if name in request.headers:
+            return web.Response(
+                status=403,
+                text=f"den metadata: refused, the request carries {name} (a proxy forwarded "
+                "it); ask from the workspace itself\n",
+            )
+    if request.headers.get(HEADER, "").strip().lower() != "true":
+        return web.Response(
+            status=403,
+            text=f"den metadata: add the header '{HEADER}: true' to this request\n",
+        )
+    return None
 
 
 _STATUS = {"unauthenticated": 401, "forbidden": 403, "not_found": 404, "invalid_params": 400}
@@ -90,6 +121,8 @@ async def get_env(request: web.Request) -> web.Response:
     from den.services.envvars import env_of
 
     ident = identity(request)
+    if (refused := _guarded(request)) is not None:
+        return refused
     app = den_app(request)
     async with app.sessions() as db:
         env = await env_of(app, db, ident.ws_id, ident.owner_id)
@@ -100,6 +133,8 @@ async def get_env(request: web.Request) -> web.Response:
 
 async def get_token(request: web.Request) -> web.Response:
     ident = identity(request)
+    if (refused := _guarded(request)) is not None:
+        return refused
     app = den_app(request)
     value, expires = token.issue(app, ident)
     return _json({"token": value, "expires": expires, "workspace": ident.ref})
@@ -130,6 +165,8 @@ async def busy(request: web.Request) -> web.Response:
     ident = identity(request)
     app = den_app(request)
     params: dict[str, Any] = {"ref": ident.ref}
+    if request.method != "GET" and (refused := _guarded(request)) is not None:
+        return refused
     if request.method == "POST":
         params["duration"] = request.query.get("for", "1h")
     elif request.method == "DELETE":
