@@ -319,3 +319,32 @@ def test_bare_line_ends_smuggle_no_header(env: Env) -> None:
     head = (got.original_content or b"").decode().split("\r\n\r\n")[0]
     assert "bank.example" not in head, head
     assert head.count("From:") == 1 and f"From: lf.{other}@{DOMAIN}" in head, head
+
+
+def test_one_outside_host_cannot_hold_every_connection(env: Env) -> None:
+    """A host's idle sessions (a NOOP a minute keeps each) take at most its share of
+    mail_max_connections (64 here: 8); another host still gets in."""
+    held: list[smtplib.SMTP] = []
+    try:
+        for _ in range(8):
+            held.append(smtp(env))
+        with pytest.raises(smtplib.SMTPConnectError) as err:
+            smtp(env)
+        assert err.value.smtp_code == 421, err.value
+        with smtplib.SMTP(
+            "127.0.0.1", env.port, timeout=30, source_address=("127.0.0.2", 0)
+        ) as other:
+            assert other.noop()[0] == 250
+    finally:
+        for s in held:
+            s.close()
+    # Their slots are free again once they hang up.
+    assert wait_for(lambda: _connects(env))
+
+
+def _connects(env: Env) -> bool:
+    try:
+        with smtp(env) as s:
+            return s.noop()[0] == 250
+    except smtplib.SMTPConnectError:
+        return False

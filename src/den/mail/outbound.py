@@ -260,7 +260,7 @@ def factory(app: App, conns: Connections) -> Callable[[Identity], asyncio.Protoc
         return CappedSMTP(
             Outbound(app, who, rate),
             conns,
-            who.ws_id,
+            who.owner,
             data_size_limit=s.mail_max_bytes,
             enable_SMTPUTF8=True,
             hostname=s.mail_domain,

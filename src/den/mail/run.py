@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 OUTBOUND_PORT = 25
-PER_WORKSPACE = 4  # outbound SMTP connections of one workspace at once
+PER_USER = 4  # outbound SMTP connections of one user's workspaces at once
+PEER_SHARE = 8  # inbound: one outside host may hold 1/PEER_SHARE of mail_max_connections
 
 
 async def start(app: App) -> asyncio.Server | None:
@@ -25,14 +26,16 @@ async def start(app: App) -> asyncio.Server | None:
     if not s.mail_domain:
         return None
     try:
-        server = await inbound.start(app, Connections(s.mail_max_connections))
+        # Per outside host a share of the cap: one cannot take every slot.
+        per_peer = max(1, s.mail_max_connections // PEER_SHARE)
+        server = await inbound.start(app, Connections(s.mail_max_connections, per_peer))
     except OSError as err:
         raise SystemExit(
             f"den: cannot listen for mail on {s.mail_host}:{s.mail_port}: {err}"
         ) from None
     # Their own cap: outside senders cannot hold the workspaces' mail up, nor
-    # one workspace the others'.
-    out = Connections(s.mail_max_connections, PER_WORKSPACE)
+    # one user (however many workspaces they have) the others'.
+    out = Connections(s.mail_max_connections, PER_USER)
     add_port(app, OUTBOUND_PORT, outbound.factory(app, out))
     port = server.sockets[0].getsockname()[1]
     log.info(

@@ -6,6 +6,7 @@ import asyncio
 import email.errors
 import email.parser
 import email.policy
+import ipaddress
 import re
 from collections import Counter
 from typing import Any
@@ -35,10 +36,30 @@ class Connections:
             del self.open[key]
 
 
-class CappedSMTP(SMTP):
-    """aiosmtpd's session, turned away with 421 past the connection caps."""
+def peer_key(transport: asyncio.BaseTransport) -> str:
+    """Whom a connection counts against: its IPv4 address, or its IPv6 /64 (one
+    host holds a whole /64 to pick addresses from)."""
+    peer = transport.get_extra_info("peername")
+    host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return str(addr)
 
-    def __init__(self, handler: Any, conns: Connections, key: str = "", **kw: Any) -> None:
+
+class CappedSMTP(SMTP):
+    """aiosmtpd's session, turned away with 421 past the connection caps.
+
+    ``key`` names whom the connection counts against; None: its peer's address
+    (peer_key), so that one outside host cannot hold every slot (an idle
+    session lives on as long as it sends a NOOP a minute)."""
+
+    def __init__(self, handler: Any, conns: Connections, key: str | None = None, **kw: Any) -> None:
         super().__init__(handler, **kw)
         self._conns = conns
         self._key = key
@@ -47,6 +68,8 @@ class CappedSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._counted:  # not STARTTLS's second call
+            if self._key is None:
+                self._key = peer_key(transport)
             if not self._conns.take(self._key):
                 self._refused = True
                 assert isinstance(transport, asyncio.WriteTransport)
@@ -59,7 +82,7 @@ class CappedSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
-        if self._counted:
+        if self._counted and self._key is not None:
             self._counted = False
             self._conns.release(self._key)
         super().connection_lost(error)
