@@ -13,7 +13,6 @@ See :mod:`den.meta` for the design. Other modules extend the service:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import struct
@@ -39,6 +38,10 @@ log = logging.getLogger(__name__)
 
 HTTP_PORT = 80
 _SO_NETNS_COOKIE = 71  # linux/asm-generic/socket.h, Linux 5.14+
+# Connections one workspace may hold open to its metadata service at once: each
+# is a descriptor in the daemon, whose RLIMIT_NOFILE every tenant shares (an
+# LLM client keeps a few, den-busy one). Past it a connection is closed at once.
+MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,41 @@ def netns_cookie(sock: Any) -> int | None:
 @dataclass
 class _Listening:
     cookie: int
-    site: web.SockSite | None = None
+    http: asyncio.Server | None = None
+    connections: int = 0  # open on ``http`` now, at most MAX_CONNECTIONS
     servers: dict[int, asyncio.Server] = field(default_factory=dict)
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted in its workspace's place."""
+
+    def __init__(self, inner: asyncio.Protocol, entry: _Listening) -> None:
+        self.inner, self.entry = inner, entry
+        entry.connections += 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.entry.connections -= 1
+        self.inner.connection_lost(exc)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 def _bind(port: int) -> socket.socket:
@@ -191,10 +227,23 @@ class Meta:
             entry = _Listening(cookie)
             self.open[ws_id] = entry
             self.by_cookie[cookie] = ws_id
-            entry.site = web.SockSite(self.runner, socks.pop(HTTP_PORT))
-            await entry.site.start()
+            entry.http = await asyncio.get_running_loop().create_server(
+                self._http_protocol(entry), sock=socks.pop(HTTP_PORT)
+            )
             for port, sock in socks.items():
                 entry.servers[port] = await self._serve_port(ws_id, port, sock)
+
+    def _http_protocol(self, entry: _Listening) -> Callable[[], asyncio.Protocol]:
+        """The runner's aiohttp protocol per connection, at most MAX_CONNECTIONS at once."""
+        server = self.runner.server if self.runner is not None else None
+        assert server is not None
+
+        def make() -> asyncio.Protocol:
+            if entry.connections >= MAX_CONNECTIONS:
+                return _Refused()
+            return _Counted(server(), entry)
+
+        return make
 
     async def _serve_port(self, ws_id: str, port: int, sock: socket.socket) -> asyncio.Server:
         factory = self.ports[port]
@@ -214,9 +263,8 @@ class Meta:
             if entry is None:
                 return
             self.by_cookie.pop(entry.cookie, None)
-            if entry.site is not None:
-                with contextlib.suppress(RuntimeError):
-                    await entry.site.stop()
+            if entry.http is not None:
+                entry.http.close()
             for server in entry.servers.values():
                 server.close()
 
