@@ -348,3 +348,17 @@ def _connects(env: Env) -> bool:
             return s.noop()[0] == 250
     except smtplib.SMTPConnectError:
         return False
+
+
+def test_a_relay_password_never_goes_out_without_tls() -> None:
+    """auto takes STARTTLS when offered, but with a password for a relay off this
+    host it requires it (an attacker on the path could strip the offer)."""
+    from den.mail.outbound import tls_options
+
+    assert tls_options("auto", True, "smtp.example.org") == {"start_tls": True}
+    assert tls_options("auto", True, "192.0.2.7") == {"start_tls": True}
+    assert tls_options("auto", True, "127.0.0.1") == {}  # the tests' relay, on this host
+    assert tls_options("auto", True, "::1") == {}
+    assert tls_options("auto", False, "smtp.example.org") == {}
+    assert tls_options("tls", True, "smtp.example.org") == {"use_tls": True}
+    assert tls_options("none", True, "smtp.example.org") == {"start_tls": False}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import json
 import logging
 import time
@@ -88,6 +89,31 @@ class RateLimit:
 
     def take(self, user: str) -> None:
         self._sent.setdefault(user, collections.deque()).append(time.monotonic())
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_options(mode: str, with_login: bool, host: str) -> dict[str, bool]:
+    """aiosmtplib's TLS arguments for ``mail_relay_tls``.
+
+    ``auto`` takes STARTTLS when the relay offers it; with a password to send to
+    a relay that is not on this host it requires it: whoever sits between den
+    and the relay could strip the offer and read the password.
+    """
+    if mode == "tls":
+        return {"use_tls": True}
+    if mode == "starttls" or (mode == "auto" and with_login and not _loopback(host)):
+        return {"start_tls": True}
+    if mode == "none":
+        return {"start_tls": False}
+    return {}
 
 
 def relay_login(data_dir: Path) -> tuple[str, str] | None:
@@ -201,12 +227,7 @@ class Outbound:
             return "451 4.3.5 den's relay credentials are unreadable; try later", "relay login"
         if login is not None:
             kw["username"], kw["password"] = login
-        if s.mail_relay_tls == "tls":
-            kw["use_tls"] = True
-        elif s.mail_relay_tls == "starttls":
-            kw["start_tls"] = True
-        elif s.mail_relay_tls == "none":
-            kw["start_tls"] = False
+        kw.update(tls_options(s.mail_relay_tls, login is not None, host.strip("[]")))
         try:
             await aiosmtplib.send(
                 message,
