@@ -310,3 +310,67 @@ def test_stdio(pool_daemon: Daemon, member: Member) -> None:
     run(go)
     events = audit(d, actor=m.name, method="workspace.exec_stream")
     assert any(e["via"] == "unix" for e in events)
+
+
+def test_a_member_cannot_take_every_session(pool_daemon: Daemon, member: Member) -> None:
+    """Sessions are capped per user (the SDK's cap is one for all): a member opening
+    session after session is refused, others still open theirs."""
+    from den.mcp.http import SESSIONS_PER_USER
+
+    d = pool_daemon
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"},
+        },
+    }
+    hdrs = {"Accept": "application/json, text/event-stream"}
+
+    async def go(m: Member) -> None:
+        async with httpx2.AsyncClient(timeout=30) as raw:
+
+            async def open_one(token: str) -> httpx2.Response:
+                auth = {**hdrs, "Authorization": f"Bearer {token}"}
+                return await raw.post(d.http_url + "/mcp", json=init, headers=auth)
+
+            async def close(sid: str, token: str) -> None:
+                await raw.delete(
+                    d.http_url + "/mcp",
+                    headers={"Authorization": f"Bearer {token}", "mcp-session-id": sid},
+                )
+
+            opened: list[tuple[str, str]] = []
+            try:
+                for i in range(SESSIONS_PER_USER):
+                    token = m.write if i % 2 else m.read  # all tokens of a user count
+                    r = await open_one(token)
+                    assert r.status_code == 200, r.text
+                    opened.append((r.headers["mcp-session-id"], token))
+                r = await open_one(m.write)
+                assert r.status_code == 429, r.text
+                assert "sessions" in r.json()["error"]["message"]
+                with make_users(d) as users:
+                    other = users.make()
+                    tok = d.call("token.create", user=other, right="read")["token"]
+                    r = await open_one(tok)
+                    assert r.status_code == 200, r.text
+                    await close(r.headers["mcp-session-id"], tok)
+                # one closed: room for one more
+                sid, token = opened.pop()
+                await close(sid, token)
+                r = await open_one(m.write)
+                assert r.status_code == 200, r.text
+                opened.append((r.headers["mcp-session-id"], m.write))
+            finally:
+                for sid, token in opened:
+                    await close(sid, token)
+
+    with make_users(d) as users:  # a user of its own: no session open before
+        name = users.make()
+        write = d.call("token.create", user=name, right="write")["token"]
+        read = d.call("token.create", user=name, right="read")["token"]
+        run(lambda: go(Member(name, write, read, member.image)))

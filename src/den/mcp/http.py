@@ -34,7 +34,7 @@ from mcp.shared._context_streams import create_context_streams
 from mcp.shared.message import SessionMessage
 
 from den import tasks
-from den.errors import DenError, Unauthenticated
+from den.errors import DenError, QuotaExceeded, Unauthenticated
 from den.mcp.tools import CALLER_KEY, build_server
 from den.rpc.authlimit import AuthFailures
 from den.rpc.registry import ANONYMOUS_TCP, Caller
@@ -54,6 +54,10 @@ AsgiApp = Callable[
 ]
 # An idle session is closed after this long (the SDK's default is 30 minutes).
 SESSION_IDLE = 3600.0
+# Sessions one den user may hold open at once (all their credentials together):
+# the SDK's own cap (10 000) is one for everyone, which one member opening
+# sessions in a loop would fill for an hour.
+SESSIONS_PER_USER = 64
 
 
 class McpService:
@@ -164,7 +168,20 @@ async def caddy_handler(request: web.Request) -> web.StreamResponse:
 
 async def _serve(app: App, request: web.Request, caller: Caller) -> web.StreamResponse:
     manager = await service(app).started()
-    extra = {"user": _principal(caller), CALLER_KEY: caller}
+    principal = _principal(caller)
+    if request.method == "POST" and "mcp-session-id" not in request.headers:
+        # A request opening a session. The SDK keeps who opened each (the
+        # principal's client_id is the user, whatever the credential).
+        mine = principal.access_token.client_id
+        held = sum(o["client_id"] == mine for o in manager._session_owners.values())
+        if held >= SESSIONS_PER_USER:
+            err = QuotaExceeded(
+                f"{caller.name} has {held} MCP sessions open, the most a user may: end "
+                "some (HTTP DELETE with their mcp-session-id); an idle one ends after "
+                f"{SESSION_IDLE / 60:g} minutes"
+            )
+            return _error(err, 429)
+    extra = {"user": principal, CALLER_KEY: caller}
     return await run_asgi(manager.handle_request, request, extra)
 
 
