@@ -6,7 +6,7 @@ den opens a listening TCP socket *inside* each running workspace's network
 namespace: a short-lived thread setns()es into the netns (den.net.links.in_netns),
 adds 169.254.169.254/32 to the namespace's ``lo`` and binds 169.254.169.254:80
 there. The socket stays in that namespace after the thread ends; the daemon's
-event loop serves it like any other (one aiohttp AppRunner, one SockSite per
+event loop serves it like any other (one aiohttp AppRunner, one server per
 workspace). A connection from inside is local delivery within the workspace's
 own namespace: it never crosses the veth or the bridge, so the host's egress
 firewall (den.net.firewall, in the host's namespace) never sees it, and no NAT
