@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from den.meta import BUSY_NAME
 from tests.conftest import Daemon
 from tests.workspaces.conftest import ok, own_daemon, sh
 from tests.workspaces.test_idle import IDLE_ENV, state, wait_for
@@ -59,3 +61,20 @@ def test_bounds_release_and_a_daemon_restart(busy_daemon: Daemon) -> None:
     wait_for(lambda: state(d, REF) == "suspended", 25, "the suspend after the release")
     events = d.client().call("audit.list", {"method": "workspace.busy"})
     assert events and events[0]["via"] == "meta" and events[0]["actor"] == "agent"
+
+
+def test_an_older_den_busy_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instance's read-only tmpfs keeps tini and den-busy; a den whose
+    den-busy changed mounts a fresh one for the workspaces it starts next."""
+    from den.backends import view
+    from den.backends.bundle import TINI
+
+    target = tmp_path / "init"
+    try:
+        view.ensure_init(target, TINI)
+        assert (target / BUSY_NAME).read_text() == view.DEN_BUSY
+        monkeypatch.setattr(view, "DEN_BUSY", view.DEN_BUSY + "# newer\n")
+        view.ensure_init(target, TINI)
+        assert (target / BUSY_NAME).read_text().endswith("# newer\n")
+    finally:
+        view.unmount(target)

@@ -88,12 +88,21 @@ def write_etc(target: Path, files: dict[str, str], mounted: set[str]) -> None:
         tmp.replace(target / name)
 
 
+def _holds(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
+
+
 def ensure_init(target: Path, tini: Path) -> Path:
     """The instance's shared read-only copy of tini; returns its path."""
     init = target / INIT_NAME
     busy = target / BUSY_NAME  # den-busy (den.meta), mounted beside it
     target.mkdir(exist_ok=True, mode=0o755)
-    if mounts.is_mountpoint(target) and init.exists() and busy.exists():
+    # A den-busy of an older den is replaced (workspaces started before keep the
+    # copy they have: a lazy unmount leaves their bind mounts alone).
+    if mounts.is_mountpoint(target) and init.exists() and _holds(busy, DEN_BUSY):
         return init
     unmount(target)
     _mount("den", target, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=4m,mode=755")
