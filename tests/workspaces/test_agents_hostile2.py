@@ -75,3 +75,36 @@ def test_metadata_connections_a_workspace_holds_are_capped(two: Any) -> None:
         hold.kill()
         hold.wait()
     wait_for(lambda: ask_raw(d, a["id"], "GET", "/v1/identity")[0] == 200, 10)
+
+
+FLOOD = r"""
+import http.client, sys
+codes = {}
+conn = http.client.HTTPConnection("169.254.169.254", 80, timeout=10)
+for _ in range(int(sys.argv[1])):
+    conn.request("GET", "/v1/identity")
+    resp = conn.getresponse()
+    resp.read()
+    codes[resp.status] = codes.get(resp.status, 0) + 1
+    if resp.status == 429:
+        retry = resp.getheader("Retry-After")
+print(codes.get(200, 0), codes.get(429, 0), retry if codes.get(429) else "", flush=True)
+"""
+
+
+def test_a_workspace_flooding_its_metadata_service_is_slowed_alone(two: Any) -> None:
+    """Requests past a workspace's rate get 429 with Retry-After; another
+    workspace is answered meanwhile."""
+    d, a, b = two
+    netns = NETNS / f"den{d.instance}-{a['id']}"
+    out = subprocess.run(
+        ["nsenter", f"--net={netns}", sys.executable, "-c", FLOOD, "600"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
+    ok, refused = int(out[0]), int(out[1])
+    assert ok >= 200 and refused > 0, out  # the burst, then the rate
+    assert int(out[2]) >= 1
+    assert ask_raw(d, b["id"], "GET", "/v1/identity")[0] == 200

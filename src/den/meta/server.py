@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ _SO_NETNS_COOKIE = 71  # linux/asm-generic/socket.h, Linux 5.14+
 # is a descriptor in the daemon, whose RLIMIT_NOFILE every tenant shares (an
 # LLM client keeps a few, den-busy one). Past it a connection is closed at once.
 MAX_CONNECTIONS = 64
+# Requests a second one workspace may make, with bursts of REQUEST_BURST: far
+# above what an agent, an LLM client or den-busy needs; past it 429.
+REQUESTS_PER_SECOND = 50
+REQUEST_BURST = 200
+IDENTITY_TTL = 5.0  # seconds a workspace's identity is served from memory
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,35 @@ class Meta:
         self.open: dict[str, _Listening] = {}
         self.by_cookie: dict[int, str] = {}
         self._lock = asyncio.Lock()
+        # Per workspace: its identity as read last (and when), and a token
+        # bucket of requests (tokens, when last filled). One workspace hammering
+        # its service must cost den neither a database read per request nor
+        # the event loop's time for everyone else.
+        self._idents: dict[str, tuple[float, WsIdentity]] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def admit(self, ws_id: str) -> float:
+        """Take a request of ``ws_id`` from its bucket; seconds to wait when empty (0: go)."""
+        now = time.monotonic()
+        tokens, then = self._buckets.get(ws_id, (float(REQUEST_BURST), now))
+        tokens = min(float(REQUEST_BURST), tokens + (now - then) * REQUESTS_PER_SECOND)
+        if tokens < 1:
+            self._buckets[ws_id] = (tokens, now)
+            return (1 - tokens) / REQUESTS_PER_SECOND
+        self._buckets[ws_id] = (tokens - 1, now)
+        return 0.0
+
+    async def identity_of(self, ws_id: str) -> WsIdentity | None:
+        now = time.monotonic()
+        known = self._idents.get(ws_id)
+        if known is not None and now - known[0] < IDENTITY_TTL:
+            return known[1]
+        ident = await self.lookup(ws_id)
+        if ident is None:
+            self._idents.pop(ws_id, None)
+        else:
+            self._idents[ws_id] = (now, ident)
+        return ident
 
     async def setup(self) -> None:
         webapp = web.Application(client_max_size=self.app.settings.max_body_bytes)
@@ -263,6 +298,8 @@ class Meta:
             if entry is None:
                 return
             self.by_cookie.pop(entry.cookie, None)
+            self._idents.pop(ws_id, None)
+            self._buckets.pop(ws_id, None)
             if entry.http is not None:
                 entry.http.close()
             for server in entry.servers.values():
@@ -304,7 +341,19 @@ async def _identify(request: web.Request, handler: Any) -> web.StreamResponse:
     sock = transport.get_extra_info("socket") if transport is not None else None
     cookie = netns_cookie(sock) if sock is not None else None
     ws_id = meta.by_cookie.get(cookie) if cookie is not None else None
-    ident = await meta.lookup(ws_id) if ws_id is not None else None
+    if ws_id is None:
+        return web.json_response({"error": "this workspace is not known to den"}, status=403)
+    wait = meta.admit(ws_id)
+    if wait:
+        return web.json_response(
+            {
+                "error": f"more than {REQUESTS_PER_SECOND} requests a second from this "
+                f"workspace; retry in {wait:.1f} s"
+            },
+            status=429,
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+    ident = await meta.identity_of(ws_id)
     if ident is None:
         return web.json_response({"error": "this workspace is not known to den"}, status=403)
     request[_IDENT] = ident
