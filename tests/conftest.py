@@ -329,6 +329,8 @@ def pool_daemon() -> Iterator[Daemon]:
         "DEN_HTTPS_PORT": str(unused_port()),
         # test_forward_limits waits this out twice: shorter than the default 30 s.
         "DEN_SSH_FORWARD_OPEN_SECONDS": "12",
+        # tests/workspaces/test_llm.py waits out a stalled client (120 s by default).
+        "DEN_LLM_TIMEOUT": "5",
     }
     with running_daemon(env, pool="8G") as d:
         if DEV_LATER:

@@ -14,6 +14,7 @@ import json
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,11 +25,17 @@ from aiohttp import web
 
 from den.cli.client import RpcError
 from tests.conftest import Daemon
-from tests.workspaces.conftest import Users, create, make_users, ok, sh
+from tests.workspaces.conftest import Users, create, detach, make_users, ok, sh
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
 META = "http://169.254.169.254"
 SLOW = 2.0  # seconds between the chunks of the "-slow" model's streams
+FLOOD = 48 << 20  # bytes of a "-flood" stream: more than the sockets on its way hold
+
+
+def leaks(key: str, text: str) -> bool:
+    """Whether ``text`` quotes the key, as is or escaped in a JSON string."""
+    return key in text or json.dumps(key)[1:-1] in text
 
 
 class FakeProvider:
@@ -77,6 +84,7 @@ class FakeProvider:
             # Some providers quote the key they were sent in their errors.
             msg = f"model overloaded for key {self.key}"
             return web.json_response({"error": {"message": msg}}, status=400)
+        mute = body["model"].endswith("-mute")  # a provider that never reports usage
         if not body.get("stream"):
             return web.json_response(
                 {
@@ -84,7 +92,7 @@ class FakeProvider:
                     "object": "chat.completion",
                     "model": body["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"}}],
-                    "usage": USAGE,
+                    **({} if mute else {"usage": USAGE}),
                 }
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -98,11 +106,15 @@ class FakeProvider:
                 await asyncio.sleep(0.2)
             await resp.write_eof()
             return resp
+        if body["model"].endswith("-flood"):
+            event = b"data: " + json.dumps({"pad": "x" * 65000}).encode() + b"\n\n"
+            for _ in range(FLOOD // len(event)):
+                await resp.write(event)
         for word in ("str", "eam", "ed"):
             chunk = {"object": "chat.completion.chunk", "choices": [{"delta": {"content": word}}]}
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await asyncio.sleep(SLOW if body["model"].endswith("-slow") else 0.05)
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (body.get("stream_options") or {}).get("include_usage") and not mute:
             last = {"object": "chat.completion.chunk", "choices": [], "usage": USAGE}
             await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
@@ -113,12 +125,15 @@ class FakeProvider:
         if request.headers.get("Authorization") != f"Bearer {self.key}":
             self.bad_auth += 1
             return web.json_response({"error": {"message": "bad key"}}, status=401)
-        self.seen.append(await request.json())
+        body = await request.json()
+        self.seen.append(body)
         return web.json_response(
             {
                 "object": "list",
                 "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
                 "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                # As large an answer as the test asks for.
+                "pad": "x" * body.get("dimensions", 0),
             }
         )
 
@@ -127,11 +142,12 @@ class FakeProvider:
 def provider(pool_daemon: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The fake upstream, added to den as a provider (by the CLI, key from a file)."""
     d = pool_daemon
-    key = "sk-test-" + secrets.token_hex(16)
+    # A quote and a slash: JSON escapes them, and den must mask that form too.
+    key = f'sk-test/{secrets.token_hex(8)}"{secrets.token_hex(8)}'
     up = FakeProvider(key)
     up.start()
     name = f"p{secrets.token_hex(3)}"
-    models = [f"{name}-chat", f"{name}-leaky", f"{name}-embed", f"{name}-slow"]
+    models = [f"{name}-{m}" for m in ("chat", "leaky", "embed", "slow", "mute", "flood")]
     key_file = tmp_path_factory.mktemp("llm") / "key"
     key_file.write_text(key + "\n")
     try:
@@ -153,7 +169,7 @@ def test_providers_are_admins_and_keys_stay_sealed(
     listed = {p["name"]: p for p in d.call("llm.provider.ls")}
     assert listed[provider.name]["models"] == provider.models
     assert listed[provider.name]["base_url"] == provider.up.url
-    assert provider.key not in json.dumps(listed)
+    assert not leaks(provider.key, json.dumps(listed))
     # Stored sealed: not in the database file in clear.
     assert provider.key.encode() not in (d.data_dir / "den.db").read_bytes()
 
@@ -190,13 +206,13 @@ def test_providers_are_admins_and_keys_stay_sealed(
     finally:
         c.close()
     assert any(e["target"] == f"llm-provider:{provider.name}" for e in events), events
-    assert provider.key not in json.dumps(events)
-    assert provider.key not in d.log_text()
+    assert not leaks(provider.key, json.dumps(events))
+    assert not leaks(provider.key, d.log_text())
 
 
 # -- from inside a workspace --------------------------------------------------------
 
-TOKEN = f'wget -qO- {META}/v1/token | sed \'s/.*"token": *"\\([^"]*\\)".*/\\1/\''
+TOKEN = f'wget -qO- --header "Den-Metadata: true" {META}/v1/token | sed \'s/.*"token": *"\\([^"]*\\)".*/\\1/\''
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +302,10 @@ def test_chat_and_stream_pass_through(pool_daemon: Daemon, provider: Any, ws: An
     emb = json.loads(post(d, ref, "/v1/embeddings", {"model": provider.models[2], "input": "x"}))
     assert emb["data"][0]["embedding"] == [0.1, 0.2]
 
-    # An upstream error quoting the key reaches the workspace with the key masked.
+    # An upstream error quoting the key (JSON-escaped) reaches the workspace masked.
     status, body = raw_post(d, ref, "/v1/chat/completions", chat(provider.models[1]))
-    assert status == 400 and "overloaded" in body and provider.key not in body, body
+    assert status == 400 and "overloaded" in body and not leaks(provider.key, body), body
+    assert "key ***" in body, body
 
     status, body = raw_post(d, ref, "/v1/chat/completions", chat("no-such-model"))
     assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found", body
@@ -370,13 +387,13 @@ def test_the_key_never_reaches_the_workspace(pool_daemon: Daemon, provider: Any,
         env={"A": provider.key[:half], "B": provider.key[half:]},
     )
     assert found["stdout"].split() == ["0"], found
-    assert provider.key not in d.log_text()
+    assert not leaks(provider.key, d.log_text())
     c = d.client()
     try:
         events = c.call("audit.list", {"limit": 1000})
     finally:
         c.close()
-    assert provider.key not in json.dumps(events)
+    assert not leaks(provider.key, json.dumps(events))
 
 
 def test_streams_arrive_as_sent_and_in_flight_is_capped(
@@ -419,3 +436,67 @@ def test_stream_errors_masked_and_stream_a_boolean(
         )
         assert status == 400, body
         assert json.loads(body)["error"]["param"] == "stream", body
+
+
+def test_answers_without_usage_are_charged_an_estimate(
+    pool_daemon: Daemon, provider: Any, ws: Any
+) -> None:
+    d, (owner, ref) = pool_daemon, ws
+    mute = provider.models[4]
+    before = usage_of(d, owner)
+    assert post(d, ref, "/v1/chat/completions", chat(mute, stream=True)).endswith("[DONE]\n\n")
+    assert "pong" in post(d, ref, "/v1/chat/completions", chat(mute))
+    u = usage_of(d, owner)
+    # About four bytes a token of the request and the answer: never nothing.
+    assert u["tokens"] - before["tokens"] >= 2 * len(json.dumps(chat(mute))) // 4, (before, u)
+    assert u["estimated"] == before["estimated"] + 2, u
+    m = {m["model"]: m for m in u["models"]}[mute]
+    assert m["estimated"] == 2 and m["completion_tokens"] > 0, m
+
+
+def test_big_answers(pool_daemon: Daemon, provider: Any, ws: Any) -> None:
+    d, (owner, ref) = pool_daemon, ws
+    embed = {"model": provider.models[2], "input": "x"}
+    before = usage_of(d, owner)
+    # Past 1 MB the answer is parsed in a thread: it passes whole, its usage counted.
+    out = ok(
+        d,
+        ref,
+        f'wget -qO- --header "Authorization: Bearer $({TOKEN})" '
+        f"--header 'Content-Type: application/json' --post-data \"$BODY\" "
+        f"{META}/v1/embeddings | wc -c",
+        env={"BODY": json.dumps({**embed, "dimensions": 3 << 20})},
+    )
+    assert int(out) > 3 << 20, out
+    assert usage_of(d, owner)["tokens"] == before["tokens"] + 3
+    # Past 16 MB den refuses to hold it, and says so.
+    status, body = raw_post(d, ref, "/v1/embeddings", {**embed, "dimensions": 17 << 20})
+    err = json.loads(body)["error"]
+    assert status == 502 and err["code"] == "upstream_too_large", body
+    assert "16 MB" in err["message"] and "base64" in err["message"], err
+
+
+def test_clients_that_leave_or_stop_reading(pool_daemon: Daemon, provider: Any, ws: Any) -> None:
+    """A client hanging up before the usage chunk, and one that stops reading (let go after
+    llm_timeout, 5 s in tests): den reads on and charges the upstream's real usage."""
+    d, (owner, ref) = pool_daemon, ws
+    before = usage_of(d, owner)
+    req = (
+        f'wget -qO- --header "Authorization: Bearer $({TOKEN})" '
+        f"--header 'Content-Type: application/json' --post-data \"$BODY\" "
+        f"{META}/v1/chat/completions"
+    )
+    flood = json.dumps(chat(provider.models[5], stream=True))
+    detach(d, ref, f"BODY='{flood}'; {req} | sleep 20")
+    first = ok(
+        d, ref, f"{req} | head -n1", env={"BODY": json.dumps(chat(provider.models[3], True))}
+    )
+    assert first.startswith("data: "), first
+    deadline = time.monotonic() + 30
+    want = before["tokens"] + 2 * USAGE["total_tokens"]
+    while (u := usage_of(d, owner))["tokens"] < want and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert u["tokens"] == want and u["estimated"] == before["estimated"], (before, u)
+    prom = prometheus(d)
+    for outcome, model in (("client_gone", 3), ("client_stalled", 5)):
+        assert f'model="{provider.models[model]}",outcome="{outcome}"' in prom, prom

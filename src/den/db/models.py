@@ -376,7 +376,7 @@ class LlmUsage(Base):
     provider: Mapped[str] = mapped_column(String(64), primary_key=True)
     model: Mapped[str] = mapped_column(String(200), primary_key=True)
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
-    # Requests whose upstream gave no usage figures (their tokens are not counted).
+    # Requests whose upstream gave no usage figures (their tokens are den's estimate).
     unmetered: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)

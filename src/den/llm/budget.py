@@ -2,7 +2,8 @@
 
 A request is counted when it is let through, before it reaches a provider,
 so that the requests-per-day budget is exact even under concurrency. Its
-tokens are added when the upstream's answer says how many it used; a budget
+tokens are added when the upstream's answer says how many it used (or, when
+it says nothing, as den estimates them from the bytes sent and received); a budget
 of tokens can thus be passed by the requests already in flight when it runs
 out (at most ``llm_max_concurrent`` of them), never by a new one.
 """
@@ -48,7 +49,7 @@ class Limits:
 class Used:
     requests: int
     tokens: int
-    unmetered: int
+    estimated: int  # requests whose tokens den estimated (the upstream gave no usage)
 
 
 class BudgetSpent(Exception):
@@ -185,14 +186,31 @@ def usage_counts(usage: Any) -> dict[str, int] | None:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
+def estimate(sent: int, received: int) -> dict[str, int]:
+    """Tokens of a request whose upstream gave no usage: about four bytes a token
+    of what was sent and received (JSON's syntax makes it an overestimate, which
+    is the side a budget should err on)."""
+    prompt, completion = -(-sent // 4), -(-received // 4)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 async def settle(
-    app: App, user_id: int, day: str, provider: str, model: str, counts: dict[str, int] | None
+    app: App,
+    user_id: int,
+    day: str,
+    provider: str,
+    model: str,
+    counts: dict[str, int],
+    *,
+    estimated: bool = False,
 ) -> None:
-    """Add a finished request's tokens, or mark it unmetered when the upstream gave none."""
+    """Add a finished request's tokens (counted as estimated ones when ``estimated``)."""
     lock = _state(app).locks.setdefault(user_id, asyncio.Lock())
     async with lock, app.sessions() as db:
-        if counts is None:
-            await _add(db, user_id, day, provider, model, unmetered=1)
-        else:
-            await _add(db, user_id, day, provider, model, **counts)
+        # The column named "unmetered" counts the requests whose tokens were estimated.
+        await _add(db, user_id, day, provider, model, unmetered=int(estimated), **counts)
         await db.commit()

@@ -9,13 +9,16 @@ owner's budget.
 
 The provider's key is added here, on the host, and goes nowhere else: not to
 the workspace (its token is never forwarded either), not to a log line, not
-into an error text. Upstream error bodies are passed on with the key masked,
-and an upstream's refusal of the key becomes den's own message.
+into an error text. Upstream bodies are passed on with the key masked (as
+sent and as JSON escapes it), and an upstream's refusal of the key becomes
+den's own message.
 
 Streams (``"stream": true``) are relayed chunk by chunk as they arrive, with
 ``stream_options.include_usage`` asked of the upstream so that its last
-chunk carries the token counts; without them the request counts as one
-request and is listed as unmetered by ``den llm usage``.
+chunk carries the token counts. A client that hangs up (or stops reading
+for ``llm_timeout``) is let go, and the upstream read on for a little while
+for those counts. An answer that ends without them is charged den's estimate
+(about four bytes a token), shown as ``estimated`` by ``den llm usage``.
 """
 
 from __future__ import annotations
@@ -46,9 +49,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# An answer that is not a stream is read whole to learn its usage: bounded,
-# so that a broken upstream cannot fill the daemon's memory.
-MAX_UPSTREAM_BODY = 64 << 20
+# An answer that is not a stream is held whole to learn its usage: bounded, so
+# that an upstream cannot fill the daemon's memory. 16 MB holds some 500
+# embeddings of 1536 dimensions as JSON numbers, about 2000 as base64.
+MAX_ANSWER_BYTES = 16 << 20
+# A larger answer is parsed off the event loop (it takes milliseconds a MB).
+PARSE_IN_THREAD = 1 << 20
+# How long a stream whose client left is still read for its usage.
+DRAIN_SECONDS = 10.0
 # An SSE line longer than this is passed on but not searched for usage.
 MAX_SSE_LINE = 1 << 20
 TOKEN_URL = "http://169.254.169.254/v1/token"
@@ -203,24 +211,47 @@ class UsageScanner:
                 self.counts = counts
 
 
+def key_forms(key: str) -> tuple[bytes, ...]:
+    """The ways an upstream's text may quote the key: as sent, and inside a JSON
+    string (a quote or backslash escaped; a slash too, as PHP's encoder does)."""
+    escaped = orjson.dumps(key)[1:-1]
+    forms = {key.encode(), escaped, escaped.replace(b"/", b"\\/")}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def mask(body: bytearray, forms: tuple[bytes, ...]) -> bytearray:
+    """``body`` with the key masked; the same object (no copy) when it has none."""
+    for form in forms:
+        if form in body:
+            body = body.replace(form, b"***")
+    return body
+
+
 class KeyMask:
     """Masks the provider key in a stream fed in arbitrary chunks (an upstream's
     error inside a stream may quote it, cut anywhere). Holds back only a tail
     that could begin the key, so that an SSE event still passes at once."""
 
-    def __init__(self, key: str) -> None:
-        self._key = key.encode()
+    def __init__(self, forms: tuple[bytes, ...]) -> None:
+        self._forms = forms
         self._tail = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        data = (self._tail + chunk).replace(self._key, b"***")
-        first = self._key[:1]
-        i = data.find(first, max(0, len(data) - len(self._key) + 1))
-        while i >= 0 and not self._key.startswith(data[i:]):
-            i = data.find(first, i + 1)
-        cut = len(data) if i < 0 else i
+        data = self._tail + chunk
+        for form in self._forms:
+            data = data.replace(form, b"***")
+        cut = min(self._start_of(data, form) for form in self._forms)
         self._tail = data[cut:]
         return data[:cut]
+
+    @staticmethod
+    def _start_of(data: bytes, form: bytes) -> int:
+        """Where a tail of ``data`` that could begin ``form`` starts (else its end)."""
+        first = form[:1]
+        i = data.find(first, max(0, len(data) - len(form) + 1))
+        while i >= 0 and not form.startswith(data[i:]):
+            i = data.find(first, i + 1)
+        return len(data) if i < 0 else i
 
     def flush(self) -> bytes:
         out, self._tail = self._tail, b""
@@ -357,8 +388,12 @@ async def _relay(
         "Content-Type": "application/json",
         "Accept": "text/event-stream" if stream else "application/json",
     }
+    payload = orjson.dumps(doc)
+    forms = key_forms(up.key)
     start = time.perf_counter()
     counts: dict[str, int] | None = None
+    answered = False  # the upstream answered 200: it used tokens
+    received = 0  # bytes of its answer
     outcome = "error"
     status = 0
     try:
@@ -366,12 +401,13 @@ async def _relay(
             aiohttp.ClientSession(timeout=timeout) as session,
             session.post(
                 f"{up.base_url}/{path}",
-                data=orjson.dumps(doc),
+                data=payload,
                 headers=headers,
                 allow_redirects=False,  # the key goes to the base URL's host and nowhere else
             ) as resp,
         ):
             status = resp.status
+            answered = status == 200
             if status in (401, 403):
                 outcome = "provider_auth"
                 return oai_error(
@@ -383,34 +419,32 @@ async def _relay(
                 )
             ctype = resp.headers.get("Content-Type", "")
             if stream and status == 200 and ctype.startswith("text/event-stream"):
-                relayed, counts = await _pass_stream(request, resp, t, up.key)
-                outcome = "ok"
-                return relayed
+                relayed = await _pass_stream(request, resp, t, forms)
+                counts, received, outcome = relayed.counts, relayed.received, relayed.outcome
+                return relayed.out
             raw = bytearray()
             async for chunk in resp.content.iter_any():
                 raw += chunk
-                if len(raw) > MAX_UPSTREAM_BODY:
+                received = len(raw)
+                if received > MAX_ANSWER_BYTES:
                     outcome = "too_large"
                     return oai_error(
                         502,
-                        f"provider {up.name!r} answered with more than {MAX_UPSTREAM_BODY} bytes",
+                        f"provider {up.name!r} answered with more than den's limit of "
+                        f"{MAX_ANSWER_BYTES >> 20} MB for an answer that is not a stream; "
+                        "ask for less at once (e.g. fewer inputs, or embeddings with "
+                        '"encoding_format": "base64")',
                         "upstream_error",
                         "upstream_too_large",
                     )
             if status == 200:
-                try:
-                    answer = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    answer = None
-                if isinstance(answer, dict):
-                    counts = budget.usage_counts(answer.get("usage"))
+                counts = await _usage_of(raw)
                 outcome = "ok"
             else:
                 outcome = f"upstream_{status}"
             # An upstream's error text may quote the key it was sent.
-            out = bytes(raw).replace(up.key.encode(), b"***")
             return web.Response(
-                body=out,
+                body=mask(raw, forms),
                 status=status,
                 headers={"Content-Type": ctype or "application/json"},
             )
@@ -433,8 +467,17 @@ async def _relay(
         )
     finally:
         seconds = time.perf_counter() - start
-        if outcome == "ok" or counts is not None:
-            await asyncio.shield(budget.settle(app, who.user_id, day, up.name, model, counts))
+        estimated = counts is None and answered
+        if counts is None and answered:
+            # Without the upstream's figures a request must still cost tokens, or an
+            # upstream that never reports them (or a client hanging up before the
+            # last chunk) would make the tokens budget a dead letter. Embeddings
+            # are charged for their input only: their answer is numbers, not text.
+            counts = budget.estimate(len(payload), 0 if path == "embeddings" else received)
+        if counts is not None:
+            await asyncio.shield(
+                budget.settle(app, who.user_id, day, up.name, model, counts, estimated=estimated)
+            )
         m = app.metrics
         m.llm_requests.labels(who.user, up.name, model, outcome).inc()
         m.llm_latency.labels(up.name).observe(seconds)
@@ -456,15 +499,55 @@ async def _relay(
                     "status": status,
                     "outcome": outcome,
                     "tokens": counts["total_tokens"] if counts else None,
+                    "estimated": estimated,
                     "ms": round(seconds * 1e3, 1),
                 }
             },
         )
 
 
+async def _usage_of(raw: bytearray) -> dict[str, int] | None:
+    """The usage figures of a whole answer, if it has them."""
+    try:
+        if len(raw) > PARSE_IN_THREAD:
+            # Big answers (embeddings) would stall every other request meanwhile.
+            answer = await asyncio.to_thread(orjson.loads, raw)
+        else:
+            answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return budget.usage_counts(answer.get("usage")) if isinstance(answer, dict) else None
+
+
+class _ClientGone(Exception):
+    """The workspace's client hung up, or stopped reading for llm_timeout."""
+
+
+async def _to_client(request: web.Request, write: Awaitable[object], timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await write
+    except TimeoutError:
+        # A client that stops reading would hold its request (one of the owner's
+        # llm_max_concurrent) and the upstream's stream forever: let it go.
+        if request.transport is not None:
+            request.transport.abort()
+        raise _ClientGone("client_stalled") from None
+    except ConnectionResetError:
+        raise _ClientGone("client_gone") from None
+
+
+@dataclass
+class Relayed:
+    out: web.StreamResponse
+    counts: dict[str, int] | None
+    received: int  # bytes the upstream sent
+    outcome: str
+
+
 async def _pass_stream(
-    request: web.Request, resp: aiohttp.ClientResponse, timeout: float, key: str
-) -> tuple[web.StreamResponse, dict[str, int] | None]:
+    request: web.Request, resp: aiohttp.ClientResponse, timeout: float, forms: tuple[bytes, ...]
+) -> Relayed:
     """Relay an SSE stream as it comes, the key masked; the usage of its last
     chunk that had one."""
     out = web.StreamResponse(
@@ -474,30 +557,44 @@ async def _pass_stream(
             "Cache-Control": "no-cache",
         },
     )
-    await out.prepare(request)
     scanner = UsageScanner()
-    mask = KeyMask(key)
+    keys = KeyMask(forms)
+    res = Relayed(out, None, 0, "ok")
     try:
-        async for chunk in resp.content.iter_any():
-            scanner.feed(chunk)
-            # Waits while the client is slow: never buffers the stream.
-            await out.write(mask.feed(chunk))
-    except TimeoutError:
-        # Too late for a status: say it the way streams say errors.
-        err = {
-            "error": {
-                "message": f"the provider sent nothing for {timeout:g} s (llm_timeout)",
-                "type": "upstream_error",
-                "code": "upstream_timeout",
+        await _to_client(request, out.prepare(request), timeout)
+        try:
+            async for chunk in resp.content.iter_any():
+                res.received += len(chunk)
+                scanner.feed(chunk)
+                # Waits while the client is slow (up to llm_timeout): never buffers the stream.
+                await _to_client(request, out.write(keys.feed(chunk)), timeout)
+        except TimeoutError:
+            # Too late for a status: say it the way streams say errors.
+            res.outcome = "timeout"
+            err = {
+                "error": {
+                    "message": f"the provider sent nothing for {timeout:g} s (llm_timeout)",
+                    "type": "upstream_error",
+                    "code": "upstream_timeout",
+                }
             }
-        }
-        await out.write(mask.flush() + b"\n\ndata: " + orjson.dumps(err) + b"\n\n")
-    except (ConnectionResetError, aiohttp.ClientError):
-        pass  # the client or the upstream went away: what was used so far still counts
-    with contextlib.suppress(ConnectionResetError):
-        await out.write(mask.flush())
-        await out.write_eof()
-    return out, scanner.counts
+            tail = keys.flush() + b"\n\ndata: " + orjson.dumps(err) + b"\n\n"
+            await _to_client(request, out.write(tail), timeout)
+        except aiohttp.ClientError:
+            res.outcome = "upstream_broken"  # what was used so far still counts
+        await _to_client(request, out.write(keys.flush()), timeout)
+        await _to_client(request, out.write_eof(), timeout)
+    except _ClientGone as exc:
+        res.outcome = str(exc)
+        # The upstream goes on generating (and billing) anyway: its last chunk,
+        # if it comes soon, has the real usage.
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            async with asyncio.timeout(DRAIN_SECONDS):
+                async for chunk in resp.content.iter_any():
+                    res.received += len(chunk)
+                    scanner.feed(chunk)
+    res.counts = scanner.counts
+    return res
 
 
 # -- routes on the metadata app ------------------------------------------------------

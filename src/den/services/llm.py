@@ -222,7 +222,9 @@ class ModelUsage(BaseModel):
     provider: str
     model: str
     requests: int
-    unmetered: int = Field(description="Requests whose upstream reported no token usage.")
+    estimated: int = Field(
+        description="Requests whose upstream reported no usage: their tokens are den's estimate."
+    )
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -235,7 +237,9 @@ class UsageOut(BaseModel):
     requests_per_day: int = Field(description="0: no limit.")
     tokens: int
     tokens_per_day: int = Field(description="0: no limit.")
-    unmetered: int = Field(description="Requests whose upstream reported no token usage.")
+    estimated: int = Field(
+        description="Requests whose upstream reported no usage: their tokens are den's estimate."
+    )
     resets_at: datetime
     models: list[ModelUsage]
 
@@ -258,14 +262,14 @@ async def _usage(ctx: Context, user: User, now: datetime) -> UsageOut:
         requests_per_day=lim.requests_per_day,
         tokens=used.tokens,
         tokens_per_day=lim.tokens_per_day,
-        unmetered=used.unmetered,
+        estimated=used.estimated,
         resets_at=resets_at(now),
         models=[
             ModelUsage(
                 provider=r.provider,
                 model=r.model,
                 requests=r.requests,
-                unmetered=r.unmetered,
+                estimated=r.unmetered,
                 prompt_tokens=r.prompt_tokens,
                 completion_tokens=r.completion_tokens,
                 total_tokens=r.total_tokens,
@@ -312,7 +316,7 @@ class UsageQuery(Params):
             "requests_per_day",
             "tokens",
             "tokens_per_day",
-            "unmetered",
+            "estimated",
             "resets_at",
         ),
     ),
