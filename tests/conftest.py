@@ -333,32 +333,7 @@ def pool_daemon() -> Iterator[Daemon]:
         "DEN_LLM_TIMEOUT": "5",
     }
     with running_daemon(env, pool="8G") as d:
-        if DEV_LATER:
-            from tests.workspaces.escape.conftest import prefetch_dev
-
-            prefetch_dev(d)
         yield d
-
-
-# Fixtures of den's dev image: its first build (from the Debian mirror, about
-# two minutes) runs in the background while the tests that do not need it run.
-DEV_FIXTURES = frozenset({"dev_image", "web_dev"})
-DEV_MODULES = frozenset({"tests/storage/test_dev_image.py"})
-DEV_LATER: list[str] = []  # the modules moved last, when the session has any
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that use the dev image run after all others (in their own order)."""
-    late = {
-        it.nodeid.split("::")[0]
-        for it in items
-        if DEV_FIXTURES & set(getattr(it, "fixturenames", ()))
-        or it.nodeid.split("::")[0] in DEV_MODULES
-    }
-    DEV_LATER[:] = sorted(late)
-    items[:] = [it for it in items if it.nodeid.split("::")[0] not in late] + [
-        it for it in items if it.nodeid.split("::")[0] in late
-    ]
 
 
 def unused_port() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
 
 import pytest
 
@@ -37,42 +36,18 @@ DEV_CACHE = (
 )
 
 
-# Builds of the dev image started ahead of need: (daemon socket, name) -> job.
-_PREFETCHED: dict[tuple[str, str], dict[str, Any]] = {}
-
-
-def _build(d: Daemon, name: str) -> dict[str, Any]:
-    job: dict[str, Any] = d.call(
-        "image.build", name=name, suite="bookworm", preset="dev", include=DEV_EXTRA
-    )
-    return job
-
-
-def prefetch_dev(d: Daemon) -> None:
-    """Start building the dev image now when no cached copy exists (a fresh
-    clone): the tests that need it run last (tests/conftest.py), and the build
-    runs as a job of the daemon while the others run."""
-    if not DEV_CACHE.is_file():
-        _PREFETCHED[(str(d.socket), DEV)] = _build(d, DEV)
-
-
 def dev_image_as(d: Daemon, name: str) -> str:
     """The dev image as ``name`` on ``d``: imported from the cache, else built and cached.
 
     Several test trees have a session fixture of it on the same daemon: the
     first one makes it, the others find it there.
     """
-    started = _PREFETCHED.pop((str(d.socket), name), None)
-    if started is None and any(
-        i["name"] == name and i["state"] == "ready" for i in d.call("image.list")
-    ):
+    if any(i["name"] == name and i["state"] == "ready" for i in d.call("image.list")):
         return name
-    if started is not None:
-        job = started
-    elif DEV_CACHE.is_file():
+    if DEV_CACHE.is_file():
         job = d.call("image.import", name=name, path=str(DEV_CACHE))
     else:
-        job = _build(d, name)
+        job = d.call("image.build", name=name, suite="bookworm", preset="dev", include=DEV_EXTRA)
     done = wait_job(d, job, timeout=1800)
     if done["state"] != "done" and DEV_CACHE.is_file():
         DEV_CACHE.unlink()  # a stale or broken cache: build next time
