@@ -58,6 +58,7 @@ FIELDS = {
     "dotfiles_log",
     "url",
     "urls",
+    "busy_until",
 }
 
 

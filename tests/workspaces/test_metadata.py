@@ -123,6 +123,11 @@ def test_scoped_token_reaches_its_own_workspace_only(pair: Pair) -> None:
     tok = token_of(d, a)
     got = rpc_inside(d, a, tok, "workspace.exec", {"ref": "ma", "argv": ["echo", "inside"]})
     assert got["result"]["stdout"] == "inside\n", got
+    # ?format=text: the token alone, for $(...) in a shell
+    plain = ok(d, a, f"{GET} '{META}/v1/token?format=text'").strip()
+    assert plain.startswith("denws_") and "{" not in plain
+    got = rpc_inside(d, a, plain, "workspace.get", {"ref": "ma"})
+    assert got["result"]["name"] == "ma", got
     refused = rpc_inside(d, a, tok, "workspace.exec", {"ref": "mb", "argv": ["true"]})
     assert refused["error"]["code"] == -32001 and "only its own" in refused["error"]["message"]
     listed = rpc_inside(d, a, tok, "workspace.list", {})
@@ -154,6 +159,25 @@ while chunk := s.recv(65536):
     data += chunk
 print(data.split(b"\r\n\r\n", 1)[1].decode())
 """
+
+
+def test_the_workspace_keeps_its_own_ports_80_and_25(pair: Pair) -> None:
+    """The service takes no port a workspace's own servers bind on every address
+    (a web server on 0.0.0.0:80, a mail server on :25), and answers meanwhile."""
+    d, ref = pair.d, pair.a["ref"]
+    ok(d, ref, "mkdir -p /tmp/www && echo own > /tmp/www/index.html")
+    try:
+        ok(
+            d,
+            ref,
+            "busybox httpd -p 0.0.0.0:80 -h /tmp/www && busybox httpd -p 0.0.0.0:25 -h /tmp/www",
+        )
+        assert ok(d, ref, "wget -qO- http://127.0.0.1:80/") == "own\n"
+        assert ok(d, ref, "wget -qO- http://127.0.0.1:25/") == "own\n"
+        ident = json.loads(ok(d, ref, f"wget -qO- {META}/v1/identity"))
+        assert ident["id"] == pair.a["id"]
+    finally:
+        sh(d, ref, "pkill httpd")
 
 
 def test_a_spoofed_source_address_still_gets_its_own_answers(pair: Pair) -> None:

@@ -38,7 +38,8 @@ INDEX = """den metadata service (this workspace only)
 GET  /v1/identity        who am I: workspace, owner, URL (JSON)
 GET  /v1/keys            the owner's public SSH keys (authorized_keys lines)
 GET  /v1/env             variables set by the owner or an admin (JSON; ?format=sh: export lines)
-GET  /v1/token           a short-lived token for den's API, scoped to this workspace (JSON)
+GET  /v1/token           a short-lived token for den's API, scoped to this workspace
+                         (JSON; ?format=text: the token alone)
 POST /v1/rpc             JSON-RPC into den with that token (Authorization: Bearer ...)
 GET  /v1/busy            the busy lease, if any
 POST /v1/busy?for=20m    keep this workspace awake (also: den-busy 20m; for=0 ends it)
@@ -137,6 +138,8 @@ async def get_token(request: web.Request) -> web.Response:
         return refused
     app = den_app(request)
     value, expires = token.issue(app, ident)
+    if request.query.get("format") == "text":  # for $(...) in a shell: the token alone
+        return web.Response(text=value + "\n")
     return _json({"token": value, "expires": expires, "workspace": ident.ref})
 
 

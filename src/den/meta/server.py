@@ -30,7 +30,7 @@ from den import tasks
 from den.db.models import User, Workspace
 from den.errors import BackendFailure
 from den.meta import ADDRESS
-from den.net import links, names
+from den.net import firewall, links, names
 
 if TYPE_CHECKING:
     from den.app import App
@@ -48,6 +48,9 @@ MAX_CONNECTIONS = 64
 REQUESTS_PER_SECOND = 50
 REQUEST_BURST = 200
 IDENTITY_TTL = 5.0  # seconds a workspace's identity is served from memory
+# Service port -> the port den's socket listens on inside (see inner_port).
+INNER_PORTS = {HTTP_PORT: 1, 25: 2}
+NAT_TABLE = "den_meta"
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,45 @@ def _bind(port: int) -> socket.socket:
     return s
 
 
-def _open(netns: str, ports: list[int]) -> dict[int, socket.socket]:
-    """Listening sockets on ADDRESS:port for ``ports``, made inside ``netns``."""
+def inner_port(port: int) -> int:
+    """The port den's socket listens on inside a workspace for service ``port``.
+
+    Not the service's own port: a listening socket on 169.254.169.254:80 would
+    make the workspace's own ``bind(0.0.0.0:80)`` (any web server, any mail
+    server on 25) fail with EADDRINUSE, since a wildcard bind conflicts with
+    every address on its port. den's sockets take ports nothing binds (tcpmux
+    and its neighbours) and a NAT rule of den's in the workspace's namespace
+    sends 169.254.169.254:PORT there; only a wildcard bind of those few ports
+    is refused.
+    """
+    try:
+        return INNER_PORTS[port]
+    except KeyError:
+        raise ValueError(f"the metadata service has no inner port for {port}") from None
+
+
+def _nat_rules(ports: list[int]) -> str:
+    """den's table in a workspace's namespace: its connections to ADDRESS:PORT
+    reach den's socket at ADDRESS:inner_port(PORT). The namespace is den's (the
+    host's user namespace owns it): root in the workspace cannot change it."""
+    rules = "\n        ".join(
+        f"ip daddr {ADDRESS} tcp dport {p} dnat to {ADDRESS}:{inner_port(p)}" for p in ports
+    )
+    return f"""
+add table ip {NAT_TABLE}
+delete table ip {NAT_TABLE}
+table ip {NAT_TABLE} {{
+    chain output {{
+        type nat hook output priority -100; policy accept;
+        {rules}
+    }}
+}}
+"""
+
+
+def _open(netns: str, ports: list[int], bind: list[int] | None = None) -> dict[int, socket.socket]:
+    """Listening sockets for service ``bind`` (default: all of ``ports``), made
+    inside ``netns``, with the namespace's NAT rules for all of ``ports``."""
     out: dict[int, socket.socket] = {}
 
     def work() -> None:
@@ -160,8 +200,9 @@ def _open(netns: str, ports: list[int]) -> dict[int, socket.socket]:
             if ADDRESS not in have:
                 ipr.addr("add", index=lo, address=ADDRESS, prefixlen=32)
             ipr.link("set", index=lo, state="up")
-        for port in ports:
-            out[port] = _bind(port)
+        firewall.run(_nat_rules(ports))  # a context made in this thread: this namespace
+        for port in ports if bind is None else bind:
+            out[port] = _bind(inner_port(port))
 
     try:
         links.in_netns(netns, work)
@@ -306,6 +347,7 @@ class Meta:
                 server.close()
 
     def add_port(self, port: int, factory: ProtocolFactory) -> None:
+        inner_port(port)  # a port with no place inside is a bug of the caller: say so now
         self.ports[port] = factory
         for ws_id in list(self.open):
             tasks.spawn(self._add_port_to(ws_id, port), name=f"meta-port-{port}")
@@ -313,7 +355,7 @@ class Meta:
     async def _add_port_to(self, ws_id: str, port: int) -> None:
         netns = names.netns(self.app.settings.instance, ws_id)
         try:
-            socks = await asyncio.to_thread(_open, netns, [port])
+            socks = await asyncio.to_thread(_open, netns, [HTTP_PORT, *self.ports], [port])
         except BackendFailure as err:
             log.warning(
                 "metadata port not served in a workspace",

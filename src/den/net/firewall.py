@@ -221,7 +221,8 @@ def _nft() -> Any:
     return nft
 
 
-def _run(text: str) -> str:
+def run(text: str) -> str:
+    """Apply nft commands ``text`` in the calling thread's network namespace."""
     rc, out, err = _nft().cmd(text)
     if rc != 0:
         raise BackendFailure(f"nftables refused the ruleset: {err.strip()}")
@@ -229,7 +230,7 @@ def _run(text: str) -> str:
 
 
 def apply(instance: int, policy: Policy) -> None:
-    _run(ruleset(instance, policy))
+    run(ruleset(instance, policy))
 
 
 def update_exceptions(instance: int, entries: Iterable[Exception4]) -> None:
@@ -240,7 +241,7 @@ def update_exceptions(instance: int, entries: Iterable[Exception4]) -> None:
         lines.append(f"flush set {table} {name}")
         if elems:
             lines.append(f"add element {table} {name} {{ {', '.join(elems)} }}")
-    _run("\n".join(lines))
+    run("\n".join(lines))
 
 
 def remove(instance: int) -> None:
@@ -251,7 +252,7 @@ def remove(instance: int) -> None:
 
 def tables(instance: int) -> list[str]:
     """Names of this instance's tables present in the kernel."""
-    out = json.loads(_run("list tables") or "{}")
+    out = json.loads(run("list tables") or "{}")
     names = []
     for item in out.get("nftables", []):
         t = item.get("table")

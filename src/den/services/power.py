@@ -219,8 +219,10 @@ async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
     """Run a command in a workspace and return its exit code and output.
 
     A suspended workspace is resumed first. Output past the server's
-    exec_max_output bytes per stream is dropped and ``truncated`` is set (ssh
-    streams any amount); a member runs at most exec_max_concurrent at once.
+    exec_max_output bytes per stream is dropped and ``truncated`` is set
+    (workspace.exec_stream and ssh stream any amount; the den command streams
+    through workspace.exec_stream unless --json); a member runs at most
+    exec_max_concurrent at once.
     """
 
     ws, owner = await find_workspace(ctx, p.ref)

@@ -35,7 +35,10 @@ from tests.helpers.outside import OutsideHost, outside_host
 from tests.workspaces.conftest import Users, assert_gone, create, invalid, make_users, ok, sh
 from tests.workspaces.test_isolation import Listener
 
-METADATA = "169.254.169.254"
+# A cloud's link-local metadata service on the LAN (169.254.170.2: a container
+# platform's credentials endpoint). Not 169.254.169.254: inside a workspace
+# that is den's own metadata service, which never leaves its namespace.
+METADATA = "169.254.170.2"
 
 
 @dataclass
