@@ -4,13 +4,15 @@ How a request reaches den, and how den knows which workspace asks
 -----------------------------------------------------------------
 den opens a listening TCP socket *inside* each running workspace's network
 namespace: a short-lived thread setns()es into the netns (den.net.links.in_netns),
-adds 169.254.169.254/32 to the namespace's ``lo`` and binds 169.254.169.254:80
-there. The socket stays in that namespace after the thread ends; the daemon's
-event loop serves it like any other (one aiohttp AppRunner, one server per
-workspace). A connection from inside is local delivery within the workspace's
-own namespace: it never crosses the veth or the bridge, so the host's egress
-firewall (den.net.firewall, in the host's namespace) never sees it, and no NAT
-rule is needed.
+adds 169.254.169.254/32 to the namespace's ``lo``, binds 169.254.169.254 on a
+port nothing binds (den.meta.server.inner_port: a socket on port 80 itself
+would make the workspace's own bind of 0.0.0.0:80 fail) and puts a NAT rule in
+the namespace that sends 169.254.169.254:80 there. The socket stays in that
+namespace after the thread ends; the daemon's event loop serves it like any
+other (one aiohttp AppRunner for all). A connection from inside is local
+delivery within the workspace's own namespace: it never crosses the veth or
+the bridge, so the host's egress firewall (den.net.firewall, in the host's
+namespace) never sees it.
 
 The workspace is known by *which socket accepted the connection*, never by a
 source address: each accepted socket carries its network namespace's cookie
