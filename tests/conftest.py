@@ -331,6 +331,14 @@ def pool_daemon() -> Iterator[Daemon]:
         "DEN_SSH_FORWARD_OPEN_SECONDS": "12",
         # tests/workspaces/test_llm.py waits out a stalled client (120 s by default).
         "DEN_LLM_TIMEOUT": "5",
+        # Mail on (tests/workspaces/test_mail.py): its limits small enough to test,
+        # its relay a server that test runs on this port.
+        "DEN_MAIL_DOMAIN": "mail.den.test",
+        "DEN_MAIL_PORT": str(unused_port()),
+        "DEN_MAIL_MAX_BYTES": str(64 * 1024),
+        "DEN_MAIL_MAX_RECIPIENTS": "3",
+        "DEN_MAIL_RELAY": f"127.0.0.1:{unused_port()}",
+        "DEN_MAIL_PER_HOUR": "2",
     }
     with running_daemon(env, pool="8G") as d:
         yield d

@@ -1,7 +1,7 @@
 """Mail: inbound SMTP into a workspace's Maildir, outbound from inside through a relay.
 
-One daemon with mail on (its own pool, the bb image), a relay (aiosmtpd) the
-test runs on loopback, smtplib as the outside sender, and busybox's ``nc -e``
+The session's pool daemon, which has mail on (tests/conftest.py), the bb
+image, a relay (aiosmtpd) the test runs on loopback on the port den relays to, smtplib as the outside sender, and busybox's ``nc -e``
 with a tiny sh SMTP dialogue as the program inside a workspace.
 """
 
@@ -21,10 +21,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from tests.conftest import Daemon, unused_port
-from tests.workspaces.conftest import BB, Users, create, make_users, ok, own_daemon, sh, wait_for
+from tests.conftest import Daemon
+from tests.workspaces.conftest import Users, create, make_users, ok, sh, wait_for
 
-DOMAIN = "mail.den.test"
+DOMAIN = "mail.den.test"  # what tests/conftest.py gives the pool daemon
 MAX_BYTES = 64 * 1024
 PER_HOUR = 2
 
@@ -32,10 +32,10 @@ PER_HOUR = 2
 class Relay:
     """The admin's relay: keeps what it is given, and the logins it saw."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int) -> None:
         self.got: list[Envelope] = []
         self.logins: list[tuple[bytes, bytes]] = []
-        self.port = unused_port()
+        self.port = port
         self.controller: Controller | None = None
 
     def start(self) -> None:
@@ -85,24 +85,18 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
-    relay = Relay()
+def env(pool_daemon: Daemon, bb_image: str) -> Iterator[Env]:
+    d = pool_daemon
+    assert d.env["DEN_MAIL_DOMAIN"] == DOMAIN
+    assert d.env["DEN_MAIL_MAX_BYTES"] == str(MAX_BYTES)
+    assert d.env["DEN_MAIL_PER_HOUR"] == str(PER_HOUR)
+    relay = Relay(int(d.env["DEN_MAIL_RELAY"].rpartition(":")[2]))
     relay.start()
-    port = unused_port()
-    settings = {
-        "DEN_DEFAULT_IMAGE": BB,
-        "DEN_MAIL_DOMAIN": DOMAIN,
-        "DEN_MAIL_PORT": str(port),
-        "DEN_MAIL_MAX_BYTES": str(MAX_BYTES),
-        "DEN_MAIL_MAX_RECIPIENTS": "3",
-        "DEN_MAIL_RELAY": f"127.0.0.1:{relay.port}",
-        "DEN_MAIL_PER_HOUR": str(PER_HOUR),
-    }
     try:
-        with own_daemon(settings) as d, make_users(d) as users:
+        with make_users(d) as users:
             owner = users.make()
-            create(d, owner, "inbox")
-            yield Env(d, owner, "inbox", port, relay, users)
+            create(d, owner, "inbox", image=bb_image)
+            yield Env(d, owner, "inbox", int(d.env["DEN_MAIL_PORT"]), relay, users)
     finally:
         relay.stop()
 
