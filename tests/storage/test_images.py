@@ -30,6 +30,7 @@ from tests.storage.conftest import (
     tar_dir,
     wait_job,
 )
+from tests.workspaces.escape.conftest import apt_debs
 
 load_all()
 
@@ -124,10 +125,15 @@ def test_base_image_fixups(base_image: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_debootstrap_build_with_cli(pool_daemon: Daemon) -> None:
-    """A real debootstrap build, every session, through `den image build` with includes."""
+def test_debootstrap_build_with_cli(pool_daemon: Daemon, base_image: dict[str, Any]) -> None:
+    """A real debootstrap build, every session, through `den image build` with includes.
+
+    The session's minbase image (``base_image``) is made first: in a fresh clone it
+    fills the shared package cache, so this build shows that a build with the cache
+    warm fetches no package the cache holds."""
     d = pool_daemon
     name = _name("deb")
+    before = apt_debs(d)
     start = time.monotonic()
     # A real download from the Debian mirror: a minute here, longer on a loaded machine.
     res = d.cli("image", "build", name, "--include", "less,openssh-server", "--json", timeout=900)
@@ -147,7 +153,15 @@ def test_debootstrap_build_with_cli(pool_daemon: Daemon) -> None:
     events = c.call("audit.list", {"method": "image.build", "target": f"image:{name}"})
     c.close()
     assert [e["outcome"] for e in events] == ["ok"]
-    print(f"debootstrap bookworm minbase + less, openssh-server: {seconds:.1f}s, {img['size']}")
+    after = apt_debs(d)
+    assert {n: after.get(n) for n in before} == before  # nothing fetched anew
+    fetched = len(set(after) - set(before))
+    log = d.log_file.read_text()
+    assert f"image {name}: {fetched} packages downloaded, " in log, fetched
+    print(
+        f"debootstrap bookworm minbase + less, openssh-server: {seconds:.1f}s, {img['size']}, "
+        f"{fetched} packages downloaded"
+    )
     d.call("image.delete", name=name)
     assert not root.exists()
 

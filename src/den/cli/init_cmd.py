@@ -48,6 +48,14 @@ def init(
             "[default: the image's name if it is a preset, else dev]."
         ),
     ] = None,
+    include: Annotated[
+        str | None,
+        typer.Option(
+            "--include",
+            metavar="PKG,...",
+            help="Extra Debian packages for the image it builds, on top of the preset.",
+        ),
+    ] = None,
     no_image: Annotated[bool, typer.Option("--no-image", help="Build no image.")] = False,
 ) -> None:
     """Check this host and prepare it for den, and build the default image; safe to run again."""
@@ -55,8 +63,23 @@ def init(
     from den.host import checks as host_checks
     from den.host import prepare
     from den.services.common import NAME_RE
+    from den.storage.debootstrap import check_package
     from den.storage.images import PRESETS
 
+    extra = [p.strip() for p in (include or "").split(",") if p.strip()]
+    try:
+        extra = [check_package(p) for p in dict.fromkeys(extra)]
+    except ValueError as exc:
+        render.err_console.print(f"error: --include: {exc}")
+        raise typer.Exit(2) from None
+    if len(extra) > 200:  # image.build's limit
+        render.err_console.print("error: --include: at most 200 packages")
+        raise typer.Exit(2)
+    if extra and no_image:
+        render.err_console.print(
+            "error: --include adds to the image den init builds: not with --no-image"
+        )
+        raise typer.Exit(2)
     if image is not None and not NAME_RE.fullmatch(image):
         render.err_console.print(f"error: {image!r} is not an image name ([a-z][a-z0-9-]{{0,30}})")
         raise typer.Exit(2)
@@ -109,7 +132,7 @@ def init(
     render.console.print("[green]den init: this host is ready[/green]")
     if image is not None:
         try:
-            asyncio.run(ensure_image(settings, image, preset, say))
+            asyncio.run(ensure_image(settings, image, preset, say, extra))
         except DenError as exc:
             render.err_console.print(f"error: image {image}: {exc.message}", highlight=False)
             raise typer.Exit(5 if isinstance(exc, Conflict) else 7) from None
@@ -130,9 +153,11 @@ def _daemon_running(settings: Settings) -> bool:
     return True
 
 
-async def ensure_image(settings: Settings, name: str, preset: str, say: prepare.Say) -> None:
-    """Build image ``name`` from ``preset`` in this process (no daemon needed) unless it
-    is ready already."""
+async def ensure_image(
+    settings: Settings, name: str, preset: str, say: prepare.Say, extra: list[str] | None = None
+) -> None:
+    """Build image ``name`` from ``preset`` and the packages ``extra`` in this process (no
+    daemon needed) unless it is ready already."""
     from sqlalchemy import delete, select
 
     from den.app import App
@@ -160,10 +185,11 @@ async def ensure_image(settings: Settings, name: str, preset: str, say: prepare.
                 raise Conflict(f"it is {img.state} in the running daemon; see `den job ls`")
             say(f"image {name}: exists ({svc.human_size(img.size_bytes)}), reused")
             return
-        include, locales = svc.recipe(preset, [])
+        include, locales = svc.recipe(preset, extra or [])
         cache = svc.apt_cache_dir(settings)
+        plus = f" + {', '.join(extra)}" if extra else ""
         say(
-            f"building image {name} (preset {preset}): debootstrap bookworm minbase with "
+            f"building image {name} (preset {preset}){plus}: debootstrap bookworm minbase with "
             f"{len(include)} packages; minutes the first time, packages kept in {cache}"
         )
         await svc.claim(app, name, "debootstrap", "bookworm", include)
