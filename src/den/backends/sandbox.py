@@ -191,11 +191,16 @@ class SandboxBackend(Backend):
                 await self.network.attach(spec.id, spec.address)
             await asyncio.to_thread(self._prepare, spec)
         state = {k: v for k, v in state.items() if k != "prepared"}
-        for up in self.on_up:  # before any process of the workspace runs
-            await up(spec.id)
-        with timed("crun run", ws=spec.id):
-            await self.crun.run(cid, self.bundle(spec.id))
-        await self._check_init(spec)
+        # The hooks (the metadata service's listener) run while crun starts the
+        # workspace, not before it: they cost a thread in its namespace each, and
+        # start returns once both are done.
+        ups = asyncio.ensure_future(asyncio.gather(*(up(spec.id) for up in self.on_up)))
+        try:
+            with timed("crun run", ws=spec.id):
+                await self.crun.run(cid, self.bundle(spec.id))
+            await self._check_init(spec)
+        finally:
+            await ups
         return state
 
     async def _check_init(self, spec: Spec, timeout: float = 5.0) -> None:

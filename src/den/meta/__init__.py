@@ -22,12 +22,13 @@ connection still lands on the asking workspace's own listener. The netns
 belongs to the host's user namespace, so the workspace's root has no
 CAP_NET_ADMIN over it and cannot remove the address or re-route it.
 
-The listener is opened when a workspace starts (after its network is attached,
-before its processes run, so nothing inside can take the port first) and closed
-when it stops or is deleted; the daemon re-opens them for running workspaces
-when it starts (den.meta.server.start). Should a process inside bind the port
-while den is down (IP_FREEBIND), den logs that it cannot listen there: the
-squatter answers only its own workspace, which learns nothing it did not know.
+The listener is opened while a workspace starts (its namespace and address
+are den's before crun runs; den's socket is in place when the start returns)
+and closed when it stops or is deleted; the daemon re-opens them for running
+workspaces when it starts (den.meta.server.start). Should a process inside
+take den's port first (IP_FREEBIND, while den is down or in the first
+milliseconds of a start), den logs that it cannot listen there: the squatter
+answers only its own workspace, which learns nothing it did not know.
 
 Pieces: :mod:`den.meta.server` (listeners, identity, ``META_ROUTES``,
 ``add_port``), :mod:`den.meta.routes` (the /v1 endpoints), :mod:`den.meta.token`
