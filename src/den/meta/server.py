@@ -27,7 +27,7 @@ from pyroute2 import IPRoute
 from sqlalchemy import select
 
 from den import tasks
-from den.db.models import User, Workspace
+from den.db.models import Workspace
 from den.errors import BackendFailure
 from den.meta import ADDRESS
 from den.net import firewall, links, names
@@ -266,14 +266,10 @@ class Meta:
         await self.runner.setup()
 
     async def lookup(self, ws_id: str) -> WsIdentity | None:
+        from den.services.workspaces import workspace_by_id
+
         async with self.app.sessions() as db:
-            row = (
-                await db.execute(
-                    select(Workspace, User)
-                    .join(User, Workspace.user_id == User.id)
-                    .where(Workspace.id == ws_id)
-                )
-            ).first()
+            row = await workspace_by_id(db, ws_id)
         if row is None or row[0].state == "deleting":
             return None
         ws, owner = row

@@ -20,10 +20,8 @@ import time
 from typing import TYPE_CHECKING
 
 import orjson
-from sqlalchemy import select
 
 from den import secretbox
-from den.db.models import User, Workspace
 from den.errors import DenError, Unauthenticated
 from den.rpc.registry import Caller, Right
 
@@ -74,14 +72,10 @@ async def verify(app: App, header: str | None) -> Caller:
         raise Unauthenticated("not a valid workspace token") from None
     if expires <= time.time():
         raise Unauthenticated("this workspace token has expired: GET /v1/token gives a new one")
+    from den.services.workspaces import workspace_by_id
+
     async with app.sessions() as db:
-        row = (
-            await db.execute(
-                select(Workspace, User)
-                .join(User, Workspace.user_id == User.id)
-                .where(Workspace.id == ws_id)
-            )
-        ).first()
+        row = await workspace_by_id(db, ws_id)
     if row is None or row[1].id != owner_id or row[0].state == "deleting":
         raise Unauthenticated("this workspace token is revoked: its workspace or owner is gone")
     return scoped_caller(row[1].name, owner_id, ws_id, tag=f"ws:{payload.get('n', '')}")

@@ -218,6 +218,18 @@ async def live_workspaces(db: AsyncSession) -> list[tuple[Workspace, User]]:
     return [(ws, owner) for ws, owner in rows.all()]
 
 
+async def workspace_by_id(db: AsyncSession, ws_id: str) -> tuple[Workspace, User] | None:
+    """The workspace with id ``ws_id`` and its owner, if it exists."""
+    row = (
+        await db.execute(
+            select(Workspace, User)
+            .join(User, Workspace.user_id == User.id)
+            .where(Workspace.id == ws_id)
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
 def new_id() -> str:
     return secrets.token_hex(6)
 
