@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -171,8 +172,28 @@ class Workspace(Base):
     # open its URLs (private | users | public; share links work in every mode).
     http_port: Mapped[int] = mapped_column(Integer, default=8080, server_default="8080")
     share_mode: Mapped[str] = mapped_column(String(16), default="private", server_default="private")
+    # The compute manager's VM times (den.services.vm): when it last went to
+    # running, and when it last left it (stopped, suspended or failed); kept by
+    # _note_run_times on every change of state.
+    started_at: Mapped[datetime | None] = mapped_column()
+    stopped_at: Mapped[datetime | None] = mapped_column()
 
     user: Mapped[User] = relationship()
+
+
+_DOWN_STATES = frozenset({"stopped", "suspended", "failed"})
+
+
+@event.listens_for(Workspace.state, "set")
+def _note_run_times(ws: Workspace, value: str, old: object, _initiator: object) -> None:
+    """Keep started_at/stopped_at with the state, wherever den assigns it (create,
+    start, restart, resume, stop, suspend, idle, reconciler): one place, so no
+    path that changes a workspace's state can forget them. (A restart assigns
+    "running" again and counts as a start.)"""
+    if value == "running":
+        ws.started_at, ws.stopped_at = utcnow(), None
+    elif value in _DOWN_STATES and value != old:
+        ws.stopped_at = utcnow()
 
 
 class MetricSample(Base):
