@@ -36,7 +36,7 @@ from den.cli.client import Client
 # A minbase rootfs tarball: the benchmark's own, else the tests' (minbase + git).
 CACHES = [
     ROOT / ".cache" / "images" / n
-    for n in ("bookworm-minbase.tar.zst", "bookworm-minbase-git.tar.zst")
+    for n in ("bookworm-minbase.tar.zst", "bookworm-minbase-git-sftp.tar.zst")
 ]
 APT = str(ROOT / ".cache" / "apt")  # the tests' package cache: a build downloads nothing twice
 IMAGE = "debian"

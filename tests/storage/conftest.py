@@ -2,7 +2,7 @@
 
 The first session builds ``bookworm`` minbase (with git, which code.push runs
 inside a workspace) with debootstrap and keeps the result as
-``.cache/images/bookworm-minbase-git.tar.zst``; later sessions import
+``.cache/images/bookworm-minbase-git-sftp.tar.zst``; later sessions import
 that tarball instead (seconds instead of a minute). ``test_images`` keeps one
 real debootstrap build that always runs.
 """
@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import ROOT, Daemon, running_daemon
 
-CACHE = ROOT / ".cache" / "images" / "bookworm-minbase-git.tar.zst"
+CACHE = ROOT / ".cache" / "images" / "bookworm-minbase-git-sftp.tar.zst"
 BASE = "base"
 
 
@@ -72,7 +72,13 @@ def debian_image_as(d: Daemon, name: str) -> dict[str, Any]:
     if CACHE.is_file():
         job = d.call("image.import", name=name, path=str(CACHE))
     else:
-        job = d.call("image.build", name=name, suite="bookworm", variant="minbase", include=["git"])
+        job = d.call(
+            "image.build",
+            name=name,
+            suite="bookworm",
+            variant="minbase",
+            include=["git", "openssh-sftp-server"],
+        )
     done = wait_job(d, job)
     if done["state"] != "done" and CACHE.is_file():
         CACHE.unlink()  # a stale or broken cache: build next time

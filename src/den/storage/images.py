@@ -90,8 +90,10 @@ class Preset:
     locales: tuple[str, ...] = ()  # /etc/locale.gen lines, compiled by locale-gen
 
 
-# git for code.push (it runs inside the workspace), with what its transports need.
-_GIT = ("git", "ca-certificates", "openssh-client")
+# git for code.push (it runs inside the workspace), with what its transports need;
+# OpenSSH's sftp-server for scp and sftp into a microVM, where den's own server
+# cannot run (it serves sandbox workspaces from a worker that joins them).
+_GIT = ("git", "ca-certificates", "openssh-client", "openssh-sftp-server")
 PRESETS = {
     p.name: p
     for p in (
