@@ -108,7 +108,7 @@ def test_image_sftp_server_is_used_when_present(
     # Installing it takes root inside (the sessions below run in alice's own account).
     assert alice.ssh(f"root+{ws}", "mkdir -p /usr/lib/openssh").returncode == 0
     res = alice.scp(str(host_server), f"root+{ws}@127.0.0.1:/usr/lib/openssh/sftp-server")
-    assert res.returncode == 0, res.stderr  # (served by den's own server: none in the image yet)
+    assert res.returncode == 0, res.stderr  # (the image's own server, replaced by the host's copy)
     assert alice.ssh(f"root+{ws}", "chmod 755 /usr/lib/openssh/sftp-server").returncode == 0
     f = tmp_path / "n.txt"
     f.write_text("native\n")
