@@ -92,9 +92,10 @@ class App:
             s = self.settings
             network = Network(s.instance, s.network_subnet, s.egress, [s.ssh_port, s.http_port])
             network.exception_source = egress.exception_source(self)
-            self._backend = SandboxBackend(
-                s.instance, s.data_dir, self.pool.volumes, network, self.seccomp
-            )
+            from den.backends.base import HostContext
+
+            host = HostContext(s.instance, s.data_dir, self.pool.volumes, network, self.seccomp, s)
+            self._backend = SandboxBackend(host)
         return self._backend
 
     def ws_lock(self, ws_id: str) -> asyncio.Lock:

@@ -17,10 +17,19 @@ module is imported, not later.
 from __future__ import annotations
 
 import inspect
+import socket
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+from den.errors import BackendFailure
+
+if TYPE_CHECKING:
+    from den.backends.seccomp import Filter
+    from den.config import Settings
+    from den.net.network import Network
 
 Status = Literal["running", "suspended", "stopped", "missing"]
 State = dict[str, Any]
@@ -49,6 +58,29 @@ class Spec:
     # ids trade places in the view; den.storage.idmap.swapped). Set once, at
     # create: changing it would hand the files already written to another id.
     code_owner: int = 0
+    # Which backend runs it (den.backends.registry): ``ws.backend``.
+    backend: str = "sandbox"
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """A pseudo-terminal's request: its TERM and its size in characters."""
+
+    term: str = "xterm"
+    cols: int = 80
+    rows: int = 24
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """What every backend of one daemon shares on the host."""
+
+    instance: int
+    data_dir: Path
+    volumes: Path  # the storage pool's volumes (the workspaces' snapshots)
+    network: Network  # den's bridge, addresses and firewall: one per daemon
+    seccomp: Filter | None  # the syscall filter of every workspace (None: off)
+    settings: Settings
 
 
 @dataclass
@@ -114,6 +146,10 @@ class ExecStream(Protocol):
         """Kill the command if it still runs and free everything; idempotent."""
         ...
 
+    def resize(self, cols: int, rows: int) -> None:
+        """Set the terminal's size (a stream on a PTY; a no-op without one)."""
+        ...
+
 
 @dataclass
 class Stats:
@@ -124,10 +160,29 @@ class Stats:
     net_tx_bytes: int = 0
 
 
+def unsupported(backend: str, feature: str) -> BackendFailure:
+    """The error of an optional feature a backend does not offer."""
+    return BackendFailure(f"the {backend} backend does not offer {feature}")
+
+
 class Backend(ABC):
-    """Base of every backend. Subclasses set ``name`` and implement every method."""
+    """Base of every backend. Subclasses set ``name``, implement every abstract
+    method, and call ``super().__init__(host)``.
+
+    The optional features at the end (``ssh -R`` listeners, Unix sockets
+    inside, watching for the workspace to stop) raise :func:`unsupported`
+    unless a backend offers them.
+    """
 
     name: ClassVar[str]
+
+    def __init__(self, host: HostContext) -> None:
+        self.host = host
+        # Told a workspace's id when it is about to run processes (start) and
+        # when they ended (stop, delete, remove_orphan): den.meta listens
+        # inside it meanwhile. Every backend calls them.
+        self.on_up: list[Callable[[str], Awaitable[None]]] = []
+        self.on_down: list[Callable[[str], Awaitable[None]]] = []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -204,7 +259,7 @@ class Backend(ABC):
 
     @abstractmethod
     async def exec_stream(
-        self, spec: Spec, state: State, req: ExecRequest, *, tty: bool = False
+        self, spec: Spec, state: State, req: ExecRequest, *, tty: Terminal | None = None
     ) -> ExecStream:
         """Start a command inside a running workspace and return its streams at once.
 
@@ -212,6 +267,33 @@ class Backend(ABC):
         written and output read through the stream, and the caller ends it
         (:meth:`ExecStream.close`). The caller resumes a suspended workspace
         first and must close the stream whatever happens.
+
+        ``tty`` None: pipes (stdout is channel 1, stderr 2). A :class:`Terminal`:
+        the command runs on a new PTY of that size with ``TERM`` set; all its
+        output comes on channel 1, what is written is the terminal's input, and
+        :meth:`ExecStream.resize` changes its size. ``req.env`` is the whole
+        environment besides what the backend must set (``PATH``/``HOME``
+        defaults when missing); ``req.cwd`` empty means the user's home.
+        Raises BackendFailure (with the reason) when it could not start.
+        """
+
+    @abstractmethod
+    async def sftp(self, spec: Spec, state: State, user: str) -> ExecStream:
+        """An SFTP server (protocol 3) on the stream's stdin/stdout, running inside
+        as ``user`` (a name or uid in its /etc/passwd) in that user's home.
+
+        Its view of files is the workspace's: no path leads out. Same duties for
+        the caller as :meth:`exec_stream`.
+        """
+
+    @abstractmethod
+    async def connect(self, spec: Spec, state: State, host: str, port: int) -> socket.socket:
+        """A connected, non-blocking TCP stream socket to ``host:port`` as seen from
+        inside the workspace (``127.0.0.1`` is its own loopback), under its
+        firewall. ``host`` is an IP literal (the caller resolves names).
+
+        Refused: ConnectionRefusedError; unreachable: another OSError; gives up
+        after 10 seconds with TimeoutError. The caller owns the socket.
         """
 
     @abstractmethod
@@ -234,3 +316,60 @@ class Backend(ABC):
 
         Used by the reconciler to remove what has no record.
         """
+
+    @abstractmethod
+    async def remove_orphan(self, ws_id: str) -> None:
+        """Remove what the backend left on the host for a workspace with no record
+        (processes, cgroups, network, mounts); calls ``on_down``. Idempotent."""
+
+    @abstractmethod
+    async def teardown_host(self) -> None:
+        """Undo the instance-wide host changes of this backend once no workspace is
+        left on any backend (the reconciler and den's purge call it). Idempotent.
+        The shared :class:`HostContext` network is the caller's to tear down."""
+
+    @abstractmethod
+    def running(self, ws_id: str) -> bool:
+        """Whether the workspace's processes exist now (running or suspended).
+
+        Synchronous and cheap (no subprocess): called per request by den.meta.
+        """
+
+    # -- optional features: the default says the backend does not offer them --
+    async def listen_tcp(
+        self, spec: Spec, state: State, family: int, host: str, port: int, backlog: int = 128
+    ) -> socket.socket:
+        """A non-blocking TCP socket listening inside the workspace on ``host:port``
+        (``family`` AF_INET or AF_INET6; an IP literal; port 0 picks one; ``::``
+        takes IPv4 too) for ``ssh -R``: the daemon accepts on it. OSError when it
+        cannot bind there."""
+        raise unsupported(self.name, "remote forwarding (ssh -R)")
+
+    async def unix_socket(
+        self,
+        spec: Spec,
+        state: State,
+        op: Literal["connect", "listen"],
+        path: str,
+        *,
+        ids: str,
+        cwd: str = "/",
+        owner: str | None = None,
+        replace: bool = False,
+        make_parent: bool = False,
+    ) -> socket.socket:
+        """A non-blocking Unix stream socket at ``path`` inside the workspace,
+        connected (``op`` "connect") or bound and listening ("listen"), made as
+        ``ids`` ("UID:GID" inside) from ``cwd``; for a listener: ``owner``
+        ("UID:GID") gets the socket file, ``replace`` removes a stale one,
+        ``make_parent`` makes its directory. The host never resolves the path.
+        BackendFailure (with the reason) when it fails."""
+        raise unsupported(self.name, "Unix socket forwarding")
+
+    def watch_stopped(
+        self, spec: Spec, state: State, callback: Callable[[], None]
+    ) -> Callable[[], None]:
+        """Call ``callback`` once (on the event loop) when the workspace's processes
+        end; returns a function that stops watching. Calls it soon when the
+        workspace does not run now."""
+        raise unsupported(self.name, "watching a workspace stop")

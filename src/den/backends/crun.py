@@ -569,6 +569,9 @@ class StreamedExec:
             await asyncio.wait([self._exited], timeout=0.01)
         return False
 
+    def resize(self, cols: int, rows: int) -> None:
+        """No terminal: nothing to resize."""
+
     async def wait(self) -> ExecExit:
         rc = await asyncio.shield(self._exited)
         if rc < 0:

@@ -17,9 +17,9 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +29,13 @@ from den.backends.base import (
     ExecRequest,
     ExecResult,
     ExecStream,
+    HostContext,
     Spec,
     State,
     Stats,
     Status,
+    Terminal,
+    unsupported,
 )
 from den.backends.bundle import TINI, Views, config
 from den.backends.crun import Crun, StreamedExec
@@ -51,28 +54,19 @@ SPAWN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 class SandboxBackend(Backend):
     name = "sandbox"
 
-    def __init__(
-        self,
-        instance: int,
-        data_dir: Path,
-        volumes: Path,
-        network: Network,
-        seccomp: Filter | None = None,
-    ) -> None:
-        self.instance = instance
-        self.seccomp = seccomp  # the OCI linux.seccomp of every workspace (den.backends.seccomp)
+    def __init__(self, host: HostContext) -> None:
+        super().__init__(host)
+        instance = self.instance = host.instance
+        # The OCI linux.seccomp of every workspace (den.backends.seccomp).
+        self.seccomp: Filter | None = host.seccomp
         self.prefix = f"den{instance}-"
         self.cgroup_parent = f"/den{instance}"
-        self.bundles = data_dir / "bundles"
-        self.volumes = volumes
-        self.views_dir = volumes.parent / "views"
+        self.bundles = host.data_dir / "bundles"
+        self.volumes = host.volumes
+        self.views_dir = host.volumes.parent / "views"
         self._init_ready = False
-        self.network = network
+        self.network: Network = host.network
         self.crun = Crun(Path(f"/run/den/crun{instance}"))
-        # Told a workspace's id when its netns is about to run processes (start)
-        # and when they ended (stop, delete): den.meta listens inside it meanwhile.
-        self.on_up: list[Callable[[str], Awaitable[None]]] = []
-        self.on_down: list[Callable[[str], Awaitable[None]]] = []
 
     # -- names and paths -------------------------------------------------------
     def cid(self, ws_id: str) -> str:
@@ -301,12 +295,10 @@ class SandboxBackend(Backend):
         return ExecResult(out.exit_code, out.stdout, out.stderr, out.timed_out, out.truncated)
 
     async def exec_stream(
-        self, spec: Spec, state: State, req: ExecRequest, *, tty: bool = False
+        self, spec: Spec, state: State, req: ExecRequest, *, tty: Terminal | None = None
     ) -> ExecStream:
-        if tty:
-            raise InvalidParams(
-                "a terminal is not offered by streaming exec; use `ssh -t` for one", field="tty"
-            )
+        if tty is not None:
+            raise unsupported(self.name, "a terminal through the contract yet")
         user, env, cwd = await self._exec_context(spec, req)
         pid_dir = self.bundle(spec.id)
         pid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -315,6 +307,15 @@ class SandboxBackend(Backend):
             self.cid(spec.id), req.argv, env=env, cwd=cwd, user=user, pid_file=pid_file, detach=True
         )
         return await StreamedExec.start(argv, pid_file, SPAWN_ENV)
+
+    async def sftp(self, spec: Spec, state: State, user: str) -> ExecStream:
+        raise unsupported(self.name, "sftp through the contract yet")
+
+    async def connect(self, spec: Spec, state: State, host: str, port: int) -> socket.socket:
+        raise unsupported(self.name, "connect through the contract yet")
+
+    def running(self, ws_id: str) -> bool:
+        return self.crun.quick_state(self.cid(ws_id)) == "running"
 
     async def status(self, spec: Spec, state: State) -> Status:
         st = self.crun.quick_state(self.cid(spec.id))

@@ -16,7 +16,13 @@ async def purge(instance: int, data_dir: Path, subnet: str | None = None) -> lis
     from den.net.network import Network
 
     net = Network(instance, subnet or f"10.{77 + instance}.0.0/16", True, [])
-    backend = SandboxBackend(instance, data_dir, data_dir / "pool" / "volumes", net)
+    from den.backends.base import HostContext
+    from den.config import Settings
+
+    host = HostContext(
+        instance, data_dir, data_dir / "pool" / "volumes", net, None, Settings(instance=instance)
+    )
+    backend = SandboxBackend(host)
     removed = await backend.orphans(set())
     for ws_id in removed:
         await backend.remove_orphan(ws_id)

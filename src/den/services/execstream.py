@@ -25,7 +25,7 @@ from sqlalchemy import update
 
 from den.backends.base import ExecExit, ExecRequest, ExecStream
 from den.db.models import Workspace
-from den.errors import InvalidRequest
+from den.errors import InvalidParams, InvalidRequest
 from den.rpc.registry import REGISTRY, Caller, CliArg, Context, Params, Right, method
 from den.services import account
 from den.services.common import release_db
@@ -177,6 +177,10 @@ async def workspace_exec_stream(ctx: Context, p: ExecStreamParams) -> ExecStream
     ctx.target = f"workspace:{owner.name}/{ws.name}"
     held = contextlib.ExitStack()
     try:
+        if p.tty:
+            raise InvalidParams(
+                "a terminal is not offered by streaming exec; use `ssh -t` for one", field="tty"
+            )
         held.enter_context(exec_slot(ctx))
         await ensure_running(ctx, ws, owner)
         spec = spec_of(ctx.app, ws, owner)
@@ -185,7 +189,7 @@ async def workspace_exec_stream(ctx: Context, p: ExecStreamParams) -> ExecStream
         state = dict(ws.backend_state or {})
         await release_db(ctx)  # it may run for a day
         held.enter_context(ctx.app.activity.busy(ws.id, "exec"))
-        stream = await ctx.app.backend.exec_stream(spec, state, req, tty=p.tty)
+        stream = await ctx.app.backend.exec_stream(spec, state, req)
     except BaseException:
         held.close()
         raise
