@@ -1,0 +1,429 @@
+"""The guest's boot assets: Debian's cloud kernel and the small initramfs den builds.
+
+Under ``DATA_DIR/microvm/`` (root only):
+
+- ``vmlinuz``: from Debian's ``linux-image-<abi>-cloud-amd64`` package, fetched with
+  ``apt-get download`` into ``cache/`` and unpacked with ``dpkg-deb -x`` into a
+  temporary directory: the package is never installed on the host.
+- ``initrd.img``: a gzipped newc cpio with a static busybox, the kernel modules a
+  microVM needs (virtio over MMIO, net, console, virtiofs; the cloud kernel has
+  them as modules), ``/init`` (init.sh) and ``/den-agent`` (agent/den-agent.c,
+  compiled here as a static binary).
+- ``stamp.json``: what they were built from (the package and its version, the
+  sha256 of init.sh and of the agent's source); a change builds them again.
+- ``accel.json``: the verdict of the KVM probe (:func:`probe_accel`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from den.errors import BackendFailure
+from den.proc import CommandFailed, run
+
+HERE = Path(__file__).resolve().parent
+INIT_SH = HERE / "init.sh"
+AGENT_SRC = HERE / "agent" / "den-agent.c"
+METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
+QEMU = "qemu-system-x86_64"
+# What a microVM needs of the cloud kernel's modules; their dependencies come along.
+MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "fuse", "virtiofs")
+# The busybox applets init.sh runs (it runs nothing else).
+APPLETS = (
+    "sh", "mount", "umount", "mkdir", "insmod", "ip", "hostname", "cat", "cp", "ln",
+    "chmod", "sleep", "tr", "sync", "poweroff", "switch_root",
+)  # fmt: skip
+# Until the agent's source exists: a PID 1 that says what it is and reaps.
+PLACEHOLDER_AGENT = rb"""#include <sys/wait.h>
+#include <unistd.h>
+int main(void) {
+    write(1, "den-agent: placeholder\n", 23);
+    for (;;) if (wait(0) < 0) pause();
+}
+"""
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Assets:
+    kernel: Path
+    initrd: Path
+    kernel_version: str  # the kernel's release, e.g. 6.1.0-57-cloud-amd64
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str  # "kvm" or "tcg"
+    note: str  # why, when it is tcg ("" for kvm)
+
+
+def asset_dir(data_dir: Path) -> Path:
+    return data_dir / "microvm"
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _inputs() -> dict[str, str | None]:
+    """What the initramfs is made of on this side (the kernel package is added to it)."""
+    return {"init": _sha256(INIT_SH), "agent": _sha256(AGENT_SRC)}
+
+
+def _read_json(path: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def assets_ready(data_dir: Path) -> Assets | None:
+    """The built assets if they are there and match this den's init.sh and agent."""
+    d = asset_dir(data_dir)
+    stamp = _read_json(d / "stamp.json")
+    if stamp is None or any(stamp.get(k) != v for k, v in _inputs().items()):
+        return None
+    kernel, initrd = d / "vmlinuz", d / "initrd.img"
+    if not (kernel.is_file() and initrd.is_file()):
+        return None
+    return Assets(kernel, initrd, str(stamp.get("kernel_version", "")))
+
+
+async def kernel_package() -> tuple[str, str, str]:
+    """The cloud kernel's versioned package (what the metapackage depends on), its
+    candidate version and the SHA256 Debian publishes for it."""
+    try:
+        dep = await run(["apt-cache", "depends", METAPACKAGE], timeout=60)
+    except CommandFailed as exc:
+        raise BackendFailure(
+            f"cannot resolve {METAPACKAGE} with apt-cache (apt-get update?): {exc.message}"
+        ) from None
+    pkgs = [
+        line.split(":", 1)[1].strip()
+        for line in dep.stdout.splitlines()
+        if line.strip().startswith("Depends:") and "linux-image-" in line
+    ]
+    if not pkgs:
+        raise BackendFailure(f"{METAPACKAGE} depends on no linux-image package here")
+    pkg = pkgs[0]
+    show = await run(["apt-cache", "show", "--no-all-versions", pkg], timeout=60)
+    fields = dict(line.split(": ", 1) for line in show.stdout.splitlines() if ": " in line[:40])
+    if "Version" not in fields or "SHA256" not in fields:
+        raise BackendFailure(f"apt-cache show {pkg}: no Version or SHA256")
+    return pkg, fields["Version"], fields["SHA256"]
+
+
+async def fetch_deb(cache: Path, pkg: str, version: str, sha256: str, say: Progress) -> Path:
+    """The package's .deb in ``cache``: the one there if its digest is Debian's, else
+    downloaded (``apt-get download`` checks it too)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    deb = cache / f"{pkg}_{version.replace(':', '%3a')}_amd64.deb"
+    if _sha256(deb) == sha256:
+        say(f"kernel package {deb.name}: cached")
+        return deb
+    say(f"downloading {pkg} {version}")
+    # env --chdir: apt-get download writes into its working directory.
+    await run(
+        ["env", f"--chdir={cache}", "apt-get", "download", "-q",
+         "-o", "APT::Sandbox::User=root", f"{pkg}={version}"],
+        timeout=900,
+    )  # fmt: skip
+    if _sha256(deb) != sha256:
+        raise BackendFailure(f"{deb.name}: not downloaded, or not the package Debian lists")
+    for old in cache.glob("linux-image-*.deb"):
+        if old != deb:
+            old.unlink(missing_ok=True)
+    return deb
+
+
+def _modinfo_depends(ko: bytes) -> list[str]:
+    """The ``depends=`` of a module (its ``.modinfo`` ELF section): the host may have
+    no kmod, and the package ships no modules.dep (depmod makes it on install)."""
+    if ko[:5] != b"\x7fELF\x02":
+        raise BackendFailure("a kernel module is not a 64-bit ELF file")
+    (shoff,) = struct.unpack_from("<Q", ko, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _type, _flags, _addr, off, size = struct.unpack_from(
+            "<IIQQQQ", ko, shoff + i * shentsize
+        )
+        return name, off, size
+
+    _, stroff, _ = section(shstrndx)
+    for i in range(shnum):
+        name, off, size = section(i)
+        if ko[stroff + name : ko.index(b"\0", stroff + name)] == b".modinfo":
+            for entry in ko[off : off + size].split(b"\0"):
+                if entry.startswith(b"depends="):
+                    return [m for m in entry[8:].decode().split(",") if m]
+            return []
+    return []
+
+
+def _pick_modules(moddir: Path, out: Path) -> list[str]:
+    """Copy MODULES and their dependencies from ``moddir`` (lib/modules/<release>) into
+    ``out``, uncompressed (busybox's insmod hands the kernel the bytes as they are), and
+    return their file names in load order."""
+    files: dict[str, Path] = {}
+    for f in moddir.rglob("*.ko*"):
+        stem = f.name.split(".ko")[0]
+        files[stem.replace("-", "_")] = f
+    builtin = {
+        Path(line).name.split(".ko")[0].replace("-", "_")
+        for line in (moddir / "modules.builtin").read_text().split()
+    }
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def add(name: str, chain: tuple[str, ...]) -> None:
+        name = name.replace("-", "_")
+        if name in seen or name in builtin:
+            return
+        if name in chain:
+            raise BackendFailure(f"kernel modules: a dependency loop at {name}")
+        src = files.get(name)
+        if src is None:
+            raise BackendFailure(f"the kernel has no module {name} (needed by a microVM)")
+        data = src.read_bytes()
+        if src.name.endswith(".xz"):
+            data = lzma.decompress(data)
+        elif not src.name.endswith(".ko"):
+            raise BackendFailure(f"{src.name}: a compression den does not unpack")
+        for dep in _modinfo_depends(data):
+            add(dep, (*chain, name))
+        seen.add(name)
+        (out / f"{name}.ko").write_bytes(data)
+        order.append(f"{name}.ko")
+
+    for m in MODULES:
+        add(m, ())
+    return order
+
+
+async def build_agent(src: Path, out: Path) -> None:
+    """Compile den's guest agent as a static binary (it runs on any root filesystem)."""
+    await run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src)], timeout=300)
+
+
+async def _build_initrd(root: Path, moddir: Path, out: Path) -> None:
+    """The newc cpio of ``root`` filled with busybox, modules, /init and /den-agent."""
+    for d in ("bin", "dev", "proc", "sys", "run", "newroot", "lib/modules"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin/busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    # The console the kernel opens for /init before anything is mounted.
+    os.mknod(root / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
+    order = _pick_modules(moddir, root / "lib/modules")
+    (root / "lib/modules/load").write_text("".join(f"{m}\n" for m in order))
+    shutil.copyfile(INIT_SH, root / "init")
+    (root / "init").chmod(0o755)
+    if AGENT_SRC.is_file():
+        await build_agent(AGENT_SRC, root / "den-agent")
+    else:
+        placeholder = root.parent / "placeholder-agent.c"
+        placeholder.write_bytes(PLACEHOLDER_AGENT)
+        await build_agent(placeholder, root / "den-agent")
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    cpio = out.with_suffix(".cpio")
+    # -R 0:0 and --reproducible: the archive says nothing of the build's files.
+    await run(
+        ["env", f"--chdir={root}", "cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0",
+         "--reproducible", "-O", str(cpio)],
+        input="".join(f"{n}\n" for n in [".", *names]).encode(),
+        timeout=120,
+    )  # fmt: skip
+    await run(["gzip", "-n", "-6", "-f", str(cpio)], timeout=120)
+    Path(f"{cpio}.gz").replace(out)
+
+
+@contextlib.asynccontextmanager
+async def _locked(d: Path) -> AsyncIterator[None]:
+    """One builder or prober at a time per data directory (the daemon, `den init`)."""
+    fd = os.open(d / ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def _prepare_dir(data_dir: Path) -> Path:
+    d = asset_dir(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)
+    return d
+
+
+async def ensure_assets(data_dir: Path, *, progress: Progress | None = None) -> Assets:
+    """Build the kernel and initramfs under ``DATA_DIR/microvm`` unless they are
+    built from the same inputs already; returns them."""
+    say = progress or (lambda _msg: None)
+    d = _prepare_dir(data_dir)
+    pkg, version, sha = await kernel_package()
+    inputs = {"package": pkg, "version": version, **_inputs()}
+    async with _locked(d):
+        return await _ensure(data_dir, d, inputs, (pkg, version, sha), say)
+
+
+async def _ensure(
+    data_dir: Path,
+    d: Path,
+    inputs: dict[str, str | None],
+    package: tuple[str, str, str],
+    say: Progress,
+) -> Assets:
+    pkg, version, sha = package
+    ready = assets_ready(data_dir)
+    stamp = _read_json(d / "stamp.json") or {}
+    if ready is not None and all(stamp.get(k) == v for k, v in inputs.items()):
+        say(f"microVM assets: up to date (kernel {ready.kernel_version})")
+        return ready
+    start = time.monotonic()
+    deb = await fetch_deb(d / "cache", pkg, version, sha, say)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=d) as tmp:
+        x = Path(tmp) / "x"
+        say(f"unpacking {deb.name}")
+        await run(["dpkg-deb", "-x", str(deb), str(x)], timeout=300)
+        releases = [p.name for p in (x / "lib/modules").iterdir() if p.is_dir()]
+        if len(releases) != 1:
+            raise BackendFailure(f"{deb.name}: expected one kernel release, found {releases}")
+        release = releases[0]
+        say(f"building the initramfs (kernel {release})")
+        initrd_tmp = Path(tmp) / "initrd.img"
+        await _build_initrd(Path(tmp) / "root", x / "lib/modules" / release, initrd_tmp)
+        kernel_tmp = Path(tmp) / "vmlinuz"
+        shutil.copyfile(x / "boot" / f"vmlinuz-{release}", kernel_tmp)
+        (d / "stamp.json").unlink(missing_ok=True)
+        kernel_tmp.replace(d / "vmlinuz")
+        initrd_tmp.replace(d / "initrd.img")
+    _write_json(d / "stamp.json", {**inputs, "kernel_version": release})
+    say(f"microVM assets: built in {time.monotonic() - start:.1f}s (kernel {release})")
+    ready = assets_ready(data_dir)
+    assert ready is not None
+    return ready
+
+
+# -- acceleration ------------------------------------------------------------------
+
+KVM = Path("/dev/kvm")
+# The CPU each accelerator gives the guest (B's argv uses the same).
+CPU = {"kvm": "host", "tcg": "max"}
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency in kHz, for the guest's ``tsc_early_khz=``: without it the
+    cloud kernel's TSC calibration sometimes hangs under TCG."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return round(float(line.split(":", 1)[1]) * 1000)
+    return None
+
+
+def base_cmdline() -> str:
+    """The kernel arguments every den guest gets (B adds den.ip=... and the rest)."""
+    khz = host_tsc_khz()
+    return "console=ttyS0 quiet panic=-1" + (f" tsc_early_khz={khz}" if khz else "")
+
+
+def qemu_base_argv(assets: Assets, accel: str, memory_mb: int, console: Path) -> list[str]:
+    """A QEMU microvm with den's kernel and initramfs, no devices yet, the console in
+    ``console``, and no reboot: a guest that reboots or panics ends QEMU."""
+    return [
+        QEMU, "-M", "microvm", "-accel", accel, "-cpu", CPU[accel],
+        "-m", str(memory_mb), "-nodefaults", "-no-user-config", "-display", "none",
+        "-no-reboot", "-serial", f"file:{console}",
+        "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
+    ]  # fmt: skip
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " / ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
+async def _probe_kvm(assets: Assets, d: Path, timeout: float) -> str | None:
+    """Boot the initramfs under KVM to its probe line; None if it got there in time,
+    else why not."""
+    with tempfile.TemporaryDirectory(prefix="probe-", dir=d) as tmp:
+        console = Path(tmp) / "console.log"
+        argv = qemu_base_argv(assets, "kvm", 256, console)
+        argv += ["-append", f"{base_cmdline()} den.probe=1"]
+        try:
+            await run(argv, timeout=timeout)
+        except CommandFailed as exc:
+            if exc.result.returncode == -9:
+                return f"probe timed out after {timeout:.0f}s"
+            err = exc.result.stderr.strip().splitlines()
+            return f"failed: {(err[-1] if err else _tail(console))[:200]}"
+        if "den-init: probe ok" in console.read_text(errors="replace"):
+            return None
+        return f"failed: no probe line ({_tail(console)[:200] or 'no console output'})"
+
+
+async def probe_accel(data_dir: Path, timeout: float = 20.0, *, force: bool = False) -> Accel:
+    """KVM if a probe VM boots under it within ``timeout``, else TCG with a note.
+
+    ``/dev/kvm`` existing is not enough (a nested PVM device runs no stock kernel).
+    The verdict is kept in ``accel.json`` for the kernel and /dev/kvm's presence;
+    ``force`` probes again.
+    """
+    assets = assets_ready(data_dir)
+    if assets is None:
+        raise BackendFailure("the microVM assets are not built: run `den init`")
+    d = asset_dir(data_dir)
+    key: dict[str, object] = {"kernel_version": assets.kernel_version, "kvm": KVM.exists()}
+    async with _locked(d):
+        cached = _read_json(d / "accel.json")
+        if not force and cached and all(cached.get(k) == v for k, v in key.items()):
+            return Accel(str(cached.get("name")), str(cached.get("note", "")))
+        if not KVM.exists():
+            why: str | None = "there is no /dev/kvm"
+            note = f"{why}: microVMs are emulated (TCG) and slow"
+        else:
+            why = await _probe_kvm(assets, d, timeout)
+            note = (
+                f"KVM at /dev/kvm cannot run a stock guest kernel here ({why}); "
+                "microVMs are emulated (TCG) and slow"
+            )
+        accel = Accel("kvm", "") if why is None else Accel("tcg", note)
+        _write_json(d / "accel.json", {**key, "name": accel.name, "note": accel.note})
+        return accel
+
+
+def accel_cached(data_dir: Path) -> Accel | None:
+    """The last probe's verdict, if any (no probe)."""
+    data = _read_json(asset_dir(data_dir) / "accel.json")
+    if data is None or data.get("name") not in CPU:
+        return None
+    return Accel(str(data["name"]), str(data.get("note", "")))
