@@ -175,6 +175,12 @@ class Settings(BaseSettings):
         None,
         description="Bind-mount the shared code tree here on the host (e.g. /code); unset: not.",
     )
+    # The node API (vol.mount) mounts only below these directories: never over
+    # the host's own tree (/, /usr, /etc...).
+    vol_mount_roots: list[Path] = Field(
+        [Path("/mnt"), Path("/srv")],
+        description="Directories below which vol.mount may mount (absolute paths).",
+    )
     # -- the web front door (den.web): Caddy in front, den decides ------------------
     web: bool = Field(
         True,

@@ -442,3 +442,23 @@ class BusyLease(Base):
     until: Mapped[datetime] = mapped_column()
     by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- the node API's storage (vol.*) --------------------------------------------------
+
+
+class VolMount(Base):
+    """A mount vol.mount made: restored when den starts, the only kind vol.unmount undoes."""
+
+    __tablename__ = "vol_mounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mount_point: Mapped[str] = mapped_column(String(255), unique=True)
+    device: Mapped[str] = mapped_column(String(255))
+    fstype: Mapped[str] = mapped_column(String(32))
+    # The filesystem's UUID at mount time: a device name reused by another disk
+    # (a loop device attached anew) is not the filesystem den mounted.
+    uuid: Mapped[str] = mapped_column(String(64), default="")
+    options: Mapped[str] = mapped_column(String(255), default="")
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,216 @@
+"""Mounts den makes: made and undone by vol.mount/vol.unmount, recorded in the
+database (VolMount), restored when den starts, compared with the kernel by
+vol.verify. A record whose filesystem vanished is pruned with an audit event."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from den import proc
+from den.db.models import AuditEvent, VolMount
+from den.errors import Conflict, DenError, Forbidden, InvalidParams
+from den.node import vol_guard, vol_sys
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from den.app import App
+    from den.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Always on: nothing written to a volume is trusted on the host as root
+# (no setuid programs, no device nodes).
+FORCED_OPTIONS = ("nosuid", "nodev")
+OPTION_NAMES = frozenset(
+    [
+        "ro",
+        "rw",
+        "noatime",
+        "relatime",
+        "nodiratime",
+        "noexec",
+        "sync",
+        "discard",
+        "compress",
+        "compress-force",
+        "subvol",
+        "subvolid",
+        "space_cache",
+        "ssd",
+        "nossd",
+        "autodefrag",
+        "degraded",
+        "commit",
+        "errors",
+        "data",
+        "nobarrier",
+    ]
+)
+
+
+def check_options(options: list[str]) -> list[str]:
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key not in OPTION_NAMES or len(opt) > 64 or any(c in value for c in ",\\ \t\n"):
+            raise InvalidParams(
+                f"{opt[:64]!r} is not an allowed mount option ({', '.join(sorted(OPTION_NAMES))})",
+                field="options",
+            )
+    return [*options, *(o for o in FORCED_OPTIONS if o not in options)]
+
+
+async def records(db: AsyncSession) -> list[VolMount]:
+    return list((await db.scalars(select(VolMount).order_by(VolMount.id))).all())
+
+
+async def recorded_points(db: AsyncSession) -> set[str]:
+    return set((await db.scalars(select(VolMount.mount_point))).all())
+
+
+def _mounted_from(m: vol_sys.Mount | None, device: str) -> bool:
+    if m is None:
+        return False
+    want = vol_sys.kernel_name(device)
+    return bool(want) and want in {vol_sys.kernel_name(m.source), vol_sys.name_of_dev(m.dev)}
+
+
+async def mount(
+    settings: Settings,
+    db: AsyncSession,
+    actor: str,
+    device: str,
+    mount_point: str,
+    fstype: str,
+    options: list[str],
+) -> dict[str, Any]:
+    point = vol_guard.mount_point(settings, mount_point)
+    name = vol_guard.block_device(device)
+    vol_guard.refuse_protected(settings, name, device)
+    opts = check_options(options)
+    mounts = vol_sys.mountinfo()
+    if vol_sys.mount_at(point, mounts) is not None:
+        raise Conflict(f"something is mounted at {point} already")
+    if await db.scalar(select(VolMount).where(VolMount.mount_point == point)) is not None:
+        raise Conflict(f"den has a mount recorded at {point}; vol.unmount it first")
+    found = (await vol_sys.blkid(f"/dev/{name}")).get(f"/dev/{name}", {})
+    kind = found.get("TYPE", "")
+    if fstype == "auto":
+        fstype = kind
+    if fstype not in ("btrfs", "ext4", "ext3", "ext2", "vfat"):
+        raise InvalidParams(
+            f"{device} holds {kind or 'no filesystem'}; vol.mount mounts btrfs, ext4 and vfat",
+            field="fstype",
+        )
+    if fstype == "btrfs":
+        # A multi-device btrfs mounts only once the kernel knows all of its members.
+        await proc.run(["btrfs", "device", "scan"], check=False, timeout=60)
+    os.makedirs(point, mode=0o755, exist_ok=True)
+    await proc.run(["mount", "-t", fstype, "-o", ",".join(opts), device, point], timeout=120)
+    rec = VolMount(
+        mount_point=point,
+        device=device,
+        fstype=fstype,
+        uuid=found.get("UUID", ""),
+        options=",".join(opts),
+        created_by=actor,
+    )
+    db.add(rec)
+    return {"device": device, "mount_point": point, "fstype": fstype, "options": opts,
+            "uuid": rec.uuid}  # fmt: skip
+
+
+async def unmount(settings: Settings, db: AsyncSession, mount_point: str) -> dict[str, Any]:
+    point = os.path.normpath(mount_point)
+    if point == "/":
+        raise Forbidden("/ is protected: it is the host's root filesystem")
+    pool = os.path.realpath(settings.pool_dir)
+    if point == pool or point.startswith(pool + "/"):
+        raise Forbidden(f"{point} is protected: it is den's storage pool ({settings.pool_dir})")
+    rec = await db.scalar(select(VolMount).where(VolMount.mount_point == point))
+    if rec is None:
+        raise Forbidden(f"{point} was not mounted by den (vol.mount): vol.unmount refuses it")
+    if vol_sys.mount_at(point) is not None:
+        await proc.run(["umount", point], timeout=120)
+    await db.delete(rec)
+    return {"mount_point": point, "device": rec.device, "unmounted": True}
+
+
+async def _state(rec: VolMount, mounts: list[vol_sys.Mount]) -> str:
+    """ok, not_mounted, other (something else is mounted there) or vanished."""
+    m = vol_sys.mount_at(rec.mount_point, mounts)
+    if _mounted_from(m, rec.device):
+        return "ok"
+    name = vol_sys.kernel_name(rec.device)
+    if not name or vol_sys.size_bytes(name) == 0:
+        return "vanished"
+    if (
+        rec.uuid
+        and (await vol_sys.blkid(f"/dev/{name}")).get(f"/dev/{name}", {}).get("UUID") != rec.uuid
+    ):
+        return "vanished"  # the device name now holds another filesystem
+    return "other" if m is not None else "not_mounted"
+
+
+async def verify(db: AsyncSession) -> dict[str, Any]:
+    mounts = vol_sys.mountinfo()
+    entries = []
+    for rec in await records(db):
+        entries.append(
+            {
+                "mount_point": rec.mount_point,
+                "device": rec.device,
+                "fstype": rec.fstype,
+                "state": await _state(rec, mounts),
+            }
+        )
+    drift = [e for e in entries if e["state"] != "ok"]
+    return {"ok": not drift, "drift": drift, "entries": entries}
+
+
+async def restore(app: App) -> None:
+    """At start: mount again what vol.mount recorded; prune what vanished. Never raises."""
+    try:
+        async with app.sessions() as db:
+            mounts = vol_sys.mountinfo()
+            for rec in await records(db):
+                state = await _state(rec, mounts)
+                where = f"mount:{rec.device} -> {rec.mount_point}"
+                if state == "vanished":
+                    log.warning("pruning a vanished mount", extra={"ctx": {"target": where}})
+                    await db.delete(rec)
+                    db.add(
+                        AuditEvent(
+                            actor="den",
+                            via="local",
+                            method="vol.prune",
+                            target=where[:200],
+                            params={"device": rec.device, "mount_point": rec.mount_point,
+                                    "uuid": rec.uuid, "reason": "the filesystem vanished"},
+                            outcome="ok",
+                        )
+                    )  # fmt: skip
+                elif state == "not_mounted":
+                    await _remount(rec)
+                elif state == "other":
+                    log.warning("another filesystem is mounted where den recorded one",
+                                extra={"ctx": {"target": where}})  # fmt: skip
+            await db.commit()
+    except Exception:
+        log.exception("restoring vol mounts failed")
+
+
+async def _remount(rec: VolMount) -> None:
+    try:
+        if rec.fstype == "btrfs":
+            await proc.run(["btrfs", "device", "scan"], check=False, timeout=60)
+        os.makedirs(rec.mount_point, mode=0o755, exist_ok=True)
+        await proc.run(["mount", "-t", rec.fstype, "-o", rec.options, rec.device, rec.mount_point],
+                       timeout=120)  # fmt: skip
+        log.info("restored a mount", extra={"ctx": {"target": rec.mount_point}})
+    except (DenError, OSError) as exc:
+        log.warning("cannot restore a mount: %s", exc, extra={"ctx": {"target": rec.mount_point}})
