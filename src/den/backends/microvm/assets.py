@@ -114,28 +114,44 @@ def assets_ready(data_dir: Path) -> Assets | None:
     return Assets(kernel, initrd, str(stamp.get("kernel_version", "")))
 
 
+def _records(text: str) -> list[dict[str, str]]:
+    """apt-cache show's records (fields of one line; continuation lines dropped)."""
+    out = []
+    for block in text.split("\n\n"):
+        rec = dict(
+            line.split(": ", 1)
+            for line in block.splitlines()
+            if ": " in line and not line.startswith(" ")
+        )
+        if rec:
+            out.append(rec)
+    return out
+
+
 async def kernel_package() -> tuple[str, str, str]:
     """The cloud kernel's versioned package (what the metapackage depends on), its
-    candidate version and the SHA256 Debian publishes for it."""
+    version and the SHA256 Debian publishes for it. One apt-cache run (each reads every
+    package list here: seconds)."""
     try:
-        dep = await run(["apt-cache", "depends", METAPACKAGE], timeout=60)
+        show = await run(
+            ["apt-cache", "show", "--no-all-versions", METAPACKAGE, "linux-image-*-cloud-amd64"],
+            timeout=120,
+        )
     except CommandFailed as exc:
         raise BackendFailure(
-            f"cannot resolve {METAPACKAGE} with apt-cache (apt-get update?): {exc.message}"
+            f"cannot find {METAPACKAGE} with apt-cache (apt-get update?): {exc.message}"
         ) from None
-    pkgs = [
-        line.split(":", 1)[1].strip()
-        for line in dep.stdout.splitlines()
-        if line.strip().startswith("Depends:") and "linux-image-" in line
-    ]
-    if not pkgs:
+    recs = _records(show.stdout)
+    meta = next((r for r in recs if r.get("Package") == METAPACKAGE), None)
+    dep = (meta or {}).get("Depends", "").split(",")[0].split("|")[0].strip()
+    pkg, _, ver = dep.partition(" (= ")
+    if not pkg.startswith("linux-image-"):
         raise BackendFailure(f"{METAPACKAGE} depends on no linux-image package here")
-    pkg = pkgs[0]
-    show = await run(["apt-cache", "show", "--no-all-versions", pkg], timeout=60)
-    fields = dict(line.split(": ", 1) for line in show.stdout.splitlines() if ": " in line[:40])
-    if "Version" not in fields or "SHA256" not in fields:
-        raise BackendFailure(f"apt-cache show {pkg}: no Version or SHA256")
-    return pkg, fields["Version"], fields["SHA256"]
+    ver = ver.rstrip(")")
+    for r in recs:
+        if r.get("Package") == pkg and (not ver or r.get("Version") == ver) and "SHA256" in r:
+            return pkg, r["Version"], r["SHA256"]
+    raise BackendFailure(f"apt-cache knows no {pkg} {ver} with a SHA256")
 
 
 async def fetch_deb(cache: Path, pkg: str, version: str, sha256: str, say: Progress) -> Path:
@@ -281,10 +297,20 @@ def _prepare_dir(data_dir: Path) -> Path:
     return d
 
 
-async def ensure_assets(data_dir: Path, *, progress: Progress | None = None) -> Assets:
-    """Build the kernel and initramfs under ``DATA_DIR/microvm`` unless they are
-    built from the same inputs already; returns them."""
+async def ensure_assets(
+    data_dir: Path, *, progress: Progress | None = None, refresh: bool = False
+) -> Assets:
+    """Build the kernel and initramfs under ``DATA_DIR/microvm`` unless they are built
+    from the same inputs already; returns them.
+
+    Without ``refresh`` assets built for this den's init.sh and agent are used as they
+    are (apt-cache takes seconds here); ``refresh`` (`den init`) also asks apt for the
+    cloud kernel's current package and builds again if it changed.
+    """
     say = progress or (lambda _msg: None)
+    ready = assets_ready(data_dir)
+    if ready is not None and not refresh:
+        return ready
     d = _prepare_dir(data_dir)
     pkg, version, sha = await kernel_package()
     inputs = {"package": pkg, "version": version, **_inputs()}
