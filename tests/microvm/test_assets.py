@@ -129,13 +129,50 @@ def test_boots_to_ready_on_a_snapshot(
         assert g.wait_line(READY, FAILED) == READY, g.text()
         took = time.monotonic() - g.started
         print(f"QEMU start -> {READY}: {took:.2f}s (TCG)")
-        # switch_root handed PID 1 to den's agent
-        g.wait_line("den-agent", timeout=30)
         assert g.exited(0.5) is None, g.text()
+        # switch_root handed PID 1 to den's agent: it answers on its port, in the
+        # guest den's init set up.
+        start = time.monotonic()
+        seen = asyncio.run(inside(g.agent_sock))
+        print(f"{READY} -> agent answers: {time.monotonic() - start:.2f}s")
+        assert seen["hostname"] == "mvtest"
+        assert seen["resolv"] == "nameserver 10.0.2.3\nnameserver 192.0.2.53\n"
+        assert "127.0.1.1\tmvtest" in seen["hosts"]
+        assert "inet 10.0.2.15/24" in seen["addr"]
+        assert "default via 10.0.2.2" in seen["route"]
+        assert " /code virtiofs " in seen["mounts"] and " / virtiofs " in seen["mounts"]
+        assert "devpts /dev/pts devpts" in seen["mounts"]
+        assert seen["pid1"] == "den-agent"
     # The image's files are bound over, never written: the snapshot keeps its own.
     assert (snapshot / "etc/hostname").read_text() == "image\n"
     assert (snapshot / "etc/resolv.conf").read_text() == "nameserver 192.0.2.1\n"
     assert not (snapshot / "run/den").exists()
+
+
+async def inside(sock: Path) -> dict[str, str]:
+    """What the guest shows of itself, through den's agent."""
+    from den.backends.microvm.channel import AgentChannel
+
+    ch = await AgentChannel.open(sock, timeout=60)
+    try:
+        out = {}
+        for key, argv in {
+            "hostname": ["hostname"],
+            "resolv": ["cat", "/etc/resolv.conf"],
+            "hosts": ["cat", "/etc/hosts"],
+            "addr": ["ip", "-4", "addr"],
+            "route": ["ip", "route"],
+            "mounts": ["cat", "/proc/mounts"],
+            "pid1": ["cat", "/proc/1/comm"],
+        }.items():
+            r = await ch.run(argv, {"PATH": "/bin:/sbin:/usr/bin"}, "/", 0, 0, [0], timeout=30)
+            assert r.exit_code == 0, (argv, r)
+            out[key] = r.stdout.decode()
+        out["hostname"] = out["hostname"].strip()
+        out["pid1"] = out["pid1"].strip()
+        return out
+    finally:
+        await ch.close()
 
 
 def test_no_root_fails_and_powers_off(microvm_assets: mv.Assets, tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ APPLETS = (
 PLACEHOLDER_AGENT = rb"""#include <sys/wait.h>
 #include <unistd.h>
 int main(void) {
-    write(1, "den-agent: placeholder\n", 23);
+    if (write(1, "den-agent: placeholder\n", 23) < 0) return 1;
     for (;;) if (wait(0) < 0) pause();
 }
 """
@@ -244,7 +244,10 @@ def _pick_modules(moddir: Path, out: Path) -> list[str]:
 
 async def build_agent(src: Path, out: Path) -> None:
     """Compile den's guest agent as a static binary (it runs on any root filesystem)."""
-    await run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src)], timeout=300)
+    await run(
+        ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(src)],
+        timeout=300,
+    )
 
 
 async def _build_initrd(root: Path, moddir: Path, out: Path) -> None:
