@@ -47,6 +47,8 @@ class Daemon:
         self.log_file = base / "den.log"
         self.database_url = database_url
         self.proc: subprocess.Popen[bytes] | None = None
+        # Runs `den serve` under a command (e.g. nsenter --net=...: a test's netns).
+        self.wrap: list[str] = []
         self.http_url = ""
         self.env = {
             **os.environ,
@@ -80,7 +82,7 @@ class Daemon:
         state = self.data_dir / "serve.json"
         state.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [DEN, "serve"],
+            [*self.wrap, DEN, "serve"],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=open(self.base / "stderr.log", "ab"),  # noqa: SIM115

@@ -444,6 +444,19 @@ class BusyLease(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class NodeNetObject(Base):
+    """A host network object net.* made (route, bridge, port, tap, rule, NAT): restored at start."""
+
+    __tablename__ = "node_net_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)  # what identifies it in the kernel
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # -- the node API's storage (vol.*) --------------------------------------------------
 
 

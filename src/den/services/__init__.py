@@ -30,6 +30,7 @@ MODULES = (
     "mail",
     "envvars",
     "why",
+    "net",
     "vol",
 )
 
