@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from den.backends import seccomp
+from den.backends import registry
 from den.config import Settings
 from den.db.engine import make_engine, migrate, sessionmaker
 from den.db.models import AuditEvent
@@ -23,7 +23,8 @@ from den.ssh.table import SessionTable
 from den.storage.pool import Pool
 
 if TYPE_CHECKING:
-    from den.backends.sandbox import SandboxBackend
+    from den.backends.base import Backend, Spec
+    from den.net.network import Network
     from den.web.caddy import Caddy
     from den.web.gate import Gate
 
@@ -53,7 +54,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Read and checked now: a broken profile stops the daemon at start.
-        self.seccomp = seccomp.prepare() if settings.sandbox_seccomp else None
+        self.seccomp = registry.seccomp_filter() if settings.sandbox_seccomp else None
         self.started_at = datetime.now(UTC)
         self.engine: AsyncEngine = make_engine(settings.db_url)
         self.sessions: async_sessionmaker[AsyncSession] = sessionmaker(self.engine)
@@ -63,7 +64,9 @@ class App:
         self.activity = Activity()
         self.metrics = Metrics()
         self.idle: object | None = None  # the idle checker, once started
-        self._backend: SandboxBackend | None = None
+        self._network: Network | None = None
+        # The backends made so far, by name (den.backends.registry): each on first use.
+        self.backends: dict[str, Backend] = {}
         # The SSH gateway's live sessions and its actual port (set when it listens).
         self.ssh_sessions = SessionTable()
         self.ssh_port = 0
@@ -82,21 +85,42 @@ class App:
         self.web_generation += 1
 
     @property
-    def backend(self) -> SandboxBackend:
-        """The sandbox backend, made on first use (it touches the host network)."""
-        if self._backend is None:
-            from den.backends.sandbox import SandboxBackend
+    def network(self) -> Network:
+        """den's bridge, addresses and firewall, shared by every backend; made on
+        first use (it touches the host network only when asked to)."""
+        if self._network is None:
             from den.net.network import Network
             from den.services import egress
 
             s = self.settings
             network = Network(s.instance, s.network_subnet, s.egress, [s.ssh_port, s.http_port])
             network.exception_source = egress.exception_source(self)
+            self._network = network
+        return self._network
+
+    def backend_for(self, which: Spec | str) -> Backend:
+        """The backend that runs a workspace (its spec) or of that name, made on first use."""
+        name = which if isinstance(which, str) else which.backend
+        found = self.backends.get(name)
+        if found is None:
             from den.backends.base import HostContext
 
-            host = HostContext(s.instance, s.data_dir, self.pool.volumes, network, self.seccomp, s)
-            self._backend = SandboxBackend(host)
-        return self._backend
+            s = self.settings
+            host = HostContext(
+                s.instance, s.data_dir, self.pool.volumes, self.network, self.seccomp, s
+            )
+            found = self.backends[name] = registry.make(name, host)
+        return found
+
+    def all_backends(self) -> list[Backend]:
+        """Every backend den knows, made (the reconciler looks at each)."""
+        return [self.backend_for(name) for name in registry.names()]
+
+    async def teardown_host(self) -> None:
+        """Undo the instance's host changes once no workspace is left on any backend."""
+        for backend in self.all_backends():
+            await backend.teardown_host()
+        await self.network.teardown()
 
     def ws_lock(self, ws_id: str) -> asyncio.Lock:
         """The lock that serialises lifecycle operations on one workspace."""

@@ -41,7 +41,7 @@ async def serve(settings: Settings) -> None:
         from den.web.caddy import ensure_account
 
         # Before the network is first put in place: Caddy's account may reach workspaces.
-        app.backend.network.web_uid = await ensure_account(settings)
+        app.network.web_uid = await ensure_account(settings)
     await app.start()
     # Before the reconciler starts workspaces: it follows the backend from here.
     await meta.start(app)
@@ -67,7 +67,7 @@ async def serve(settings: Settings) -> None:
     overlay_addr = await _serve_overlay(app, runner, overlay_addr, port)
     # Workspaces may reach den's own listeners on the bridge: with port 0 the
     # real ports are known only now.
-    await app.backend.network.set_ports([ssh_port, port])
+    await app.network.set_ports([ssh_port, port])
     gate_runner = await _start_web(app, port) if settings.web else None
     state = {
         "pid": os.getpid(),

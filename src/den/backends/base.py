@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from den.net.network import Network
 
 Status = Literal["running", "suspended", "stopped", "missing"]
+# The PATH of a login inside a workspace, whatever runs it.
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 State = dict[str, Any]
 
 

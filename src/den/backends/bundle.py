@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from den.backends import cgroups
-from den.backends.base import Spec
+from den.backends.base import PATH, Spec
 from den.backends.seccomp import Filter
 from den.meta import BUSY_NAME, BUSY_PATH
 
@@ -58,8 +58,6 @@ CAPABILITIES = [
 # root. What a process gains that way is still bounded by this set, by the
 # seccomp profile and by the user namespace, so setuid root inside a workspace
 # is the workspace's root and nothing more.
-
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def nofile_limit() -> dict[str, Any]:

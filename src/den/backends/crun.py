@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -430,6 +431,7 @@ class Crun:
 # the command keeps them open.
 STREAM_DRAIN_SECONDS = 0.2
 STREAM_CHUNK = 1 << 16
+F_SETPIPE_SZ = 1031
 
 
 class StreamedExec:
@@ -451,8 +453,10 @@ class StreamedExec:
         readers: dict[int, asyncio.StreamReader],
         transports: list[asyncio.BaseTransport],
         stdin: asyncio.StreamWriter,
+        reaped: bool = True,
     ) -> None:
         self.proc = proc
+        self.reaped = reaped  # under den's reaper (a crun exec); else a process of den's
         self.pidfd = pidfd
         self.pid_file = pid_file
         self._readers = readers
@@ -463,8 +467,11 @@ class StreamedExec:
         self._closed = False
 
     @classmethod
-    async def start(cls, argv: list[str], pid_file: Path, env: dict[str, str]) -> StreamedExec:
-        """Spawn ``argv`` (a ``crun exec --detach`` command line) under the reaper."""
+    async def start(
+        cls, argv: list[str], pid_file: Path, env: dict[str, str], *, reaped: bool = True
+    ) -> StreamedExec:
+        """Spawn ``argv`` (a ``crun exec --detach`` command line) under the reaper;
+        ``reaped`` False: ``argv`` is a host process of den's, spawned as is."""
         from den.ssh import reaper
 
         loop = asyncio.get_running_loop()
@@ -473,7 +480,11 @@ class StreamedExec:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *reaper.wrap(pid_file, argv), stdin=in_r, stdout=out_w, stderr=err_w, env=env
+                *(reaper.wrap(pid_file, argv) if reaped else argv),
+                stdin=in_r,
+                stdout=out_w,
+                stderr=err_w,
+                env=env,
             )
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
@@ -481,6 +492,9 @@ class StreamedExec:
             raise
         for fd in (in_r, out_w, err_w):
             os.close(fd)
+        for fd in (in_w, out_r):  # fewer, larger hops for bulk data (sftp: 256 KiB packets)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
         pidfd = pidfd_of_child(proc.pid)
         readers: dict[int, asyncio.StreamReader] = {}
         transports: list[asyncio.BaseTransport] = []
@@ -497,7 +511,7 @@ class StreamedExec:
         )
         transports.append(wt)
         stdin = asyncio.StreamWriter(wt, wp, None, loop)
-        return cls(proc, pidfd, pid_file, readers, transports, stdin)
+        return cls(proc, pidfd, pid_file, readers, transports, stdin, reaped)
 
     async def read(self) -> tuple[int, bytes] | None:
         while self._readers:
@@ -551,7 +565,7 @@ class StreamedExec:
 
         if self.proc.returncode is not None or self.pidfd is None:
             return
-        if sig in reaper.FORWARDED:
+        if sig in reaper.FORWARDED or not self.reaped:
             signal_child(self.pidfd, sig)
         elif not signal_exec(self.pid_file, self.proc.pid, self.pidfd, sig):
             tasks.spawn(self._signal_when_started(sig), name="exec signal")
@@ -576,7 +590,7 @@ class StreamedExec:
         rc = await asyncio.shield(self._exited)
         if rc < 0:
             return ExecExit(128 - rc, -rc)
-        if rc != 0 and not self.pid_file.exists():
+        if rc != 0 and self.reaped and not self.pid_file.exists():
             # crun could not start the command (its message went to stderr).
             return ExecExit(127 if rc == 255 else rc)
         return ExecExit(rc)
@@ -586,7 +600,9 @@ class StreamedExec:
             return
         self._closed = True
         try:
-            if self.proc.returncode is None:
+            if self.proc.returncode is None and not self.reaped:
+                signal_child(self.pidfd, signal.SIGKILL)
+            elif self.proc.returncode is None:
                 await self._signal_when_started(signal.SIGKILL)
                 try:
                     await asyncio.wait_for(asyncio.shield(self._exited), 5)

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import socket
-import stat
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
-from den.backends import cgroups, view
+from den.backends import cgroups, netns, view
 from den.backends.base import (
+    PATH,
     Backend,
     ExecRequest,
     ExecResult,
@@ -35,12 +35,21 @@ from den.backends.base import (
     Stats,
     Status,
     Terminal,
-    unsupported,
 )
 from den.backends.bundle import TINI, Views, config
 from den.backends.crun import Crun, StreamedExec
+from den.backends.inside import (  # noqa: F401  (re-exported: den's older imports)
+    Account,
+    NotReadable,
+    account,
+    load_account,
+    read_inside,
+    resolve_user,
+)
+from den.backends.inside import exists as exists_inside
 from den.backends.seccomp import Filter
-from den.errors import BackendFailure, Conflict, InvalidParams
+from den.backends.terminal import PtyExec
+from den.errors import BackendFailure
 from den.log import timed
 from den.net import names
 from den.net.network import RESOLV_CONF, Network, host_nameservers
@@ -49,6 +58,13 @@ from den.storage import idmap, mounts
 log = logging.getLogger(__name__)
 # crun and den's reaper get none of the daemon's environment.
 SPAWN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# OpenSSH's sftp-server where images keep it (den's own serves the others).
+SFTP_SERVERS = (
+    "usr/lib/openssh/sftp-server",
+    "usr/lib/sftp-server",
+    "usr/libexec/openssh/sftp-server",
+)
+SOCKET_WORKER_SECONDS = 15.0
 
 
 class SandboxBackend(Backend):
@@ -297,22 +313,208 @@ class SandboxBackend(Backend):
     async def exec_stream(
         self, spec: Spec, state: State, req: ExecRequest, *, tty: Terminal | None = None
     ) -> ExecStream:
-        if tty is not None:
-            raise unsupported(self.name, "a terminal through the contract yet")
         user, env, cwd = await self._exec_context(spec, req)
-        pid_dir = self.bundle(spec.id)
-        pid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pid_file = pid_dir / f"stream-{secrets.token_hex(6)}.pid"
+        pid_file = self._pid_file(spec.id)
+        if tty is not None:
+            return await PtyExec.start(
+                self.crun,
+                self.cid(spec.id),
+                req.argv,
+                env=env,
+                cwd=cwd,
+                user=user,
+                pid_file=pid_file,
+                sock_dir=Path(f"/run/den/ssh{self.instance}"),
+                spawn_env=SPAWN_ENV,
+                tty=tty,
+            )
         argv = self.crun.exec_argv(
             self.cid(spec.id), req.argv, env=env, cwd=cwd, user=user, pid_file=pid_file, detach=True
         )
         return await StreamedExec.start(argv, pid_file, SPAWN_ENV)
 
+    def _pid_file(self, ws_id: str) -> Path:
+        """A fresh name for the pid file of one streamed process, in the bundle."""
+        pid_dir = self.bundle(ws_id)
+        pid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return pid_dir / f"stream-{secrets.token_hex(6)}.pid"
+
+    def _init(self, ws_id: str) -> tuple[int, int]:
+        """(pid, start time) of the workspace's init, for the workers that join it."""
+        init = self.crun.init_process(self.cid(ws_id))
+        if init is None:
+            raise BackendFailure("the workspace has no running init")
+        return init
+
     async def sftp(self, spec: Spec, state: State, user: str) -> ExecStream:
-        raise unsupported(self.name, "sftp through the contract yet")
+        """OpenSSH's sftp-server when the image has one (through crun exec); otherwise
+        den's own (den.ssh.sftp_server) in a worker that joins the workspace's cgroup
+        and namespaces (den.ssh.sftp_worker)."""
+        acct = await load_account(spec.rootfs, user)
+        pid_file = self._pid_file(spec.id)
+        for rel in SFTP_SERVERS:
+            if exists_inside(spec.rootfs, rel):
+                env = {"PATH": PATH, "HOME": acct.home, "USER": acct.name, "LOGNAME": acct.name}
+                argv = self.crun.exec_argv(
+                    self.cid(spec.id),
+                    [f"/{rel}"],
+                    env=env,
+                    cwd=acct.home,
+                    user=acct.ids,
+                    pid_file=pid_file,
+                    detach=True,
+                )
+                return await StreamedExec.start(argv, pid_file, SPAWN_ENV)
+        pid, started = self._init(spec.id)
+        argv = [
+            sys.executable,
+            "-I",
+            "-m",
+            "den.ssh.sftp_worker",
+            "--pid",
+            str(pid),
+            "--start-time",
+            str(started),
+            "--user",
+            acct.ids,
+            "--home",
+            acct.home,
+            "--cgroup",
+            self.cgroup(spec.id),
+            "--bundle",
+            str(self.bundle(spec.id)),
+        ]
+        return await StreamedExec.start(argv, pid_file, SPAWN_ENV, reaped=False)
+
+    async def _socket(self, ws_id: str, family: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        path = self.network.netns_path(ws_id)
+        sock = await loop.run_in_executor(netns.netns_thread, netns.socket_in, path, family)
+        sock.setblocking(False)
+        return sock
 
     async def connect(self, spec: Spec, state: State, host: str, port: int) -> socket.socket:
-        raise unsupported(self.name, "connect through the contract yet")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = await self._socket(spec.id, family)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), 10)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def listen_tcp(
+        self, spec: Spec, state: State, family: int, host: str, port: int, backlog: int = 128
+    ) -> socket.socket:
+        sock = await self._socket(spec.id, family)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and host == "::":
+                # One socket for both families when all addresses were asked for.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def unix_socket(
+        self,
+        spec: Spec,
+        state: State,
+        op: Literal["connect", "listen"],
+        path: str,
+        *,
+        ids: str,
+        cwd: str = "/",
+        owner: str | None = None,
+        replace: bool = False,
+        make_parent: bool = False,
+    ) -> socket.socket:
+        """Made inside by den.ssh.socket_worker (joined to the workspace) and its fd
+        handed back: the host never resolves a path the workspace controls."""
+        from den.ssh import join
+
+        argv = join.argv(
+            "den.ssh.socket_worker",
+            self._init(spec.id),
+            ids,
+            self.cgroup(spec.id),
+            self.bundle(spec.id),
+        )
+        # As --opt=value: a home inside starting with "-" is no option (argparse).
+        opts = [f"--cwd={cwd}"]
+        if owner:
+            opts.append(f"--owner={owner}")
+        if replace:
+            opts.append("--replace")
+        if make_parent:
+            opts.append("--make-parent")
+        argv += [*opts, op, "--", path]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        with ours:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=theirs.fileno(),
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=SPAWN_ENV,
+                )
+            finally:
+                theirs.close()
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), SOCKET_WORKER_SECONDS)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise BackendFailure(f"the workspace did not {op} {path} in time") from None
+            ours.setblocking(False)
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(ours, 1024, 1)
+            except BlockingIOError:
+                msg, fds = b"", []
+        if msg == b"ok" and len(fds) == 1:
+            sock = socket.socket(fileno=fds[0])
+            sock.setblocking(False)
+            return sock
+        for fd in fds:
+            os.close(fd)
+        why = msg.decode(errors="replace") or err.decode(errors="replace").strip()[-300:]
+        raise BackendFailure(why or f"the socket worker failed ({proc.returncode})")
+
+    def watch_stopped(
+        self, spec: Spec, state: State, callback: Callable[[], None]
+    ) -> Callable[[], None]:
+        """Through the pidfd of the workspace's init, which turns readable when it ends."""
+        loop = asyncio.get_running_loop()
+        cid = self.cid(spec.id)
+        found = self.crun.init_process(cid)
+        fd = -1
+        if found is not None:
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(found[0])
+            if fd >= 0 and self.crun.init_process(cid) != found:  # the pid was reused
+                os.close(fd)
+                fd = -1
+        if fd < 0:
+            handle = loop.call_soon(callback)
+            return handle.cancel
+
+        def fired() -> None:
+            cancel()
+            callback()
+
+        def cancel() -> None:
+            nonlocal fd
+            if fd >= 0:
+                loop.remove_reader(fd)
+                os.close(fd)
+                fd = -1
+
+        loop.add_reader(fd, fired)
+        return cancel
 
     def running(self, ws_id: str) -> bool:
         return self.crun.quick_state(self.cid(ws_id)) == "running"
@@ -348,8 +550,8 @@ class SandboxBackend(Backend):
         return sorted(found - known_ids)
 
     async def teardown_host(self) -> None:
-        """Undo the instance's host changes once it has no workspace left."""
-        await self.network.teardown()
+        """Undo the sandbox's own host changes once the instance has no workspace left
+        (the shared network is the caller's: den.app.App.teardown_host)."""
 
         def empty_dirs() -> None:
             cgroups.remove(self.cgroup_parent)
@@ -414,126 +616,3 @@ def host_resolvers() -> str:
     if not lines:
         return "# den: the host has no resolver a workspace can use\n"
     return "\n".join(lines) + "\n"
-
-
-# A workspace controls every byte of its rootfs: den reads from it only small
-# regular files, through descriptors that follow no symlink and never wait.
-READ_LIMIT = 1 << 20
-READ_TIMEOUT = 5.0
-
-
-class NotReadable(Exception):
-    """A workspace file den will not read (not a regular file, or too large)."""
-
-
-def read_inside(rootfs: Path, *parts: str, limit: int = READ_LIMIT) -> str:
-    """Read a small regular file of a workspace's rootfs without following any symlink.
-
-    The workspace owns its rootfs: a symlink there must not make den (root on
-    the host) read a host file, and a FIFO or device must not make it wait
-    (the open is O_PATH, then the same inode is reopened non-blocking only once
-    fstat says it is a regular file). Raises OSError when a part is missing or
-    a symlink, :class:`NotReadable` for anything else den will not read.
-    """
-    flags = os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(rootfs, flags | os.O_PATH | os.O_DIRECTORY)
-    try:
-        for part in parts[:-1]:
-            # O_DIRECTORY: a FIFO or device on the way fails with ENOTDIR, unopened.
-            nxt = os.open(part, flags | os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        path_fd = os.open(parts[-1], flags | os.O_PATH, dir_fd=fd)
-    finally:
-        os.close(fd)
-    try:
-        st = os.fstat(path_fd)
-        if stat.S_ISLNK(st.st_mode):
-            raise OSError(errno.ELOOP, "a symlink", "/".join(parts))
-        if not stat.S_ISREG(st.st_mode):
-            raise NotReadable(f"/{'/'.join(parts)} is not a regular file")
-        if st.st_size > limit:
-            raise NotReadable(f"/{'/'.join(parts)} is larger than {limit >> 10} KiB")
-        # Reopening through the O_PATH descriptor opens that very inode, whatever
-        # the workspace renames meanwhile; O_NONBLOCK so that nothing can wait.
-        file_fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    finally:
-        os.close(path_fd)
-    with os.fdopen(file_fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise NotReadable(f"/{'/'.join(parts)} is not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise NotReadable(f"/{'/'.join(parts)} is larger than {limit >> 10} KiB")
-    return data.decode(errors="replace")
-
-
-@dataclass(frozen=True)
-class Account:
-    """A user inside a workspace, from its /etc/passwd."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-    shell: str
-
-    @property
-    def ids(self) -> str:
-        return f"{self.uid}:{self.gid}"
-
-
-def _passwd_lines(rootfs: Path) -> list[str]:
-    try:
-        return read_inside(rootfs, "etc", "passwd").splitlines()
-    except NotReadable as exc:
-        raise Conflict(f"den cannot use the workspace's /etc/passwd: {exc}") from None
-    except OSError:
-        return []  # missing (or a symlink): only root, with its defaults
-
-
-_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() takes "²"
-
-
-def _find(lines: list[str], user: str) -> Account:
-    for line in lines:
-        f = line.split(":")
-        if len(f) >= 6 and user in (f[0], f[2]) and _ID.fullmatch(f[2]) and _ID.fullmatch(f[3]):
-            shell = f[6] if len(f) >= 7 and f[6] else "/bin/sh"
-            return Account(f[0], int(f[2]), int(f[3]), f[5] or "/", shell)
-    if user in ("", "root", "0"):
-        return Account("root", 0, 0, "/root", "/bin/sh")
-    raise InvalidParams(f"no user {user!r} in the workspace's /etc/passwd", field="user")
-
-
-def account(rootfs: Path, user: str) -> Account:
-    """The workspace's /etc/passwd entry of ``user`` (by name or uid; root needs none).
-
-    Never waits on the workspace (see :func:`read_inside`); prefer
-    :func:`load_account`, which also keeps the disk read off the event loop.
-    """
-    return _find(_passwd_lines(rootfs), user)
-
-
-async def load_account(rootfs: Path, user: str, timeout: float = READ_TIMEOUT) -> Account:
-    """:func:`account` in a thread, given up after ``timeout`` seconds."""
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(account, rootfs, user), timeout)
-    except TimeoutError:
-        raise Conflict(
-            f"the workspace's /etc/passwd took longer than {timeout:g} s to read"
-        ) from None
-
-
-async def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
-    """("uid:gid", home) for exec: a passwd entry, or a bare numeric uid."""
-    if user in ("", "root", "0"):
-        return "0:0", "/root"
-    if user.isdigit():
-        try:
-            acct = await load_account(rootfs, user)
-        except InvalidParams:
-            return f"{user}:{user}", "/"
-        return acct.ids, acct.home
-    acct = await load_account(rootfs, user)
-    return acct.ids, acct.home

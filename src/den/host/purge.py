@@ -29,6 +29,7 @@ async def purge(instance: int, data_dir: Path, subnet: str | None = None) -> lis
     for name in await asyncio.to_thread(net.orphans, set()):
         await net.detach(name)
     await backend.teardown_host()
+    await net.teardown()
     return removed
 
 

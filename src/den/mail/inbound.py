@@ -153,7 +153,7 @@ class Inbound:
             )
             await release_db(ctx)
             with self.app.activity.busy(ws.id, "mail"):
-                res = await self.app.backend.exec(spec, dict(ws.backend_state or {}), req)
+                res = await self.app.backend_for(spec).exec(spec, dict(ws.backend_state or {}), req)
             if res.exit_code != 0 or res.timed_out:
                 err = res.stderr.decode(errors="replace").strip()[-200:]
                 return f"the Maildir writer failed ({res.exit_code}): {err}"

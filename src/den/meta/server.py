@@ -51,6 +51,8 @@ IDENTITY_TTL = 5.0  # seconds a workspace's identity is served from memory
 # Service port -> the port den's socket listens on inside (see inner_port).
 INNER_PORTS = {HTTP_PORT: 1, 25: 2}
 NAT_TABLE = "den_meta"
+# The backend whose workspaces have the service (its network namespaces: den.meta.up).
+SERVED_ON = "sandbox"
 
 
 @dataclass(frozen=True)
@@ -427,17 +429,21 @@ async def start(app: App) -> Meta:
     meta.ports.update(_pending.pop(app, {}))
     await meta.setup()
     _metas[app] = meta
-    backend = app.backend
+    # Served in the sandbox's network namespaces only: a microVM has a kernel of
+    # its own, and no namespace den could listen in.
+    backend = app.backend_for(SERVED_ON)
     backend.on_up.append(meta.up)
     backend.on_down.append(meta.down)
     async with app.sessions() as db:
         rows = (
             await db.execute(
-                select(Workspace.id).where(Workspace.state.in_(("running", "suspended")))
+                select(Workspace.id).where(
+                    Workspace.state.in_(("running", "suspended")), Workspace.backend == SERVED_ON
+                )
             )
         ).all()
     for (ws_id,) in rows:
-        if backend.crun.quick_state(backend.cid(ws_id)) == "running":
+        if backend.running(ws_id):
             await meta.up(ws_id)
     return meta
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from den.backends.base import ExecRequest
-from den.backends.sandbox import NotReadable
+from den.backends.inside import NotReadable
 from den.db.models import SshKey, User, Workspace
 from den.errors import DenError, InvalidParams
 from den.ssh import inside
@@ -160,7 +160,7 @@ async def make_account(
     )
     where = {"ctx": {"workspace": f"{spec.owner}/{spec.name}"}}
     try:
-        res = await app.backend.exec(spec, dict(state), req)
+        res = await app.backend_for(spec).exec(spec, dict(state), req)
     except (DenError, OSError) as exc:  # the workspace works without it: sessions land as root
         log.warning("could not make %s's account inside: %s", spec.owner, exc, extra=where)
         return False

@@ -212,7 +212,7 @@ async def _git_inside(ctx: Context, ws: Workspace, owner: User, rel: str) -> cod
             timeout=_GIT_TIMEOUT, user=user,
         )  # fmt: skip
         with ctx.app.activity.busy(ws.id, "exec"):
-            res = await ctx.app.backend.exec(spec, state, req)
+            res = await ctx.app.backend_for(spec).exec(spec, state, req)
         out = proc.Result(
             argv, res.exit_code, res.stdout.decode(errors="replace"),
             res.stderr.decode(errors="replace"), 0.0,

@@ -242,7 +242,7 @@ async def _install(app: App, ws_id: str) -> tuple[str, str]:
         max_output=MAX_LOG + 1024,
     )
     with app.activity.busy(ws_id, "dotfiles"):
-        res = await app.backend.exec(spec, state, req)
+        res = await app.backend_for(spec).exec(spec, state, req)
     text = (res.stdout + res.stderr)[-MAX_LOG:].decode(errors="replace")
     if res.timed_out:
         text += f"\nden: stopped after {TIMEOUT} s (the time dotfiles may take)"

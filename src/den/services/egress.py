@@ -197,7 +197,7 @@ async def _add(ctx: Context, p: EgressSpec, action: Literal["allow", "deny"]) ->
     )
     ctx.db.add(rule)
     await ctx.db.commit()
-    await ctx.app.backend.network.refresh_exceptions()
+    await ctx.app.network.refresh_exceptions()
     return _out(rule, scope)
 
 
@@ -243,7 +243,7 @@ async def egress_remove(ctx: Context, p: EgressRemove) -> EgressOut:
     out = _out(rule, (await _scopes(ctx, [rule]))[rule.id])
     await ctx.db.delete(rule)
     await ctx.db.commit()
-    await ctx.app.backend.network.refresh_exceptions()
+    await ctx.app.network.refresh_exceptions()
     return out
 
 

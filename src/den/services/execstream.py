@@ -189,7 +189,7 @@ async def workspace_exec_stream(ctx: Context, p: ExecStreamParams) -> ExecStream
         state = dict(ws.backend_state or {})
         await release_db(ctx)  # it may run for a day
         held.enter_context(ctx.app.activity.busy(ws.id, "exec"))
-        stream = await ctx.app.backend.exec_stream(spec, state, req)
+        stream = await ctx.app.backend_for(spec).exec_stream(spec, state, req)
     except BaseException:
         held.close()
         raise

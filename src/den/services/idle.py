@@ -84,7 +84,8 @@ class IdleChecker:
         kind: str | None = app.activity.is_busy(ws.id)
         first_look = ws.id not in self.seen
         if ws.state == "running":
-            stats = await app.backend.stats(spec_of(app, ws, owner), dict(ws.backend_state or {}))
+            spec = spec_of(app, ws, owner)
+            stats = await app.backend_for(spec).stats(spec, dict(ws.backend_state or {}))
             net = stats.net_rx_bytes + stats.net_tx_bytes
             prev = self.seen.get(ws.id)
             if prev is not None and kind is None:
@@ -134,11 +135,11 @@ class IdleChecker:
             spec = spec_of(app, ws, owner)
             state = dict(ws.backend_state or {})
             if action == "suspend":
-                ws.backend_state = await app.backend.suspend(spec, state)
+                ws.backend_state = await app.backend_for(spec).suspend(spec, state)
                 ws.state = "suspended"
                 app.metrics.suspend_latency.labels("idle").observe(time.perf_counter() - start)
             else:
-                ws.backend_state = await app.backend.stop(spec, state)
+                ws.backend_state = await app.backend_for(spec).stop(spec, state)
                 ws.state = "stopped"
             ws.state_reason = f"{action}ed automatically: {reason}".replace("stoped", "stopped")
             app.metrics.transitions.labels(action, "idle").inc()

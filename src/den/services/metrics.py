@@ -45,9 +45,8 @@ async def sample_once(app: App) -> int:
         samples: list[dict[str, object]] = []
         for ws, owner in rows:
             try:
-                stats = await app.backend.stats(
-                    spec_of(app, ws, owner), dict(ws.backend_state or {})
-                )
+                spec = spec_of(app, ws, owner)
+                stats = await app.backend_for(spec).stats(spec, dict(ws.backend_state or {}))
             except Exception:  # one broken workspace must not stop the sampler
                 log.exception("cannot sample workspace %s", ws.id)
                 continue

@@ -35,7 +35,9 @@ async def resume_now(ctx: Context, ws: Workspace, owner: User, cause: str) -> No
     async with ctx.app.ws_lock(ws.id):
         await release_db(ctx)
         spec = spec_of(ctx.app, ws, owner)
-        ws.backend_state = await ctx.app.backend.resume(spec, dict(ws.backend_state or {}))
+        ws.backend_state = await ctx.app.backend_for(spec).resume(
+            spec, dict(ws.backend_state or {})
+        )
         ws.state = "running"
         ws.state_reason = ""
         await ctx.db.commit()
@@ -93,12 +95,13 @@ def timed_act(
     ctx: Context, action: str, cause: str
 ) -> Callable[[Spec, dict[str, Any]], Awaitable[dict[str, Any]]]:
     """The backend's suspend or resume, counted and timed for /metrics."""
-    fn = ctx.app.backend.suspend if action == "suspend" else ctx.app.backend.resume
     hist = (
         ctx.app.metrics.suspend_latency if action == "suspend" else ctx.app.metrics.resume_latency
     )
 
     async def act(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
+        backend = ctx.app.backend_for(spec)
+        fn = backend.suspend if action == "suspend" else backend.resume
         start = time.perf_counter()
         out = await fn(spec, state)
         hist.labels(cause).observe(time.perf_counter() - start)
@@ -111,27 +114,33 @@ def timed_act(
 @method("workspace.start", right=Right.write, cli=Cli("start"))
 async def workspace_start(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Start a stopped (or failed) workspace; resume a suspended one."""
-    b = ctx.app.backend
+
+    async def start(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
+        return await ctx.app.backend_for(spec).start(spec, state)
+
     return await _transition(
-        ctx, p.ref, "start", {"stopped", "failed", "suspended"}, "running", b.start
+        ctx, p.ref, "start", {"stopped", "failed", "suspended"}, "running", start
     )
 
 
 @method("workspace.stop", right=Right.write, cli=Cli("stop"))
 async def workspace_stop(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Stop a workspace: every process ends, its files and address are kept."""
-    b = ctx.app.backend
+
+    async def stop(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
+        return await ctx.app.backend_for(spec).stop(spec, state)
+
     return await _transition(
-        ctx, p.ref, "stop", {"running", "suspended", "failed"}, "stopped", b.stop
+        ctx, p.ref, "stop", {"running", "suspended", "failed"}, "stopped", stop
     )
 
 
 @method("workspace.restart", right=Right.write, cli=Cli("restart"))
 async def workspace_restart(ctx: Context, p: WsRef) -> WorkspaceOut:
     """Stop the workspace if it runs, then start it again."""
-    b = ctx.app.backend
 
     async def both(spec: Spec, state: dict[str, Any]) -> dict[str, Any]:
+        b = ctx.app.backend_for(spec)
         return await b.start(spec, await b.stop(spec, state))
 
     return await _transition(
@@ -242,7 +251,7 @@ async def workspace_exec(ctx: Context, p: ExecParams) -> ExecOut:
         )
         await release_db(ctx)  # an exec may run for a day
         with ctx.app.activity.busy(ws.id, "exec"):
-            res = await ctx.app.backend.exec(spec, dict(ws.backend_state or {}), req)
+            res = await ctx.app.backend_for(spec).exec(spec, dict(ws.backend_state or {}), req)
     # A fresh short transaction, committed with the audit event by the registry.
     await ctx.db.execute(
         update(Workspace)

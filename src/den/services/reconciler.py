@@ -39,7 +39,6 @@ class Report:
 
 async def reconcile(app: App, *, startup: bool = False) -> Report:
     report = Report()
-    backend = app.backend
     # Each read and write is a short session of its own: none is held across
     # host work, which may take seconds per workspace.
     async with app.sessions() as db:
@@ -58,9 +57,9 @@ async def reconcile(app: App, *, startup: bool = False) -> Report:
         left = (await db.execute(select(Workspace.id))).scalars().all()
     bridge = names.bridge(app.settings.instance)
     if not left and await asyncio.to_thread(links.link_exists, bridge):
-        await backend.teardown_host()
+        await app.teardown_host()
     elif left:
-        await backend.network.ensure(check=True)
+        await app.network.ensure(check=True)
     if report.repaired or report.removed or report.failed:
         log.info(
             "reconciled",
@@ -109,8 +108,8 @@ async def _guarded(app: App, ws: Workspace, owner: User, startup: bool, report: 
 
 
 async def _one(app: App, ws: Workspace, owner: User, startup: bool, report: Report) -> None:
-    backend = app.backend
     spec = spec_of(app, ws, owner)
+    backend = app.backend_for(spec)
     state = dict(ws.backend_state or {})
     if ws.state == "creating" and not startup:
         return  # a create under way
@@ -159,9 +158,8 @@ async def _orphans(app: App, known: set[str], report: Report) -> None:
     not locked by an operation) goes. A create commits its row before it makes
     anything on the host, so what the listing saw has its row by now.
     """
-    backend = app.backend
-    net = backend.network
-    parts = await backend.orphans(known)
+    net = app.network
+    parts = [(b, ws_id) for b in app.all_backends() for ws_id in await b.orphans(known)]
     links_ = await asyncio.to_thread(net.orphans, known)  # truncated ids: prefixes
     volumes = [v for v in app.pool.volume_ids() if v not in known]
     if not (parts or links_ or volumes):
@@ -173,10 +171,11 @@ async def _orphans(app: App, known: set[str], report: Report) -> None:
         lock = app.ws_locks.get(ws_id)
         return not any(k.startswith(ws_id) for k in now) and not (lock and lock.locked())
 
-    for ws_id in filter(gone, parts):
-        log.info("removing orphan workspace %s from the host", ws_id)
-        await backend.remove_orphan(ws_id)
-        report.removed.append(ws_id)
+    for backend, ws_id in parts:
+        if gone(ws_id):
+            log.info("removing orphan workspace %s from the host (%s)", ws_id, backend.name)
+            await backend.remove_orphan(ws_id)
+            report.removed.append(ws_id)
     for ws_id in filter(gone, links_):
         await net.detach(ws_id)
         vp = names.veth_prefix(app.settings.instance)

@@ -205,6 +205,7 @@ def spec_of(app: App, ws: Workspace, owner: User) -> Spec:
         address=ws.address or "",
         hostname=ws.name,
         code_owner=code_owner_of(ws),
+        backend=ws.backend,
     )
 
 
@@ -305,8 +306,8 @@ async def materialize(
     ctx: Context, ws: Workspace, owner: User, make_storage: Callable[[], Awaitable[None]]
 ) -> None:
     """Make a committed ``creating`` row real; on failure undo everything and re-raise."""
-    backend = ctx.app.backend
     spec = spec_of(ctx.app, ws, owner)
+    backend = ctx.app.backend_for(spec)
     try:
         with timed("storage", ws=ws.id):
             await make_storage()
@@ -325,7 +326,7 @@ async def materialize(
 async def undo_create(ctx: Context, ws: Workspace, owner: User) -> None:
     spec = spec_of(ctx.app, ws, owner)
     try:
-        await ctx.app.backend.delete(spec, dict(ws.backend_state or {}))
+        await ctx.app.backend_for(spec).delete(spec, dict(ws.backend_state or {}))
     finally:
         await ctx.app.pool.delete_volume(ws.id)
         await ctx.db.rollback()
@@ -341,7 +342,7 @@ async def maybe_teardown_network(ctx: Context) -> None:
     left = (await ctx.db.execute(select(func.count(Workspace.id)))).scalar_one()
     await release_db(ctx)
     if left == 0:
-        await ctx.app.backend.teardown_host()
+        await ctx.app.teardown_host()
 
 
 async def insert_row(ctx: Context, ws: Workspace, *keep: object) -> None:
@@ -517,7 +518,7 @@ async def workspace_resize(ctx: Context, p: WsResize) -> WorkspaceOut:
     async with ctx.app.ws_lock(ws.id):
         spec = spec_of(ctx.app, ws, owner)
         try:
-            ws.backend_state = await ctx.app.backend.update_resources(
+            ws.backend_state = await ctx.app.backend_for(spec).update_resources(
                 spec, dict(ws.backend_state or {})
             )
             await apply_disk_limit(ctx, ws)
@@ -578,7 +579,8 @@ def failure_reason(exc: BaseException) -> str:
 
 async def remove_from_host(app: App, ws: Workspace, owner: User) -> None:
     """Tear a workspace down and remove its storage; done parts are skipped on a retry."""
-    await app.backend.delete(spec_of(app, ws, owner), dict(ws.backend_state or {}))
+    spec = spec_of(app, ws, owner)
+    await app.backend_for(spec).delete(spec, dict(ws.backend_state or {}))
     await app.pool.delete_volume(ws.id)
 
 

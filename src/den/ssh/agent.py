@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -50,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from den import tasks
-from den.errors import BackendFailure, DenError
+from den.errors import DenError
 from den.ssh import bridge, limits, streamlocal
 
 if TYPE_CHECKING:
@@ -118,12 +117,13 @@ class Forwarding:
 class _Socket:
     """A listening agent socket in one workspace for one den user."""
 
-    def __init__(self, key: Key, path: str, owner: str, sock: socket.socket, pidfd: int) -> None:
+    def __init__(self, key: Key, path: str, owner: str, sock: socket.socket) -> None:
         self.key = key
         self.path = path
         self.owner = owner  # UID:GID inside the socket file belongs to
         self.sock = sock
-        self.pidfd = pidfd  # of the container's init: readable once it exits
+        # Stops watching for the workspace's end (den.backends.base.Backend.watch_stopped).
+        self.unwatch: Callable[[], None] | None = None
         self.users: list[Forwarding] = []
         self.task: asyncio.Task[None] | None = None
         self.expiry: asyncio.TimerHandle | None = None  # set while nobody forwards
@@ -178,33 +178,25 @@ class Agents:
             return cur.path
 
     async def _make(self, key: Key, ws: Ready, acct: Account) -> _Socket:
-        backend = self.app.backend
-        cid = backend.cid(ws.ws_id)
-        init = backend.crun.init_process(cid)
-        pidfd = os.pidfd_open(init[0]) if init is not None else -1
+        backend = self.app.backend_for(ws.spec)
+        path = path_of(key[1])
+        sock = await streamlocal.inside_socket(
+            self.app,
+            ws,
+            key[1],
+            "0:0",  # /run is root's inside; the socket file is then the account's
+            "listen",
+            path,
+            owner=acct.ids,
+            replace=True,
+            make_parent=True,
+        )
+        made = _Socket(key, path, acct.ids, sock)
         try:
-            # The pidfd is of that init only if the pid was not reused meanwhile.
-            if init is None or backend.crun.init_process(cid) != init:
-                raise BackendFailure("the workspace has no running init")
-            path = path_of(key[1])
-            sock = await streamlocal.inside_socket(
-                self.app,
-                ws,
-                key[1],
-                "0:0",  # /run is root's inside; the socket file is then the account's
-                "listen",
-                path,
-                owner=acct.ids,
-                replace=True,
-                make_parent=True,
-            )
+            made.unwatch = backend.watch_stopped(ws.spec, ws.state, lambda: self._drop(made))
         except BaseException:
-            if pidfd >= 0:
-                os.close(pidfd)
+            sock.close()
             raise
-        made = _Socket(key, path, acct.ids, sock, pidfd)
-        loop = asyncio.get_running_loop()
-        loop.add_reader(pidfd, self._drop, made)
         made.task = tasks.spawn(
             bridge.serve(sock, lambda conn: self._accepted(made, conn), path),
             name="ssh-agent-listener",
@@ -248,10 +240,9 @@ class Agents:
             cur.expiry = None
         if self.sockets.get(cur.key) is cur:
             del self.sockets[cur.key]
-        if cur.pidfd >= 0:
-            asyncio.get_running_loop().remove_reader(cur.pidfd)
-            os.close(cur.pidfd)
-            cur.pidfd = -1
+        if cur.unwatch is not None:
+            cur.unwatch()
+            cur.unwatch = None
         if cur.task is not None:
             cur.task.cancel()
             cur.task = None

@@ -1,7 +1,7 @@
 """``ssh -L``: direct-tcpip channels to ports inside the caller's workspace.
 
-The TCP socket is made inside the workspace's network namespace, so that
-``localhost`` is the workspace's own loopback (servers bound to 127.0.0.1
+The backend connects from inside the workspace (den.backends.base.Backend.connect),
+so that ``localhost`` is the workspace's own loopback (servers bound to 127.0.0.1
 there, as VS Code's is, are reachable) and the workspace's firewall applies.
 Only the workspace itself is a destination: its loopback, its name and its
 address.
@@ -9,13 +9,7 @@ address.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import logging
-import os
-import socket
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncssh
@@ -28,29 +22,7 @@ if TYPE_CHECKING:
     from den.ssh.link import Link
 
 log = logging.getLogger(__name__)
-CLONE_NEWNET = 0x40000000
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost", "0.0.0.0"}
-_libc = ctypes.CDLL(None, use_errno=True)
-# One thread switches namespaces, so that no other thread ever runs in the wrong one.
-_netns_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="den-netns")
-
-
-def socket_in(netns: Path, family: int) -> socket.socket:
-    """A TCP socket created in the network namespace ``netns`` (this thread returns home)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns into the workspace's network failed")
-        try:
-            return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                log.critical("could not return to the host network namespace; exiting")
-                os._exit(70)
-    finally:
-        os.close(home)
-        os.close(target)
 
 
 async def open_tunnel(link: Link, host: str, port: int) -> bridge.Bridge:
@@ -78,16 +50,8 @@ async def _open_tunnel(link: Link, host: str, port: int, ticket: limits.Ticket) 
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                 f"den forwards only to the workspace itself (localhost or {ws.spec.hostname})",
             )
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        loop = asyncio.get_running_loop()
-        netns = link.app.backend.network.netns_path(ws.ws_id)
-        sock = await loop.run_in_executor(_netns_thread, socket_in, netns, family)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, (addr, port)), 10)
-        except BaseException:
-            sock.close()
-            raise
+        backend = link.app.backend_for(ws.spec)
+        sock = await backend.connect(ws.spec, ws.state, addr, port)
         link.session.opened("forward")
         return await bridge.attach(link, ws.ws_id, sock, ticket)
     except asyncssh.ChannelOpenError:

@@ -11,12 +11,10 @@ the workspace stops (its init's pidfd says so).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import ipaddress
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -26,7 +24,6 @@ import asyncssh
 from den.errors import DenError
 from den.services.account import ROOT, login_account
 from den.ssh import bridge
-from den.ssh.forward import _netns_thread, socket_in
 from den.ssh.target import Ready, as_root, ready
 
 if TYPE_CHECKING:
@@ -72,18 +69,6 @@ def bind_addresses(host: str, ws: Ready) -> list[tuple[int, str]]:
     return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))]
 
 
-def _listen(sock: socket.socket, family: int, addr: str, port: int) -> int:
-    """Bind and listen; return the port."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6 and addr == "::":
-        # One socket for both families when the client asked for all addresses.
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind((addr, port))
-    sock.listen(BACKLOG)
-    sock.setblocking(False)
-    return int(sock.getsockname()[1])
-
-
 class RemoteListener(bridge.Listener):
     """Listening sockets inside one workspace for one ``tcpip-forward`` request."""
 
@@ -94,7 +79,8 @@ class RemoteListener(bridge.Listener):
         self.conn = conn
         self.listen_host = host
         self.port = port
-        self._init_fd: int | None = None
+        self.ws = ws
+        self._unwatch: Callable[[], None] | None = None
 
     def get_port(self) -> int:
         return self.port
@@ -117,34 +103,18 @@ class RemoteListener(bridge.Listener):
         self._watch_workspace()
 
     def _watch_workspace(self) -> None:
-        """Close when the workspace's init ends (stop, delete): its pidfd turns readable."""
-        backend = self.link.app.backend
-        cid = backend.cid(self.ws_id)
-        found = backend.crun.init_process(cid)
-        if found is None:
-            self.close()
-            return
-        try:
-            fd = os.pidfd_open(found[0])
-        except OSError:
-            self.close()
-            return
-        if backend.crun.init_process(cid) != found:  # the pid was reused meanwhile
-            os.close(fd)
-            self.close()
-            return
-        self._init_fd = fd
-        asyncio.get_running_loop().add_reader(fd, self._workspace_stopped)
+        """Close when the workspace's processes end (stop, delete)."""
+        backend = self.link.app.backend_for(self.ws.spec)
+        self._unwatch = backend.watch_stopped(self.ws.spec, self.ws.state, self._workspace_stopped)
 
     def _workspace_stopped(self) -> None:
         log.info("ssh -R listener closed: the workspace stopped", extra={"ctx": {"ws": self.ws_id}})
         self.close()
 
     def close(self) -> None:
-        if self._init_fd is not None:
-            asyncio.get_running_loop().remove_reader(self._init_fd)
-            os.close(self._init_fd)
-            self._init_fd = None
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         super().close()
 
 
@@ -190,24 +160,17 @@ async def _bind(
     Past the first, an address that cannot be had (no IPv6 in the workspace, the
     port taken there) is skipped, as OpenSSH's sshd does.
     """
-    loop = asyncio.get_running_loop()
-    netns = link.app.backend.network.netns_path(ws.ws_id)
+    backend = link.app.backend_for(ws.spec)
     socks: list[socket.socket] = []
     try:
         for family, addr in addrs:
             try:
-                sock = await loop.run_in_executor(_netns_thread, socket_in, netns, family)
+                sock = await backend.listen_tcp(ws.spec, ws.state, family, addr, port, BACKLOG)
             except OSError:
                 if socks or addr == "::":  # "::" falls back to 0.0.0.0 (no IPv6 there)
                     continue
                 raise
-            try:
-                port = _listen(sock, family, addr, port)
-            except OSError:
-                sock.close()
-                if socks or addr == "::":
-                    continue
-                raise
+            port = int(sock.getsockname()[1])
             socks.append(sock)
     except BaseException:
         for sock in socks:

@@ -1,35 +1,30 @@
 """A shell, a command or the sftp subsystem inside a workspace, over one channel.
 
-The process is ``crun exec`` into the workspace's container: with a PTY its
-terminal master comes back over a console socket (den.ssh.pty, shared with
-the browser terminal) and is relayed to the channel (window changes become
-TIOCSWINSZ); without one, stdin, stdout and stderr are three pipes kept apart.
-crun runs detached under den's small subreaper (den.ssh.reaper), so the
-channel ends as the process did: its exit status, or ``exit-signal`` when a
-signal killed it.
+The process is the workspace backend's ``exec_stream`` (den.backends.base):
+with a PTY (den.ssh.pty, shared with the browser terminal) its output comes
+on one stream and window changes resize it; without one, stdin, stdout and
+stderr are kept apart; sftp is the backend's ``sftp``. The channel ends as
+the process did: its exit status, or ``exit-signal`` when a signal killed it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import signal
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncssh
 
 from den import tasks
-from den.backends.crun import pidfd_of_child, signal_child, signal_exec
+from den.backends.base import ExecRequest, ExecStream
 from den.errors import DenError
 from den.services.account import ROOT, login_account
-from den.ssh import inside, pty, reaper, sftp, surface
+from den.ssh import inside, pty, surface
 from den.ssh.pty import SPAWN_ENV, Pty
-from den.ssh.relay import FdReader, FdWriter
+from den.ssh.streams import StreamRelay
 from den.ssh.target import Ready, as_root, ready
 
 if TYPE_CHECKING:
@@ -48,19 +43,14 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         self.chan: asyncssh.SSHServerChannel[bytes] | None = None
         self.term: str | None = None
         self.size = (80, 24, 0, 0)
-        self.master: int | None = None
-        self.stdin: FdWriter | None = None
-        self.readers: list[FdReader] = []
+        self.relay: StreamRelay | None = None  # the running process's streams
+        self.stream: ExecStream | None = None  # without a terminal, the process's
         self.pending: list[bytes] = []
         self.eof = False
-        self.pid_file: Path | None = None
-        self.proc: asyncio.subprocess.Process | None = None
-        self.proc_fd: int | None = None  # pidfd of ``proc``, taken when it was spawned
         self.pty: Pty | None = None  # with a terminal, the process runs on this one
         self.ws: Ready | None = None
         self.closed = False
         self.slot: str | None = None  # the den user whose ssh_max_sessions this holds one of
-        self.reaped = False  # runs under den.ssh.reaper, which forwards signals
         self._frozen_check = 0.0
         self._wake_later = False  # a check is due at the end of this second
 
@@ -89,15 +79,15 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         if self.ws is not None:
             self.link.app.activity.touch(self.ws.ws_id, "ssh")
             self._wake()
-        if self.stdin is not None:
-            self.stdin.write(data)
+        if self.relay is not None:
+            self.relay.write(data)
         else:
             self.pending.append(data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.stdin is not None and self.master is None:
-            self.stdin.close()
+        if self.relay is not None and self.pty is None:
+            self.relay.close_stdin()
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
@@ -115,20 +105,18 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def pause_writing(self) -> None:
-        for r in self.readers:
-            r.pause()
+        if self.relay is not None:
+            self.relay.pause()
 
     def resume_writing(self) -> None:
-        for r in self.readers:
-            r.resume()
+        if self.relay is not None:
+            self.relay.resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._kill(signal.SIGHUP)
-        if self.stdin is not None and self.master is None:
-            self.stdin.close()  # EOF: the sftp server, or a command reading stdin, ends
-        for r in self.readers:
-            r.close()
+        if self.relay is not None and self.pty is None:
+            self.relay.close_stdin()  # EOF: the sftp server, or a command reading stdin, ends
 
     # -- running -----------------------------------------------------------------
     def _start(self, kind: str, command: str | None) -> bool:
@@ -167,11 +155,6 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
             )
             self._say("den: internal error (see the daemon's log)\n")
         finally:
-            if self.pid_file is not None:
-                self.pid_file.unlink(missing_ok=True)
-            if self.proc_fd is not None:
-                os.close(self.proc_fd)
-                self.proc_fd = None
             if self.slot is not None:
                 _sessions.release(self.slot)
                 self.slot = None
@@ -185,27 +168,23 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
     async def _spawn(self, kind: str, command: str | None) -> int:
         assert self.ws is not None and self.chan is not None
         app = self.link.app
-        backend = app.backend
+        ws = self.ws
+        backend = app.backend_for(ws.spec)
         root = as_root(self.chan.get_extra_info("username") or "")
-        acct = await login_account(app, self.ws.spec, ROOT if root else "")
-        self.pid_file = pty.pid_file(app, self.ws.ws_id)
+        acct = await login_account(app, ws.spec, ROOT if root else "")
         if kind == "sftp":
-            argv = await sftp.server_argv(app, self.ws, acct, self.pid_file)
-            return await self._pipes(argv, stderr_to_log=True)
+            stream = await backend.sftp(ws.spec, ws.state, acct.name)
+            return await self._pipes(stream, stderr_to_log=True)
         args = [acct.shell, "-l"] if command is None else [acct.shell, "-c", command]
         env = self._env(acct)
         if self.link.agent is not None:  # ssh -A: the workspace's stable agent socket
-            auth_sock = await self.link.agent.socket(self.ws, acct)
+            auth_sock = await self.link.agent.socket(ws, acct)
             if auth_sock is not None:
                 env["SSH_AUTH_SOCK"] = auth_sock
-        cid = backend.cid(self.ws.ws_id)
         if self.term is not None:
-            return await self._pty(cid, args, env, acct)
-        argv = backend.crun.exec_argv(
-            cid, args, env=env, cwd=acct.home, user=acct.ids, pid_file=self.pid_file, detach=True
-        )
-        self.reaped = True
-        return await self._pipes(reaper.wrap(self.pid_file, argv))
+            return await self._pty(args, env, acct)
+        req = ExecRequest(argv=args, env=env, cwd=acct.home, user=acct.name)
+        return await self._pipes(await backend.exec_stream(ws.spec, ws.state, req))
 
     def _env(self, acct: inside.Account) -> dict[str, str]:
         assert self.chan is not None
@@ -221,81 +200,53 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
         env["SSH_CONNECTION"] = f"{chost} {cport} {shost} {sport}"
         return env
 
-    async def _pipes(self, argv: list[str], stderr_to_log: bool = False) -> int:
+    async def _pipes(self, stream: ExecStream, stderr_to_log: bool = False) -> int:
         assert self.chan is not None
         assert self.ws is not None
         chan, ws_id = self.chan, self.ws.ws_id
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            proc = self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=in_r, stdout=out_w, stderr=err_w, env=SPAWN_ENV
-            )
-            self.proc_fd = pidfd_of_child(proc.pid)
-            if self.closed:  # the client left while it was being started
-                self._kill(signal.SIGHUP)
-        except BaseException:
-            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
-                os.close(fd)
-            raise
-        for fd in (in_r, out_w, err_w):
-            os.close(fd)
-        for fd in (in_w, out_r):  # fewer, larger hops for bulk data (sftp: 256 KiB packets)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
+        self.stream = stream
         err_text = bytearray()
 
-        def out(data: bytes) -> None:
-            self.link.count_out(len(data))
-            self.link.app.activity.touch(ws_id, "ssh")
-            if not self.closed:
-                chan.write(data)
-
-        def err(data: bytes) -> None:
-            if stderr_to_log:
+        def out(ch: int, data: bytes) -> None:
+            if ch == 1:
+                self.link.count_out(len(data))
+                self.link.app.activity.touch(ws_id, "ssh")
+                if not self.closed:
+                    chan.write(data)
+            elif stderr_to_log:
                 err_text.extend(data[: 4096 - len(err_text)])
             else:
                 self.link.count_out(len(data))
                 if not self.closed:
                     chan.write_stderr(data)
 
-        self.stdin = FdWriter(in_w, chan.pause_reading, chan.resume_reading)
-        for data in self.pending:
-            self.stdin.write(data)
-        self.pending.clear()
-        if self.eof:
-            self.stdin.close()
-        self.readers = [FdReader(out_r, out, lambda: None), FdReader(err_r, err, lambda: None)]
         try:
-            rc = await proc.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.gather(*(r.done.wait() for r in self.readers)), DRAIN_SECONDS
-                )
+            if self.closed:  # the client left while it was being started
+                stream.signal(signal.SIGHUP)
+            relay = self.relay = StreamRelay(stream, out, chan.pause_reading, chan.resume_reading)
+            for data in self.pending:
+                relay.write(data)
+            self.pending.clear()
+            if self.eof or self.closed:
+                relay.close_stdin()
+            rc = await relay.wait(DRAIN_SECONDS)
         finally:
-            for r in self.readers:
-                r.close()
-            self.stdin.close()
-            self.stdin._finish()
-            os.close(out_r)
-            os.close(err_r)
+            if self.relay is not None:
+                await self.relay.close()
+            else:
+                await stream.close()
         if err_text:
             log.info("sftp server said: %s", err_text.decode(errors="replace").strip()[:500])
         return rc
 
-    async def _pty(
-        self, cid: str, args: list[str], env: dict[str, str], acct: inside.Account
-    ) -> int:
-        assert self.chan is not None and self.ws is not None and self.pid_file is not None
+    async def _pty(self, args: list[str], env: dict[str, str], acct: inside.Account) -> int:
+        assert self.chan is not None and self.ws is not None
         chan, ws_id = self.chan, self.ws.ws_id
-        term = self.pty = Pty(self.link.app, self.pid_file)
-        self.reaped = True
+        term = self.pty = Pty(self.link.app, self.ws)
         if self.closed:  # the client left while it was being prepared
             term.kill(signal.SIGHUP)
         try:
-            await term.start(cid, args, env, acct, self.size)
-            self.master = term.master
+            await term.start(args, env, acct, self.size)
 
             def out(data: bytes) -> None:
                 self.link.count_out(len(data))
@@ -304,36 +255,22 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
                     chan.write(data)
 
             term.attach(out, chan.pause_reading, chan.resume_reading)
-            assert term.stdin is not None and term.reader is not None
-            self.stdin, self.readers = term.stdin, [term.reader]
+            self.relay = term.stdin
             for data in self.pending:
                 term.write(data)
             self.pending.clear()
             return await term.wait()
         finally:
-            self.master = None
-            term.close()
+            self.relay = None
+            await term.close()
 
     def _kill(self, sig: signal.Signals) -> None:
-        """Send ``sig`` to the process the channel runs: the one crun started
-        (its pid file), else our own child (crun before it wrote the pid file,
-        or den's sftp worker). Only through pidfds: a pid file outlives its
-        process, and that pid may be someone else's by now (:func:`signal_exec`)."""
+        """Send ``sig`` to the process the channel runs (the backend's stream holds
+        it until the process exists, and signals through pidfds only)."""
         if self.pty is not None:
             self.pty.kill(sig)
-            return
-        proc, fd = self.proc, self.proc_fd
-        if proc is None or fd is None or proc.returncode is not None:
-            return
-        if self.reaped and sig in reaper.FORWARDED:
-            # The reaper passes it on, holding it until crun's process is known:
-            # none is lost between the spawn and the pid file.
-            signal_child(fd, sig)
-            return
-        if self.pid_file is not None and self.pid_file.exists():
-            signal_exec(self.pid_file, proc.pid, fd, sig)
-        else:
-            signal_child(fd, sig)
+        elif self.stream is not None:
+            self.stream.signal(sig)
 
     def _wake(self) -> None:
         """A keystroke into a workspace the idle checker froze thaws it. The cgroup is
@@ -349,7 +286,7 @@ class WorkspaceSession(asyncssh.SSHServerSession[bytes]):
             return
         self._frozen_check = loop.time()
         if self.link.ref is not None:
-            pty.wake(self.link.app, self.link.caller, self.link.ref, self.ws.ws_id)
+            pty.wake(self.link.app, self.link.caller, self.link.ref, self.ws)
 
     def _wake_deferred(self) -> None:
         self._wake_later = False

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import weakref
 from collections.abc import AsyncIterator
@@ -22,11 +21,10 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
-from den.errors import BackendFailure, DenError, InvalidParams, QuotaExceeded
+from den.errors import DenError, InvalidParams, QuotaExceeded
 from den.services.account import ROOT, login_account
 from den.slots import UserSlots
-from den.ssh import bridge, join, limits
-from den.ssh.session import SPAWN_ENV
+from den.ssh import bridge, limits
 from den.ssh.target import Ready, as_root, ready
 
 if TYPE_CHECKING:
@@ -120,57 +118,18 @@ async def _run_worker(
     replace: bool,
     make_parent: bool,
 ) -> socket.socket:
-    backend = app.backend
-    init = backend.crun.init_process(backend.cid(ws.ws_id))
-    if init is None:
-        raise BackendFailure("the workspace has no running init")
-    argv = join.argv(
-        "den.ssh.socket_worker",
-        init,
-        ids,
-        backend.cgroup(ws.ws_id),
-        backend.bundle(ws.ws_id),
+    backend = app.backend_for(ws.spec)
+    return await backend.unix_socket(
+        ws.spec,
+        ws.state,
+        "listen" if op == "listen" else "connect",
+        path,
+        ids=ids,
+        cwd=cwd,
+        owner=owner,
+        replace=replace,
+        make_parent=make_parent,
     )
-    # As --opt=value: a home inside starting with "-" is no option (argparse).
-    opts = [f"--cwd={cwd}"]
-    if owner:
-        opts.append(f"--owner={owner}")
-    if replace:
-        opts.append("--replace")
-    if make_parent:
-        opts.append("--make-parent")
-    argv += [*opts, op, "--", path]
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    with ours:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=theirs.fileno(),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env=SPAWN_ENV,
-            )
-        finally:
-            theirs.close()
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(), WORKER_SECONDS)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise BackendFailure(f"the workspace did not {op} {path} in time") from None
-        ours.setblocking(False)
-        try:
-            msg, fds, _flags, _addr = socket.recv_fds(ours, 1024, 1)
-        except BlockingIOError:
-            msg, fds = b"", []
-    if msg == b"ok" and len(fds) == 1:
-        sock = socket.socket(fileno=fds[0])
-        sock.setblocking(False)
-        return sock
-    for fd in fds:
-        os.close(fd)
-    why = msg.decode(errors="replace") or err.decode(errors="replace").strip()[-300:]
-    raise BackendFailure(why or f"the socket worker failed ({proc.returncode})")
 
 
 def _refused(exc: DenError) -> asyncssh.ChannelOpenError:

@@ -11,7 +11,7 @@ instead of the owner's account ("root" is no den user's name).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from den.app import App
-    from den.backends.base import Spec
+    from den.backends.base import Spec, State
 
 NAME = r"[a-z][a-z0-9-]{0,30}"
 QUALIFIED_RE = re.compile(rf"({NAME})[.+]({NAME})")
@@ -108,6 +108,7 @@ class Ready:
     ref: str
     spec: Spec
     address: str
+    state: State = field(default_factory=dict)  # the backend's blob (den.backends.base)
 
 
 async def ready(app: App, caller: Caller, ref: str) -> Ready:
@@ -124,7 +125,8 @@ async def ready(app: App, caller: Caller, ref: str) -> Ready:
             await REGISTRY.call(app, caller, "workspace.start", {"ref": ref})
             ws, owner = await find_workspace(ctx, ref)
         await ensure_running(ctx, ws, owner, "ssh")
-        return Ready(ws.id, ref, spec_of(app, ws, owner), ws.address or "")
+        spec = spec_of(app, ws, owner)
+        return Ready(ws.id, ref, spec, ws.address or "", dict(ws.backend_state or {}))
     finally:
         if ctx._db is not None:
             await ctx._db.close()

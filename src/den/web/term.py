@@ -137,21 +137,19 @@ class Terminal:
             if self.hung_up:
                 return
             acct = await login_account(app, ws.spec)
-            term = self.pty = pty.Pty(app, pty.pid_file(app, ws.ws_id))
+            term = self.pty = pty.Pty(app, ws)
             if self.hung_up:
                 term.kill(signal.SIGHUP)
             env = pty.login_env(acct) | {"TERM": "xterm-256color", "COLORTERM": "truecolor"}
             try:
-                await term.start(
-                    app.backend.cid(ws.ws_id), [acct.shell, "-l"], env, acct, self.size
-                )
+                await term.start([acct.shell, "-l"], env, acct, self.size)
                 term.attach(self._out, self.writable.clear, self.writable.set)
                 for data in self.early:
                     term.write(data)
                 self.early.clear()
                 rc = await term.wait()
             finally:
-                term.close()
+                await term.close()
             self.code = rc if rc >= 0 else 128 - rc
         except DenError as exc:
             self.error = exc.message
@@ -224,7 +222,7 @@ class Terminal:
         wait = self._frozen_check + 1.0 - loop.time()
         if wait <= 0:
             self._frozen_check = loop.time()
-            pty.wake(self.app, self.caller, self.ref, ws.ws_id)
+            pty.wake(self.app, self.caller, self.ref, ws)
         elif not self._wake_later:
             self._wake_later = True
             loop.call_later(wait, self._wake_deferred, ws)

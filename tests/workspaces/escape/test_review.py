@@ -63,7 +63,7 @@ def replies(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def worker_argv(d: Daemon, ws_id: str) -> list[str]:
-    """The command den.ssh.sftp.server_argv gives for the workspace's root."""
+    """The command the sandbox backend's sftp runs for the workspace's root."""
     pid = init_pid(d, ws_id)
     started = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     return [
