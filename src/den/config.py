@@ -287,6 +287,13 @@ class Settings(BaseSettings):
         description="Image of a new workspace unless given; `den init` builds it "
         "(presets: dev, debian).",
     )
+    # The microvm backend (den.backends.microvm): `den init` builds its guest kernel and
+    # initramfs and probes KVM unless it is off.
+    microvm: bool = Field(
+        True,
+        description="Enable the microvm backend: `den init` builds its guest assets (Debian's "
+        "cloud kernel, den's initramfs) and probes KVM; off: no workspace can use it.",
+    )
     apt_cache: Path | None = Field(
         None,
         description="Where image builds keep the Debian packages they download, so a host "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from den.backends.microvm import assets as mv
-from tests.microvm.conftest import ASSET_CACHE, guest
+from tests.conftest import DEN
+from tests.microvm.conftest import ASSET_CACHE, guest, seed_assets
 from tests.workspaces.conftest import make_bb_rootfs
 
 pytestmark = pytest.mark.slow
@@ -187,8 +189,6 @@ def test_no_root_fails_and_powers_off(microvm_assets: mv.Assets, tmp_path: Path)
 def test_probe_verdict_is_cached(microvm_assets: mv.Assets, tmp_path: Path) -> None:
     """/dev/kvm here is a nested PVM device: the probe VM does not boot under it, and
     the verdict says so; it is kept, and probed again on request."""
-    from tests.microvm.conftest import seed_assets
-
     seed_assets(tmp_path)
     start = time.monotonic()
     accel = asyncio.run(mv.probe_accel(tmp_path, timeout=20))
@@ -208,3 +208,44 @@ def test_probe_verdict_is_cached(microvm_assets: mv.Assets, tmp_path: Path) -> N
         json.dumps({**cached, "kernel_version": "old", "name": "kvm", "note": ""})
     )
     assert asyncio.run(mv.probe_accel(tmp_path, timeout=20)) == accel
+
+
+def test_den_init_check_shows_assets_and_accel(microvm_assets: mv.Assets, tmp_path: Path) -> None:
+    """`den init --check` says whether the assets are built and probes KVM again."""
+    env = {
+        **os.environ,
+        "DEN_CONFIG": str(tmp_path / "den.toml"),
+        "DEN_DATA_DIR": str(tmp_path / "data"),
+        "DEN_INSTANCE": "97",
+    }
+
+    def check() -> str:
+        res = subprocess.run(
+            [DEN, "init", "--check", "--no-image"], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        return res.stdout
+
+    out = check()
+    assert "MISSING microVM assets: not built: den init builds them" in out, out
+    seed_assets(tmp_path / "data")
+    (mv.asset_dir(tmp_path / "data") / "accel.json").write_text(
+        json.dumps(
+            {
+                "kernel_version": microvm_assets.kernel_version,
+                "kvm": mv.KVM.exists(),
+                "name": "kvm",
+                "note": "",
+            }
+        )
+    )  # fmt: skip: a stale verdict: --check probes again
+    out = check()
+    assert f"ok   microVM assets: built (kernel {microvm_assets.kernel_version})" in out, out
+    accel = mv.accel_cached(tmp_path / "data")
+    assert accel is not None
+    if accel.name == "tcg":
+        assert f"note microVM acceleration: tcg: {accel.note}" in " ".join(out.split()), out
+    else:
+        assert "ok   microVM acceleration: kvm" in out, out
+    env["DEN_MICROVM"] = "false"
+    assert "microVM" not in check()

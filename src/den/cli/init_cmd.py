@@ -16,6 +16,7 @@ from den.cli import render
 from den.errors import Conflict, DenError
 
 if TYPE_CHECKING:  # the rest is imported when the command runs: `den --help` stays fast
+    from den.backends.microvm.assets import Accel
     from den.config import Settings
     from den.host import checks as host_checks
     from den.host import prepare
@@ -105,6 +106,8 @@ def init(
         _print_checks([img_check])
         if not built:
             missing.append(img_check)
+    if settings.microvm:
+        missing += _microvm_check(settings, probe=check)
     if check:
         raise typer.Exit(1 if missing else 0)
     if os.geteuid() != 0:
@@ -142,6 +145,57 @@ def init(
                 f"`den new --image {image}` uses this one, or set "
                 f'default_image = "{image}" in {den_config.config_file_path(config)}'
             )
+    if settings.microvm:
+        try:
+            asyncio.run(ensure_microvm(settings, say))
+        except DenError as exc:
+            render.err_console.print(
+                f"error: microVM assets: {exc.message} (microvm = false turns the backend off)",
+                highlight=False,
+            )
+            raise typer.Exit(7) from None
+
+
+def _microvm_check(settings: Settings, probe: bool) -> list[host_checks.Check]:
+    """The microvm backend's guest assets, and (``probe``: `den init --check`, as root)
+    whether KVM can run them, probed again."""
+    from den.backends.microvm import assets as mv
+    from den.host import checks as host_checks
+
+    ready = mv.assets_ready(settings.data_dir)
+    detail = (
+        f"built (kernel {ready.kernel_version})" if ready else "not built: den init builds them"
+    )
+    check = host_checks.Check(
+        "microVM assets", ready is not None, detail, fix="build the microVM kernel and initramfs"
+    )
+    _print_checks([check])
+    if ready is None:
+        return [check]
+    accel = mv.accel_cached(settings.data_dir)
+    if probe and os.geteuid() == 0:
+        accel = asyncio.run(mv.probe_accel(settings.data_dir, force=True))
+    _print_accel(accel)
+    return []
+
+
+def _print_accel(accel: Accel | None) -> None:
+    if accel is None:
+        render.console.print("note microVM acceleration: not probed yet (den init probes it)")
+    elif accel.name == "kvm":
+        render.console.print("[green]ok[/green]   microVM acceleration: kvm", highlight=False)
+    else:
+        render.console.print(
+            f"[yellow]note[/yellow] microVM acceleration: tcg: {accel.note}", highlight=False
+        )
+
+
+async def ensure_microvm(settings: Settings, say: prepare.Say) -> None:
+    """Build (or refresh) the microvm backend's guest assets and probe KVM."""
+    from den.backends.microvm import assets as mv
+
+    await mv.ensure_assets(settings.data_dir, progress=say, refresh=True)
+    _print_accel(await mv.probe_accel(settings.data_dir))
 
 
 def _daemon_running(settings: Settings) -> bool:

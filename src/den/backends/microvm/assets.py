@@ -30,8 +30,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from den.errors import BackendFailure
+
+if TYPE_CHECKING:
+    from den.config import Settings
 from den.proc import CommandFailed, run
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +44,7 @@ AGENT_SRC = HERE / "agent" / "den-agent.c"
 METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 QEMU = "qemu-system-x86_64"
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 # What a microVM needs of the cloud kernel's modules; their dependencies come along.
 MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "fuse", "virtiofs")
 # The busybox applets init.sh runs (it runs nothing else).
@@ -456,3 +461,15 @@ def accel_cached(data_dir: Path) -> Accel | None:
     if data is None or data.get("name") not in CPU:
         return None
     return Accel(str(data["name"]), str(data.get("note", "")))
+
+
+def unavailable(settings: Settings) -> str | None:
+    """None when microVMs can start on this node, else why not and what to do (cheap:
+    no subprocess; asked on every workspace.create)."""
+    if not settings.microvm:
+        return "the microvm backend is off on this node (microvm = false)"
+    if shutil.which(QEMU) is None or not Path(VIRTIOFSD).exists():
+        return "QEMU is not installed on this node (qemu-system-x86): run `den init`"
+    if assets_ready(settings.data_dir) is None:
+        return "its guest kernel and initramfs are not built: run `den init`"
+    return None
