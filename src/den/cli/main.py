@@ -142,9 +142,9 @@ def serve(
 
         settings, _ = den_config.load(overrides, config)
         if settings.sandbox_seccomp:
-            from den.backends import seccomp
+            from den.backends import registry
 
-            seccomp.prepare()  # a broken profile: one line here rather than a traceback
+            registry.seccomp_filter()  # a broken profile: one line here, not a traceback
     except ValueError as exc:
         fail(f"bad configuration: {exc}")
         return

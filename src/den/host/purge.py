@@ -12,23 +12,26 @@ from pathlib import Path
 
 
 async def purge(instance: int, data_dir: Path, subnet: str | None = None) -> list[str]:
-    from den.backends.sandbox import SandboxBackend
+    from den.backends import registry
+    from den.backends.base import HostContext
+    from den.config import Settings
     from den.net.network import Network
 
     net = Network(instance, subnet or f"10.{77 + instance}.0.0/16", True, [])
-    from den.backends.base import HostContext
-    from den.config import Settings
-
     host = HostContext(
         instance, data_dir, data_dir / "pool" / "volumes", net, None, Settings(instance=instance)
     )
-    backend = SandboxBackend(host)
-    removed = await backend.orphans(set())
-    for ws_id in removed:
-        await backend.remove_orphan(ws_id)
+    backends = [registry.make(name, host) for name in registry.names()]
+    removed: list[str] = []
+    for backend in backends:
+        found = await backend.orphans(set())
+        for ws_id in found:
+            await backend.remove_orphan(ws_id)
+        removed += found
     for name in await asyncio.to_thread(net.orphans, set()):
         await net.detach(name)
-    await backend.teardown_host()
+    for backend in backends:
+        await backend.teardown_host()
     await net.teardown()
     return removed
 
