@@ -287,6 +287,12 @@ class Settings(BaseSettings):
         description="Image of a new workspace unless given; `den init` builds it "
         "(presets: dev, debian).",
     )
+    default_backend: Literal["sandbox", "microvm"] = Field(
+        "sandbox",
+        description="Backend of a new workspace unless given (den new --backend): sandbox "
+        "(namespaces, shares the host's kernel) or microvm (a QEMU microVM with its own "
+        "kernel; `den init` prepares it).",
+    )
     # The microvm backend (den.backends.microvm): `den init` builds its guest kernel and
     # initramfs and probes KVM unless it is off.
     microvm: bool = Field(

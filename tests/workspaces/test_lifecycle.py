@@ -45,6 +45,8 @@ FIELDS = {
     "state_reason",
     "image",
     "backend",
+    "emulated",
+    "backend_note",
     "address",
     "cpu",
     "memory_mb",

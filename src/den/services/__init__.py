@@ -13,6 +13,7 @@ MODULES = (
     "workspaces",
     "power",
     "compute",
+    "vm",
     "code",
     "images",
     "jobs",

@@ -12,12 +12,13 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from den.backends import registry
 from den.backends.base import Spec
 from den.config import Settings
 from den.db.models import BusyLease, Image, PublishedPort, User, Workspace
@@ -73,6 +74,10 @@ class WorkspaceOut(BaseModel):
     state_reason: str
     image: str
     backend: str
+    emulated: bool | None = Field(
+        None, description="microvm: its CPU is emulated (TCG, no usable KVM); null: sandbox."
+    )
+    backend_note: str = Field("", description="What its backend wants you to know (den show).")
     address: str | None
     cpu: float
     memory_mb: int
@@ -133,6 +138,7 @@ def ws_out(
         state_reason=ws.state_reason,
         image=ws.image,
         backend=ws.backend,
+        **accel_of(ws),
         address=ws.address,
         cpu=ws.cpu,
         memory_mb=ws.memory_mb,
@@ -235,6 +241,40 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
+# -- backends (den.services.vm too) ---------------------------------------------
+
+TCG_NOTE = (
+    "emulated: this host has no usable KVM, so the VM's CPU is emulated (TCG), many "
+    "times slower than the host's"
+)
+
+
+def backend_names() -> list[str]:
+    """The backends a new workspace may be created on, on this node."""
+    return registry.names()
+
+
+def check_backend(name: str, *, given: bool) -> str:
+    """``name`` when workspaces can be created on it here; else InvalidParams saying what to do."""
+    have = backend_names()
+    if name not in have:
+        source = "" if given else " (the default_backend setting)"
+        raise InvalidParams(
+            f"backend {name!r}{source} is not enabled on this node (it has: {', '.join(have)}); "
+            "use --backend sandbox, or ask an admin to enable it (`den init` prepares microvm)",
+            field="backend",
+        )
+    return name
+
+
+def accel_of(ws: Workspace) -> dict[str, Any]:
+    """``emulated`` and its note for a microVM (its backend_state "accel", set when it starts)."""
+    accel = (ws.backend_state or {}).get("accel")
+    if ws.backend != "microvm" or accel is None:
+        return {}
+    return {"emulated": accel == "tcg", "backend_note": TCG_NOTE if accel == "tcg" else ""}
+
+
 # -- params --------------------------------------------------------------------
 
 
@@ -256,6 +296,10 @@ class WsCreate(Params):
     )
     dotfiles: DotfilesUrl | None = Field(
         None, description="Dotfiles repository to install (default: the owner's; '': none)."
+    )
+    backend: Literal["sandbox", "microvm"] | None = Field(
+        None,
+        description="sandbox (namespaces) or microvm (its own kernel) (default: default_backend).",
     )
 
 
@@ -385,6 +429,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     if owner.id != ctx.caller.user_id:
         ctx.require_admin("create a workspace for another user")
     ctx.target = f"workspace:{owner.name}/{p.name}"
+    backend = check_backend(p.backend or s.default_backend, given=p.backend is not None)
     image = p.image or s.default_image
     cpu = p.cpu if p.cpu is not None else s.default_cpu
     memory_mb = parse_mib(p.mem, "mem") if p.mem else parse_mib(s.default_memory, "mem")
@@ -402,7 +447,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
         user_id=owner.id,
         name=p.name,
         image=image,
-        backend="sandbox",
+        backend=backend,
         state="creating",
         cpu=cpu,
         memory_mb=memory_mb,
