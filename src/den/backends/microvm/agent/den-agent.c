@@ -215,6 +215,13 @@ static struct chan *new_chan(uint32_t id)
 	return NULL;
 }
 
+/* To the command's process group; to the command alone if it has not made its session yet. */
+static void signal_cmd(pid_t pid, int sig)
+{
+	if (kill(-pid, sig) < 0)
+		kill(pid, sig);
+}
+
 static void close_fd(int *fd)
 {
 	if (*fd >= 0)
@@ -226,7 +233,7 @@ static void close_fd(int *fd)
 static void free_chan(struct chan *c)
 {
 	if (c->kind == K_EXEC && !c->exited && c->pid > 0)
-		kill(-c->pid, SIGKILL);
+		signal_cmd(c->pid, SIGKILL);
 	int same = c->out_fd[1] == c->in_fd;
 	close_fd(&c->out_fd[2]);
 	if (same)
@@ -337,6 +344,10 @@ static void do_exec(uint32_t id, const uint8_t *p, size_t len)
 	}
 	char *cwd = rdstr(&r, rd16(&r));
 	uint32_t argc = rd32(&r);
+	if (r.bad) {
+		send_error(id, EINVAL, "exec: malformed request");
+		return;
+	}
 	if (argc == 0 || argc > MAX_ARGS) {
 		send_error(id, E2BIG, "exec: argv has %u entries (1 to %d)", argc, MAX_ARGS);
 		return;
@@ -345,6 +356,10 @@ static void do_exec(uint32_t id, const uint8_t *p, size_t len)
 		argv[i] = rdstr(&r, rd32(&r));
 	argv[argc] = NULL;
 	uint32_t envc = rd32(&r);
+	if (r.bad) {
+		send_error(id, EINVAL, "exec: malformed request");
+		return;
+	}
 	if (envc > MAX_ARGS) {
 		send_error(id, E2BIG, "exec: env has %u entries, at most %d", envc, MAX_ARGS);
 		return;
@@ -655,6 +670,10 @@ static void handle_frame(int type, uint32_t ch, const uint8_t *p, size_t len)
 			send_error(ch, EPROTO, "data past the window or after eof (dropped)");
 			return;
 		}
+		if (c->in_fd < 0) {
+			send_u32(T_WINDOW, ch, (uint32_t)len); /* stdin is closed: dropped, credit back */
+			return;
+		}
 		memcpy(c->inbuf + c->in_len, p, len);
 		c->in_len += len;
 		return;
@@ -678,7 +697,7 @@ static void handle_frame(int type, uint32_t ch, const uint8_t *p, size_t len)
 			return;
 		}
 		if (c->kind == K_EXEC && !c->exited)
-			kill(-c->pid, (int)get32(p));
+			signal_cmd(c->pid, (int)get32(p));
 		return;
 	case T_RESIZE:
 		if (len != 4) {
@@ -819,6 +838,9 @@ static void read_output(struct chan *c, int stream)
 static void write_input(struct chan *c)
 {
 	if (c->in_fd < 0) {
+		/* nowhere to write any more: drop it, and give the credit back */
+		if (c->in_len)
+			send_u32(T_WINDOW, c->id, (uint32_t)c->in_len);
 		c->in_len = 0;
 		return;
 	}
@@ -1073,6 +1095,8 @@ int main(int argc, char **argv)
 					read_output(c, what);
 			}
 		}
+		parse_input();
+		/* what needs no fd event: an EOF with nothing left to write, an exit to report */
 		for (int i = 0; i < MAX_CHANNELS; i++) {
 			struct chan *c = &chans[i];
 			if (c->kind == K_FREE)
@@ -1081,6 +1105,5 @@ int main(int argc, char **argv)
 				write_input(c);
 			maybe_send_exit(c);
 		}
-		parse_input();
 	}
 }
