@@ -65,12 +65,14 @@ def test_changed_input_rebuilds(microvm_assets: mv.Assets, tmp_path: Path) -> No
     stamp = json.loads((src / "stamp.json").read_text())
     (dst / "stamp.json").write_text(json.dumps({**stamp, "init": "0" * 64}))
     assert mv.assets_ready(tmp_path) is None
+    (dst / "build-killed" / "x").mkdir(parents=True)  # what a killed build leaves
     lines: list[str] = []
     built = asyncio.run(mv.ensure_assets(tmp_path, progress=lines.append))
     assert any("cached" in line for line in lines) and any("built" in line for line in lines)
     assert built.kernel_version == microvm_assets.kernel_version
     assert cpio_names(built.initrd) == cpio_names(microvm_assets.initrd)
     assert oct(dst.stat().st_mode & 0o777) == "0o700"
+    assert not (dst / "build-killed").exists()
 
 
 @pytest.fixture(scope="module")

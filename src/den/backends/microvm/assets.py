@@ -293,6 +293,9 @@ async def _locked(d: Path) -> AsyncIterator[None]:
     fd = os.open(d / ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        # What a killed builder or prober left: nobody else uses it while we hold the lock.
+        for left in [*d.glob("build-*"), *d.glob("probe-*")]:
+            shutil.rmtree(left, ignore_errors=True)
         yield
     finally:
         os.close(fd)  # and the lock with it
