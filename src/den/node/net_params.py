@@ -181,7 +181,9 @@ class RuleAdd(Params):
     source: Source | None = Field(None, description="Only from this address or network.")
     iface: IfName | None = Field(None, description="Only arriving on this interface.")
     family: Family | None = Field(None, description="ipv4 or ipv6 (default both).")
-    comment: str = Field("", max_length=100, pattern=r"^[A-Za-z0-9 _.,:/-]*$")
+    comment: str = Field(
+        "", max_length=100, pattern=r"^[A-Za-z0-9 _.,:/-]*$", description="Why (a note, kept)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RuleAdd:

@@ -45,7 +45,7 @@ from den.node.net_params import (
     SnatAdd,
     TapCreate,
 )
-from den.rpc.registry import Context, NoParams, Right, method
+from den.rpc.registry import Cli, Context, NoParams, Right, method
 
 if TYPE_CHECKING:
     from den.app import App
@@ -112,7 +112,7 @@ async def _apply_nft(ctx: Context) -> None:
 # -- reads ---------------------------------------------------------------------------
 
 
-@method("net.status", right=Right.read)
+@method("net.status", right=Right.read, cli=Cli("net status"))
 async def status(ctx: Context, p: NoParams) -> Json:
     """Overview: den's pid and uptime, the node's addresses, default route, managed objects."""
     links = await _thread(net_kernel.interfaces)
@@ -141,31 +141,31 @@ async def status(ctx: Context, p: NoParams) -> Json:
     }
 
 
-@method("net.interfaces", right=Right.read)
+@method("net.interfaces", right=Right.read, cli=Cli("net interfaces"))
 async def interfaces(ctx: Context, p: InterfacesQuery) -> list[Json]:
     """Interfaces with their addresses, state, MTU, MAC and bridge (master)."""
     return await _thread(net_kernel.interfaces, p.name)
 
 
-@method("net.routes", right=Right.read)
+@method("net.routes", right=Right.read, cli=Cli("net route ls"))
 async def routes(ctx: Context, p: RoutesQuery) -> list[Json]:
     """The kernel's routes of one table (default main)."""
     return await _thread(net_kernel.routes, p.family, p.table)
 
 
-@method("net.neighbors", right=Right.read)
+@method("net.neighbors", right=Right.read, cli=Cli("net neighbors"))
 async def neighbors(ctx: Context, p: FamilyQuery) -> list[Json]:
     """The ARP/NDP neighbour table."""
     return await _thread(net_kernel.neighbors, p.family)
 
 
-@method("net.bridge", right=Right.read)
+@method("net.bridge", right=Right.read, cli=Cli("net bridge ls"))
 async def bridge(ctx: Context, p: BridgeQuery) -> list[Json]:
     """Bridges with their ports, state and STP."""
     return await _thread(net_kernel.bridges, p.name)
 
 
-@method("net.firewall", right=Right.read)
+@method("net.firewall", right=Right.read, cli=Cli("net fw ls"))
 async def firewall(ctx: Context, p: FirewallQuery) -> Json:
     """nftables: tables, chains and rules (as nft's JSON lists them), den's node table named."""
     items = await _thread(net_nft.ruleset)
@@ -175,25 +175,25 @@ async def firewall(ctx: Context, p: FirewallQuery) -> Json:
     }
 
 
-@method("net.dns", right=Right.read)
+@method("net.dns", right=Right.read, cli=Cli("net dns"))
 async def dns(ctx: Context, p: NoParams) -> Json:
     """Nameservers, search domains and options (from /etc/resolv.conf)."""
     return await _thread(net_kernel.dns)
 
 
-@method("net.sysctl", right=Right.read)
+@method("net.sysctl", right=Right.read, cli=Cli("net sysctl"))
 async def sysctl(ctx: Context, p: NoParams) -> Json:
     """Forwarding, proxy_arp and proxy_ndp, globally and per interface."""
     return await _thread(net_kernel.sysctl)
 
 
-@method("net.conntrack", right=Right.read)
+@method("net.conntrack", right=Right.read, cli=Cli("net conntrack ls"))
 async def conntrack(ctx: Context, p: ConntrackQuery) -> Json:
     """Connection tracking entries (optionally of one zone), at most ``limit``."""
     return await _thread(net_kernel.conntrack, p.zone, p.limit)
 
 
-@method("net.conntrack.stats", right=Right.read)
+@method("net.conntrack.stats", right=Right.read, cli=Cli("net conntrack stats"))
 async def conntrack_stats(ctx: Context, p: NoParams) -> Json:
     """Connection tracking: entry count, limit and per-CPU statistics."""
     return await _thread(net_kernel.conntrack_stats)
@@ -211,7 +211,7 @@ async def _nft_view(ctx: Context, kinds: tuple[str, ...]) -> list[Json]:
     return out
 
 
-@method("net.nat.status", right=Right.read)
+@method("net.nat.status", right=Right.read, cli=Cli("net nat ls"))
 async def nat_status(ctx: Context, p: NoParams) -> Json:
     """NAT: den's workspace masquerade, the DNAT and SNAT entries made here, forwarding."""
     inst = _instance(ctx)
@@ -267,7 +267,7 @@ def _taps(instance: int, recorded: dict[str, NodeNetObject]) -> list[Json]:
     return out
 
 
-@method("net.vm.list", right=Right.read)
+@method("net.vm.list", right=Right.read, cli=Cli("net tap ls"))
 async def vm_list(ctx: Context, p: NoParams) -> list[Json]:
     """The taps den manages: made by net.vm.create_tap, and den's workspace (microVM) taps."""
     recorded = {r.spec["name"]: r for r in await _records(ctx.db, ("tap",))}
@@ -291,7 +291,7 @@ def _verify(instance: int, records: list[tuple[int, str, Json]]) -> Json:
     }
 
 
-@method("net.verify", right=Right.read)
+@method("net.verify", right=Right.read, cli=Cli("net verify"))
 async def verify(ctx: Context, p: NoParams) -> Json:
     """Drift between what den recorded (net.* writes) and what the kernel has."""
     rows = await _records(ctx.db)
@@ -340,7 +340,7 @@ def _health(instance: int, records: list[tuple[int, str, Json]]) -> list[Json]:
     return checks
 
 
-@method("net.health", right=Right.read)
+@method("net.health", right=Right.read, cli=Cli("net health"))
 async def health(ctx: Context, p: NoParams) -> Json:
     """Structured health: netlink, nftables, default route, recorded objects, conntrack."""
     rows = await _records(ctx.db)
@@ -351,7 +351,7 @@ async def health(ctx: Context, p: NoParams) -> Json:
 # -- writes --------------------------------------------------------------------------
 
 
-@method("net.routes.add", right=Right.write)
+@method("net.routes.add", right=Right.write, cli=Cli("net route add"))
 async def routes_add(ctx: Context, p: RouteSpec) -> Json:
     """Add (or replace) a route; recorded and restored at start."""
     spec = p.model_dump()
@@ -365,7 +365,7 @@ async def routes_add(ctx: Context, p: RouteSpec) -> Json:
     return _view(row)
 
 
-@method("net.routes.delete", right=Right.write)
+@method("net.routes.delete", right=Right.write, cli=Cli("net route rm"))
 async def routes_delete(ctx: Context, p: RouteSpec) -> Json:
     """Delete a route (and its record, if den made it)."""
     spec = p.model_dump()
@@ -377,7 +377,7 @@ async def routes_delete(ctx: Context, p: RouteSpec) -> Json:
     return {"deleted": p.dst}
 
 
-@method("net.bridge.add", right=Right.write)
+@method("net.bridge.add", right=Right.write, cli=Cli("net bridge add"))
 async def bridge_add(ctx: Context, p: BridgeAdd) -> Json:
     """Create a bridge (up); recorded and restored at start."""
     spec = p.model_dump()
@@ -399,7 +399,7 @@ async def _is_bridge(name: str) -> None:
         raise InvalidParams(f"{name} is a {kind}, not a bridge", field="bridge")
 
 
-@method("net.bridge.delete", right=Right.write)
+@method("net.bridge.delete", right=Right.write, cli=Cli("net bridge rm"))
 async def bridge_delete(ctx: Context, p: NameParam) -> Json:
     """Delete a bridge (its ports stay, detached); its records go."""
     inst = _instance(ctx)
@@ -417,7 +417,7 @@ async def bridge_delete(ctx: Context, p: NameParam) -> Json:
     return {"deleted": p.name}
 
 
-@method("net.bridge.connect", right=Right.write)
+@method("net.bridge.connect", right=Right.write, cli=Cli("net bridge connect"))
 async def bridge_connect(ctx: Context, p: BridgeConnect) -> Json:
     """Connect two bridges with a veth pair (one end on each); recorded."""
     inst = _instance(ctx)
@@ -435,7 +435,7 @@ async def bridge_connect(ctx: Context, p: BridgeConnect) -> Json:
     return _view(row)
 
 
-@method("net.bridge.add_port", right=Right.write)
+@method("net.bridge.add_port", right=Right.write, cli=Cli("net bridge port-add"))
 async def bridge_add_port(ctx: Context, p: BridgePort) -> Json:
     """Make an interface a port of a bridge; recorded."""
     inst = _instance(ctx)
@@ -451,7 +451,7 @@ async def bridge_add_port(ctx: Context, p: BridgePort) -> Json:
     return _view(row)
 
 
-@method("net.bridge.remove_port", right=Right.write)
+@method("net.bridge.remove_port", right=Right.write, cli=Cli("net bridge port-rm"))
 async def bridge_remove_port(ctx: Context, p: BridgePort) -> Json:
     """Detach an interface from its bridge; its record goes."""
     inst = _instance(ctx)
@@ -466,7 +466,7 @@ async def bridge_remove_port(ctx: Context, p: BridgePort) -> Json:
     return {"removed": p.port, "bridge": p.bridge}
 
 
-@method("net.vm.create_tap", right=Right.write)
+@method("net.vm.create_tap", right=Right.write, cli=Cli("net tap add"))
 async def vm_create_tap(ctx: Context, p: TapCreate) -> Json:
     """Create a persistent tap (up, optionally on a bridge); recorded and restored at start."""
     inst = _instance(ctx)
@@ -488,7 +488,7 @@ async def vm_create_tap(ctx: Context, p: TapCreate) -> Json:
     return _view(row)
 
 
-@method("net.vm.delete_tap", right=Right.write)
+@method("net.vm.delete_tap", right=Right.write, cli=Cli("net tap rm"))
 async def vm_delete_tap(ctx: Context, p: NameParam) -> Json:
     """Delete a tap made by net.vm.create_tap."""
     ctx.target = f"tap:{p.name}"
@@ -524,7 +524,7 @@ async def _remove_nft(ctx: Context, kind: str, rid: int) -> Json:
     return {"deleted": rid}
 
 
-@method("net.firewall.add_rule", right=Right.write)
+@method("net.firewall.add_rule", right=Right.write, cli=Cli("net fw allow"))
 async def firewall_add_rule(ctx: Context, p: RuleAdd) -> Json:
     """Add an input allow rule to den's node table (an accept: it cannot undo a drop of another table)."""
     if p.iface is not None:
@@ -532,7 +532,7 @@ async def firewall_add_rule(ctx: Context, p: RuleAdd) -> Json:
     return await _add_nft(ctx, "rule", p.model_dump(exclude_none=True))
 
 
-@method("net.firewall.remove_rule", right=Right.write)
+@method("net.firewall.remove_rule", right=Right.write, cli=Cli("net fw rm"))
 async def firewall_remove_rule(ctx: Context, p: RuleRemove) -> Json:
     """Remove an input allow rule net.firewall.add_rule made (by id), or a host table's rule (by handle)."""
     if p.id is not None:
@@ -545,7 +545,7 @@ async def firewall_remove_rule(ctx: Context, p: RuleRemove) -> Json:
     return {"deleted": p.handle, "table": f"{p.family} {p.table}"}
 
 
-@method("net.nat.add_dnat", right=Right.write)
+@method("net.nat.add_dnat", right=Right.write, cli=Cli("net nat dnat"))
 async def nat_add_dnat(ctx: Context, p: DnatAdd) -> Json:
     """Forward a port (DNAT) to another address; in den's node table, recorded."""
     if p.iface is not None:
@@ -553,13 +553,13 @@ async def nat_add_dnat(ctx: Context, p: DnatAdd) -> Json:
     return await _add_nft(ctx, "dnat", p.model_dump(exclude_none=True))
 
 
-@method("net.nat.remove_dnat", right=Right.write)
+@method("net.nat.remove_dnat", right=Right.write, cli=Cli("net nat dnat-rm"))
 async def nat_remove_dnat(ctx: Context, p: IdParam) -> Json:
     """Remove a port forward net.nat.add_dnat made, by its id."""
     return await _remove_nft(ctx, "dnat", p.id)
 
 
-@method("net.nat.add_snat", right=Right.write)
+@method("net.nat.add_snat", right=Right.write, cli=Cli("net nat snat"))
 async def nat_add_snat(ctx: Context, p: SnatAdd) -> Json:
     """Source NAT (masquerade, or to one address) of a network's traffic; recorded."""
     if p.oif is not None:
@@ -567,13 +567,17 @@ async def nat_add_snat(ctx: Context, p: SnatAdd) -> Json:
     return await _add_nft(ctx, "snat", p.model_dump(exclude_none=True))
 
 
-@method("net.nat.remove_snat", right=Right.write)
+@method("net.nat.remove_snat", right=Right.write, cli=Cli("net nat snat-rm"))
 async def nat_remove_snat(ctx: Context, p: IdParam) -> Json:
     """Remove a source NAT net.nat.add_snat made, by its id."""
     return await _remove_nft(ctx, "snat", p.id)
 
 
-@method("net.conntrack.flush", right=Right.admin)
+@method(
+    "net.conntrack.flush",
+    right=Right.admin,
+    cli=Cli("net conntrack flush", confirm="Flush connection tracking entries?"),
+)
 async def conntrack_flush(ctx: Context, p: ConntrackFlush) -> Json:
     """Flush connection tracking entries (all, or one zone's)."""
     ctx.target = "conntrack" if p.zone is None else f"conntrack:zone {p.zone}"
