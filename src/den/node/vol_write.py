@@ -6,7 +6,10 @@ Every function here is given devices den.node.vol_guard has already let through.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import fcntl
 import os
+import struct
 from typing import Any
 
 from den import proc
@@ -46,15 +49,19 @@ async def create_partition(
             field="size_bytes",
         )
     before = set(vol_sys.partitions_of(name))
+    if wipe:
+        # Every signature (an MBR, a filesystem) goes: a leftover one would make
+        # the disk ambiguous to blkid and the kernel.
+        await proc.run(["wipefs", "--all", "--quiet", f"/dev/{name}"], timeout=60)
     argv = ["sgdisk"]
     if wipe or not has_table:
-        argv += ["--zap-all", "--clear"]
+        argv += ["--clear"]
     end = f"+{size_bytes // 1024}K" if size_bytes is not None else "0"
     argv += ["--new", f"0:0:{end}", "--typecode", f"0:{type_code}"]
     if label:
         argv += ["--change-name", f"0:{label}"]
     await proc.run([*argv, f"/dev/{name}"], timeout=60)
-    # sgdisk asks the kernel to re-read the table; a loop device needs its partscan flag.
+    await sync_kernel(name)
     after = set(vol_sys.partitions_of(name))
     new = sorted(after - before)
     if not new:
@@ -75,6 +82,52 @@ async def create_partition(
     }
 
 
+# BLKPG: tell the kernel about one partition (linux/blkpg.h)
+_BLKPG = 0x1269
+_BLKPG_ADD, _BLKPG_DEL = 1, 2
+
+
+def _blkpg(name: str, op: int, number: int, start: int = 0, length: int = 0) -> None:
+    part = ctypes.create_string_buffer(struct.pack("@qqi64s64s", start, length, number, b"", b""))
+    arg = bytearray(struct.pack("@iiiP", op, 0, ctypes.sizeof(part), ctypes.addressof(part)))
+    fd = os.open(f"/dev/{name}", os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, _BLKPG, arg)
+    finally:
+        os.close(fd)
+
+
+async def sync_kernel(name: str) -> None:
+    """Make the kernel's partitions of a disk those of its table.
+
+    sgdisk asks the kernel to re-read the table, but a kernel built without the
+    GPT parser (some VM kernels) sees none: den adds them itself (BLKPG), from
+    the table as libblkid reads it (partx --show).
+    """
+    res = await proc.run(
+        ["partx", "--show", "--noheadings", "--output", "NR,START,SECTORS", f"/dev/{name}"],
+        check=False,
+        timeout=30,
+    )
+    table = {}
+    for line in res.stdout.splitlines():
+        nr, start, sectors = (int(x) for x in line.split())
+        table[nr] = (start * vol_sys.SECTOR, sectors * vol_sys.SECTOR)
+    parts = map(vol_sys.partition, vol_sys.partitions_of(name))
+    kernel = {p.number: (p.start_bytes, p.size_bytes) for p in parts}
+    try:
+        for nr, have in kernel.items():
+            if table.get(nr) != have:
+                _blkpg(name, _BLKPG_DEL, nr)
+        for nr, want in table.items():
+            if kernel.get(nr) != want:
+                _blkpg(name, _BLKPG_ADD, nr, *want)
+    except OSError as exc:
+        raise BackendFailure(
+            f"cannot update the kernel's partitions of /dev/{name}: {exc}"
+        ) from None
+
+
 async def uuid_of(path: str) -> str:
     return (await vol_sys.blkid(path)).get(path, {}).get("UUID", "")
 
@@ -91,6 +144,9 @@ async def create_filesystem(name: str, fstype: str, label: str) -> dict[str, Any
 
 
 async def create_md_array(name: str, members: list[str]) -> dict[str, Any]:
+    if not os.path.exists("/proc/mdstat"):
+        # mdadm would leave device nodes behind before failing
+        raise BackendFailure("this kernel has no MD RAID support (CONFIG_MD): no array made")
     dev = f"/dev/md/{name}"
     if os.path.exists(dev):
         raise InvalidParams(f"an MD array named {name} exists already", field="name")
