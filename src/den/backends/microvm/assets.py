@@ -387,7 +387,9 @@ def host_tsc_khz() -> int | None:
 def base_cmdline() -> str:
     """The kernel arguments every den guest gets (B adds den.ip=... and the rest)."""
     khz = host_tsc_khz()
-    return "console=ttyS0 quiet panic=-1" + (f" tsc_early_khz={khz}" if khz else "")
+    # tsc=reliable: on a loaded host the TSC watchdog (TCG) drops to the jiffies clock,
+    # 4 ms steps for every clock the guest reads.
+    return "console=ttyS0 quiet panic=-1 tsc=reliable" + (f" tsc_early_khz={khz}" if khz else "")
 
 
 def qemu_base_argv(assets: Assets, accel: str, memory_mb: int, console: Path) -> list[str]:
