@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # name -> "module:Class"
 BACKENDS: dict[str, str] = {
     "sandbox": "den.backends.sandbox:SandboxBackend",
+    "microvm": "den.backends.microvm.backend:MicroVMBackend",
 }
 
 

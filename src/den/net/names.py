@@ -22,3 +22,8 @@ def veth(instance: int, ws_id: str) -> str:
 
 def veth_prefix(instance: int) -> str:
     return f"d{instance}-"
+
+
+def tap(instance: int, ws_id: str) -> str:
+    # A microVM's TAP on the bridge; IFNAMSIZ as for veths ("" gives the prefix).
+    return f"t{instance}-{ws_id}"[:15]
