@@ -142,6 +142,9 @@ def test_vm_rights_and_bad_input(pool_daemon: Daemon, bb_image: str, users: User
                   user=owner)  # fmt: skip
     assert "memory_mb given twice" in msg
     invalid(d, "vm.create", "backend", name="x", backend="xen", user=owner)
+    # user.*: the compute manager's clients name the user user_id
+    assert d.error("user.vm", user_id=owner).code == -32001  # accepted: no "default" yet
+    invalid(d, "user.vm", "user_id", user_id="Not A Name")
     assert d.call_as(owner, "vm.delete", {"vm_id": vm["id"]})["result"]["deleted"] is True
     assert_gone(d, vm["id"])
 

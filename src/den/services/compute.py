@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from den.errors import NotFound
 from den.rpc.registry import Cli, CliArg, Context, Params, Right, method
@@ -25,7 +25,12 @@ from den.services.workspaces import (
 
 
 class UserWs(Params):
-    user: Annotated[Name | None, CliArg()] = Field(None, description="The user (default: you).")
+    # user_id: the name the compute manager's own clients send.
+    user: Annotated[Name | None, CliArg()] = Field(
+        None,
+        validation_alias=AliasChoices("user", "user_id"),
+        description="The user (default: you; also accepted as user_id).",
+    )
 
 
 async def _default_ref(ctx: Context, user: str | None) -> str:
