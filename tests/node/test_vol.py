@@ -241,32 +241,32 @@ def test_btrfs_raid1(vd: Daemon, loops: Callable[[int], str], root: Path) -> Non
 
 
 def test_recorded_mount_restored_and_vanished_pruned(
-    loops: Callable[[int], str], root: Path
+    vd: Daemon, loops: Callable[[int], str], root: Path
 ) -> None:
-    with running_daemon({"DEN_MICROVM": "false"}) as d:
-        keep, gone = loops(128), loops(128)
-        for dev in (keep, gone):
-            d.call("vol.create_filesystem", device=dev, fstype="ext4")
-        mp_keep, mp_gone = str(root / "keep"), str(root / "gone")
-        d.call("vol.mount", device=keep, mount_point=mp_keep)
-        d.call("vol.mount", device=gone, mount_point=mp_gone)
-        Path(mp_keep, "hello").write_text("kept")
-        d.stop()
-        # As after a reboot: nothing mounted; one device is gone for good.
-        for mp in (mp_keep, mp_gone):
-            assert run("umount", mp).returncode == 0
-        assert run("losetup", "-d", gone).returncode == 0
-        d.start()
-        assert mp_keep in mount_points() and Path(mp_keep, "hello").read_text() == "kept"
-        assert mp_gone not in mount_points()
-        assert [e["mount_point"] for e in d.call("vol.verify")["entries"]] == [mp_keep]
-        pruned = audit(d, "vol.prune")
-        assert pruned and pruned[0]["target"] == f"mount:{gone} -> {mp_gone}"
-        # Drift: unmounted behind den's back.
-        assert run("umount", mp_keep).returncode == 0
-        drift = d.call("vol.verify")
-        assert not drift["ok"] and drift["drift"][0]["state"] == "not_mounted"
-        d.call("vol.unmount", mount_point=mp_keep)  # forgets the record
+    d = vd  # restarted below: the module's daemon
+    keep, gone = loops(128), loops(128)
+    for dev in (keep, gone):
+        d.call("vol.create_filesystem", device=dev, fstype="ext4")
+    mp_keep, mp_gone = str(root / "keep"), str(root / "gone")
+    d.call("vol.mount", device=keep, mount_point=mp_keep)
+    d.call("vol.mount", device=gone, mount_point=mp_gone)
+    Path(mp_keep, "hello").write_text("kept")
+    d.stop()
+    # As after a reboot: nothing mounted; one device is gone for good.
+    for mp in (mp_keep, mp_gone):
+        assert run("umount", mp).returncode == 0
+    assert run("losetup", "-d", gone).returncode == 0
+    d.start()
+    assert mp_keep in mount_points() and Path(mp_keep, "hello").read_text() == "kept"
+    assert mp_gone not in mount_points()
+    assert [e["mount_point"] for e in d.call("vol.verify")["entries"]] == [mp_keep]
+    pruned = audit(d, "vol.prune")
+    assert pruned and pruned[0]["target"] == f"mount:{gone} -> {mp_gone}"
+    # Drift: unmounted behind den's back.
+    assert run("umount", mp_keep).returncode == 0
+    drift = d.call("vol.verify")
+    assert not drift["ok"] and drift["drift"][0]["state"] == "not_mounted"
+    d.call("vol.unmount", mount_point=mp_keep)  # forgets the record
 
 
 def _pool_device(d: Daemon) -> str:

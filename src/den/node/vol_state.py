@@ -68,8 +68,29 @@ async def records(db: AsyncSession) -> list[VolMount]:
     return list((await db.scalars(select(VolMount).order_by(VolMount.id))).all())
 
 
+# The mount points den recorded, kept in memory for vol.list_mounts (a read the
+# tools poll): dropped whenever a call may change them, read again on next use.
+_recorded: dict[str, dict[str, str]] | None = None
+
+
+def forget_points() -> None:
+    global _recorded
+    _recorded = None
+
+
+async def recorded(db: AsyncSession) -> dict[str, dict[str, str]]:
+    """mount point -> {mount_point, device, fstype} of every mount den recorded (cached)."""
+    global _recorded
+    if _recorded is None:
+        _recorded = {
+            r.mount_point: {"mount_point": r.mount_point, "device": r.device, "fstype": r.fstype}
+            for r in await records(db)
+        }
+    return _recorded
+
+
 async def recorded_points(db: AsyncSession) -> set[str]:
-    return set((await db.scalars(select(VolMount.mount_point))).all())
+    return set(await recorded(db))
 
 
 def _mounted_from(m: vol_sys.Mount | None, device: str) -> bool:
@@ -120,6 +141,8 @@ async def mount(
         created_by=actor,
     )
     db.add(rec)
+    await db.commit()  # now, so that the cache of recorded points is read after it
+    forget_points()
     return {"device": device, "mount_point": point, "fstype": fstype, "options": opts,
             "uuid": rec.uuid}  # fmt: skip
 
@@ -137,6 +160,8 @@ async def unmount(settings: Settings, db: AsyncSession, mount_point: str) -> dic
     if vol_sys.mount_at(point) is not None:
         await proc.run(["umount", point], timeout=120)
     await db.delete(rec)
+    await db.commit()
+    forget_points()
     return {"mount_point": point, "device": rec.device, "unmounted": True}
 
 
@@ -202,6 +227,8 @@ async def restore(app: App) -> None:
             await db.commit()
     except Exception:
         log.exception("restoring vol mounts failed")
+    finally:
+        forget_points()
 
 
 async def _remount(rec: VolMount) -> None:

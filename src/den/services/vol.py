@@ -195,13 +195,10 @@ async def inventory(ctx: Context, p: NoParams) -> dict[str, Any]:
                 ],
             }
         )
-    recs = await vol_state.records(ctx.db)
     return {
         "disks": disks,
         "filesystems": {dev: info for dev, info in fs.items() if "TYPE" in info},
-        "managed_mounts": [
-            {"mount_point": r.mount_point, "device": r.device, "fstype": r.fstype} for r in recs
-        ],
+        "managed_mounts": list((await vol_state.recorded(ctx.db)).values()),
         "md_arrays": vol_sys.mdstat(),
         "btrfs": vol_sys.btrfs_filesystems(),
         "pool": _pool(ctx),
