@@ -71,6 +71,9 @@ class Daemon:
             "DEN_APT_CACHE": str(ROOT / ".cache" / "apt"),
             # Caddy only where a test uses workspace URLs (tests/web turn it on).
             "DEN_WEB": "false",
+            # The microvm backend only where a test runs microVMs (it turns it on
+            # and seeds the session's guest assets: tests/microvm/conftest.py).
+            "DEN_MICROVM": "false",
         }
         if database_url:
             self.env["DEN_DATABASE_URL"] = database_url
@@ -295,7 +298,8 @@ def init_pool(d: Daemon, size: str = "8G") -> None:
     d.env["DEN_POOL_SIZE"] = size
     res = subprocess.run(
         [DEN, "init", "--yes", "--no-image"],
-        env=d.env,
+        # The guest assets of a microVM daemon are seeded, not built by every init.
+        env={**d.env, "DEN_MICROVM": "false"},
         capture_output=True,
         text=True,
         timeout=600,

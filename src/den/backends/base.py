@@ -16,7 +16,6 @@ module is imported, not later.
 
 from __future__ import annotations
 
-import inspect
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -188,9 +187,13 @@ class Backend(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if inspect.isabstract(cls):
-            missing = ", ".join(sorted(cls.__abstractmethods__))
-            raise TypeError(f"backend {cls.__name__} does not implement: {missing}")
+        # ABCMeta sets __abstractmethods__ only after this hook runs: look for
+        # what is still abstract by hand.
+        missing = sorted(
+            n for n in dir(cls) if getattr(getattr(cls, n, None), "__isabstractmethod__", False)
+        )
+        if missing:
+            raise TypeError(f"backend {cls.__name__} does not implement: {', '.join(missing)}")
 
     @abstractmethod
     async def create(self, spec: Spec) -> State:

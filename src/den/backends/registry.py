@@ -8,6 +8,7 @@ backend module.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from den.errors import InvalidParams
@@ -15,12 +16,34 @@ from den.errors import InvalidParams
 if TYPE_CHECKING:
     from den.backends.base import Backend, HostContext
     from den.backends.seccomp import Filter
+    from den.config import Settings
 
 # name -> "module:Class"
 BACKENDS: dict[str, str] = {
     "sandbox": "den.backends.sandbox:SandboxBackend",
     "microvm": "den.backends.microvm.backend:MicroVMBackend",
 }
+
+
+# name -> the module with what `den init` does for that backend on this host
+# (guest kernels, probes): ``init_check(settings, probe) -> (checks, notes)`` and
+# ``async init_prepare(settings, say) -> notes``, used when ``enabled(settings)``.
+HOST_STEPS: dict[str, str] = {
+    "microvm": "den.backends.microvm.assets",
+}
+
+
+def host_steps(settings: Settings) -> list[ModuleType]:
+    """The `den init` steps of every backend enabled in ``settings``."""
+    found = []
+    for name in names():
+        target = HOST_STEPS.get(name)
+        if target is None:
+            continue
+        module = importlib.import_module(target)
+        if module.enabled(settings):
+            found.append(module)
+    return found
 
 
 def names() -> list[str]:

@@ -16,7 +16,6 @@ from den.cli import render
 from den.errors import Conflict, DenError
 
 if TYPE_CHECKING:  # the rest is imported when the command runs: `den --help` stays fast
-    from den.backends.microvm.assets import Accel
     from den.config import Settings
     from den.host import checks as host_checks
     from den.host import prepare
@@ -106,8 +105,7 @@ def init(
         _print_checks([img_check])
         if not built:
             missing.append(img_check)
-    if settings.microvm:
-        missing += _microvm_check(settings, probe=check)
+    missing += _backend_checks(settings, probe=check)
     if check:
         raise typer.Exit(1 if missing else 0)
     if os.geteuid() != 0:
@@ -145,57 +143,38 @@ def init(
                 f"`den new --image {image}` uses this one, or set "
                 f'default_image = "{image}" in {den_config.config_file_path(config)}'
             )
-    if settings.microvm:
-        try:
-            asyncio.run(ensure_microvm(settings, say))
-        except DenError as exc:
-            render.err_console.print(
-                f"error: microVM assets: {exc.message} (microvm = false turns the backend off)",
-                highlight=False,
-            )
-            raise typer.Exit(7) from None
+    try:
+        asyncio.run(prepare_backends(settings, say))
+    except DenError as exc:
+        render.err_console.print(f"error: {exc.message}", highlight=False)
+        raise typer.Exit(7) from None
 
 
-def _microvm_check(settings: Settings, probe: bool) -> list[host_checks.Check]:
-    """The microvm backend's guest assets, and (``probe``: `den init --check`, as root)
-    whether KVM can run them, probed again."""
-    from den.backends.microvm import assets as mv
-    from den.host import checks as host_checks
-
-    ready = mv.assets_ready(settings.data_dir)
-    detail = (
-        f"built (kernel {ready.kernel_version})" if ready else "not built: den init builds them"
-    )
-    check = host_checks.Check(
-        "microVM assets", ready is not None, detail, fix="build the microVM kernel and initramfs"
-    )
-    _print_checks([check])
-    if ready is None:
-        return [check]
-    accel = mv.accel_cached(settings.data_dir)
-    if probe and os.geteuid() == 0:
-        accel = asyncio.run(mv.probe_accel(settings.data_dir, force=True))
-    _print_accel(accel)
-    return []
+def _print_notes(notes: list[str]) -> None:
+    for n in notes:
+        render.console.print(f"[yellow]note[/yellow] {n}", highlight=False)
 
 
-def _print_accel(accel: Accel | None) -> None:
-    if accel is None:
-        render.console.print("note microVM acceleration: not probed yet (den init probes it)")
-    elif accel.name == "kvm":
-        render.console.print("[green]ok[/green]   microVM acceleration: kvm", highlight=False)
-    else:
-        render.console.print(
-            f"[yellow]note[/yellow] microVM acceleration: tcg: {accel.note}", highlight=False
-        )
+def _backend_checks(settings: Settings, probe: bool) -> list[host_checks.Check]:
+    """What each enabled backend needs on this host (the microvm backend's guest
+    assets, and with ``probe`` -- `den init --check` as root -- KVM probed again)."""
+    from den.backends import registry
+
+    missing: list[host_checks.Check] = []
+    for steps in registry.host_steps(settings):
+        checks, notes = steps.init_check(settings, probe and os.geteuid() == 0)
+        _print_checks(checks)
+        _print_notes(notes)
+        missing += [c for c in checks if not c.ok]
+    return missing
 
 
-async def ensure_microvm(settings: Settings, say: prepare.Say) -> None:
-    """Build (or refresh) the microvm backend's guest assets and probe KVM."""
-    from den.backends.microvm import assets as mv
+async def prepare_backends(settings: Settings, say: prepare.Say) -> None:
+    """Build (or refresh) what each enabled backend needs on this host."""
+    from den.backends import registry
 
-    await mv.ensure_assets(settings.data_dir, progress=say, refresh=True)
-    _print_accel(await mv.probe_accel(settings.data_dir))
+    for steps in registry.host_steps(settings):
+        _print_notes(await steps.init_prepare(settings, say))
 
 
 def _daemon_running(settings: Settings) -> bool:

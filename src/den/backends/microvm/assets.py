@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from den.errors import BackendFailure
+from den.errors import BackendFailure, DenError
+from den.host.checks import Check
 
 if TYPE_CHECKING:
     from den.config import Settings
@@ -478,3 +479,47 @@ def unavailable(settings: Settings) -> str | None:
     if assets_ready(settings.data_dir) is None:
         return "its guest kernel and initramfs are not built: run `den init`"
     return None
+
+
+# -- den init's steps for this backend (den.backends.registry.HOST_STEPS) -------------
+
+
+def enabled(settings: Settings) -> bool:
+    return settings.microvm
+
+
+def _accel_note(accel: Accel | None) -> str:
+    if accel is None:
+        return "microVM acceleration: not probed yet (den init probes it)"
+    if accel.name == "kvm":
+        return "microVM acceleration: kvm"
+    return f"microVM acceleration: tcg: {accel.note}"
+
+
+def init_check(settings: Settings, probe: bool) -> tuple[list[Check], list[str]]:
+    """The guest assets as a host check, and the acceleration verdict (probed
+    again when ``probe``) as a note."""
+    ready = assets_ready(settings.data_dir)
+    detail = (
+        f"built (kernel {ready.kernel_version})" if ready else "not built: den init builds them"
+    )
+    check = Check(
+        "microVM assets", ready is not None, detail, fix="build the microVM kernel and initramfs"
+    )
+    if ready is None:
+        return [check], []
+    accel = accel_cached(settings.data_dir)
+    if probe:
+        accel = asyncio.run(probe_accel(settings.data_dir, force=True))
+    return [check], [_accel_note(accel)]
+
+
+async def init_prepare(settings: Settings, say: Progress) -> list[str]:
+    """Build (or refresh) the guest assets and probe KVM; the verdict as a note."""
+    try:
+        await ensure_assets(settings.data_dir, progress=say, refresh=True)
+    except DenError as exc:
+        raise type(exc)(
+            f"microVM assets: {exc.message} (microvm = false turns the backend off)"
+        ) from None
+    return [_accel_note(await probe_accel(settings.data_dir))]
