@@ -424,6 +424,19 @@ class Settings(BaseSettings):
     busy_max_seconds: int = Field(
         43200, ge=60, le=7 * 86400, description="Longest busy lease (POST /v1/busy?for=...)."
     )
+    # The node ACL (den.rpc.acl): groups and grants for net.* and vol.*, besides the API's.
+    acl_file: Path = Field(
+        Path("/etc/den/acl.toml"),
+        description="Groups and node ACL entries loaded at start (none: only the API's); "
+        "instance N reads /etc/den/acl-N.toml unless set.",
+    )
+
+    @model_validator(mode="after")
+    def _acl_file_instance(self) -> Settings:
+        if self.instance and "acl_file" not in self.model_fields_set:
+            self.acl_file = Path(f"/etc/den/acl-{self.instance}.toml")
+        return self
+
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )

@@ -25,6 +25,18 @@ from den.ssh.server import Gateway
 log = logging.getLogger("den.daemon")
 
 
+async def _load_acl(app: App) -> None:
+    """The node ACL file (acl_file), before any call: a broken one stops den here."""
+    from den.rpc.acl import AclFileError, load_file
+
+    try:
+        warnings = await load_file(app)
+    except AclFileError as err:
+        raise SystemExit(f"den: {err}") from None
+    for w in warnings:
+        log.warning("acl file: %s", w)
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
     load_all()
@@ -43,6 +55,7 @@ async def serve(settings: Settings) -> None:
         # Before the network is first put in place: Caddy's account may reach workspaces.
         app.network.web_uid = await ensure_account(settings)
     await app.start()
+    await _load_acl(app)
     # Before the reconciler starts workspaces: it follows the backend from here.
     await meta.start(app)
     await reconciler.reconcile(app, startup=True)

@@ -475,3 +475,61 @@ class VolMount(Base):
     options: Mapped[str] = mapped_column(String(255), default="")
     created_by: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# -- groups and the node ACL (den.rpc.acl) ----------------------------------------
+
+
+class AclGroup(Base):
+    """A group of den users and of other groups (nested), named in node ACL entries.
+
+    ``source`` is "api" (made with group.create) or "file" (declared in acl.toml,
+    replaced from it at each load and read-only through the API)."""
+
+    __tablename__ = "acl_groups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    source: Mapped[str] = mapped_column(String(8), default="api")
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AclMember(Base):
+    """One member of a group: a user or a group (exactly one of the two is set)."""
+
+    __tablename__ = "acl_members"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_id: Mapped[int] = mapped_column(
+        ForeignKey("acl_groups.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    member_group_id: Mapped[int | None] = mapped_column(
+        ForeignKey("acl_groups.id", ondelete="CASCADE"), index=True
+    )
+    source: Mapped[str] = mapped_column(String(8), default="api")
+
+
+class AclEntry(Base):
+    """A grant of a right (read, write, admin) on a node method pattern to a principal:
+    a group, a user, or anonymous callers ("local": the unix socket, "remote": TCP)."""
+
+    __tablename__ = "acl_entries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_id: Mapped[int | None] = mapped_column(
+        ForeignKey("acl_groups.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    anonymous: Mapped[str | None] = mapped_column(String(8))  # "local" or "remote"
+    pattern: Mapped[str] = mapped_column(String(128))
+    right: Mapped[str] = mapped_column(String(8))
+    source: Mapped[str] = mapped_column(String(8), default="api")
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

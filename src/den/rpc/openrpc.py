@@ -8,6 +8,7 @@ from pydantic import TypeAdapter
 
 from den import __version__
 from den.errors import ERROR_CLASSES
+from den.rpc import acl
 from den.rpc.registry import REGISTRY, Cli, Context, Method, NoParams, Registry, Right, method
 
 REF = "#/components/schemas/{model}"
@@ -53,13 +54,14 @@ def document(registry: Registry = REGISTRY) -> dict[str, Any]:
             {
                 "name": m.name,
                 "summary": m.summary,
-                "description": f"{m.doc}\n\nRequired right: {m.right.name}.",
+                "description": f"{m.doc}\n\nRequired right: {m.right.name}.{acl.discover_note(m)}",
                 "paramStructure": "either",
                 "params": _params(m, defs),
                 "result": {"name": "result", "schema": _schema(m.result, defs)},
                 "errors": _errors(),
                 "x-right": m.right.name,
                 "x-mutating": m.mutating,
+                "x-acl": acl.discover_entry(m),  # node methods: the ACL patterns that grant them
             }
         )
     return {

@@ -253,6 +253,10 @@ class Registry:
         params: Params | None = None
         try:
             check_right(caller, m)
+            if caller.role != "admin" and m.name.startswith(("net.", "vol.")):
+                from den.rpc import acl  # imports this module
+
+                await acl.authorize(app, caller, m)  # the node ACL, read at call time
             params = m.parse(raw_params)
             result = await m.fn(ctx, params)
             data = m.result_adapter.dump_python(result, mode="json")
@@ -335,6 +339,11 @@ def check_right(caller: Caller, m: Method) -> None:
             f"{m.name} is not open to a workspace token; it may call only "
             + ", ".join(sorted(SCOPED_METHODS))
         )
+    if m.name.startswith(("net.", "vol.")):
+        from den.rpc import acl  # imports this module
+
+        acl.check_credential(caller, m)  # the grant is checked in call(), by den.rpc.acl
+        return
     if not caller.authenticated:
         raise Unauthenticated(
             f"{m.name} needs an identity: call over the unix socket as root or as a den "

@@ -31,6 +31,7 @@ MODULES = (
     "mail",
     "envvars",
     "why",
+    "acl",
     "net",
     "vol",
 )
