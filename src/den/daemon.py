@@ -18,8 +18,9 @@ from den.config import Settings
 from den.host import checks
 from den.meta import server as meta
 from den.net import overlay
+from den.node import vol_state
 from den.rpc.server import make_web_app, prepare_socket
-from den.services import idle, load_all, metrics, reconciler
+from den.services import idle, load_all, metrics, net, reconciler
 from den.ssh.server import Gateway
 
 log = logging.getLogger("den.daemon")
@@ -55,6 +56,8 @@ async def serve(settings: Settings) -> None:
         # Before the network is first put in place: Caddy's account may reach workspaces.
         app.network.web_uid = await ensure_account(settings)
     await app.start()
+    await net.restore(app)  # what net.* made, back in the kernel (den.services.net)
+    await vol_state.restore(app)  # mounts vol.mount made (den.node.vol_state)
     await _load_acl(app)
     # Before the reconciler starts workspaces: it follows the backend from here.
     await meta.start(app)

@@ -31,9 +31,9 @@ MODULES = (
     "mail",
     "envvars",
     "why",
-    "acl",
     "net",
     "vol",
+    "acl",
 )
 
 

@@ -17,7 +17,7 @@ from pydantic import Field
 from den.errors import Conflict, Forbidden, InvalidParams
 from den.node import vol_btrfs, vol_guard, vol_state, vol_sys, vol_write
 from den.node.vol_guard import AbsPath, Device
-from den.rpc.registry import Context, NoParams, Params, Right, method
+from den.rpc.registry import Cli, Context, NoParams, Params, Right, method
 
 MAX_BYTES = 1 << 50  # 1 PiB: more than any disk den would see; larger is a typo or an attack
 Label = Annotated[str, Field(max_length=255, pattern=r"^[A-Za-z0-9._-]*$")]
@@ -66,14 +66,14 @@ class DeviceParams(Params):
     device: Device
 
 
-@method("vol.list_disks", right=Right.read)
+@method("vol.list_disks", right=Right.read, cli=Cli("vol disk ls"))
 async def list_disks(ctx: Context, p: NoParams) -> list[dict[str, Any]]:
     """Whole block devices (disks, loop, MD), with size, partitions and holders."""
     prot = vol_guard.protected(ctx.app.settings)
     return [{**d.__dict__, "protected": prot.get(d.name, "")} for d in vol_sys.disks()]
 
 
-@method("vol.list_partitions", right=Right.read)
+@method("vol.list_partitions", right=Right.read, cli=Cli("vol partition ls"))
 async def list_partitions(ctx: Context, p: NoParams) -> list[dict[str, Any]]:
     """Partitions of every disk, with the filesystem each holds (blkid)."""
     fs = await vol_sys.blkid()
@@ -89,7 +89,7 @@ async def list_partitions(ctx: Context, p: NoParams) -> list[dict[str, Any]]:
     return out
 
 
-@method("vol.list_filesystems", right=Right.read)
+@method("vol.list_filesystems", right=Right.read, cli=Cli("vol fs ls"))
 async def list_filesystems(ctx: Context, p: NoParams) -> list[dict[str, Any]]:
     """Filesystems (and swap, RAID members) found on block devices, and where each is mounted."""
     mounts = vol_sys.mountinfo()
@@ -114,14 +114,14 @@ async def list_filesystems(ctx: Context, p: NoParams) -> list[dict[str, Any]]:
     return out
 
 
-@method("vol.list_mounts", right=Right.read)
+@method("vol.list_mounts", right=Right.read, cli=Cli("vol mount ls"))
 async def list_mounts(ctx: Context, p: NoParams) -> list[dict[str, Any]]:
     """Every mount (from /proc/self/mountinfo); ``managed``: den made it (vol.mount)."""
     ours = await vol_state.recorded_points(ctx.db)
     return [{**m.as_dict(), "managed": m.mount_point in ours} for m in vol_sys.mountinfo()]
 
 
-@method("vol.list_subvolumes", right=Right.read)
+@method("vol.list_subvolumes", right=Right.read, cli=Cli("vol subvolume ls"))
 async def list_subvolumes(ctx: Context, p: OptPathParams) -> list[dict[str, Any]]:
     """btrfs subvolumes below ``path`` (default: den's storage pool)."""
     path = _existing(p.path or _pool(ctx))
@@ -133,7 +133,7 @@ class FreeSpaceParams(Params):
     min_bytes: int = Field(1 << 20, ge=0, le=MAX_BYTES)
 
 
-@method("vol.list_free_space", right=Right.read)
+@method("vol.list_free_space", right=Right.read, cli=Cli("vol free"))
 async def list_free_space(ctx: Context, p: FreeSpaceParams) -> list[dict[str, int]]:
     """Unpartitioned gaps on a disk (where vol.create_partition would put one)."""
     name = vol_guard.block_device(p.device)
@@ -156,7 +156,7 @@ def _usage(path: str) -> dict[str, Any]:
     }
 
 
-@method("vol.usage", right=Right.read)
+@method("vol.usage", right=Right.read, cli=Cli("vol usage"))
 async def usage(ctx: Context, p: OptPathParams) -> list[dict[str, Any]]:
     """Space used and free: of ``path``, or of every mounted block-device filesystem."""
     if p.path:
@@ -172,7 +172,7 @@ async def usage(ctx: Context, p: OptPathParams) -> list[dict[str, Any]]:
     return out
 
 
-@method("vol.inventory", right=Right.read)
+@method("vol.inventory", right=Right.read, cli=Cli("vol inventory"))
 async def inventory(ctx: Context, p: NoParams) -> dict[str, Any]:
     """One snapshot of the node's storage: disks with their partitions, filesystems,
     mounts den made, MD arrays, btrfs filesystems, the pool and what is protected."""
@@ -206,37 +206,37 @@ async def inventory(ctx: Context, p: NoParams) -> dict[str, Any]:
     }
 
 
-@method("vol.fs_usage", right=Right.read)
+@method("vol.fs_usage", right=Right.read, cli=Cli("vol fs usage"))
 async def fs_usage(ctx: Context, p: OptPathParams) -> dict[str, Any]:
     """Detailed btrfs usage (`btrfs filesystem usage`) of ``path`` (default: the pool)."""
     return await vol_btrfs.fs_usage(_existing(p.path or _pool(ctx)))
 
 
-@method("vol.fs_df", right=Right.read)
+@method("vol.fs_df", right=Right.read, cli=Cli("vol fs df"))
 async def fs_df(ctx: Context, p: OptPathParams) -> list[dict[str, Any]]:
     """btrfs space per block group type and profile (`btrfs filesystem df`)."""
     return await vol_btrfs.fs_df(_existing(p.path or _pool(ctx)))
 
 
-@method("vol.device_stats", right=Right.read)
+@method("vol.device_stats", right=Right.read, cli=Cli("vol fs stats"))
 async def device_stats(ctx: Context, p: OptPathParams) -> dict[str, dict[str, int]]:
     """btrfs per-device error counters of the filesystem at ``path`` (default: the pool)."""
     return await vol_btrfs.device_stats(_existing(p.path or _pool(ctx)))
 
 
-@method("vol.scrub_status", right=Right.read)
+@method("vol.scrub_status", right=Right.read, cli=Cli("vol scrub status"))
 async def scrub_status(ctx: Context, p: OptPathParams) -> dict[str, Any]:
     """The last or running btrfs scrub of ``path`` (default: the pool)."""
     return await vol_btrfs.scrub_status(_existing(p.path or _pool(ctx)))
 
 
-@method("vol.balance_status", right=Right.read)
+@method("vol.balance_status", right=Right.read, cli=Cli("vol balance status"))
 async def balance_status(ctx: Context, p: OptPathParams) -> dict[str, Any]:
     """Whether a btrfs balance runs on ``path`` (default: the pool)."""
     return await vol_btrfs.balance_status(_existing(p.path or _pool(ctx)))
 
 
-@method("vol.list_md_arrays", right=Right.read)
+@method("vol.list_md_arrays", right=Right.read, cli=Cli("vol md ls"))
 async def list_md_arrays(ctx: Context, p: NoParams) -> list[dict[str, Any]]:
     """Linux MD (software RAID) arrays, from sysfs."""
     return vol_sys.mdstat()
@@ -249,13 +249,13 @@ def _md_name(device: str) -> str:
     return name
 
 
-@method("vol.md_detail", right=Right.read)
+@method("vol.md_detail", right=Right.read, cli=Cli("vol md show"))
 async def md_detail(ctx: Context, p: DeviceParams) -> dict[str, Any]:
     """One MD array: sysfs state and `mdadm --detail`."""
     return await vol_write.md_detail(_md_name(p.device))
 
 
-@method("vol.verify", right=Right.read)
+@method("vol.verify", right=Right.read, cli=Cli("vol verify"))
 async def verify(ctx: Context, p: NoParams) -> dict[str, Any]:
     """Drift between the mounts den recorded and the kernel's: not_mounted, other
     (something else mounted there), vanished (the filesystem is gone)."""
@@ -273,7 +273,7 @@ class PartitionParams(Params):
     force: bool = Field(False, description="the disk has a table or filesystem: add to it")
 
 
-@method("vol.create_partition", right=Right.write)
+@method("vol.create_partition", right=Right.write, cli=Cli("vol partition add"))
 async def create_partition(ctx: Context, p: PartitionParams) -> dict[str, Any]:
     """A GPT partition on a disk (a new table on a blank disk).
 
@@ -295,7 +295,7 @@ class FilesystemParams(Params):
     force: bool = False
 
 
-@method("vol.create_filesystem", right=Right.write)
+@method("vol.create_filesystem", right=Right.write, cli=Cli("vol fs make"))
 async def create_filesystem(ctx: Context, p: FilesystemParams) -> dict[str, Any]:
     """Format a device (btrfs, ext4, vfat or swap); force=true over an existing one."""
     ctx.target = f"device:{p.device} fstype:{p.fstype}"
@@ -310,7 +310,7 @@ class MountParams(Params):
     options: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=16)
 
 
-@method("vol.mount", right=Right.write)
+@method("vol.mount", right=Right.write, cli=Cli("vol mount add"))
 async def mount(ctx: Context, p: MountParams) -> dict[str, Any]:
     """Mount a filesystem below an allowed root (vol_mount_roots), always nosuid,nodev;
     recorded, and mounted again when den starts."""
@@ -323,14 +323,14 @@ class UnmountParams(Params):
     mount_point: AbsPath
 
 
-@method("vol.unmount", right=Right.write)
+@method("vol.unmount", right=Right.write, cli=Cli("vol mount rm"))
 async def unmount(ctx: Context, p: UnmountParams) -> dict[str, Any]:
     """Unmount a mount den made (vol.mount) and forget it; others are refused."""
     ctx.target = f"mount:{p.mount_point}"
     return await vol_state.unmount(ctx.app.settings, ctx.db, p.mount_point)
 
 
-@method("vol.create_subvolume", right=Right.write)
+@method("vol.create_subvolume", right=Right.write, cli=Cli("vol subvolume add"))
 async def create_subvolume(ctx: Context, p: PathParams) -> dict[str, Any]:
     """A btrfs subvolume at ``path`` on a filesystem den mounted."""
     ctx.target = f"subvolume:{p.path}"
@@ -343,7 +343,7 @@ class DeleteSubvolumeParams(Params):
     recursive: bool = False
 
 
-@method("vol.delete_subvolume", right=Right.write)
+@method("vol.delete_subvolume", right=Right.write, cli=Cli("vol subvolume rm"))
 async def delete_subvolume(ctx: Context, p: DeleteSubvolumeParams) -> dict[str, Any]:
     """Delete a btrfs subvolume (recursive: with the ones nested in it)."""
     ctx.target = f"subvolume:{p.path}"
@@ -359,7 +359,7 @@ class SnapshotParams(Params):
     read_only: bool = False
 
 
-@method("vol.snapshot_subvolume", right=Right.write)
+@method("vol.snapshot_subvolume", right=Right.write, cli=Cli("vol subvolume snapshot"))
 async def snapshot_subvolume(ctx: Context, p: SnapshotParams) -> dict[str, Any]:
     """A snapshot of a subvolume, on the same filesystem den mounted."""
     ctx.target = f"subvolume:{p.source} -> {p.dest}"
@@ -375,7 +375,7 @@ class QuotaParams(Params):
     limit_bytes: int | None = Field(..., ge=1 << 20, le=MAX_BYTES, description="None: no limit")
 
 
-@method("vol.set_quota", right=Right.write)
+@method("vol.set_quota", right=Right.write, cli=Cli("vol subvolume quota"))
 async def set_quota(ctx: Context, p: QuotaParams) -> dict[str, Any]:
     """Limit a subvolume's space (its qgroup; quotas are turned on if off)."""
     ctx.target = f"subvolume:{p.path}"
@@ -383,7 +383,7 @@ async def set_quota(ctx: Context, p: QuotaParams) -> dict[str, Any]:
     return await asyncio.to_thread(vol_btrfs.set_quota, p.path, p.limit_bytes)
 
 
-@method("vol.scrub_start", right=Right.write)
+@method("vol.scrub_start", right=Right.write, cli=Cli("vol scrub start"))
 async def scrub_start(ctx: Context, p: PathParams) -> dict[str, Any]:
     """Start a btrfs scrub in the background (vol.scrub_status follows it)."""
     ctx.target = f"fs:{p.path}"
@@ -396,7 +396,7 @@ class BalanceParams(Params):
     usage: int | None = Field(None, ge=0, le=100, description="only block groups under N% full")
 
 
-@method("vol.balance_start", right=Right.write)
+@method("vol.balance_start", right=Right.write, cli=Cli("vol balance start"))
 async def balance_start(ctx: Context, p: BalanceParams) -> dict[str, Any]:
     """Start a btrfs balance in the background (vol.balance_status follows it)."""
     ctx.target = f"fs:{p.path}"
@@ -409,7 +409,7 @@ class DefragParams(Params):
     recursive: bool = False
 
 
-@method("vol.defrag", right=Right.write)
+@method("vol.defrag", right=Right.write, cli=Cli("vol defrag"))
 async def defrag(ctx: Context, p: DefragParams) -> dict[str, Any]:
     """Defragment a file or directory on a btrfs den mounted."""
     ctx.target = f"fs:{p.path}"
@@ -417,7 +417,7 @@ async def defrag(ctx: Context, p: DefragParams) -> dict[str, Any]:
     return await vol_btrfs.defrag(p.path, p.recursive)
 
 
-@method("vol.resize_max", right=Right.write)
+@method("vol.resize_max", right=Right.write, cli=Cli("vol fs grow"))
 async def resize_max(ctx: Context, p: PathParams) -> dict[str, Any]:
     """Grow the filesystem mounted at ``path`` to its whole device (btrfs, ext4)."""
     ctx.target = f"fs:{p.path}"
@@ -444,7 +444,7 @@ class MdParams(Params):
     force: bool = False
 
 
-@method("vol.create_md_array", right=Right.admin)
+@method("vol.create_md_array", right=Right.admin, cli=Cli("vol md add"))
 async def create_md_array(ctx: Context, p: MdParams) -> dict[str, Any]:
     """An MD RAID-1 array /dev/md/NAME of the devices (metadata 1.2)."""
     ctx.target = f"md:{p.name} <- {','.join(p.devices)}"
@@ -457,7 +457,7 @@ class MdStopParams(Params):
     zero_superblock: bool = Field(False, description="then erase the members' RAID superblocks")
 
 
-@method("vol.stop_md_array", right=Right.admin)
+@method("vol.stop_md_array", right=Right.admin, cli=Cli("vol md stop"))
 async def stop_md_array(ctx: Context, p: MdStopParams) -> dict[str, Any]:
     """Stop an MD array (not mounted, not protected)."""
     ctx.target = f"md:{p.device}"
@@ -480,7 +480,7 @@ class BtrfsRaidParams(Params):
     force: bool = False
 
 
-@method("vol.create_btrfs_raid", right=Right.admin)
+@method("vol.create_btrfs_raid", right=Right.admin, cli=Cli("vol raid add"))
 async def create_btrfs_raid(ctx: Context, p: BtrfsRaidParams) -> dict[str, Any]:
     """One btrfs filesystem over several devices (RAID-1 by default)."""
     ctx.target = f"btrfs:{p.profile} <- {','.join(p.devices)}"
