@@ -359,10 +359,13 @@ class MicroVMBackend(Backend):
             with contextlib.suppress(BackendFailure):
                 if await self._run_state(spec.id) == "paused":
                     await mon.execute("cont")
-            with contextlib.suppress(BackendFailure, OSError):
+            asked = False
+            with contextlib.suppress(BackendFailure, OSError, TimeoutError):
                 ch = await self._agent(spec.id, timeout=1.0)
                 await asyncio.wait_for(ch.poweroff(), 2.0)
-            if not await _wait_dead(pid, start, POWEROFF_SECONDS):
+                asked = True
+            # No agent (still booting, or broken): no clean poweroff to wait for.
+            if not (asked and await _wait_dead(pid, start, POWEROFF_SECONDS)):
                 with contextlib.suppress(BackendFailure):
                     await mon.execute("quit")
                 await _wait_dead(pid, start, QUIT_SECONDS)
