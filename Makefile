@@ -31,7 +31,7 @@ lint: deps
 	$(VENV)/bin/mypy
 
 bench: bench-deps
-	for b in rpc snapshot lifecycle idle ssh web; do $(VENV)/bin/python bench/$$b.py || exit 1; done
+	for b in rpc snapshot lifecycle idle ssh web exec microvm node; do $(VENV)/bin/python bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -187,21 +187,20 @@ def microvm_default() -> Iterator[Daemon]:
 
 
 def test_default_backend_honoured(microvm_default: Daemon) -> None:
-    """default_backend decides a create without --backend: microvm here, so it is either
-    refused naming it and the setting (not enabled on this node), or goes on to the next
-    check (enabled: this daemon has no pool); an explicit sandbox passes the backend check."""
+    """default_backend decides a create without --backend: microvm here, which this
+    daemon runs without (microvm = false), so the create is refused naming the backend,
+    the setting and why; `info` lists only what can start workspaces; an explicit
+    sandbox passes the backend check (and fails later: this daemon has no pool)."""
     d = microvm_default
     d.call("user.create", name="ann")
-    assert d.call("info")["default_backend"] == "microvm"
+    info = d.call("info")
+    assert info["default_backend"] == "microvm" and info["backends"] == ["sandbox"]
     err = d.error("workspace.create", name="x", user="ann")
-    if "microvm" in d.call("info")["backends"]:
-        assert err.code != -32602, err.data  # past the backend check (no pool here)
-    else:
-        assert err.code == -32602, err.message
-        (why,) = err.data["errors"]
-        assert why["field"] == "backend"
-        assert "'microvm'" in why["message"] and "default_backend" in why["message"]
-        assert "--backend sandbox" in why["message"]
+    assert err.code == -32602, err.message
+    (why,) = err.data["errors"]
+    assert why["field"] == "backend"
+    assert "'microvm'" in why["message"] and "default_backend" in why["message"]
+    assert "microvm = false" in why["message"] and "--backend sandbox" in why["message"]
     err = d.error("workspace.create", name="x", user="ann", backend="sandbox")
     assert err.code != -32602 and "pool" in err.message, (err.code, err.message)
 

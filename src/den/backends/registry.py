@@ -46,6 +46,16 @@ def host_steps(settings: Settings) -> list[ModuleType]:
     return found
 
 
+def unavailable(name: str, settings: Settings) -> str | None:
+    """None when workspaces of backend ``name`` can start on this node, else why
+    not and what to do (cheap: asked on every workspace.create)."""
+    target = HOST_STEPS.get(name)
+    if target is None:
+        return None
+    reason: str | None = importlib.import_module(target).unavailable(settings)
+    return reason
+
+
 def names() -> list[str]:
     """Every backend's name, in a stable order."""
     return sorted(BACKENDS)

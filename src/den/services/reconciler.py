@@ -102,7 +102,13 @@ async def _guarded(app: App, ws: Workspace, owner: User, startup: bool, report: 
             await db.execute(
                 update(Workspace)
                 .where(Workspace.id == ws.id)
-                .values(state=ws.state, state_reason=ws.state_reason)
+                .values(
+                    state=ws.state,
+                    state_reason=ws.state_reason,
+                    # a core update passes by the listener that keeps these (models.py)
+                    started_at=ws.started_at,
+                    stopped_at=ws.stopped_at,
+                )
             )
         await db.commit()
 

@@ -301,7 +301,7 @@ async def info(ctx: Context, p: NoParams) -> Info:
         version=__version__,
         instance=h.instance,
         uptime_s=h.uptime_s,
-        backends=backend_names(),
+        backends=backend_names(s),
         default_backend=s.default_backend,
     )
 

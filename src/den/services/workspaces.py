@@ -249,14 +249,25 @@ TCG_NOTE = (
 )
 
 
-def backend_names() -> list[str]:
-    """The backends a new workspace may be created on, on this node."""
-    return registry.names()
+def backend_names(settings: Settings | None = None) -> list[str]:
+    """The backends den has; with ``settings``, those that can start workspaces on
+    this node (enabled, their host parts in place)."""
+    return [
+        n for n in registry.names() if settings is None or registry.unavailable(n, settings) is None
+    ]
 
 
-def check_backend(name: str, *, given: bool) -> str:
+def check_backend(name: str, settings: Settings, *, given: bool) -> str:
     """``name`` when workspaces can be created on it here; else InvalidParams saying what to do."""
     have = backend_names()
+    why = registry.unavailable(name, settings) if name in have else None
+    if why is not None:
+        source = "" if given else " (the default_backend setting)"
+        raise InvalidParams(
+            f"backend {name!r}{source} cannot start workspaces on this node: {why}; "
+            "or use --backend sandbox",
+            field="backend",
+        )
     if name not in have:
         source = "" if given else " (the default_backend setting)"
         raise InvalidParams(
@@ -429,7 +440,7 @@ async def workspace_create(ctx: Context, p: WsCreate) -> WorkspaceOut:
     if owner.id != ctx.caller.user_id:
         ctx.require_admin("create a workspace for another user")
     ctx.target = f"workspace:{owner.name}/{p.name}"
-    backend = check_backend(p.backend or s.default_backend, given=p.backend is not None)
+    backend = check_backend(p.backend or s.default_backend, s, given=p.backend is not None)
     image = p.image or s.default_image
     cpu = p.cpu if p.cpu is not None else s.default_cpu
     memory_mb = parse_mib(p.mem, "mem") if p.mem else parse_mib(s.default_memory, "mem")
