@@ -286,3 +286,37 @@ def test_kill_daemon_during_create(vm_daemon: Daemon, owner: str) -> None:
     assert d.call("workspace.list", user=owner) == [] or all(
         w["name"] != "doomed" for w in d.call("workspace.list", user=owner)
     )
+
+
+def test_ssh_scp_and_sftp(vm_daemon: Daemon, owner: str, tmp_path: Path) -> None:
+    """The SSH gateway into microVMs: a command, a terminal, scp and sftp through the
+    image's sftp-server (Debian); a clear error where the image has none (busybox)."""
+    from tests.ssh.conftest import Person, ssh_key, ssh_port
+    from tests.storage.conftest import debian_image_as
+
+    d = vm_daemon
+    deb = debian_image_as(d, "deb")["name"]
+    key, pub = ssh_key(tmp_path, owner)
+    d.call("key.add", user=owner, key=pub)
+    me = Person(d, owner, key, ssh_port(d))
+    d.call(
+        "workspace.create", name="debvm", user=owner, image=deb, backend="microvm", mem=MEM, cpu=1
+    )
+    bb = create_vm(d, owner, "bbvm")
+    try:
+        res = me.ssh("debvm", "cat /etc/debian_version; hostname")
+        assert res.returncode == 0 and "debvm" in res.stdout, res
+        res = me.ssh("debvm", "tty; stty size", args=("-tt",))
+        assert "/dev/pts/" in res.stdout, res
+        src = tmp_path / "f.bin"
+        src.write_bytes(os.urandom(1 << 20))
+        assert me.scp(str(src), "debvm@127.0.0.1:/tmp/f.bin").returncode == 0
+        back = tmp_path / "back.bin"
+        res = me.sftp("debvm", f"get /tmp/f.bin {back}\n")
+        assert res.returncode == 0 and back.read_bytes() == src.read_bytes(), res
+        res = me.sftp("bbvm", "ls /\n", timeout=60)
+        assert res.returncode != 0
+    finally:
+        d.call("workspace.delete", ref=f"{owner}/debvm")
+        d.call("workspace.delete", ref=f"{owner}/bbvm")
+    wait_gone(d, bb["id"])
