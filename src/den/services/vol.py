@@ -55,15 +55,17 @@ def _pool(ctx: Context) -> str:
 
 
 class PathParams(Params):
-    path: AbsPath
+    path: AbsPath = Field(description="An absolute path on a filesystem den mounted (vol.mount).")
 
 
 class OptPathParams(Params):
-    path: AbsPath | None = None
+    path: AbsPath | None = Field(
+        None, description="An absolute path; omitted: den's storage pool (vol.usage: every mount)."
+    )
 
 
 class DeviceParams(Params):
-    device: Device
+    device: Device = Field(description="The MD array's device (/dev/md127, /dev/md/NAME).")
 
 
 @method("vol.list_disks", right=Right.read, cli=Cli("vol disk ls"))
@@ -129,8 +131,10 @@ async def list_subvolumes(ctx: Context, p: OptPathParams) -> list[dict[str, Any]
 
 
 class FreeSpaceParams(Params):
-    device: Device
-    min_bytes: int = Field(1 << 20, ge=0, le=MAX_BYTES)
+    device: Device = Field(description="The disk, under /dev.")
+    min_bytes: int = Field(
+        1 << 20, ge=0, le=MAX_BYTES, description="Smallest gap listed, in bytes."
+    )
 
 
 @method("vol.list_free_space", right=Right.read, cli=Cli("vol free"))
@@ -266,10 +270,12 @@ async def verify(ctx: Context, p: NoParams) -> dict[str, Any]:
 
 
 class PartitionParams(Params):
-    device: Device
+    device: Device = Field(description="The disk to partition, under /dev.")
     size_bytes: int | None = Field(None, ge=1 << 20, le=MAX_BYTES, description="None: the rest")
     type_code: str = Field("8300", pattern=r"^[0-9A-Fa-f]{4}$", description="sgdisk type code")
-    label: str = Field("", max_length=36, pattern=r"^[A-Za-z0-9._-]*$")
+    label: str = Field(
+        "", max_length=36, pattern=r"^[A-Za-z0-9._-]*$", description="GPT partition name"
+    )
     force: bool = Field(False, description="the disk has a table or filesystem: add to it")
 
 
@@ -289,10 +295,10 @@ async def create_partition(ctx: Context, p: PartitionParams) -> dict[str, Any]:
 
 
 class FilesystemParams(Params):
-    device: Device
-    fstype: Literal["btrfs", "ext4", "vfat", "swap"]
-    label: Label = ""
-    force: bool = False
+    device: Device = Field(description="The disk or partition to format, under /dev.")
+    fstype: Literal["btrfs", "ext4", "vfat", "swap"] = Field(description="What to make.")
+    label: Label = Field("", description="Filesystem label.")
+    force: bool = Field(False, description="Format over an existing filesystem or table.")
 
 
 @method("vol.create_filesystem", right=Right.write, cli=Cli("vol fs make"))
@@ -304,10 +310,12 @@ async def create_filesystem(ctx: Context, p: FilesystemParams) -> dict[str, Any]
 
 
 class MountParams(Params):
-    device: Device
-    mount_point: AbsPath
-    fstype: Literal["auto", "btrfs", "ext4", "vfat"] = "auto"
-    options: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=16)
+    device: Device = Field(description="The block device to mount, under /dev.")
+    mount_point: AbsPath = Field(description="Below one of vol_mount_roots; made if missing.")
+    fstype: Literal["auto", "btrfs", "ext4", "vfat"] = Field("auto", description="auto: probed.")
+    options: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=16, description="Mount options (nosuid,nodev always)."
+    )
 
 
 @method("vol.mount", right=Right.write, cli=Cli("vol mount add"))
@@ -320,7 +328,7 @@ async def mount(ctx: Context, p: MountParams) -> dict[str, Any]:
 
 
 class UnmountParams(Params):
-    mount_point: AbsPath
+    mount_point: AbsPath = Field(description="A mount point den made (vol.mount).")
 
 
 @method("vol.unmount", right=Right.write, cli=Cli("vol mount rm"))
@@ -339,8 +347,8 @@ async def create_subvolume(ctx: Context, p: PathParams) -> dict[str, Any]:
 
 
 class DeleteSubvolumeParams(Params):
-    path: AbsPath
-    recursive: bool = False
+    path: AbsPath = Field(description="The subvolume, on a btrfs den mounted.")
+    recursive: bool = Field(False, description="Also the subvolumes nested in it.")
 
 
 @method("vol.delete_subvolume", right=Right.write, cli=Cli("vol subvolume rm"))
@@ -354,9 +362,9 @@ async def delete_subvolume(ctx: Context, p: DeleteSubvolumeParams) -> dict[str, 
 
 
 class SnapshotParams(Params):
-    source: AbsPath
-    dest: AbsPath
-    read_only: bool = False
+    source: AbsPath = Field(description="The subvolume to snapshot, on a btrfs den mounted.")
+    dest: AbsPath = Field(description="Path of the new snapshot, on the same filesystem.")
+    read_only: bool = Field(False, description="Make the snapshot read-only.")
 
 
 @method("vol.snapshot_subvolume", right=Right.write, cli=Cli("vol subvolume snapshot"))
@@ -371,7 +379,7 @@ async def snapshot_subvolume(ctx: Context, p: SnapshotParams) -> dict[str, Any]:
 
 
 class QuotaParams(Params):
-    path: AbsPath
+    path: AbsPath = Field(description="The subvolume, on a btrfs den mounted.")
     limit_bytes: int | None = Field(..., ge=1 << 20, le=MAX_BYTES, description="None: no limit")
 
 
@@ -392,7 +400,7 @@ async def scrub_start(ctx: Context, p: PathParams) -> dict[str, Any]:
 
 
 class BalanceParams(Params):
-    path: AbsPath
+    path: AbsPath = Field(description="A path on the btrfs den mounted to balance.")
     usage: int | None = Field(None, ge=0, le=100, description="only block groups under N% full")
 
 
@@ -405,8 +413,8 @@ async def balance_start(ctx: Context, p: BalanceParams) -> dict[str, Any]:
 
 
 class DefragParams(Params):
-    path: AbsPath
-    recursive: bool = False
+    path: AbsPath = Field(description="A file or directory on a btrfs den mounted.")
+    recursive: bool = Field(False, description="Also everything below a directory.")
 
 
 @method("vol.defrag", right=Right.write, cli=Cli("vol defrag"))
@@ -439,9 +447,9 @@ async def _members(ctx: Context, devices: list[str], force: bool) -> list[str]:
 
 
 class MdParams(Params):
-    name: str = Field(..., pattern=r"^[a-z0-9_-]{1,32}$")
-    devices: Members
-    force: bool = False
+    name: str = Field(..., pattern=r"^[a-z0-9_-]{1,32}$", description="The array is /dev/md/NAME.")
+    devices: Members = Field(description="The member devices, under /dev.")
+    force: bool = Field(False, description="Over members holding a filesystem or table.")
 
 
 @method("vol.create_md_array", right=Right.admin, cli=Cli("vol md add"))
@@ -453,7 +461,7 @@ async def create_md_array(ctx: Context, p: MdParams) -> dict[str, Any]:
 
 
 class MdStopParams(Params):
-    device: Device
+    device: Device = Field(description="The MD array's device (/dev/md127, /dev/md/NAME).")
     zero_superblock: bool = Field(False, description="then erase the members' RAID superblocks")
 
 
@@ -473,11 +481,11 @@ Profile = Literal["raid1", "raid1c3", "raid1c4", "raid10", "raid0", "single"]
 
 
 class BtrfsRaidParams(Params):
-    devices: Members
-    profile: Profile = "raid1"
+    devices: Members = Field(description="The member devices, under /dev.")
+    profile: Profile = Field("raid1", description="Data profile.")
     metadata_profile: Profile | None = Field(None, description="default: the data profile")
-    label: Label = ""
-    force: bool = False
+    label: Label = Field("", description="Filesystem label.")
+    force: bool = Field(False, description="Over members holding a filesystem or table.")
 
 
 @method("vol.create_btrfs_raid", right=Right.admin, cli=Cli("vol raid add"))
