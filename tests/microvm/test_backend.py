@@ -247,6 +247,12 @@ def test_isolation_and_anti_spoofing(vm_daemon: Daemon, owner: str) -> None:
                       f"ip addr add {a['address']}/{prefix.strip()} dev eth0 && "
                       f"ip route add default via {gw}")  # fmt: skip
             assert not heard()
+
+            # A guest kernel panic ends its QEMU (panic reboots, -no-reboot exits)
+            pid = qemu_pid(d, a["id"])
+            with contextlib.suppress(RpcError):
+                sh(d, ra, "echo c > /proc/sysrq-trigger", timeout=5)
+            wait_for(lambda: not alive(pid) or qemu_pid(d, a["id"]) != pid, 60, "QEMU to end")
         finally:
             d.call("workspace.delete", ref=f"{owner}/iso-b")
         wait_gone(d, b["id"])
