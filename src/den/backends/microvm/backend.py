@@ -72,7 +72,7 @@ SFTP_SERVERS = (
     "usr/lib/sftp-server",
     "usr/libexec/openssh/sftp-server",
 )
-_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_HOSTNAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # den's names (services.common.NAME_RE) fit
 # QMP run states: paused by den (stop) is suspended; these mean the guest ended.
 _ENDED = {"shutdown", "internal-error", "guest-panicked", "io-error", "watchdog"}
 
