@@ -345,6 +345,9 @@ def pool_daemon() -> Iterator[Daemon]:
         "DEN_MAIL_MAX_RECIPIENTS": "3",
         "DEN_MAIL_RELAY": f"127.0.0.1:{unused_port()}",
         "DEN_MAIL_PER_HOUR": "2",
+        # microVMs too (tests parametrised over backends): its guest assets are seeded
+        # only when a microvm case first asks (pool_microvm, tests/workspaces/conftest.py).
+        "DEN_MICROVM": "true",
     }
     with running_daemon(env, pool="8G") as d:
         yield d

@@ -4,11 +4,18 @@ each test, and probes of what an instance has on the host.
 Host traces of a workspace id: its crun container (``/run/den/crun<N>``), its
 cgroup directories (``/sys/fs/cgroup/<controller>/den<N>/<id>``), its netns
 (``/var/run/netns/den<N>-<id>``), its veth (``d<N>-<id>``), its volume, bundle
-and idmapped views, and any mount under them.
+and idmapped views, and any mount under them; a microVM's: its VM directory
+(``DATA_DIR/vms/<id>``), its TAP (``t<N>-<id>``), its QEMU and virtiofsd
+processes, its cgroup.
+
+Tests that make sense on both backends take the ``backend`` fixture ("sandbox",
+and "microvm" marked slow); the microvm cases run on the session's pool daemon
+once ``pool_microvm`` seeded its guest assets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -139,6 +146,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         return int(s.getsockname()[1])
+
+
+# -- backends ------------------------------------------------------------------------
+
+# The microVM cases boot QEMU under TCG here (seconds each): slow.
+BACKENDS = ["sandbox", pytest.param("microvm", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="session")
+def pool_microvm(pool_daemon: Daemon) -> Daemon:
+    """The session's pool daemon, able to boot microVMs: den's guest kernel and
+    initramfs (built once per cache, tests/microvm/conftest.py) and the acceleration
+    verdict (probed once per cache) put into its data directory.
+
+    Only microvm cases ask for it, so ``-m "not slow"`` never fetches a kernel. The
+    daemon reads the assets at each create: no restart, and a restart keeps them."""
+    from den.backends.microvm import assets as mv
+    from tests.microvm.conftest import ASSET_CACHE, seed_assets
+
+    asyncio.run(mv.ensure_assets(ASSET_CACHE))
+    asyncio.run(mv.probe_accel(ASSET_CACHE))
+    seed_assets(pool_daemon.data_dir)
+    shutil.copy2(
+        mv.asset_dir(ASSET_CACHE) / "accel.json", mv.asset_dir(pool_daemon.data_dir) / "accel.json"
+    )
+    return pool_daemon
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend a parametrised test runs on (a microvm case seeds the pool daemon)."""
+    name: str = request.param
+    if name == "microvm":
+        request.getfixturevalue("pool_microvm")
+    return name
 
 
 # -- users and workspaces ----------------------------------------------------------
@@ -282,12 +324,60 @@ def link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
+def vm_dir(d: Daemon, ws_id: str) -> Path:
+    return d.data_dir / "vms" / ws_id
+
+
+def tap(d: Daemon, ws_id: str) -> str:
+    return f"t{d.instance}-{ws_id}"[:15]
+
+
+def qemu_pid(d: Daemon, ws_id: str) -> int:
+    """The pid of a running microVM's QEMU."""
+    return int((vm_dir(d, ws_id) / "qemu.pid").read_text())
+
+
+def vm_processes(d: Daemon, ws_id: str) -> list[int]:
+    """Host processes of a microVM: its QEMU and virtiofsd name its VM directory."""
+    mark = f"{vm_dir(d, ws_id)}/".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if mark in cmd:
+                found.append(int(pid))
+    return found
+
+
+def vm_table_has(d: Daemon, ws_id: str) -> bool:
+    """The instance's anti-spoofing table still has an element for the VM's TAP."""
+    res = subprocess.run(
+        ["nft", "list", "table", "bridge", f"den{d.instance}_vm"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return res.returncode == 0 and tap(d, ws_id) in res.stdout
+
+
 def traces(d: Daemon, ws_id: str) -> list[str]:
     """Everything of workspace ``ws_id`` still on the host (empty when it is gone)."""
     n = d.instance
     found = []
     if (crun_root(d) / f"den{n}-{ws_id}").exists():
         found.append("crun container")
+    # A microVM's own parts (probed only on a daemon that ever ran one).
+    if (d.data_dir / "vms").exists():
+        if vm_dir(d, ws_id).exists():
+            found.append(str(vm_dir(d, ws_id)))
+        if link_exists(tap(d, ws_id)):
+            found.append(f"tap {tap(d, ws_id)}")
+        found += [f"process {pid}" for pid in vm_processes(d, ws_id)]
+        if vm_table_has(d, ws_id):
+            found.append("anti-spoofing elements")
     found += [str(cgroup_dir(d, c, ws_id)) for c in CONTROLLERS if cgroup_dir(d, c, ws_id).exists()]
     if (NETNS / f"den{n}-{ws_id}").exists():
         found.append(f"netns den{n}-{ws_id}")
@@ -319,14 +409,14 @@ def instance_ids(d: Daemon) -> dict[str, list[str]]:
             if p.name.startswith(f"den{n}-")
         }
     pool = d.data_dir / "pool"
-    for parent in (pool / "volumes", pool / "views", d.data_dir / "bundles"):
+    for parent in (pool / "volumes", pool / "views", d.data_dir / "bundles", d.data_dir / "vms"):
         if parent.exists():
             ids |= {p.name for p in parent.iterdir() if not p.name.startswith(".")}
     out = {i: traces(d, i) for i in ids}
-    prefix = f"d{n}-"
     for link in os.listdir("/sys/class/net"):
-        if link.startswith(prefix) and not any(i.startswith(link[len(prefix) :]) for i in ids):
-            out[link] = [f"veth {link}"]
+        for prefix, kind in ((f"d{n}-", "veth"), (f"t{n}-", "tap")):
+            if link.startswith(prefix) and not any(i.startswith(link[len(prefix) :]) for i in ids):
+                out[link] = [f"{kind} {link}"]
     return out
 
 

@@ -1,14 +1,20 @@
-"""Workspace lifecycle on the sandbox backend: create, list/get, exec, stop/start,
-restart, suspend/resume, rename, clone, delete; bad input; rights; quotas; the
-compute-manager aliases.
+"""Workspace lifecycle: create, list/get, exec, stop/start, restart, suspend/resume,
+rename, clone, delete; bad input; rights; quotas; the compute-manager aliases.
 
 Real crun, real btrfs, real network namespaces; every test deletes what it made
 and checks that nothing of a deleted workspace is left on the host.
+
+The tests of behaviour through den's API run on both backends (``backend``). A
+microVM boots under TCG here (seconds each), so its cases share one microVM of
+the module (:class:`SharedVM`) instead of making their own; the last two tests
+delete it (made again only when needed). Boots: create, clone, start, restart x2,
+the second life of the shared VM: six.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,9 +36,11 @@ from tests.workspaces.conftest import (
     list_all,
     make_users,
     ok,
+    qemu_pid,
     run,
     sh,
     traces,
+    vm_processes,
     wait_for,
 )
 
@@ -62,19 +70,88 @@ FIELDS = {
     "urls",
     "busy_until",
 }
+# The shared microVM's size: a whole vCPU (a TCG boot needs it), memory for its kernel.
+VM_CPU, VM_MEM_MB, VM_PIDS = 1.0, 256, 128
+
+
+class SharedVM:
+    """The module's microVM, for the microvm cases that need no fresh one: each TCG
+    boot costs seconds. A test may stop, suspend or delete it; :meth:`running`
+    brings it back (a boot only when it is stopped or gone)."""
+
+    def __init__(self, d: Daemon, owner: str) -> None:
+        self.d = d
+        self.owner = owner
+        self.ref = f"{owner}/vm"
+
+    def running(self) -> dict[str, Any]:
+        try:
+            ws: dict[str, Any] = self.d.call("workspace.get", ref=self.ref)
+        except RpcError as exc:
+            assert exc.code == -32001, exc
+            return create(
+                self.d, self.owner, "vm", backend="microvm",
+                cpu=VM_CPU, mem=f"{VM_MEM_MB}M", pids=VM_PIDS,
+            )  # fmt: skip
+        if ws["state"] == "suspended":
+            return dict(self.d.call("workspace.resume", ref=self.ref))
+        if ws["state"] != "running":
+            return dict(self.d.call("workspace.start", ref=self.ref))
+        return ws
+
+
+@pytest.fixture(scope="module")
+def shared_vm(pool_microvm: Daemon, bb_image: str) -> Iterator[SharedVM]:
+    with make_users(pool_microvm) as users:
+        yield SharedVM(pool_microvm, users.make())
+
+
+def subject(
+    request: pytest.FixtureRequest, backend: str, users: Users, name: str, **kw: Any
+) -> tuple[str, dict[str, Any]]:
+    """(owner, workspace) a test works on: a new sandbox workspace ``name`` of a new
+    user made with ``kw``, or the module's shared microVM, running."""
+    d: Daemon = request.getfixturevalue("pool_daemon")
+    if backend == "microvm":
+        vm: SharedVM = request.getfixturevalue("shared_vm")
+        return vm.owner, vm.running()
+    owner = users.make()
+    return owner, create(d, owner, name, **kw)
+
+
+def release(d: Daemon, ws: dict[str, Any]) -> None:
+    """Delete a test's own workspace (nothing of it may be left); the shared microVM stays."""
+    if ws["backend"] == "sandbox":
+        d.call("workspace.delete", ref=ws["ref"])
+        assert_gone(d, ws["id"])
+
+
+def workspace_pid(d: Daemon, ws: dict[str, Any]) -> int:
+    """The host process a workspace is: the sandbox's init, a microVM's QEMU."""
+    return init_pid(d, ws["id"]) if ws["backend"] == "sandbox" else qemu_pid(d, ws["id"])
+
+
+def memory_limit(d: Daemon, ws: dict[str, Any]) -> int:
+    """What the workspace's cgroup must allow: its memory, plus QEMU's own for a microVM."""
+    mem = int(ws["memory_mb"])
+    if ws["backend"] == "microvm":
+        from den.backends.microvm.backend import OVERHEAD_MB
+
+        mem += OVERHEAD_MB["tcg" if ws["emulated"] else "kvm"]
+    return mem << 20
 
 
 def test_create_returns_running_and_exec_works(
-    pool_daemon: Daemon, bb_image: str, users: Users
+    pool_daemon: Daemon, bb_image: str, users: Users, backend: str, request: pytest.FixtureRequest
 ) -> None:
     d = pool_daemon
-    owner = users.make()
-    ws = create(d, owner, "web", cpu=0.5, mem="128M", pids=128)
+    owner, ws = subject(request, backend, users, "web", cpu=0.5, mem="128M", pids=128)
+    size = (0.5, 128, 128) if backend == "sandbox" else (VM_CPU, VM_MEM_MB, VM_PIDS)
     try:
         assert ws["state"] == "running"
-        assert ws["ref"] == f"{owner}/web" and ws["owner"] == owner and ws["name"] == "web"
-        assert ws["image"] == BB and ws["backend"] == "sandbox"
-        assert (ws["cpu"], ws["memory_mb"], ws["pids"]) == (0.5, 128, 128)
+        assert ws["ref"] == f"{owner}/{ws['name']}" and ws["owner"] == owner
+        assert ws["image"] == BB and ws["backend"] == backend
+        assert (ws["cpu"], ws["memory_mb"], ws["pids"]) == size
         assert ws["address"].startswith(f"10.{77 + d.instance}.")
         # No wait: create returns once exec works.
         res = run(d, ws["ref"], "echo", "hello")
@@ -85,7 +162,7 @@ def test_create_returns_running_and_exec_works(
             "timed_out": False,
             "truncated": False,
         }
-        assert ok(d, ws["ref"], "hostname") == "web\n"
+        assert ok(d, ws["ref"], "hostname") == f"{ws['name']}\n"
         assert ws["address"] in ok(d, ws["ref"], "ip -4 addr show eth0")
         # argv, env, cwd, stdin, exit codes, timeout, user inside.
         res = run(
@@ -121,13 +198,17 @@ def test_create_returns_running_and_exec_works(
         assert res["exit_code"] == 127, res
         res = run(d, ws["ref"], "/etc/passwd")
         assert res["exit_code"] == 126, res
-        # The limits are the cgroup's.
-        assert int((cgroup_dir(d, "pids", ws["id"]) / "pids.max").read_text()) == 128
+        # The limits are the cgroup's (a microVM's: of its QEMU and virtiofsd).
+        assert int((cgroup_dir(d, "pids", ws["id"]) / "pids.max").read_text()) == size[2]
         mem = int((cgroup_dir(d, "memory", ws["id"]) / "memory.limit_in_bytes").read_text())
-        assert mem == 128 << 20
+        assert mem == memory_limit(d, ws)
         quota = int((cgroup_dir(d, "cpu", ws["id"]) / "cpu.cfs_quota_us").read_text())
         period = int((cgroup_dir(d, "cpu", ws["id"]) / "cpu.cfs_period_us").read_text())
-        assert quota / period == pytest.approx(0.5)
+        assert quota / period == pytest.approx(size[0])
+        if backend == "microvm":  # the guest has the memory asked for, its own kernel's view
+            total_kb = int(ok(d, ws["ref"], "awk '/MemTotal/ {print $2}' /proc/meminfo"))
+            assert (VM_MEM_MB - 56) << 10 < total_kb <= VM_MEM_MB << 10, total_kb
+            assert qemu_pid(d, ws["id"]) in cgroup_pids(d, ws["id"])
         # list and get
         got = d.call("workspace.get", ref=ws["ref"])
         assert set(got) == FIELDS
@@ -141,9 +222,57 @@ def test_create_returns_running_and_exec_works(
         res = d.cli("show", ws["ref"], "--json")
         assert res.returncode == 0 and ws["id"] in res.stdout, res
     finally:
-        d.call("workspace.delete", ref=ws["ref"])
-    assert_gone(d, ws["id"])
-    assert d.call("workspace.list", user=owner) == []
+        release(d, ws)
+    if backend == "sandbox":
+        assert d.call("workspace.list", user=owner) == []
+
+
+def test_clone_copies_files_independently(
+    pool_daemon: Daemon, bb_image: str, users: Users, backend: str, request: pytest.FixtureRequest
+) -> None:
+    d = pool_daemon
+    owner, src = subject(request, backend, users, "src")
+    ok(d, src["ref"], "echo original > /root/f; echo code > /code/f")
+    cp = d.call("workspace.clone", source=src["ref"], name="copy")
+    try:
+        assert cp["state"] == "running" and cp["owner"] == owner and cp["id"] != src["id"]
+        assert cp["address"] != src["address"] and cp["image"] == src["image"]
+        assert cp["backend"] == backend
+        assert ok(d, cp["ref"], "cat /root/f /code/f") == "original\ncode\n"
+        ok(d, cp["ref"], "echo changed > /root/f; echo only-copy > /root/g")
+        ok(d, src["ref"], "echo src-only > /root/h")
+        assert ok(d, src["ref"], "cat /root/f; ls /root") == "original\nf\nh\n"
+        assert ok(d, cp["ref"], "cat /root/f; ls /root") == "changed\nf\ng\n"
+        err = d.error("workspace.clone", source=src["ref"], name="copy")
+        assert err.code == -32002
+        err = d.error("workspace.clone", source=f"{owner}/missing", name="other")
+        assert err.code == -32001
+        ok(d, src["ref"], "rm /root/f /root/h /code/f")
+    finally:
+        d.call("workspace.delete", ref=cp["ref"])
+        release(d, src)
+    assert_gone(d, cp["id"], timeout=15)
+
+
+def test_rename(
+    pool_daemon: Daemon, bb_image: str, users: Users, backend: str, request: pytest.FixtureRequest
+) -> None:
+    d = pool_daemon
+    owner, ws = subject(request, backend, users, "old")
+    other = create(d, owner, "taken")
+    ok(d, ws["ref"], "echo mine > /root/f")
+    out = d.call("workspace.rename", ref=ws["ref"], new_name="new")
+    assert out["ref"] == f"{owner}/new" and out["id"] == ws["id"] and out["state"] == "running"
+    assert d.error("workspace.get", ref=ws["ref"]).code == -32001
+    assert ok(d, f"{owner}/new", "cat /root/f") == "mine\n"
+    err = d.error("workspace.rename", ref=f"{owner}/new", new_name="taken")
+    assert err.code == -32002
+    assert d.error("workspace.rename", ref=f"{owner}/new", new_name="Bad Name").code == -32602
+    d.call("workspace.rename", ref=f"{owner}/new", new_name=ws["name"])
+    ok(d, ws["ref"], "rm /root/f")
+    release(d, ws)
+    d.call("workspace.delete", ref=other["ref"])
+    assert_gone(d, other["id"])
 
 
 def test_names_unique_per_owner(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
@@ -275,14 +404,15 @@ def test_image_without_init_program_leaves_nothing(
 
 
 def test_stop_start_keeps_files_and_ends_processes(
-    pool_daemon: Daemon, bb_image: str, users: Users
+    pool_daemon: Daemon, bb_image: str, users: Users, backend: str, request: pytest.FixtureRequest
 ) -> None:
     d = pool_daemon
-    owner = users.make()
-    ws = create(d, owner, "keep")
+    _, ws = subject(request, backend, users, "keep")
     ref, wid = ws["ref"], ws["id"]
     ok(d, ref, "echo kept > /root/file; echo code > /code/c; mkdir -p /home/dev/x")
     detach(d, ref, "sleep 1000")
+    assert wait_for(lambda: "sleep 1000" in ok(d, ref, "ps -o args"))
+    # sandbox: init, sh, sleep; microVM: QEMU and its two virtiofsd
     assert wait_for(lambda: len(cgroup_pids(d, wid)) >= 3)
     address = ws["address"]
 
@@ -290,6 +420,7 @@ def test_stop_start_keeps_files_and_ends_processes(
     assert out["state"] == "stopped"
     assert cgroup_pids(d, wid) == []
     assert crun_state(d, wid) is None
+    assert vm_processes(d, wid) == []
     err = d.error("workspace.exec", ref=ref, argv=["true"])
     assert err.code == -32002 and "stopped" in err.message
     assert d.call("workspace.stop", ref=ref)["state"] == "stopped"  # idempotent
@@ -300,25 +431,27 @@ def test_stop_start_keeps_files_and_ends_processes(
     assert "sleep 1000" not in ok(d, ref, "ps -o args")
     assert d.call("workspace.start", ref=ref)["state"] == "running"  # idempotent
 
-    pid = init_pid(d, wid)
+    pid = workspace_pid(d, ws)
     out = d.call("workspace.restart", ref=ref)
     assert out["state"] == "running"
-    assert init_pid(d, wid) != pid
+    assert workspace_pid(d, ws) != pid
     assert ok(d, ref, "cat /root/file") == "kept\n"
     d.call("workspace.stop", ref=ref)
     assert d.call("workspace.restart", ref=ref)["state"] == "running"  # restart of a stopped one
     assert ok(d, ref, "echo up") == "up\n"
-    d.call("workspace.delete", ref=ref)
-    assert_gone(d, wid)
+    ok(d, ref, "rm -r /root/file /code/c /home/dev/x")
+    release(d, ws)
 
 
 def test_suspend_stops_cpu_and_resume_continues(
-    pool_daemon: Daemon, bb_image: str, users: Users
+    pool_daemon: Daemon, bb_image: str, users: Users, backend: str, request: pytest.FixtureRequest
 ) -> None:
+    """The workspace's cgroup's CPU time: the sandbox's processes, or the microVM's
+    QEMU (whose paused main loop and idle virtiofsd may take a few ms)."""
     d = pool_daemon
-    owner = users.make()
-    ws = create(d, owner, "busy", cpu=0.5)
+    _, ws = subject(request, backend, users, "busy", cpu=0.5)
     ref, wid = ws["ref"], ws["id"]
+    idle = 0.005 if backend == "sandbox" else 0.05
     try:
         detach(d, ref, "echo $$ > /tmp/loop.pid; while :; do :; done")
         loop_pid = wait_for(lambda: ok(d, ref, "cat /tmp/loop.pid 2>/dev/null || true").strip())
@@ -332,8 +465,9 @@ def test_suspend_stops_cpu_and_resume_continues(
         assert used() > 0.1, "the busy loop should use CPU while running"
         out = d.call("workspace.suspend", ref=ref)
         assert out["state"] == "suspended"
-        assert (cgroup_dir(d, "freezer", wid) / "freezer.state").read_text().strip() == "FROZEN"
-        assert used() < 0.005, "a suspended workspace must use no CPU"
+        if backend == "sandbox":
+            assert (cgroup_dir(d, "freezer", wid) / "freezer.state").read_text().strip() == "FROZEN"
+        assert used() < idle, "a suspended workspace must use no CPU"
         assert d.call("workspace.get", ref=ref)["state"] == "suspended"
         assert d.call("workspace.suspend", ref=ref)["state"] == "suspended"  # idempotent
 
@@ -347,7 +481,10 @@ def test_suspend_stops_cpu_and_resume_continues(
         d.call("workspace.suspend", ref=ref)
         assert ok(d, ref, "cat /tmp/loop.pid").strip() == loop_pid
         assert d.call("workspace.get", ref=ref)["state"] == "running"
-        assert (cgroup_dir(d, "freezer", wid) / "freezer.state").read_text().strip() == "THAWED"
+        if backend == "sandbox":
+            assert (cgroup_dir(d, "freezer", wid) / "freezer.state").read_text().strip() == "THAWED"
+        else:
+            assert used() > 0.1, "the guest's loop runs again"
 
         # stop from suspended ends everything
         d.call("workspace.suspend", ref=ref)
@@ -358,86 +495,7 @@ def test_suspend_stops_cpu_and_resume_continues(
         err = d.error("workspace.resume", ref=ref)
         assert err.code == -32002
     finally:
-        d.call("workspace.delete", ref=ref)
-    assert_gone(d, wid)
-
-
-def test_delete_of_suspended_workspace(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
-    d = pool_daemon
-    owner = users.make()
-    ws = create(d, owner, "frozen")
-    detach(d, ws["ref"], "sleep 1000")
-    d.call("workspace.suspend", ref=ws["ref"])
-    assert d.call("workspace.delete", ref=ws["ref"]) == {"deleted": ws["ref"]}
-    assert_gone(d, ws["id"])
-    err = d.error("workspace.get", ref=ws["ref"])
-    assert err.code == -32001
-
-
-def test_clone_copies_files_independently(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
-    d = pool_daemon
-    owner = users.make()
-    src = create(d, owner, "src")
-    ok(d, src["ref"], "echo original > /root/f; echo code > /code/f")
-    cp = d.call("workspace.clone", source=src["ref"], name="copy")
-    try:
-        assert cp["state"] == "running" and cp["owner"] == owner and cp["id"] != src["id"]
-        assert cp["address"] != src["address"] and cp["image"] == src["image"]
-        assert ok(d, cp["ref"], "cat /root/f /code/f") == "original\ncode\n"
-        ok(d, cp["ref"], "echo changed > /root/f; echo only-copy > /root/g")
-        ok(d, src["ref"], "echo src-only > /root/h")
-        assert ok(d, src["ref"], "cat /root/f; ls /root") == "original\nf\nh\n"
-        assert ok(d, cp["ref"], "cat /root/f; ls /root") == "changed\nf\ng\n"
-        err = d.error("workspace.clone", source=src["ref"], name="copy")
-        assert err.code == -32002
-        err = d.error("workspace.clone", source=f"{owner}/missing", name="other")
-        assert err.code == -32001
-    finally:
-        d.call("workspace.delete", ref=cp["ref"])
-        d.call("workspace.delete", ref=src["ref"])
-    assert_gone(d, cp["id"])
-    assert_gone(d, src["id"])
-
-
-def test_rename(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
-    d = pool_daemon
-    owner = users.make()
-    ws = create(d, owner, "old")
-    other = create(d, owner, "taken")
-    ok(d, ws["ref"], "echo mine > /root/f")
-    out = d.call("workspace.rename", ref=ws["ref"], new_name="new")
-    assert out["ref"] == f"{owner}/new" and out["id"] == ws["id"] and out["state"] == "running"
-    assert d.error("workspace.get", ref=ws["ref"]).code == -32001
-    assert ok(d, f"{owner}/new", "cat /root/f") == "mine\n"
-    err = d.error("workspace.rename", ref=f"{owner}/new", new_name="taken")
-    assert err.code == -32002
-    assert d.error("workspace.rename", ref=f"{owner}/new", new_name="Bad Name").code == -32602
-    d.call("workspace.delete", ref=f"{owner}/new")
-    d.call("workspace.delete", ref=other["ref"])
-    assert_gone(d, ws["id"])
-    assert_gone(d, other["id"])
-
-
-def test_delete_removes_everything(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
-    d = pool_daemon
-    owner = users.make()
-    ws = create(d, owner, "gone")
-    wid = ws["id"]
-    detach(d, ws["ref"], "sleep 1000")
-    assert traces(d, wid)  # the probe sees a live workspace
-    image = d.data_dir / "pool" / "images" / BB
-    assert d.call("workspace.delete", ref=ws["ref"]) == {"deleted": ws["ref"]}
-    assert_gone(d, wid)
-    assert image.is_dir()  # the image stays
-    assert d.error("workspace.delete", ref=ws["ref"]).code == -32001
-    assert d.error("workspace.exec", ref=ws["ref"], argv=["true"]).code == -32001
-    # the address is free again
-    again = create(d, owner, "gone")
-    try:
-        assert again["id"] != wid
-    finally:
-        d.call("workspace.delete", ref=again["ref"])
-    assert_gone(d, again["id"])
+        release(d, ws)
 
 
 def test_member_rights(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
@@ -543,15 +601,59 @@ def test_user_with_workspaces_cannot_be_deleted(
     assert_gone(d, ws["id"])
 
 
-def test_exec_user_and_bad_user(pool_daemon: Daemon, bb_image: str, users: Users) -> None:
+def test_exec_user_and_bad_user(
+    pool_daemon: Daemon, bb_image: str, users: Users, backend: str, request: pytest.FixtureRequest
+) -> None:
     d = pool_daemon
-    owner = users.make()
-    ws = create(d, owner, "users")
+    _, ws = subject(request, backend, users, "users")
     try:
         assert ok(d, ws["ref"], "id -u", user="1000") == "1000\n"
         err = d.error("workspace.exec", ref=ws["ref"], argv=["id"], user="nobody-inside")
         assert err.code == -32602
         assert sh(d, ws["ref"], "touch /root/x", user="dev")["exit_code"] != 0
     finally:
-        d.call("workspace.delete", ref=ws["ref"])
-    assert_gone(d, ws["id"])
+        release(d, ws)
+
+
+# The last two delete the shared microVM (the second makes it again).
+
+
+def test_delete_of_suspended_workspace(
+    pool_daemon: Daemon, bb_image: str, users: Users, backend: str, request: pytest.FixtureRequest
+) -> None:
+    d = pool_daemon
+    _, ws = subject(request, backend, users, "frozen")
+    detach(d, ws["ref"], "sleep 1000")
+    d.call("workspace.suspend", ref=ws["ref"])
+    assert d.call("workspace.delete", ref=ws["ref"]) == {"deleted": ws["ref"]}
+    assert_gone(d, ws["id"], timeout=15)
+    err = d.error("workspace.get", ref=ws["ref"])
+    assert err.code == -32001
+
+
+def test_delete_removes_everything(
+    pool_daemon: Daemon, bb_image: str, users: Users, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Nothing of it is left: the sandbox's container, cgroup, netns, veth, volume and
+    views; a microVM's QEMU and virtiofsd, VM directory, TAP, cgroup, volume."""
+    d = pool_daemon
+    owner, ws = subject(request, backend, users, "gone")
+    wid = ws["id"]
+    detach(d, ws["ref"], "sleep 1000")
+    assert traces(d, wid)  # the probe sees a live workspace
+    if backend == "microvm":
+        found = " ".join(traces(d, wid))
+        assert all(w in found for w in ("/vms/", "tap ", "process ", "anti-spoofing")), found
+    image = d.data_dir / "pool" / "images" / BB
+    assert d.call("workspace.delete", ref=ws["ref"]) == {"deleted": ws["ref"]}
+    assert_gone(d, wid, timeout=15)
+    assert image.is_dir()  # the image stays
+    assert d.error("workspace.delete", ref=ws["ref"]).code == -32001
+    assert d.error("workspace.exec", ref=ws["ref"], argv=["true"]).code == -32001
+    # the address is free again (a sandbox: what frees it is not the backend's)
+    again = create(d, owner, ws["name"])
+    try:
+        assert again["id"] != wid
+    finally:
+        d.call("workspace.delete", ref=again["ref"])
+    assert_gone(d, again["id"])
