@@ -64,6 +64,11 @@ from den.net.network import host_resolvers4
 
 log = logging.getLogger(__name__)
 OVERHEAD_MB = {"tcg": 256, "kvm": 128}
+# The cgroup holds QEMU's and virtiofsd's threads, not the guest's processes (its
+# own kernel counts those): the workspace's pids limit there would starve
+# virtiofsd's thread pool and hang the guest's I/O. A fixed cap still stops a
+# runaway QEMU. The guest's process count is not limited by den.
+HOST_PIDS = 1024
 BOOT_TIMEOUT = {"tcg": 90.0, "kvm": 20.0}
 POWEROFF_SECONDS = 8.0  # the agent's TERM, 2 s, KILL, sync, then the guest powers off
 QUIT_SECONDS = 3.0
@@ -147,7 +152,7 @@ class MicroVMBackend(Backend):
             self.cgroup(spec.id),
             self._mem_limit(spec, accel.name),
             spec.cpu,
-            spec.pids,
+            HOST_PIDS,
         )
         return {
             "vmdir": str(vmdir),
@@ -248,7 +253,7 @@ class MicroVMBackend(Backend):
             await self._attach(spec, state["mac"])
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         await asyncio.to_thread(
-            qemu.make_cgroup, cg, self._mem_limit(spec, state["accel"]), spec.cpu, spec.pids
+            qemu.make_cgroup, cg, self._mem_limit(spec, state["accel"]), spec.cpu, HOST_PIDS
         )
         for name in ("qemu.pid", "qmp.sock", "agent.sock", "console.log", "start.log"):
             (d / name).unlink(missing_ok=True)
@@ -409,8 +414,8 @@ class MicroVMBackend(Backend):
         self._agent_locks.pop(ws_id, None)
 
     async def update_resources(self, spec: Spec, state: State) -> State:
-        """The CPU quota and pids limit change live; the vCPU count and the guest's
-        memory (and so the cgroup's memory limit) only at the next start."""
+        """The CPU quota changes live; the vCPU count and the guest's memory (and so
+        the cgroup's memory limit) only at the next start."""
         cg = self.cgroup(spec.id)
         if not cgroups.dirs(cg):
             return state
@@ -418,7 +423,7 @@ class MicroVMBackend(Backend):
         accel = state.get("accel", "tcg")
         running = pid is not None
         mem = None if running else self._mem_limit(spec, accel)
-        await asyncio.to_thread(qemu.set_limits, cg, mem, spec.cpu, spec.pids)
+        await asyncio.to_thread(qemu.set_limits, cg, mem, spec.cpu, HOST_PIDS)
         booted = (state.get("memory_mb"), state.get("cpus"))
         if running and booted != (spec.memory_mb, self._cpus(spec)):
             why = (
