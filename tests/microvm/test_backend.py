@@ -140,6 +140,10 @@ def counter(d: Daemon, ref: str) -> int:
     return int(out) if out.isdigit() else 0
 
 
+def guest_mem_kb(d: Daemon, ref: str) -> int:
+    return int(ok(d, ref, "awk '/MemTotal/ {print $2}' /proc/meminfo").strip())
+
+
 def answers(d: Daemon, ref: str) -> bool:
     """The VM runs exec (False while it boots: its agent does not answer yet)."""
     try:
@@ -182,12 +186,21 @@ def test_lifecycle(vm_daemon: Daemon, owner: str) -> None:
         assert ok(d, ref, "echo back") == "back\n"
         assert qemu_pid(d, ws["id"]) == pid
 
+        # resize: the CPU quota at once; the guest's memory at the next start
+        mem_before = guest_mem_kb(d, ref)
+        d.call("workspace.resize", ref=ref, cpu=0.5, mem="320M")
+        quota = Path(f"/sys/fs/cgroup/cpu/den{d.instance}/{ws['id']}/cpu.cfs_quota_us")
+        if quota.exists():
+            assert quota.read_text().strip() == "50000"
+        assert guest_mem_kb(d, ref) == mem_before
+
         d.call("workspace.stop", ref=ref)
         assert d.call("workspace.get", ref=ref)["state"] == "stopped"
         wait_for(lambda: not alive(pid), 10, "QEMU to end")
         assert not cgroup_procs(d, ws["id"])
         d.call("workspace.start", ref=ref)
         assert ok(d, ref, "echo again") == "again\n"
+        assert guest_mem_kb(d, ref) > mem_before + 50_000  # 320 MiB now, was 256
 
         # A killed QEMU: the reconciler sees it stopped and starts it again, with
         # nothing of the old one (its virtiofsd) left.
