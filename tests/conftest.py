@@ -346,11 +346,33 @@ def pool_daemon() -> Iterator[Daemon]:
         "DEN_MAIL_RELAY": f"127.0.0.1:{unused_port()}",
         "DEN_MAIL_PER_HOUR": "2",
         # microVMs too (tests parametrised over backends): its guest assets are seeded
-        # only when a microvm case first asks (pool_microvm, tests/workspaces/conftest.py).
+        # only when a microvm case first asks (pool_microvm).
         "DEN_MICROVM": "true",
     }
     with running_daemon(env, pool="8G") as d:
         yield d
+
+
+@pytest.fixture(scope="session")
+def pool_microvm(pool_daemon: Daemon) -> Daemon:
+    """The session's pool daemon, able to boot microVMs: den's guest kernel and
+    initramfs (built once per cache, tests/microvm/conftest.py) and the acceleration
+    verdict (probed once per cache) put into its data directory.
+
+    Only microvm cases ask for it, so ``-m "not slow"`` never fetches a kernel. The
+    daemon reads the assets at each create: no restart, and a restart keeps them."""
+    import asyncio
+
+    from den.backends.microvm import assets as mv
+    from tests.microvm.conftest import ASSET_CACHE, seed_assets
+
+    asyncio.run(mv.ensure_assets(ASSET_CACHE))
+    asyncio.run(mv.probe_accel(ASSET_CACHE))
+    seed_assets(pool_daemon.data_dir)
+    shutil.copy2(
+        mv.asset_dir(ASSET_CACHE) / "accel.json", mv.asset_dir(pool_daemon.data_dir) / "accel.json"
+    )
+    return pool_daemon
 
 
 def unused_port() -> int:

@@ -1,5 +1,10 @@
 """SSH fixtures: den users with keys, their workspaces, and the real OpenSSH client
-pointed at the session's pool daemon's gateway."""
+pointed at the session's pool daemon's gateway.
+
+Tests that run on both backends take a :class:`Box` (``box``: busybox, ``deb_box``:
+Debian; ``sftp_box``: one with an sftp server). Its microvm case is a microVM the
+session shares (a TCG boot costs seconds), owned by a user of the session's.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import pytest
 
 from tests.conftest import Daemon, ssh_key
 from tests.storage.conftest import debian_image_as
-from tests.workspaces.conftest import Users, import_bb
+from tests.workspaces.conftest import BACKENDS, Users, import_bb, make_users
 from tests.workspaces.escape.conftest import dev_image_as
 
 BB = "sshbb"
@@ -181,3 +186,66 @@ def make_ws(p: Person, image: str = BB, **kw: Any) -> str:
 @pytest.fixture
 def ws(alice: Person, bb_image: str) -> Iterator[str]:
     yield make_ws(alice)
+
+
+@dataclass
+class Box:
+    """A workspace to reach over ssh, and the person who owns it."""
+
+    owner: Person
+    name: str
+    backend: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.owner.name}/{self.name}"
+
+
+@pytest.fixture(scope="session")
+def vm_owner(pool_microvm: Daemon, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Person]:
+    """The owner of the session's shared microVMs (deleted with them at the end)."""
+    with make_users(pool_microvm) as users:
+        yield person(pool_microvm, users, tmp_path_factory.mktemp("vm-owner"))
+
+
+def make_vm(owner: Person, image: str) -> str:
+    return make_ws(owner, image=image, backend="microvm", cpu=1, mem="256M")
+
+
+@pytest.fixture(scope="session")
+def bb_vm(vm_owner: Person, bb_image: str) -> str:
+    """A busybox microVM the ssh tests' microvm cases share (one boot)."""
+    return make_vm(vm_owner, bb_image)
+
+
+@pytest.fixture(scope="session")
+def deb_vm(vm_owner: Person, debian_image: str) -> str:
+    """A Debian microVM (OpenSSH's sftp-server inside) the microvm cases share."""
+    return make_vm(vm_owner, debian_image)
+
+
+def _box(request: pytest.FixtureRequest, image: str, vm: str) -> Box:
+    if request.param == "microvm":
+        owner: Person = request.getfixturevalue("vm_owner")
+        return Box(owner, request.getfixturevalue(vm), "microvm")
+    alice: Person = request.getfixturevalue("alice")
+    return Box(alice, make_ws(alice, image=request.getfixturevalue(image)), "sandbox")
+
+
+@pytest.fixture(params=BACKENDS)
+def box(request: pytest.FixtureRequest) -> Box:
+    """A busybox workspace: a new one of alice's, or the shared busybox microVM."""
+    return _box(request, "bb_image", "bb_vm")
+
+
+@pytest.fixture(params=BACKENDS)
+def deb_box(request: pytest.FixtureRequest) -> Box:
+    """A Debian workspace: a new one of alice's, or the shared Debian microVM."""
+    return _box(request, "debian_image", "deb_vm")
+
+
+@pytest.fixture(params=BACKENDS)
+def sftp_box(request: pytest.FixtureRequest) -> Box:
+    """Where scp and sftp go: a busybox sandbox (den's own sftp server serves it), or
+    the Debian microVM (a microVM needs the image's sftp-server)."""
+    return _box(request, "bb_image", "deb_vm")

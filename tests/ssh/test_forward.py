@@ -1,4 +1,5 @@
-"""ssh -L to a server listening inside the workspace (on its loopback or address)."""
+"""ssh -L to a server listening inside the workspace (on its loopback or address),
+on both backends (a microVM's through its agent's TCP relay)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import time
 import urllib.request
 
-from tests.ssh.conftest import Person
+from tests.ssh.conftest import Box
 
 
 def _free_port() -> int:
@@ -28,8 +29,12 @@ def _get(url: str, timeout: float = 20) -> str:
             time.sleep(0.2)
 
 
-def test_local_forward_to_http_server_inside(alice: Person, ws: str) -> None:
-    start = "setsid httpd -f -p 127.0.0.1:8080 -h /var/www </dev/null >/dev/null 2>&1 &"
+def test_local_forward_to_http_server_inside(box: Box) -> None:
+    alice, ws = box.owner, box.name
+    start = (
+        "setsid httpd -f -p 127.0.0.1:8080 -h /var/www </dev/null >/dev/null 2>&1 & "
+        "echo $! > /tmp/httpd.pid"
+    )
     assert alice.ssh(ws, start).returncode == 0
     port, port2 = _free_port(), _free_port()
     fwd = subprocess.Popen(
@@ -61,3 +66,4 @@ def test_local_forward_to_http_server_inside(alice: Person, ws: str) -> None:
     finally:
         fwd.kill()
         fwd.wait()
+        alice.ssh(ws, "kill $(cat /tmp/httpd.pid)")

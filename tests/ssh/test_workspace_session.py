@@ -1,4 +1,8 @@
-"""ssh WS@host: a PTY shell, commands, exit codes, env, denial, resume on connect."""
+"""ssh WS@host: a PTY shell, commands, exit codes, env, denial, resume on connect.
+
+What a client sees runs on both backends (a :class:`Box`); the denials are the
+gateway's own and run on the sandbox only.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ import time
 import pexpect
 
 from tests.conftest import Daemon
-from tests.ssh.conftest import Person, audit, make_ws
+from tests.ssh.conftest import Box, Person, audit
 
 
-def test_exec_streams_and_exit_code(alice: Person, ws: str) -> None:
+def test_exec_streams_and_exit_code(box: Box) -> None:
+    alice, ws = box.owner, box.name
     res = alice.ssh(ws, "echo out; echo err >&2; id -u; pwd; exit 7")
     assert res.returncode == 7
     assert res.stdout == "out\n0\n/root\n"
@@ -20,7 +25,8 @@ def test_exec_streams_and_exit_code(alice: Person, ws: str) -> None:
     assert alice.ssh(ws, "nosuchcommand").returncode == 127
 
 
-def test_script_through_stdin_like_vscode(alice: Person, ws: str) -> None:
+def test_script_through_stdin_like_vscode(box: Box) -> None:
+    alice, ws = box.owner, box.name
     script = "set -e\nA=$(echo 21)\necho $((A * 2))\ncat /etc/hostname\n"
     res = alice.ssh(ws, "sh -s", input=script)
     assert res.returncode == 0, res.stderr
@@ -30,12 +36,14 @@ def test_script_through_stdin_like_vscode(alice: Person, ws: str) -> None:
     assert back.returncode == 0 and back.stdout == data
 
 
-def test_client_env_and_term(alice: Person, ws: str) -> None:
+def test_client_env_and_term(box: Box) -> None:
+    alice, ws = box.owner, box.name
     res = alice.ssh(ws, "echo $FOO $LANG $HOME $USER", args=("-o", "SetEnv=FOO=bar LANG=C"))
     assert res.stdout.split() == ["C", "/root", "root"]  # FOO: not in ssh_accept_env
 
 
-def test_pty_shell_resize_ctrl_c_exit_status(alice: Person, ws: str) -> None:
+def test_pty_shell_resize_ctrl_c_exit_status(box: Box) -> None:
+    alice, ws = box.owner, box.name
     child = pexpect.spawn(
         "ssh",
         ["-tt", *alice.opts(), f"{ws}@127.0.0.1"],
@@ -113,9 +121,10 @@ def test_unknown_key_is_denied_and_audited(
     assert logins[0]["target"] == f"workspace:{alice.name}/{ws}" and logins[0]["via"] == "ssh"
 
 
-def test_suspended_workspace_resumes_and_stopped_starts(alice: Person, ws: str) -> None:
+def test_suspended_workspace_resumes_and_stopped_starts(box: Box) -> None:
+    alice, ws = box.owner, box.name
     d = alice.d
-    ref = f"{alice.name}/{ws}"
+    ref = box.ref
     res = alice.ssh(ws, "echo $$ > /tmp/pid-before")
     assert res.returncode == 0
     d.call("workspace.suspend", ref=ref)
@@ -132,9 +141,9 @@ def test_suspended_workspace_resumes_and_stopped_starts(alice: Person, ws: str) 
     assert d.call("workspace.get", ref=ref)["state"] == "running"
 
 
-def test_debian_login_shell(alice: Person, debian_image: str) -> None:
+def test_debian_login_shell(deb_box: Box) -> None:
     """In the owner's own account (tests/ssh/test_own_user.py)."""
-    name = make_ws(alice, image=debian_image)
+    alice, name = deb_box.owner, deb_box.name
     res = alice.ssh(name, "echo $0 $SHELL; cd; pwd")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["/bin/bash", "/bin/bash", f"/home/{alice.name}"]
@@ -150,12 +159,13 @@ def test_debian_login_shell(alice: Person, debian_image: str) -> None:
         child.close()
 
 
-def test_keystrokes_right_after_a_freeze_wake_an_open_shell(alice: Person, ws: str) -> None:
+def test_keystrokes_right_after_a_freeze_wake_an_open_shell(box: Box) -> None:
     """A shell is open; the workspace is suspended right after a keystroke was checked;
     the next keystrokes (within that same second) must still wake it: the cgroup is
     read at most once a second, and a keystroke in between is checked at its end."""
+    alice, ws = box.owner, box.name
     d = alice.d
-    ref = f"{alice.name}/{ws}"
+    ref = box.ref
     child = pexpect.spawn(
         "ssh",
         ["-tt", *alice.opts(), f"{ws}@127.0.0.1"],

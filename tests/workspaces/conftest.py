@@ -15,7 +15,6 @@ once ``pool_microvm`` seeded its guest assets.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -152,26 +151,6 @@ def free_port() -> int:
 
 # The microVM cases boot QEMU under TCG here (seconds each): slow.
 BACKENDS = ["sandbox", pytest.param("microvm", marks=pytest.mark.slow)]
-
-
-@pytest.fixture(scope="session")
-def pool_microvm(pool_daemon: Daemon) -> Daemon:
-    """The session's pool daemon, able to boot microVMs: den's guest kernel and
-    initramfs (built once per cache, tests/microvm/conftest.py) and the acceleration
-    verdict (probed once per cache) put into its data directory.
-
-    Only microvm cases ask for it, so ``-m "not slow"`` never fetches a kernel. The
-    daemon reads the assets at each create: no restart, and a restart keeps them."""
-    from den.backends.microvm import assets as mv
-    from tests.microvm.conftest import ASSET_CACHE, seed_assets
-
-    asyncio.run(mv.ensure_assets(ASSET_CACHE))
-    asyncio.run(mv.probe_accel(ASSET_CACHE))
-    seed_assets(pool_daemon.data_dir)
-    shutil.copy2(
-        mv.asset_dir(ASSET_CACHE) / "accel.json", mv.asset_dir(pool_daemon.data_dir) / "accel.json"
-    )
-    return pool_daemon
 
 
 @pytest.fixture(params=BACKENDS)
