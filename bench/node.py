@@ -11,19 +11,24 @@ load falls on all alike: latency p50/p99 (ms) of
 
 The goal: each read method faster than its command. Prints a table and one JSON
 line. Needs root; makes its own daemon (no pool, no workspaces) and removes it.
+``--base REV`` also runs a daemon of den's source at git revision REV beside it
+(rows "base ..."), so that a change is measured under the same load.
 
-    .venv/bin/python bench/node.py [--count 200]
+    .venv/bin/python bench/node.py [--count 200] [--base REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,29 +73,56 @@ def rpc(c: Client, meth: str) -> Callable[[], object]:
     return go
 
 
+@contextlib.contextmanager
+def base_source(rev: str | None) -> Iterator[dict[str, str]]:
+    """Environment that makes a daemon run den's source at git revision ``rev``
+    (exported to a temporary directory, first on its PYTHONPATH); {} for none."""
+    if rev is None:
+        yield {}
+        return
+    root = Path(__file__).resolve().parent.parent
+    tar = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "src"], capture_output=True, check=True
+    ).stdout
+    tmp = Path(tempfile.mkdtemp(prefix="den-bench-base-"))
+    try:
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=tar, check=True)
+        yield {"PYTHONPATH": str(tmp / "src")}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=200)
+    ap.add_argument("--base", metavar="REV", help="also measure den at this git revision")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root")
     # No microVM backend: the reads need none, and its assets take minutes to build.
-    with BenchDaemon(extra_env={"DEN_MICROVM": "false"}) as d:
-        c = Client(socket_path=str(d.socket), timeout=60)
-        try:
-            # The floor of any call: a public method that does nothing.
-            ways: dict[str, Callable[[], object]] = {"den rpc.health": rpc(c, "rpc.health")}
-            for meth, argv in PAIRS:
-                ways[f"den {meth}"] = rpc(c, meth)
-                ways[" ".join(argv)] = command(argv)
-            for fn in ways.values():
-                fn()  # warm-up: imports, caches, the socket's first connection
-            samples: dict[str, list[float]] = {k: [] for k in ways}
-            for _ in range(args.count):
-                for way, fn in ways.items():
-                    samples[way].append(timed(fn))
-        finally:
-            c.close()
+    env = {"DEN_MICROVM": "false"}
+    with contextlib.ExitStack() as stack:
+        daemons = {"den": stack.enter_context(BenchDaemon(extra_env=env))}
+        base_env = stack.enter_context(base_source(args.base))
+        if base_env:
+            daemons["base"] = stack.enter_context(BenchDaemon(extra_env={**env, **base_env}))
+        clients = {k: Client(socket_path=str(d.socket), timeout=60) for k, d in daemons.items()}
+        for c in clients.values():
+            stack.callback(c.close)
+        # The floor of any call: a public method that does nothing.
+        ways: dict[str, Callable[[], object]] = {
+            f"{k} rpc.health": rpc(c, "rpc.health") for k, c in clients.items()
+        }
+        for meth, argv in PAIRS:
+            for k, c in clients.items():
+                ways[f"{k} {meth}"] = rpc(c, meth)
+            ways[" ".join(argv)] = command(argv)
+        for fn in ways.values():
+            fn()  # warm-up: imports, caches, the socket's first connection
+        samples: dict[str, list[float]] = {k: [] for k in ways}
+        for _ in range(args.count):
+            for way, fn in ways.items():
+                samples[way].append(timed(fn))
     table = Table(title=f"node reads, ms (n={args.count} each)")
     for col in ("way", "p50", "p99"):
         table.add_column(col, justify="left" if col == "way" else "right")

@@ -190,10 +190,21 @@ def test_partition_format_mount_snapshot_quota_scrub_unmount(
 
 
 def test_ext4_vfat_swap(vd: Daemon, loops: Callable[[int], str]) -> None:
+    def seen() -> str:
+        found: dict[str, dict[str, str]] = vd.call("vol.inventory")["filesystems"]
+        return found.get(dev, {}).get("TYPE", "")
+
     dev = loops(64)
+    assert seen() == ""
     for fstype, want in (("ext4", "ext4"), ("vfat", "vfat"), ("swap", "swap")):
         got = vd.call("vol.create_filesystem", device=dev, fstype=fstype, label="d", force=True)
         assert got["fstype"] == fstype and blkid_type(dev) == want
+        assert seen() == want  # the reads' remembered probes never lag a change
+    # Changed behind den's back: seen as soon as it is done.
+    assert run("wipefs", "-a", "-q", dev).returncode == 0
+    assert seen() == ""
+    assert run("mkfs.ext4", "-q", dev).returncode == 0
+    assert seen() == "ext4"
 
 
 HAS_MD = Path("/proc/mdstat").exists()

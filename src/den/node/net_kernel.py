@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,29 +55,108 @@ def _names(ipr: IPRoute) -> dict[int, str]:
     return {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
 
 
-def interfaces(name: str | None = None) -> list[Json]:
-    with netlink() as ipr:
-        links = ipr.get_links()
-        names = {int(x["index"]): str(x.get_attr("IFLA_IFNAME")) for x in links}
-        addrs: dict[int, list[Json]] = {}
-        for a in ipr.get_addr():
-            addrs.setdefault(int(a["index"]), []).append(
-                {
-                    "address": a.get_attr("IFA_ADDRESS"),
-                    "prefixlen": a["prefixlen"],
-                    "family": _FAMILIES.get(a["family"], str(a["family"])),
-                    "scope": a["scope"],
-                }
-            )
+# Links, addresses and routes change whenever something on the node changes them.
+_GROUPS = (
+    0x1  # RTMGRP_LINK
+    | 0x10  # RTMGRP_IPV4_IFADDR
+    | 0x100  # RTMGRP_IPV6_IFADDR
+    | 0x40  # RTMGRP_IPV4_ROUTE
+    | 0x400  # RTMGRP_IPV6_ROUTE
+)
+
+
+class _Reads:
+    """The answers of the dump reads (interfaces, routes), kept until the kernel
+    says links, addresses or routes changed, and one netlink socket to ask again.
+
+    pyroute2 takes milliseconds to decode a dump, more than ``ip`` takes as a
+    whole process; a read that nothing changed since is answered from memory.
+    The kernel queues its change notification on ``_watch`` before the call that
+    made the change returns (whoever made it), so a read that drains the queue
+    and finds nothing cannot miss a change; a full queue (ENOBUFS) counts as a
+    change. Answers are shared: callers must not change them. Threads take turns.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._watch: socket.socket | None = None
+        self._ipr: IPRoute | None = None
+        self._answers: dict[tuple[Any, ...], Any] = {}
+
+    def _open(self) -> None:
+        # Made in the thread that first reads: den's worker threads stay in the
+        # daemon's network namespace (setns happens only in threads of its own).
+        self.close()
+        watch = socket.socket(
+            socket.AF_NETLINK,
+            socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            socket.NETLINK_ROUTE,
+        )
+        watch.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        watch.bind((0, _GROUPS))
+        # No multicast groups: this socket only answers our requests.
+        self._watch, self._ipr, self._pid = watch, IPRoute(groups=0), os.getpid()
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+        if self._ipr is not None:
+            self._ipr.close()
+        self._watch, self._ipr = None, None
+        self._answers.clear()
+
+    def _changed(self) -> bool:
+        assert self._watch is not None
+        changed = False
+        while True:
+            try:
+                self._watch.recv(65536)
+            except BlockingIOError:
+                return changed
+            except OSError:  # ENOBUFS: notifications were dropped
+                pass
+            changed = True
+
+    def get(self, key: tuple[Any, ...], fetch: Callable[[IPRoute], Any]) -> Any:
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child
+                self._open()
+            elif self._changed():
+                self._answers.clear()
+            if key not in self._answers:
+                assert self._ipr is not None
+                try:
+                    self._answers[key] = fetch(self._ipr)
+                except NetlinkError as exc:
+                    raise BackendFailure(
+                        f"the kernel refused: {exc.args[-1] if exc.args else exc}"
+                    ) from None
+            return self._answers[key]
+
+
+_reads = _Reads()
+
+
+def _links_and_addrs(ipr: IPRoute) -> list[Json]:
+    links = ipr.get_links()
+    names = {int(x["index"]): str(x.get_attr("IFLA_IFNAME")) for x in links}
+    addrs: dict[int, list[Json]] = {}
+    for a in ipr.get_addr():
+        addrs.setdefault(int(a["index"]), []).append(
+            {
+                "address": a.get_attr("IFA_ADDRESS"),
+                "prefixlen": a["prefixlen"],
+                "family": _FAMILIES.get(a["family"], str(a["family"])),
+                "scope": a["scope"],
+            }
+        )
     out = []
     for link in links:
-        ifname = str(link.get_attr("IFLA_IFNAME"))
-        if name is not None and ifname != name:
-            continue
         master = link.get_attr("IFLA_MASTER")
         out.append(
             {
-                "name": ifname,
+                "name": str(link.get_attr("IFLA_IFNAME")),
                 "index": int(link["index"]),
                 "kind": _kind(link),
                 "state": str(link.get_attr("IFLA_OPERSTATE") or "UNKNOWN").lower(),
@@ -86,7 +167,16 @@ def interfaces(name: str | None = None) -> list[Json]:
                 "addresses": addrs.get(int(link["index"]), []),
             }
         )
-    if name is not None and not out:
+    return out
+
+
+def interfaces(name: str | None = None) -> list[Json]:
+    """Every interface (or the one named), with its addresses; shared: do not change."""
+    every: list[Json] = _reads.get(("interfaces",), _links_and_addrs)
+    if name is None:
+        return every
+    out = [i for i in every if i["name"] == name]
+    if not out:
         raise NotFound(f"no interface {name}")
     return out
 
@@ -113,9 +203,17 @@ def _family_num(family: str | None) -> int:
 
 
 def routes(family: str | None = None, table: int = 254) -> list[Json]:
-    with netlink() as ipr:
-        names = _names(ipr)
-        found = ipr.get_routes(family=_family_num(family), table=table)
+    """The routes of one table; shared: do not change."""
+    found: list[Json] = _reads.get(
+        ("routes", family, table), lambda ipr: _routes(ipr, family, table)
+    )
+    return found
+
+
+def _routes(ipr: IPRoute, family: str | None, table: int) -> list[Json]:
+    found = ipr.get_routes(family=_family_num(family), table=table)
+    # libc's list of names: no second dump for pyroute2 to decode
+    names = dict(socket.if_nameindex())
     out = []
     for r in found:
         fam = _FAMILIES.get(r["family"], str(r["family"]))

@@ -117,12 +117,9 @@ def protected(settings: Settings, mounts: list[vol_sys.Mount] | None = None) -> 
     if pool is not None:
         pool_names |= _devices_of_mount(pool)
     image = str(settings.pool_image)
-    for d in Path("/sys/block").glob("loop*"):
-        try:
-            if (d / "loop" / "backing_file").read_text().strip() == image:
-                pool_names.add(d.name)
-        except OSError:
-            continue
+    for name in os.listdir("/sys/block"):
+        if name.startswith("loop") and vol_sys.backing_file(name) == image:
+            pool_names.add(name)
     for n in _closure(pool_names):
         out.setdefault(n, f"den's storage pool ({settings.pool_dir})")
     return out

@@ -7,9 +7,10 @@ Everything here only reads; nothing here decides what den may change
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ SECTOR = 512  # sysfs counts sizes and offsets in 512-byte sectors, whatever the
 
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as octal
+    if "\\" not in field:
+        return field
     out, i = [], 0
     while i < len(field):
         if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
@@ -50,7 +53,8 @@ class Mount:
     super_options: str
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # by hand: dataclasses.asdict deep-copies field by field, ten times slower
+        return {**self.__dict__, "propagation": list(self.propagation)}
 
 
 def mountinfo() -> list[Mount]:
@@ -107,9 +111,18 @@ def swaps() -> list[str]:
 # -- block devices -------------------------------------------------------------------
 
 
-def _read(path: Path) -> str:
+def _read(path: Path | str) -> str:
     try:
-        return path.read_text().strip()
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _link_name(link: str) -> str:
+    """The last part of a sysfs symlink's target (one readlink, no walk)."""
+    try:
+        return os.path.basename(os.readlink(link))
     except OSError:
         return ""
 
@@ -122,56 +135,71 @@ def kernel_name(device: str) -> str:
         return ""
     if not stat.S_ISBLK(st.st_mode):
         return ""
-    link = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-    try:
-        return link.resolve().name
-    except OSError:
-        return ""
+    return _link_name(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
 
 
 def name_of_dev(majmin: str) -> str:
     """The kernel name of the block device numbered ``major:minor`` ("" if none)."""
-    link = Path(f"/sys/dev/block/{majmin}")
-    return link.resolve().name if link.exists() else ""
+    return _link_name(f"/sys/dev/block/{majmin}")
 
 
 def is_partition(name: str) -> bool:
-    return (SYS_BLOCK / name / "partition").exists()
+    return os.path.exists(f"{SYS_BLOCK}/{name}/partition")
 
 
 def parent_disk(name: str) -> str:
     """The whole disk a partition is on (the name itself for a disk)."""
     if not is_partition(name):
         return name
-    return (SYS_BLOCK / name).resolve().parent.name
+    # /sys/class/block/vda1 -> ../../devices/.../vda/vda1
+    try:
+        return os.path.basename(os.path.dirname(os.readlink(f"{SYS_BLOCK}/{name}")))
+    except OSError:
+        return name
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def partitions_of(name: str) -> list[str]:
-    base = SYS_BLOCK / name
-    return sorted(
-        (p.name for p in (base.resolve()).iterdir() if (p / "partition").exists()),
-        key=lambda n: int(_read(SYS_BLOCK / n / "partition") or 0),
-    )
+    base = f"{SYS_BLOCK}/{name}"
+    # The kernel names a disk's partitions after it (vda1, loop3p1, nvme0n1p2):
+    # only those of its sysfs entries can be one.
+    found = [
+        (int(_read(f"{base}/{e}/partition") or 0), e)
+        for e in _listdir(base)
+        if e.startswith(name) and e != name and os.path.exists(f"{base}/{e}/partition")
+    ]
+    return [e for _, e in sorted(found)]
 
 
 def slaves(name: str) -> list[str]:
-    d = SYS_BLOCK / name / "slaves"
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    return sorted(_listdir(f"{SYS_BLOCK}/{name}/slaves"))
 
 
 def holders(name: str) -> list[str]:
-    d = SYS_BLOCK / name / "holders"
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    return sorted(_listdir(f"{SYS_BLOCK}/{name}/holders"))
+
+
+def backing_file(name: str) -> str:
+    """A loop device's image ("" for other devices and a detached loop)."""
+    return _read(f"/sys/block/{name}/loop/backing_file")
 
 
 def size_bytes(name: str) -> int:
-    return int(_read(SYS_BLOCK / name / "size") or 0) * SECTOR
+    return int(_read(f"{SYS_BLOCK}/{name}/size") or 0) * SECTOR
 
 
 def udev_props(name: str) -> dict[str, str]:
     """udev's properties of a device (E: lines of /run/udev/data/bMAJ:MIN), if udev runs."""
-    majmin = _read(SYS_BLOCK / name / "dev")
     props: dict[str, str] = {}
+    if not UDEV_DATA.is_dir():  # no udev on this node
+        return props
+    majmin = _read(SYS_BLOCK / name / "dev")
     try:
         lines = (UDEV_DATA / f"b{majmin}").read_text().splitlines()
     except OSError:
@@ -209,11 +237,11 @@ class Disk:
 def disks() -> list[Disk]:
     """Whole block devices with a size (an unattached loop device has none)."""
     out = []
-    for d in sorted(Path("/sys/block").iterdir()):
-        name = d.name
+    for name in sorted(_listdir("/sys/block")):
         size = size_bytes(name)
         if size == 0 or name.startswith("ram"):
             continue
+        d = f"/sys/block/{name}"
         udev = udev_props(name)
         out.append(
             Disk(
@@ -221,12 +249,12 @@ def disks() -> list[Disk]:
                 path=f"/dev/{name}",
                 kind=_kind(name),
                 size_bytes=size,
-                read_only=_read(d / "ro") == "1",
-                removable=_read(d / "removable") == "1",
-                rotational=_read(d / "queue" / "rotational") == "1",
-                model=udev.get("ID_MODEL", "") or _read(d / "device" / "model"),
-                serial=udev.get("ID_SERIAL_SHORT", "") or _read(d / "device" / "serial"),
-                backing_file=_read(d / "loop" / "backing_file"),
+                read_only=_read(f"{d}/ro") == "1",
+                removable=_read(f"{d}/removable") == "1",
+                rotational=_read(f"{d}/queue/rotational") == "1",
+                model=udev.get("ID_MODEL", "") or _read(f"{d}/device/model"),
+                serial=udev.get("ID_SERIAL_SHORT", "") or _read(f"{d}/device/serial"),
+                backing_file=backing_file(name),
                 partitions=partitions_of(name),
                 holders=holders(name),
             )
@@ -276,19 +304,10 @@ def free_space(name: str, min_bytes: int = 1 << 20, blank: bool = False) -> list
 # -- what a device holds -------------------------------------------------------------
 
 
-async def blkid(device: str | None = None) -> dict[str, dict[str, str]]:
-    """blkid's view, device path -> {TYPE, UUID, LABEL, PTTYPE...}.
-
-    One device is probed directly (-p: no cache, the truth right now); without a
-    device, every device blkid finds, skipping its cache (-c /dev/null) so that a
-    filesystem made a moment ago shows.
-    """
-    argv = ["blkid", "-o", "export"]
-    argv += ["-p", device] if device else ["-c", "/dev/null"]
-    res = await proc.run(argv, check=False, timeout=30)
+def _parse_export(text: str, device: str | None = None) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     cur: dict[str, str] = {}
-    for line in (res.stdout + "\n").splitlines():
+    for line in (text + "\n").splitlines():
         if not line.strip():
             if cur:
                 out[cur.get("DEVNAME", device or "")] = cur
@@ -296,9 +315,76 @@ async def blkid(device: str | None = None) -> dict[str, dict[str, str]]:
             continue
         k, _, v = line.partition("=")
         cur[k] = v
-    if device and device not in out and out:
-        out = {device: next(iter(out.values()))}
     return out
+
+
+def _probe_key(name: str) -> tuple[Any, ...]:
+    """What changes when anything is written to a device: the kernel's write and
+    discard counters (a filesystem's own writes count too), the node's mtime
+    (a write through /dev, before writeback), its size and disk sequence number
+    (a loop device given another image)."""
+    try:
+        st = os.stat(f"/dev/{name}")
+        node: tuple[int, ...] = (st.st_rdev, st.st_ino, st.st_mtime_ns)
+    except OSError:
+        node = ()
+    io = _read(f"{SYS_BLOCK}/{name}/stat").split()
+    # fields 5, 7, 12 and 14: writes completed, sectors written, discards, sectors discarded
+    written = tuple(io[i] for i in (4, 6, 11, 13) if i < len(io))
+    return node, written, _read(f"{SYS_BLOCK}/{name}/size"), _read(f"{SYS_BLOCK}/{name}/diskseq")
+
+
+# What blkid found on each device (kernel name -> (_probe_key at the probe, fields)):
+# a read asks blkid only about devices written to since it last looked.
+_probes: dict[str, tuple[tuple[Any, ...], dict[str, str]]] = {}
+_probe_lock = asyncio.Lock()
+
+
+def forget_probes() -> None:
+    """After den changed what is on a device: the next read asks blkid again."""
+    _probes.clear()
+
+
+def _probe_keys() -> dict[str, tuple[Any, ...]]:
+    """Keys of the devices blkid looks at (/proc/partitions); a partition's includes
+    its disk's, whose table gives it PARTUUID and PARTLABEL."""
+    try:
+        lines = Path("/proc/partitions").read_text().splitlines()[2:]
+    except OSError:
+        lines = []
+    names = [ln.split()[3] for ln in lines if len(ln.split()) == 4]
+    keys = {n: _probe_key(n) for n in names}
+    for n in names:
+        if (SYS_BLOCK / n / "partition").exists():
+            keys[n] += keys.get(parent_disk(n), ())
+    return keys
+
+
+async def blkid(device: str | None = None) -> dict[str, dict[str, str]]:
+    """blkid's view, device path -> {TYPE, UUID, LABEL, PTTYPE...}.
+
+    One device is probed directly (-p: no cache, the truth right now); without a
+    device, every device in /proc/partitions, skipping blkid's cache (-c /dev/null)
+    and asking again only about devices written to since the last look (a
+    filesystem made a moment ago shows).
+    """
+    if device:
+        res = await proc.run(["blkid", "-o", "export", "-p", device], check=False, timeout=30)
+        out = _parse_export(res.stdout, device)
+        if device not in out and out:
+            out = {device: next(iter(out.values()))}
+        return out
+    async with _probe_lock:
+        keys = _probe_keys()
+        stale = [n for n, k in keys.items() if n not in _probes or _probes[n][0] != k]
+        if stale:
+            argv = ["blkid", "-c", "/dev/null", "-o", "export", *(f"/dev/{n}" for n in stale)]
+            found = _parse_export((await proc.run(argv, check=False, timeout=30)).stdout)
+            for n in stale:
+                _probes[n] = (keys[n], found.get(f"/dev/{n}", {}))
+        for gone in _probes.keys() - keys.keys():
+            del _probes[gone]
+        return {f"/dev/{n}": dict(_probes[n][1]) for n in keys if _probes[n][1]}
 
 
 def mdstat() -> list[dict[str, Any]]:

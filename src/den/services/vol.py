@@ -291,7 +291,12 @@ async def create_partition(ctx: Context, p: PartitionParams) -> dict[str, Any]:
         raise InvalidParams(f"{p.device} is a partition, not a disk", field="device")
     found = (await vol_sys.blkid(f"/dev/{name}")).get(f"/dev/{name}", {})
     wipe = bool(found) and found.get("PTTYPE") != "gpt"
-    return await vol_write.create_partition(name, p.size_bytes, p.type_code.upper(), p.label, wipe)
+    try:
+        return await vol_write.create_partition(
+            name, p.size_bytes, p.type_code.upper(), p.label, wipe
+        )
+    finally:
+        vol_sys.forget_probes()
 
 
 class FilesystemParams(Params):
@@ -306,7 +311,10 @@ async def create_filesystem(ctx: Context, p: FilesystemParams) -> dict[str, Any]
     """Format a device (btrfs, ext4, vfat or swap); force=true over an existing one."""
     ctx.target = f"device:{p.device} fstype:{p.fstype}"
     name = await vol_guard.check_destructive(ctx.app.settings, p.device, p.force)
-    return await vol_write.create_filesystem(name, p.fstype, p.label)
+    try:
+        return await vol_write.create_filesystem(name, p.fstype, p.label)
+    finally:
+        vol_sys.forget_probes()  # the reads ask blkid again, not their last answer
 
 
 class MountParams(Params):
@@ -457,7 +465,10 @@ async def create_md_array(ctx: Context, p: MdParams) -> dict[str, Any]:
     """An MD RAID-1 array /dev/md/NAME of the devices (metadata 1.2)."""
     ctx.target = f"md:{p.name} <- {','.join(p.devices)}"
     names = await _members(ctx, p.devices, p.force)
-    return await vol_write.create_md_array(p.name, names)
+    try:
+        return await vol_write.create_md_array(p.name, names)
+    finally:
+        vol_sys.forget_probes()
 
 
 class MdStopParams(Params):
@@ -474,7 +485,10 @@ async def stop_md_array(ctx: Context, p: MdStopParams) -> dict[str, Any]:
     use = vol_guard.in_use(name, vol_sys.mountinfo())
     if use:
         raise Conflict(f"{p.device} is {use}; free it first")
-    return await vol_write.stop_md_array(name, p.zero_superblock)
+    try:
+        return await vol_write.stop_md_array(name, p.zero_superblock)
+    finally:
+        vol_sys.forget_probes()
 
 
 Profile = Literal["raid1", "raid1c3", "raid1c4", "raid10", "raid0", "single"]
@@ -493,6 +507,9 @@ async def create_btrfs_raid(ctx: Context, p: BtrfsRaidParams) -> dict[str, Any]:
     """One btrfs filesystem over several devices (RAID-1 by default)."""
     ctx.target = f"btrfs:{p.profile} <- {','.join(p.devices)}"
     names = await _members(ctx, p.devices, p.force)
-    return await vol_write.create_btrfs_raid(
-        names, p.profile, p.metadata_profile or p.profile, p.label
-    )
+    try:
+        return await vol_write.create_btrfs_raid(
+            names, p.profile, p.metadata_profile or p.profile, p.label
+        )
+    finally:
+        vol_sys.forget_probes()
