@@ -8,7 +8,7 @@ The tests of behaviour through den's API run on both backends (``backend``). A
 microVM boots under TCG here (seconds each), so its cases share one microVM of
 the module (:class:`SharedVM`) instead of making their own; the last two tests
 delete it (made again only when needed). Boots: create, clone, start, restart x2,
-the second life of the shared VM: six.
+start after the suspend test's stop, the second life of the shared VM: seven.
 """
 
 from __future__ import annotations
