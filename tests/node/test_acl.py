@@ -7,6 +7,7 @@ host's network and disks are never touched.
 
 from __future__ import annotations
 
+import asyncio
 import pwd
 import secrets
 import subprocess
@@ -14,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
+from mcp.client.client import Client as McpClient
+from mcp.client.streamable_http import streamable_http_client
 
 from den.cli.client import Client, RpcError
 from tests.conftest import Daemon, running_daemon
@@ -381,6 +385,35 @@ def test_acl_file(
         d.call("acl.reload")  # the file gone: what it declared is gone
     assert outcome(d, people["ada"], "net.bridge.add") == FORBIDDEN
     assert [g["name"] for g in d.call("group.list") if g["source"] == "file"] == []
+
+
+def mcp_tools(d: Daemon, token: str) -> set[str]:
+    """The tools den's MCP server lists to the token (the official SDK's client)."""
+
+    async def go() -> set[str]:
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        async with McpClient(streamable_http_client(d.http_url + "/mcp", http_client=http)) as c:
+            return {t.name for t in (await c.list_tools()).tools}
+
+    return asyncio.run(asyncio.wait_for(go(), 120))
+
+
+def test_mcp_lists_node_tools_the_acl_grants(
+    d: Daemon, people: dict[str, Any], clean: None
+) -> None:
+    n = people["names"]
+    node = ("net.", "vol.", "group.", "acl.")
+    bob = mcp_tools(d, people["bob"])  # a member with a write token and no grant
+    assert "workspace.list" in bob and not [t for t in bob if t.startswith(("net.", "vol."))]
+    d.call("acl.grant", principal=f"user:{n['bob']}", pattern="net.*", right="read")
+    bob = mcp_tools(d, people["bob"])
+    assert {"net.interfaces", "net.routes"} <= bob
+    assert "net.bridge.add" not in bob and not [t for t in bob if t.startswith("vol.")]
+    admin = mcp_tools(d, people["adm"])
+    assert {"net.bridge.add", "vol.create_md_array", "net.conntrack.flush"} <= admin
+    assert len([t for t in admin if t.startswith(node)]) > len(
+        [t for t in bob if t.startswith(node)]
+    )
 
 
 def test_bad_file_stops_den_at_start(tmp_path: Path) -> None:

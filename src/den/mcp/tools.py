@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError
 
 from den import __version__
 from den.errors import DenError, InvalidParams, MethodNotFound
+from den.rpc import acl
 from den.rpc.registry import REGISTRY, Caller, Method, Params, check_right, validation_errors
 
 if TYPE_CHECKING:
@@ -101,11 +102,13 @@ def _doc(m: Method) -> str:
     return m.doc
 
 
-def list_tools(caller: Caller) -> list[types.Tool]:
+async def list_tools(app: App, caller: Caller) -> list[types.Tool]:
+    # The node ACL's decision too (net.*, vol.*): a tool it would refuse is not listed.
+    snap = await acl.snapshot(app)
     out = [
         _tool(m.name, f"{_doc(m)}\n\nRequired right: {m.right.name}.", m.params, not m.mutating)
         for m in sorted(REGISTRY.methods.values(), key=lambda m: m.name)
-        if may_call(caller, m)
+        if may_call(caller, m) and acl.permits(snap, caller, m)
     ]
     # The file tools ride workspace.exec: listed to whoever may call it.
     exec_m = REGISTRY.methods.get("workspace.exec")
@@ -221,7 +224,7 @@ def build_server(app: App, fixed: Caller | None = None) -> Server[Any]:
     async def on_list_tools(
         ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=list_tools(caller_of(ctx, fixed)))
+        return types.ListToolsResult(tools=await list_tools(app, caller_of(ctx, fixed)))
 
     async def on_call_tool(
         ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams

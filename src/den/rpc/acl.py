@@ -252,6 +252,14 @@ def check_credential(caller: Caller, m: Method) -> None:
         )
 
 
+def permits(snap: Snapshot, caller: Caller, m: Method) -> bool:
+    """:func:`authorize`'s verdict against a snapshot in hand, without the error
+    (listings: MCP's tools show only node methods the ACL lets the caller call)."""
+    if not governs(m.name) or caller.is_admin:
+        return True
+    return decide(snap, m.name, int(m.right), caller.user_id, where(caller)).allowed
+
+
 async def authorize(app: App, caller: Caller, m: Method) -> None:
     """Refuse a node method call the ACL does not grant; nothing for other methods."""
     if not governs(m.name) or caller.is_admin:
