@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -143,6 +144,35 @@ def test_reads(netd: tuple[Daemon, str]) -> None:
     assert d.call("net.health")["checks"]
     assert d.call("net.verify")["ok"]
     assert d.call("net.firewall")["node_table"] == f"inet den{d.instance}_node"
+
+
+def test_conntrack_flush(netd: tuple[Daemon, str]) -> None:
+    d, ns = netd
+    table = {"family": "inet", "name": "dentest_ct"}
+    at = {"family": "inet", "table": "dentest_ct"}
+    # The kernel tracks a namespace's connections once a rule there looks at them.
+    chain = {**at, "name": "out", "type": "filter", "hook": "output", "prio": 0}
+    state = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["new"]}}
+    nft(ns, {"add": {"table": table}}, {"add": {"chain": {**chain, "policy": "accept"}}},
+        {"add": {"rule": {**at, "chain": "out", "expr": [state, {"accept": None}]}}})  # fmt: skip
+    try:
+        port = 20000 + secrets.randbelow(10000)
+
+        def send() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"x", ("127.0.0.1", port))
+
+        def ours() -> list[dict[str, Any]]:
+            found = d.call("net.conntrack", limit=100000)["entries"]
+            return [e for e in found if e["orig"]["dport"] == port]
+
+        inside(ns, send)
+        assert ours(), "no conntrack entry for the datagram sent inside the namespace"
+        assert d.call("net.conntrack.flush")["flushed"] >= 1
+        assert not ours()
+        assert d.call("net.conntrack.stats")["count"] == 0
+    finally:
+        nft(ns, {"delete": {"table": table}})
 
 
 def test_bridge_taps_ports(netd: tuple[Daemon, str]) -> None:
