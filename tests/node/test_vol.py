@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from den.cli.client import RpcError
+from den.node import vol_sys
 from tests.conftest import Daemon, running_daemon
 
 pytestmark = pytest.mark.skipif(
@@ -207,10 +208,10 @@ def test_ext4_vfat_swap(vd: Daemon, loops: Callable[[int], str]) -> None:
     assert seen() == "ext4"
 
 
-HAS_MD = Path("/proc/mdstat").exists()
+NO_MD = vol_sys.md_missing()  # what this kernel lacks for MD RAID, "" when nothing
 
 
-@pytest.mark.skipif(HAS_MD, reason="this kernel has MD RAID: test_md_raid1 runs")
+@pytest.mark.skipif(not NO_MD, reason="this kernel has MD RAID: test_md_raid1 runs")
 def test_md_refused_without_kernel_support(vd: Daemon, loops: Callable[[int], str]) -> None:
     a, b = loops(64), loops(64)
     err = vd.error("vol.create_md_array", name="denvt", devices=[a, b])
@@ -218,7 +219,7 @@ def test_md_refused_without_kernel_support(vd: Daemon, loops: Callable[[int], st
     assert not Path("/dev/md/denvt").exists() and blkid_type(a) == blkid_type(b) == ""
 
 
-@pytest.mark.skipif(not HAS_MD, reason="this kernel has no MD RAID (CONFIG_MD)")
+@pytest.mark.skipif(bool(NO_MD), reason=NO_MD)
 @pytest.mark.slow
 def test_md_raid1(vd: Daemon, loops: Callable[[int], str]) -> None:
     a, b = loops(64), loops(64)

@@ -387,6 +387,21 @@ async def blkid(device: str | None = None) -> dict[str, dict[str, str]]:
         return {f"/dev/{n}": dict(_probes[n][1]) for n in keys if _probes[n][1]}
 
 
+def md_missing() -> str:
+    """What keeps this kernel from MD RAID ("" when it has it)."""
+    if os.path.exists("/proc/mdstat"):
+        return ""
+    release = os.uname().release
+    why = f"this kernel ({release}) has no MD RAID: md and raid1 are not built in (CONFIG_MD, "
+    why += "CONFIG_BLK_DEV_MD, CONFIG_MD_RAID1; no /proc/mdstat)"
+    if not os.path.exists("/proc/modules"):
+        return why + " and it loads no modules (CONFIG_MODULES is off: no /proc/modules)"
+    modules = Path(f"/lib/modules/{release}/kernel/drivers/md")
+    if not any(modules.glob("md-mod.ko*")):
+        return why + f" and /lib/modules/{release} has no md-mod module"
+    return why + " and md_mod is not loaded (modprobe md_mod raid1)"
+
+
 def mdstat() -> list[dict[str, Any]]:
     """MD arrays from sysfs: level, state, members, sync action, degraded."""
     out = []

@@ -144,9 +144,10 @@ async def create_filesystem(name: str, fstype: str, label: str) -> dict[str, Any
 
 
 async def create_md_array(name: str, members: list[str]) -> dict[str, Any]:
-    if not os.path.exists("/proc/mdstat"):
+    missing = vol_sys.md_missing()
+    if missing:
         # mdadm would leave device nodes behind before failing
-        raise BackendFailure("this kernel has no MD RAID support (CONFIG_MD): no array made")
+        raise BackendFailure(f"{missing}; no array made")
     dev = f"/dev/md/{name}"
     if os.path.exists(dev):
         raise InvalidParams(f"an MD array named {name} exists already", field="name")
