@@ -37,10 +37,7 @@ BACKENDS = [
     "sandbox",
     pytest.param(
         "microvm",
-        marks=[
-            pytest.mark.slow,
-            pytest.mark.skip(reason="the microvm backend has not landed yet (microvm-ready.md)"),
-        ],
+        marks=[pytest.mark.slow],
     ),
 ]
 
@@ -51,10 +48,12 @@ def host_link(name: str) -> bool:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vm_lifecycle(pool_daemon: Daemon, bb_image: str, users: Users, backend: str) -> None:
+def test_vm_lifecycle(
+    request: pytest.FixtureRequest, pool_daemon: Daemon, bb_image: str, users: Users, backend: str
+) -> None:
     """vm.create -> get/list -> stop -> start -> suspended reads "stopped" -> restart ->
     metrics -> delete, in the compute manager's data model, with its times kept."""
-    d = pool_daemon
+    d = request.getfixturevalue("pool_microvm") if backend == "microvm" else pool_daemon
     owner = users.make()
     vm = d.call(
         "vm.create",
