@@ -226,6 +226,38 @@ def test_routes(netd: tuple[Daemon, str]) -> None:
     assert d.error("net.routes.delete", dst="198.51.100.0/24", dev=LAN).code == -32001
 
 
+def test_reads_follow_changes_behind_dens_back(netd: tuple[Daemon, str]) -> None:
+    """net.interfaces and net.routes remember their answer until the kernel reports a
+    change: one made by someone else shows on the very next read."""
+    d, ns = netd
+
+    def names() -> set[str]:
+        return {i["name"] for i in d.call("net.interfaces")}
+
+    def dsts() -> set[str]:
+        return {r["dst"] for r in d.call("net.routes", family="ipv4")}
+
+    assert "xtr0" not in names() and "203.0.113.0/24" not in dsts()
+
+    def add() -> None:
+        _add_veth("xtr0")
+        with IPRoute() as ipr:
+            ipr.addr("add", index=links.index(ipr, "xtr0"), address="203.0.113.1", prefixlen=24)
+
+    def delete() -> None:
+        with IPRoute() as ipr:
+            ipr.link("del", index=links.index(ipr, "xtr0"))
+
+    inside(ns, add)
+    try:
+        assert "xtr0" in names() and "203.0.113.0/24" in dsts()
+        mine = d.call("net.interfaces", name="xtr0")[0]
+        assert mine["addresses"][0]["address"] == "203.0.113.1"
+    finally:
+        inside(ns, delete)
+    assert "xtr0" not in names() and "203.0.113.0/24" not in dsts()
+
+
 def test_firewall_nat_verify_restore(netd: tuple[Daemon, str]) -> None:
     d, ns = netd
     inst = d.instance
