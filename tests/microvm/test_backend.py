@@ -144,18 +144,24 @@ def guest_mem_kb(d: Daemon, ref: str) -> int:
     return int(ok(d, ref, "awk '/MemTotal/ {print $2}' /proc/meminfo").strip())
 
 
-def answers(d: Daemon, ref: str) -> bool:
-    """The VM runs exec (False while it boots: its agent does not answer yet)."""
-    try:
-        return bool(sh(d, ref, "echo up")["stdout"] == "up\n")
-    except RpcError:
-        return False
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def assert_clock(d: Daemon, ref: str) -> None:
+    """The guest's clock is the host's, within a second (around the exec's own time)."""
+    before = time.time()
+    guest = int(ok(d, ref, "date +%s").strip())
+    after = time.time()
+    assert before - 1 <= guest <= after + 1, (before, guest, after)
 
 
 def test_lifecycle(vm_daemon: Daemon, owner: str) -> None:
-    """create -> exec -> suspend (QEMU's CPU time flat) -> resume (a counter goes on)
-    -> kill -9 of the daemon (the VM runs on, found again) -> stop -> start -> a killed
-    QEMU is replaced by the reconciler with nothing of it left -> delete (nothing left)."""
+    """create (QEMU unprivileged, the guest's clock right) -> exec -> suspend (QEMU's CPU
+    time flat) -> resume (a counter goes on, the clock right) -> kill -9 of the daemon
+    (the VM runs on, found again) -> stop -> start -> a killed QEMU is failed, with a
+    reason and nothing of it running, and starts again with its files -> delete."""
     d = vm_daemon
     ref = f"{owner}/life"
     t0 = time.monotonic()
@@ -165,6 +171,16 @@ def test_lifecycle(vm_daemon: Daemon, owner: str) -> None:
     try:
         pid = qemu_pid(d, ws["id"])
         assert pid in cgroup_procs(d, ws["id"])  # QEMU runs in the workspace's cgroup
+        # QEMU runs as the workspace's own uid, without groups or capabilities; its
+        # TAP is that uid's
+        st = proc_status(pid)
+        uid = int(st["Uid"].split()[0])
+        assert uid != 0 and set(st["Uid"].split()) == {str(uid)}, st["Uid"]
+        assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0, st
+        assert st["Groups"] == "" and st["NoNewPrivs"] == "1", st
+        tap = names.tap(d.instance, ws["id"])
+        assert Path(f"/sys/class/net/{tap}/owner").read_text().strip() == str(uid)
+        assert_clock(d, ref)  # set again once booted, not from a hello sent seconds ago
         detach(d, ref, "i=0; while :; do i=$((i+1)); echo $i > /tmp/c; sleep 0.1; done")
         wait_for(lambda: counter(d, ref) > 0, 10, "the counter to start")
 
@@ -173,9 +189,11 @@ def test_lifecycle(vm_daemon: Daemon, owner: str) -> None:
         before = cpu_ticks(pid)
         time.sleep(1.0)
         assert cpu_ticks(pid) - before <= 5  # 50 ms of CPU in 1 s at most: the guest is stopped
+        time.sleep(2.0)  # the guest's clock stands still meanwhile
         t = time.monotonic()
         d.call("workspace.resume", ref=ref)
         print(f"resume RPC: {(time.monotonic() - t) * 1000:.1f} ms")
+        assert_clock(d, ref)
         c1 = counter(d, ref)
         wait_for(lambda: counter(d, ref) > c1, 10, "the counter to go on after resume")
 
@@ -202,16 +220,23 @@ def test_lifecycle(vm_daemon: Daemon, owner: str) -> None:
         assert ok(d, ref, "echo again") == "again\n"
         assert guest_mem_kb(d, ref) > mem_before + 50_000  # 320 MiB now, was 256
 
-        # A killed QEMU: the reconciler sees it stopped and starts it again, with
-        # nothing of the old one (its virtiofsd) left.
+        # A killed QEMU: the reconciler marks the workspace failed with a reason and
+        # cleans up (virtiofsd, sockets), keeps its files; `den start` boots it again.
+        ok(d, ref, "echo kept > /mark && sync")
         pid = qemu_pid(d, ws["id"])
         os.kill(pid, signal.SIGKILL)
-        wait_for(
-            lambda: (vmdir(d, ws["id"]) / "qemu.pid").exists() and qemu_pid(d, ws["id"]) != pid,
-            120,
-            "the reconciler to boot the VM again",
-        )
-        wait_for(lambda: answers(d, ref), 120, "the new VM to answer")
+        wait_for(lambda: d.call("workspace.get", ref=ref)["state"] == "failed", 30, "failed")
+        got = d.call("workspace.get", ref=ref)
+        assert "QEMU ended without den stopping it" in got["state_reason"], got
+        assert not cgroup_procs(d, ws["id"]) and not alive(pid)
+        left = {p.name for p in vmdir(d, ws["id"]).iterdir()}
+        assert not left & {"qemu.pid", "qmp.sock", "agent.sock", "root.sock", "code.sock"}, left
+        time.sleep(2.5)  # two more reconciler passes: it is not booted again behind den
+        assert d.call("workspace.get", ref=ref)["state"] == "failed"
+        assert not (vmdir(d, ws["id"]) / "qemu.pid").exists()
+        d.call("workspace.start", ref=ref)
+        assert d.call("workspace.get", ref=ref)["state"] == "running"
+        assert ok(d, ref, "cat /mark") == "kept\n"
         assert all(alive(p) for p in cgroup_procs(d, ws["id"]))
     finally:
         d.call("workspace.delete", ref=ref)
@@ -261,11 +286,16 @@ def test_isolation_and_anti_spoofing(vm_daemon: Daemon, owner: str) -> None:
                       f"ip route add default via {gw}")  # fmt: skip
             assert not heard()
 
-            # A guest kernel panic ends its QEMU (panic reboots, -no-reboot exits)
+            # A guest kernel panic ends its QEMU (panic reboots, -no-reboot exits) and
+            # the workspace is failed, saying so
             pid = qemu_pid(d, a["id"])
             with contextlib.suppress(RpcError):
                 sh(d, ra, "echo c > /proc/sysrq-trigger", timeout=5)
-            wait_for(lambda: not alive(pid) or qemu_pid(d, a["id"]) != pid, 60, "QEMU to end")
+            wait_for(lambda: not alive(pid), 60, "QEMU to end")
+            wait_for(lambda: d.call("workspace.get", ref=ra)["state"] == "failed", 30, "failed")
+            reason = d.call("workspace.get", ref=ra)["state_reason"]
+            assert "panicked" in reason and "sysrq" in reason, reason
+            assert not cgroup_procs(d, a["id"])
         finally:
             d.call("workspace.delete", ref=f"{owner}/iso-b")
         wait_gone(d, b["id"])

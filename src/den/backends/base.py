@@ -30,7 +30,11 @@ if TYPE_CHECKING:
     from den.config import Settings
     from den.net.network import Network
 
-Status = Literal["running", "suspended", "stopped", "missing"]
+# What a backend finds on the host (Backend.status). "failed": the workspace ended
+# without den asking (a killed VM process, a guest kernel panic; Backend.failure
+# says why); "stopped" is den's stop, a host restart, or an end the workspace asked
+# for itself, which the reconciler starts again like a host restart.
+Status = Literal["running", "suspended", "stopped", "failed", "missing"]
 # The PATH of a login inside a workspace, whatever runs it.
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 State = dict[str, Any]
@@ -303,10 +307,22 @@ class Backend(ABC):
 
     @abstractmethod
     async def status(self, spec: Spec, state: State) -> Status:
-        """What is true on the host now: running, suspended, stopped or missing.
+        """What is true on the host now: running, suspended, stopped, failed or missing.
 
+        ``failed`` only where the backend can tell that the workspace ended without
+        den asking and not by its own wish (the microvm backend: QEMU killed or
+        crashed, the guest kernel panicked, the guest's init failed); the reconciler
+        then cleans up after it (``stop``), marks it failed with :meth:`failure`'s
+        reason, and ``start`` boots it again. A backend that cannot tell says
+        ``stopped`` (the sandbox when its init ended: started again).
         Read-only and cheap; the reconciler calls it for every workspace.
         """
+
+    async def failure(self, spec: Spec, state: State) -> str:
+        """Why a workspace whose :meth:`status` is ``failed`` ended (one line, for
+        people; read before ``stop`` cleans up). Backends that never say ``failed``
+        keep this default."""
+        return ""
 
     @abstractmethod
     async def stats(self, spec: Spec, state: State) -> Stats:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, states
@@ -64,18 +65,31 @@ def _elements(tap: str, mac: str, address: str) -> tuple[str, str]:
     return f'"{tap}" . {mac}', f'"{tap}" . {address}'
 
 
-def attach(instance: int, tap: str, bridge: str, mac: str, address: str) -> None:
-    """A persistent TAP ``tap`` (QEMU opens it by name) as an isolated port of
-    ``bridge`` that only ``mac``/``address`` may send from. Idempotent."""
+def owner(tap: str) -> int | None:
+    """The uid a persistent TAP belongs to (None: anyone with CAP_NET_ADMIN)."""
+    try:
+        uid = int(Path(f"/sys/class/net/{tap}/owner").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if uid < 0 else uid
+
+
+def attach(instance: int, tap: str, bridge: str, mac: str, address: str, uid: int) -> None:
+    """A persistent TAP ``tap`` owned by ``uid`` (the unprivileged QEMU opens it by
+    name) as an isolated port of ``bridge`` that only ``mac``/``address`` may send
+    from. Idempotent; a TAP of another owner is made again (its QEMU is gone)."""
     ensure_table(instance)
     with IPRoute() as ipr:
         br = links.index(ipr, bridge)
         if br is None:
             raise BackendFailure(f"bridge {bridge} is missing")
         idx = links.index(ipr, tap)
+        if idx is not None and owner(tap) != uid:
+            ipr.link("del", index=idx)
+            idx = None
         if idx is None:
             with contextlib.suppress(NetlinkError):
-                ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+                ipr.link("add", ifname=tap, kind="tuntap", mode="tap", uid=uid, gid=uid)
             idx = links.index(ipr, tap)
         if idx is None:
             raise BackendFailure(f"cannot create the tap {tap}")

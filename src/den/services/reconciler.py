@@ -6,7 +6,11 @@ rows are finished. On every pass: workspaces whose processes are not in the
 state the database says are started, stopped or frozen; ``deleting`` rows
 whose delete failed are tried again; what the host has with no record
 (containers, cgroups, bundles, network namespaces, veths, volumes) is
-removed; what cannot be repaired is marked ``failed`` with a reason.
+removed; what cannot be repaired is marked ``failed`` with a reason. A
+workspace its backend finds ``failed`` (a microVM whose QEMU was killed or
+whose guest panicked) is not started again: its host leftovers are cleaned
+(the backend's stop; its files stay), it is marked ``failed`` with the
+backend's reason, and ``den start`` boots it again.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ async def _guarded(app: App, ws: Workspace, owner: User, startup: bool, report: 
     if fresh is None:
         return
     ws = fresh
-    before = ws.state, ws.state_reason
+    before = ws.state, ws.state_reason, ws.backend_state
     try:
         await _one(app, ws, owner, startup, report)
     except Exception as exc:
@@ -98,13 +102,14 @@ async def _guarded(app: App, ws: Workspace, owner: User, startup: bool, report: 
     async with app.sessions() as db:
         if ws.id in report.removed:
             await db.execute(delete(Workspace).where(Workspace.id == ws.id))
-        elif (ws.state, ws.state_reason) != before:
+        elif (ws.state, ws.state_reason, ws.backend_state) != before:
             await db.execute(
                 update(Workspace)
                 .where(Workspace.id == ws.id)
                 .values(
                     state=ws.state,
                     state_reason=ws.state_reason,
+                    backend_state=ws.backend_state,
                     # a core update passes by the listener that keeps these (models.py)
                     started_at=ws.started_at,
                     stopped_at=ws.stopped_at,
@@ -135,11 +140,21 @@ async def _one(app: App, ws: Workspace, owner: User, startup: bool, report: Repo
         report.failed.append(ws.id)
         return
     actual = await backend.status(spec, state)
-    if ws.state == "running" and actual != "running":
-        if actual == "suspended":
-            await backend.resume(spec, state)
+    if actual == "failed":
+        why = await backend.failure(spec, state) or "it ended without den stopping it"
+        ws.backend_state = await backend.stop(spec, state)  # its leftovers, not its files
+        if ws.state in ("running", "suspended"):
+            log.warning("workspace %s failed: %s", ws.id, why)
+            ws.state = "failed"
+            ws.state_reason = why[:500]
+            report.failed.append(ws.id)
         else:
-            await backend.start(spec, state)
+            report.repaired.append(ws.id)
+    elif ws.state == "running" and actual != "running":
+        if actual == "suspended":
+            ws.backend_state = await backend.resume(spec, state)
+        else:
+            ws.backend_state = await backend.start(spec, state)
         report.repaired.append(ws.id)
     elif ws.state == "suspended" and actual != "suspended":
         if actual == "running":
@@ -151,7 +166,7 @@ async def _one(app: App, ws: Workspace, owner: User, startup: bool, report: Repo
             )
         report.repaired.append(ws.id)
     elif ws.state == "stopped" and actual in ("running", "suspended"):
-        await backend.stop(spec, state)
+        ws.backend_state = await backend.stop(spec, state)
         report.repaired.append(ws.id)
 
 

@@ -13,6 +13,24 @@ Host layout of a workspace: ``DATA_DIR/vms/<id>/`` (root-only) with
 ``t<N>-<id>``; the cgroup ``/den<N>/<id>`` holding QEMU and both virtiofsd.
 Everything is found again from these after a ``kill -9`` of the daemon.
 
+How a VM ended (:meth:`MicroVMBackend.status`): den records QEMU's pid and the
+host's boot id in the state blob when it boots a VM and drops the pid when it
+stops it. A VM whose QEMU is gone while the state still has its pid ended without
+den: ``failed`` if QEMU was killed or crashed, the guest kernel panicked or den's
+init failed (the reason from the console's last lines, :meth:`failure`);
+``stopped`` if the guest powered itself off (a ``poweroff -f`` typed inside: its
+own wish, like a sandbox whose init ended; the reconciler starts it again) or if
+the host restarted since (another boot id: started again like a sandbox).
+
+QEMU runs unprivileged: as the workspace's own host uid (``spec.uid_start``, the
+id root inside a sandbox workspace of the owner has; nothing else on the host
+runs as it), no supplementary groups but ``kvm``'s under KVM, no capabilities, no
+new privileges, through util-linux ``setpriv`` (QEMU 7.2's ``-runas`` takes
+only a user name). It owns its TAP and the VM directory (its sockets, console,
+pid file), where den hard-links the kernel and initramfs for it; den reads what
+it writes there without following links or blocking on FIFOs. virtiofsd stays
+root (it serves files of every owner) in its own sandbox.
+
 Memory limit of the cgroup: guest memory + :data:`OVERHEAD_MB`. Measured
 here for an idle busybox guest of 256 MiB under TCG: QEMU resident 228 MB, of
 which 126 MB is guest RAM the guest touched (shared memfd), 88 MB QEMU's own
@@ -34,6 +52,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -78,8 +97,16 @@ SFTP_SERVERS = (
     "usr/libexec/openssh/sftp-server",
 )
 _HOSTNAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # den's names (services.common.NAME_RE) fit
-# QMP run states: paused by den (stop) is suspended; these mean the guest ended.
+# QMP run states: paused by den (stop) is suspended; "shutdown" is the guest
+# powering off (QEMU exits right after: -no-reboot); the others are failures.
 _ENDED = {"shutdown", "internal-error", "guest-panicked", "io-error", "watchdog"}
+_FAILED_RUN = _ENDED - {"shutdown"}
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+SETPRIV = "/usr/bin/setpriv"
+# The kernel's own lines on the console (pr_emerg: printed under `quiet` too).
+_PANIC = "Kernel panic"
+_POWER_DOWN = "reboot: Power down"
+_INIT_FAILED = "den-init: failed"
 
 
 class MicroVMBackend(Backend):
@@ -117,19 +144,26 @@ class MicroVMBackend(Backend):
         pid, start = state.get("pid"), state.get("pid_start")
         if isinstance(pid, int) and isinstance(start, int) and qemu.alive(pid, start):
             return pid, start
-        found = qemu.read_pid(self.vmdir(ws_id) / "qemu.pid")
+        found = _read_pid(self.vmdir(ws_id) / "qemu.pid")
         if found is not None and self._is_ours(ws_id, found):
             return found, qemu.proc_start(found)
         return None, None
 
     def _is_ours(self, ws_id: str, pid: int) -> bool:
-        """``pid`` is the QEMU of this VM (its command line names the VM directory)."""
+        """``pid`` is the QEMU of this VM: a QEMU whose command line names the VM
+        directory, in the VM's cgroup (the pid file is written by QEMU, which runs
+        as the workspace's uid: it alone proves nothing)."""
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()
         except OSError:
             return False
-        return qemu.proc_start(pid) is not None and str(self.vmdir(ws_id)).encode() + b"/" in cmd
+        return (
+            cmd.split(b"\0", 1)[0].endswith(vm_assets.QEMU.encode())
+            and str(self.vmdir(ws_id)).encode() + b"/" in cmd
+            and qemu.proc_start(pid) is not None
+            and pid in cgroups.procs(self.cgroup(ws_id))
+        )
 
     # -- the contract --------------------------------------------------------------------
     async def create(self, spec: Spec) -> State:
@@ -142,8 +176,7 @@ class MicroVMBackend(Backend):
         _check_hostname(spec.hostname)
         vmdir = self.vmdir(spec.id)
         # The directory first: whatever a killed daemon leaves after it is found by it.
-        self.vms.mkdir(parents=True, exist_ok=True, mode=0o700)
-        vmdir.mkdir(exist_ok=True, mode=0o700)
+        self._make_vmdir(spec)
         mac = links.workspace_mac(spec.address)
         with timed("tap", ws=spec.id):
             await self._attach(spec, mac)
@@ -161,10 +194,25 @@ class MicroVMBackend(Backend):
             "mac": mac,
         }
 
+    def _make_vmdir(self, spec: Spec) -> None:
+        """The VM directory, QEMU's: owned by the workspace's uid, in a directory
+        only root lists (others may only pass through to their own)."""
+        self.vms.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.vms.chmod(0o711)
+        d = self.vmdir(spec.id)
+        d.mkdir(exist_ok=True, mode=0o700)
+        os.chown(d, spec.uid_start, spec.uid_start)
+
     async def _attach(self, spec: Spec, mac: str) -> None:
         await self.network.ensure()
         await asyncio.to_thread(
-            tap.attach, self.instance, self.tap(spec.id), self.network.bridge, mac, spec.address
+            tap.attach,
+            self.instance,
+            self.tap(spec.id),
+            self.network.bridge,
+            mac,
+            spec.address,
+            spec.uid_start,
         )
         await self.network.refresh_exceptions()
 
@@ -196,6 +244,7 @@ class MicroVMBackend(Backend):
         accel = state.get("accel", "tcg")
         mem = spec.memory_mb
         return [
+            *self._unprivileged(spec, accel),
             vm_assets.QEMU,
             "-name", f"den-{spec.id}",
             "-M", "microvm,memory-backend=mem",
@@ -207,7 +256,8 @@ class MicroVMBackend(Backend):
             "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", f"file:{d / 'console.log'}",
-            "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
+            # den's links to the assets (their directory is root's alone)
+            "-kernel", str(d / "vmlinuz"), "-initrd", str(d / "initrd.img"),
             "-append", self._cmdline(spec, state["mac"]),
             "-global", "virtio-mmio.force-legacy=false",
             "-chardev", f"socket,id=fs0,path={d / 'root.sock'}",
@@ -221,12 +271,42 @@ class MicroVMBackend(Backend):
             "-device", "virtserialport,chardev=ag,name=den.agent",
             "-chardev", f"socket,id=qmp,path={d / 'qmp.sock'},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
-            # QEMU's own seccomp filter: it emulates an untrusted guest as root.
+            # QEMU's own seccomp filter: it emulates an untrusted guest.
             # (elevateprivileges= and spawn=deny refuse -daemonize's setsid/fork
             # in QEMU 7.2: measured, exit 1 / SIGSYS.)
             "-sandbox", "on,obsolete=deny,resourcecontrol=deny",
             "-daemonize", "-pidfile", str(d / "qemu.pid"),
         ]  # fmt: skip
+
+    def _unprivileged(self, spec: Spec, accel: str) -> list[str]:
+        """setpriv's argv: QEMU as the workspace's uid, no groups but /dev/kvm's
+        under KVM, no capabilities (not even inheritable or in the bounding set)."""
+        ids = [f"--reuid={spec.uid_start}", f"--regid={spec.uid_start}"]
+        groups = ["--clear-groups"]
+        if accel == "kvm":
+            with contextlib.suppress(OSError):
+                groups = [f"--groups={os.stat('/dev/kvm').st_gid}"]
+        return [
+            SETPRIV, *ids, *groups, "--inh-caps=-all", "--bounding-set=-all",
+            "--no-new-privs", "--",
+        ]  # fmt: skip
+
+    def _link_assets(self, spec: Spec, assets: vm_assets.Assets) -> None:
+        """The kernel and initramfs in the VM directory, readable by QEMU's uid:
+        hard links (same file system, no copy), else copies."""
+        d = self.vmdir(spec.id)
+        for src, name in ((assets.kernel, "vmlinuz"), (assets.initrd, "initrd.img")):
+            dst = d / name
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+                if os.stat(dst).st_mode & 0o004:
+                    continue
+                dst.unlink()
+            except OSError:
+                pass
+            shutil.copyfile(src, dst)
+            dst.chmod(0o444)
 
     async def start(self, spec: Spec, state: State) -> State:
         pid, _start = self._pid(spec.id, state)
@@ -249,30 +329,36 @@ class MicroVMBackend(Backend):
         d = self.vmdir(spec.id)
         cg = self.cgroup(spec.id)
         await self._end_processes(spec.id)
-        if not await asyncio.to_thread(links.link_exists, state["tap"]):
-            await self._attach(spec, state["mac"])
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if await asyncio.to_thread(tap.owner, state["tap"]) != spec.uid_start:
+            await self._attach(spec, state["mac"])  # missing, or made for another uid
+        self._make_vmdir(spec)
         await asyncio.to_thread(
             qemu.make_cgroup, cg, self._mem_limit(spec, state["accel"]), spec.cpu, HOST_PIDS
         )
+        # No process of the VM's uid runs now (ended above): what it left is removed
+        # before den writes anything here.
         for name in ("qemu.pid", "qmp.sock", "agent.sock", "console.log", "start.log"):
             (d / name).unlink(missing_ok=True)
+        await asyncio.to_thread(self._link_assets, spec, assets)
         t0 = time.monotonic()
         with timed("virtiofsd", ws=spec.id):
             await asyncio.gather(
                 qemu.start_virtiofsd(d / "root.sock", spec.rootfs, cg, d / "start.log"),
                 qemu.start_virtiofsd(d / "code.sock", spec.code, cg, d / "start.log"),
             )
+        for sock in ("root.sock", "code.sock"):  # virtiofsd's (root): QEMU connects to them
+            os.chown(d / sock, spec.uid_start, spec.uid_start, follow_symlinks=False)
         with timed("qemu", ws=spec.id):
             await qemu.start_qemu(self._argv(spec, state, assets), cg, d / "start.log")
-        pid = qemu.read_pid(d / "qemu.pid")
-        start = qemu.proc_start(pid) if pid else None
+        pid = _read_pid(d / "qemu.pid")
+        start = qemu.proc_start(pid) if pid and self._is_ours(spec.id, pid) else None
         if pid is None or start is None:
             raise BackendFailure(f"QEMU exited at once: {self._why(spec.id)}")
         state = {
             **state,
             "pid": pid,
             "pid_start": start,
+            "boot_id": _boot_id(),
             "cpus": self._cpus(spec),
             "memory_mb": spec.memory_mb,
         }
@@ -286,6 +372,10 @@ class MicroVMBackend(Backend):
             raise
         finally:
             await ups
+        # The agent set the guest's clock from the first hello den sent, which the
+        # guest reads only once it has booted (seconds later under TCG; the retries
+        # repeat that hello's time): set it again now, from the host's clock.
+        await self._settime(spec.id)
         log.info(
             "microVM booted",
             extra={"ctx": {"ws": spec.id, "seconds": round(time.monotonic() - t0, 3)}},
@@ -313,9 +403,7 @@ class MicroVMBackend(Backend):
 
     def _why(self, ws_id: str) -> str:
         d = self.vmdir(ws_id)
-        return (
-            qemu.tail(d / "console.log", 4) or qemu.tail(d / "start.log", 2) or "no console output"
-        )
+        return _tail(d / "console.log", 4) or _tail(d / "start.log", 2) or "no console output"
 
     async def _agent(self, ws_id: str, timeout: float = 5.0) -> AgentChannel:
         """The VM's agent connection, opened once (a second open resets the guest side)."""
@@ -347,10 +435,12 @@ class MicroVMBackend(Backend):
         return str(reply.get("status", "unknown")) if isinstance(reply, dict) else "unknown"
 
     async def _end_processes(self, ws_id: str) -> None:
-        """Kill whatever of the VM still runs (QEMU, virtiofsd) and forget its sockets."""
+        """Kill whatever of the VM still runs (QEMU, virtiofsd) and remove its sockets
+        and pid file (the console log stays: it tells why a VM failed)."""
         await self._forget(ws_id)
         cg = self.cgroup(ws_id)
-        pid = qemu.read_pid(self.vmdir(ws_id) / "qemu.pid")
+        d = self.vmdir(ws_id)
+        pid = _read_pid(d / "qemu.pid")
         if pid is not None and self._is_ours(ws_id, pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -358,7 +448,10 @@ class MicroVMBackend(Backend):
         if not await qemu.wait_gone(cg, 5.0):
             log.warning("microVM processes survive SIGKILL", extra={"ctx": {"ws": ws_id}})
         for sock in ("root.sock", "code.sock"):
-            qemu.virtiofsd_pid_file(self.vmdir(ws_id) / sock).unlink(missing_ok=True)
+            qemu.virtiofsd_pid_file(d / sock).unlink(missing_ok=True)
+        for name in ("root.sock", "code.sock", "qmp.sock", "agent.sock", "qemu.pid"):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                (d / name).unlink()
 
     async def stop(self, spec: Spec, state: State) -> State:
         for down in self.on_down:
@@ -493,13 +586,43 @@ class MicroVMBackend(Backend):
     async def status(self, spec: Spec, state: State) -> Status:
         pid, _ = self._pid(spec.id, state)
         if pid is None:
-            return "stopped" if self.vmdir(spec.id).exists() else "missing"
+            if not self.vmdir(spec.id).exists():
+                return "missing"
+            return "failed" if self._ended_alone(spec, state) else "stopped"
         st = await self._run_state(spec.id)
         if st == "paused":
             return "suspended"
-        if st in _ENDED:
+        if st in _FAILED_RUN:
+            return "failed"
+        if st == "shutdown":
             return "stopped"
         return "running"
+
+    def _ended_alone(self, spec: Spec, state: State) -> bool:
+        """QEMU is gone though den booted it in this host boot and never stopped it,
+        and the guest did not power itself off."""
+        if "pid" not in state or state.get("boot_id") != _boot_id():
+            return False
+        console = _tail(self.vmdir(spec.id) / "console.log", 6)
+        return _POWER_DOWN not in console or _PANIC in console or _INIT_FAILED in console
+
+    async def failure(self, spec: Spec, state: State) -> str:
+        pid, _ = self._pid(spec.id, state)
+        if pid is not None:
+            st = await self._run_state(spec.id)
+            return f"QEMU reports the guest {st}: {self._why(spec.id)}"
+        d = self.vmdir(spec.id)
+        # The panic's own line comes before its dump (dozens of lines): all of it read
+        console = _tail(d / "console.log", 1000, width=64 << 10).split(" / ")
+        for marker, what in (
+            (_PANIC, "the guest kernel panicked"),
+            (_INIT_FAILED, "den-init failed"),
+        ):
+            line = next((x for x in console if marker in x), None)
+            if line is not None:
+                return f"{what}: {line}"[:500]
+        last = " / ".join(console[-3:]) or "no console output"
+        return f"QEMU ended without den stopping it (killed or crashed); console: {last}"[:500]
 
     async def stats(self, spec: Spec, state: State) -> Stats:
         cg = self.cgroup(spec.id)
@@ -513,7 +636,7 @@ class MicroVMBackend(Backend):
         )
 
     def running(self, ws_id: str) -> bool:
-        pid = qemu.read_pid(self.vmdir(ws_id) / "qemu.pid")
+        pid = _read_pid(self.vmdir(ws_id) / "qemu.pid")
         return pid is not None and self._is_ours(ws_id, pid)
 
     async def orphans(self, known_ids: set[str]) -> list[str]:
@@ -548,6 +671,43 @@ def _check_hostname(hostname: str) -> None:
     # On the kernel command line: only what den's name rules allow.
     if not _HOSTNAME.fullmatch(hostname):
         raise InvalidParams(f"hostname {hostname!r} is not a valid host name", field="name")
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _read_tail(path: Path, limit: int) -> bytes:
+    """The last ``limit`` bytes of a regular file in a VM directory, which QEMU's uid
+    owns: never through a symbolic link, never blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return b""
+        return os.pread(fd, limit, max(0, st.st_size - limit))
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _read_pid(path: Path) -> int | None:
+    text = _read_tail(path, 32).strip()
+    return int(text) if text.isdigit() else None
+
+
+def _tail(path: Path, lines: int, width: int = 500) -> str:
+    """The last lines of a log in a VM directory (its last 64 KiB read), joined,
+    at most ``width`` characters."""
+    text = _read_tail(path, 64 << 10).decode(errors="replace")
+    return " / ".join(s.strip() for s in text.splitlines()[-lines:] if s.strip())[:width]
 
 
 async def _wait_dead(pid: int, start: int, timeout: float) -> bool:
