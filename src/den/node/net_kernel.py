@@ -8,6 +8,7 @@ BackendFailure with the kernel's reason.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -19,7 +20,7 @@ from typing import Any
 from pyroute2 import Conntrack, IPRoute, NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import states
 
-from den.errors import BackendFailure, NotFound
+from den.errors import BackendFailure, Conflict, NotFound
 from den.net.links import index
 
 Json = dict[str, Any]
@@ -236,19 +237,55 @@ def _routes(ipr: IPRoute, family: str | None, table: int) -> list[Json]:
     return out
 
 
-def default_route_devs() -> set[str]:
-    """The interfaces default routes (main table, either family) leave through."""
-    devs = set()
+def resolve(name: str) -> tuple[int, str] | None:
+    """(index, primary name) of the interface ``name`` names, or None.
+
+    The kernel resolves a name through the interface's alternative names too
+    (systemd gives every NIC one, e.g. enp0s3): checks and actions must use
+    what this returns, never the name as given.
+    """
     with netlink() as ipr:
-        names = _names(ipr)
+        try:
+            reply = ipr.link("get", ifname=name)
+        except NetlinkError:
+            return None
+        if not reply:
+            return None
+        return int(reply[0]["index"]), str(reply[0].get_attr("IFLA_IFNAME"))
+
+
+def topology() -> tuple[dict[int, Json], set[int]]:
+    """Every link ({index: {name, master, parent}}; parent: a VLAN's or macvlan's lower
+    device in this namespace) and the indexes main-table default routes leave through."""
+    defaults: set[int] = set()
+    with netlink() as ipr:
+        found = {}
+        for link in ipr.get_links():
+            idx = int(link["index"])
+            parent = link.get_attr("IFLA_LINK")
+            if parent == idx or link.get_attr("IFLA_LINK_NETNSID") is not None:
+                parent = None  # itself, or an index of another namespace
+            found[idx] = {
+                "name": str(link.get_attr("IFLA_IFNAME")),
+                "master": link.get_attr("IFLA_MASTER") or None,
+                "parent": parent or None,
+            }
         for fam in (socket.AF_INET, socket.AF_INET6):
             for r in ipr.get_routes(family=fam, table=254):
-                if r["dst_len"] == 0 and r.get_attr("RTA_OIF"):
-                    devs.add(names.get(r.get_attr("RTA_OIF"), ""))
+                if r["dst_len"] != 0:
+                    continue
+                if r.get_attr("RTA_OIF"):
+                    defaults.add(int(r.get_attr("RTA_OIF")))
                 for nh in r.get_attr("RTA_MULTIPATH") or []:
-                    if r["dst_len"] == 0 and nh.get("oif"):
-                        devs.add(names.get(nh["oif"], ""))
-    return {d for d in devs if d}
+                    if nh.get("oif"):
+                        defaults.add(int(nh["oif"]))
+    return found, {i for i in defaults if i in found}
+
+
+def default_route_devs() -> set[str]:
+    """The interfaces default routes (main table, either family) leave through."""
+    found, defaults = topology()
+    return {found[i]["name"] for i in defaults}
 
 
 def route_dev(spec: Json) -> str | None:
@@ -286,8 +323,21 @@ def _route_args(ipr: IPRoute, spec: Json) -> Json:
 
 
 def route_add(spec: Json) -> None:
+    """Add a route; Conflict if the kernel has one with its key (table, dst, metric).
+
+    Never a replace: a route den did not make (a bridge's connected route, the
+    host's own) is not overwritten.
+    """
     with netlink() as ipr:
-        ipr.route("replace", **_route_args(ipr, spec))
+        try:
+            ipr.route("add", **_route_args(ipr, spec))
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                raise Conflict(
+                    f"the kernel has a route {spec['dst']} (table {spec.get('table', 254)}, "
+                    f"metric {spec.get('metric', 0)}) already; den does not replace it"
+                ) from None
+            raise
 
 
 def route_delete(spec: Json) -> None:

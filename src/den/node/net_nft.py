@@ -120,8 +120,14 @@ def rule_exprs(spec: Json) -> list[Json]:
 
 
 def dnat_exprs(spec: Json) -> list[Json]:
+    """A port forward: only of connections to this host (fib daddr type local), never
+    of what arrives from den's bridges (its workspaces' traffic is den's tables')."""
     version = ipaddress.ip_address(spec["to_addr"]).version
-    expr = [_nfproto(version)]
+    expr = [
+        _nfproto(version),
+        {"match": {"op": "!=", "left": _meta("iifname"), "right": "den*"}},
+        _eq({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
+    ]
     if spec.get("iface"):
         expr.append(_eq(_meta("iifname"), spec["iface"]))
     if spec.get("dst"):
@@ -263,12 +269,6 @@ def tables_view(items: list[Json], family: str | None, table: str | None) -> lis
         t["chains"] = list(t["chains"].values())
         result.append(t)
     return sorted(result, key=lambda t: (t["family"], t["name"]))
-
-
-def delete_rule(family: str, table: str, chain: str, handle: int) -> None:
-    run(
-        [{"delete": {"rule": {"family": family, "table": table, "chain": chain, "handle": handle}}}]
-    )
 
 
 def table_names() -> list[tuple[str, str]]:

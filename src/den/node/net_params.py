@@ -208,31 +208,6 @@ class IdParam(Params):
     id: Annotated[int, CliArg()] = Field(ge=1, description="The record's id (from the add).")
 
 
-class RuleRemove(Params):
-    id: Annotated[int | None, CliArg()] = Field(
-        None, ge=1, description="The rule's id (from net.firewall.add_rule)."
-    )
-    family: Literal["ip", "ip6", "inet", "arp", "bridge", "netdev"] | None = Field(
-        None, description="Or a host table's rule: its table's family,"
-    )
-    table: str | None = Field(
-        None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="table,"
-    )
-    chain: str | None = Field(
-        None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="chain"
-    )
-    handle: int | None = Field(None, ge=1, le=2**63, description="and handle (net.firewall).")
-
-    @model_validator(mode="after")
-    def _check(self) -> RuleRemove:
-        host = (self.family, self.table, self.chain, self.handle)
-        if self.id is None and None in host:
-            raise ValueError("give an id, or family, table, chain and handle")
-        if self.id is not None and any(v is not None for v in host):
-            raise ValueError("give an id or a table's rule, not both")
-        return self
-
-
 class DnatAdd(Params):
     proto: Proto = Field("tcp", description="tcp or udp.")
     port: Port = Field(description="The port connections arrive on.")

@@ -41,7 +41,6 @@ from den.node.net_params import (
     RouteSpec,
     RoutesQuery,
     RuleAdd,
-    RuleRemove,
     SnatAdd,
     TapCreate,
 )
@@ -63,6 +62,19 @@ async def _thread(fn: Callable[..., T], *args: Any) -> T:
 
 def _instance(ctx: Context) -> int:
     return int(ctx.app.settings.instance)
+
+
+def _subnet(ctx: Context) -> str:
+    return str(ctx.app.settings.network_subnet)
+
+
+def den_ports(app: App) -> set[int]:
+    """The ports den listens on (as configured, and as bound when configured 0)."""
+    s = app.settings
+    ports = {s.ssh_port, s.http_port, s.mail_port, *app.network.ports}
+    if s.web:
+        ports.add(s.web_port)
+    return ports - {0}
 
 
 async def _records(db: AsyncSession, kinds: tuple[str, ...] | None = None) -> list[NodeNetObject]:
@@ -353,11 +365,10 @@ async def health(ctx: Context, p: NoParams) -> Json:
 
 @method("net.routes.add", right=Right.write, cli=Cli("net route add"))
 async def routes_add(ctx: Context, p: RouteSpec) -> Json:
-    """Add (or replace) a route; recorded and restored at start."""
-    spec = p.model_dump()
+    """Add a route (never over one the kernel has); recorded and restored at start."""
     ctx.target = f"route:{p.dst}"
     async with _LOCK:
-        await _thread(net_state.check_route, _instance(ctx), spec)
+        spec = await _thread(net_state.check_route, _instance(ctx), _subnet(ctx), p.model_dump())
         if await _find(ctx.db, net_state.key("route", spec)) is not None:
             raise Conflict(f"a route {p.dst} (table {p.table}, metric {p.metric}) is recorded")
         row = await _record(ctx, "route", spec)
@@ -368,10 +379,9 @@ async def routes_add(ctx: Context, p: RouteSpec) -> Json:
 @method("net.routes.delete", right=Right.write, cli=Cli("net route rm"))
 async def routes_delete(ctx: Context, p: RouteSpec) -> Json:
     """Delete a route (and its record, if den made it)."""
-    spec = p.model_dump()
     ctx.target = f"route:{p.dst}"
     async with _LOCK:
-        await _thread(net_state.check_route, _instance(ctx), spec)
+        spec = await _thread(net_state.check_route, _instance(ctx), _subnet(ctx), p.model_dump())
         await _thread(net_kernel.route_delete, spec)
         await _forget(ctx, net_state.key("route", spec))
     return {"deleted": p.dst}
@@ -405,16 +415,16 @@ async def bridge_delete(ctx: Context, p: NameParam) -> Json:
     inst = _instance(ctx)
     ctx.target = f"bridge:{p.name}"
     async with _LOCK:
-        await _thread(net_state.check_link, inst, p.name, "deleting it")
-        await _is_bridge(p.name)
-        await _thread(net_kernel.link_delete, p.name)
-        await _forget(ctx, net_state.key("bridge", {"name": p.name}))
+        name = await _thread(net_state.check_link, inst, p.name, "deleting it")
+        await _is_bridge(name)
+        await _thread(net_kernel.link_delete, name)
+        await _forget(ctx, net_state.key("bridge", {"name": name}))
         for r in await _records(ctx.db, ("port", "connect")):
-            if p.name in (r.spec.get("bridge"), r.spec.get("peer")):
+            if name in (r.spec.get("bridge"), r.spec.get("peer")):
                 if r.kind == "connect":
                     await _thread(net_kernel.link_delete, r.spec["a"])
                 await ctx.db.delete(r)
-    return {"deleted": p.name}
+    return {"deleted": name}
 
 
 @method("net.bridge.connect", right=Right.write, cli=Cli("net bridge connect"))
@@ -422,16 +432,19 @@ async def bridge_connect(ctx: Context, p: BridgeConnect) -> Json:
     """Connect two bridges with a veth pair (one end on each); recorded."""
     inst = _instance(ctx)
     ctx.target = f"bridge:{p.bridge}+{p.peer}"
-    a, b = net_state.connect_names(p.bridge, p.peer)
-    spec = {"bridge": p.bridge, "peer": p.peer, "a": a, "b": b}
     async with _LOCK:
-        for br in (p.bridge, p.peer):
-            await _thread(net_state.check_link, inst, br, "connecting it")
+        bridge = await _thread(net_state.check_link, inst, p.bridge, "connecting it")
+        peer = await _thread(net_state.check_link, inst, p.peer, "connecting it")
+        if bridge == peer:
+            raise InvalidParams("a bridge cannot be connected to itself", field="peer")
+        for br in (bridge, peer):
             await _is_bridge(br)
+        a, b = net_state.connect_names(bridge, peer)
+        spec = {"bridge": bridge, "peer": peer, "a": a, "b": b}
         if await _find(ctx.db, net_state.key("connect", spec)) is not None:
             raise Conflict(f"{p.bridge} and {p.peer} are connected")
         row = await _record(ctx, "connect", spec)
-        await _thread(net_kernel.veth_pair, a, b, p.bridge, p.peer)
+        await _thread(net_kernel.veth_pair, a, b, bridge, peer)
     return _view(row)
 
 
@@ -440,14 +453,14 @@ async def bridge_add_port(ctx: Context, p: BridgePort) -> Json:
     """Make an interface a port of a bridge; recorded."""
     inst = _instance(ctx)
     ctx.target = f"bridge:{p.bridge}:{p.port}"
-    spec = p.model_dump()
     async with _LOCK:
-        await _thread(net_state.check_link, inst, p.bridge, "adding a port to it")
-        await _thread(net_state.check_link, inst, p.port, "making it a bridge port")
-        await _is_bridge(p.bridge)
+        bridge = await _thread(net_state.check_link, inst, p.bridge, "adding a port to it")
+        port = await _thread(net_state.check_link, inst, p.port, "making it a bridge port")
+        await _is_bridge(bridge)
+        spec = {"bridge": bridge, "port": port}
         await _forget(ctx, net_state.key("port", spec))
         row = await _record(ctx, "port", spec)
-        await _thread(net_kernel.set_master, p.port, p.bridge)
+        await _thread(net_kernel.set_master, port, bridge)
     return _view(row)
 
 
@@ -457,13 +470,13 @@ async def bridge_remove_port(ctx: Context, p: BridgePort) -> Json:
     inst = _instance(ctx)
     ctx.target = f"bridge:{p.bridge}:{p.port}"
     async with _LOCK:
-        await _thread(net_state.check_link, inst, p.bridge, "removing a port from it")
-        await _thread(net_state.check_link, inst, p.port, "detaching it")
-        if await _thread(net_kernel.master_of, p.port) != p.bridge:
+        bridge = await _thread(net_state.check_link, inst, p.bridge, "removing a port from it")
+        port = await _thread(net_state.check_link, inst, p.port, "detaching it")
+        if await _thread(net_kernel.master_of, port) != bridge:
             raise NotFound(f"{p.port} is not a port of {p.bridge}")
-        await _thread(net_kernel.set_master, p.port, None)
-        await _forget(ctx, net_state.key("port", p.model_dump()))
-    return {"removed": p.port, "bridge": p.bridge}
+        await _thread(net_kernel.set_master, port, None)
+        await _forget(ctx, net_state.key("port", {"bridge": bridge, "port": port}))
+    return {"removed": port, "bridge": bridge}
 
 
 @method("net.vm.create_tap", right=Right.write, cli=Cli("net tap add"))
@@ -475,8 +488,10 @@ async def vm_create_tap(ctx: Context, p: TapCreate) -> Json:
     net_state.check_new_name(inst, p.name)
     async with _LOCK:
         if p.bridge is not None:
-            await _thread(net_state.check_link, inst, p.bridge, "attaching a tap to it")
-            await _is_bridge(p.bridge)
+            spec["bridge"] = await _thread(
+                net_state.check_link, inst, p.bridge, "attaching a tap to it"
+            )
+            await _is_bridge(spec["bridge"])
         if await _thread(net_kernel.link_exists, p.name):
             raise Conflict(f"an interface {p.name} exists")
         row = await _record(ctx, "tap", spec)
@@ -493,13 +508,13 @@ async def vm_delete_tap(ctx: Context, p: NameParam) -> Json:
     """Delete a tap made by net.vm.create_tap."""
     ctx.target = f"tap:{p.name}"
     async with _LOCK:
-        await _thread(net_state.check_link, _instance(ctx), p.name, "deleting it")
-        row = await _find(ctx.db, net_state.key("tap", {"name": p.name}))
+        name = await _thread(net_state.check_link, _instance(ctx), p.name, "deleting it")
+        row = await _find(ctx.db, net_state.key("tap", {"name": name}))
         if row is None:
             raise NotFound(f"{p.name} is not a tap made by net.vm.create_tap")
-        await _thread(net_kernel.link_delete, p.name)
+        await _thread(net_kernel.link_delete, name)
         await ctx.db.delete(row)
-    return {"deleted": p.name}
+    return {"deleted": name}
 
 
 async def _add_nft(ctx: Context, kind: str, spec: Json) -> Json:
@@ -527,30 +542,32 @@ async def _remove_nft(ctx: Context, kind: str, rid: int) -> Json:
 @method("net.firewall.add_rule", right=Right.write, cli=Cli("net fw allow"))
 async def firewall_add_rule(ctx: Context, p: RuleAdd) -> Json:
     """Add an input allow rule to den's node table (an accept: it cannot undo a drop of another table)."""
-    if p.iface is not None:
-        net_state.check_den_iface(_instance(ctx), p.iface)
-    return await _add_nft(ctx, "rule", p.model_dump(exclude_none=True))
+    spec = await _thread(net_state.check_rule, _instance(ctx), p.model_dump(exclude_none=True))
+    return await _add_nft(ctx, "rule", spec)
 
 
 @method("net.firewall.remove_rule", right=Right.write, cli=Cli("net fw rm"))
-async def firewall_remove_rule(ctx: Context, p: RuleRemove) -> Json:
-    """Remove an input allow rule net.firewall.add_rule made (by id), or a host table's rule (by handle)."""
-    if p.id is not None:
-        return await _remove_nft(ctx, "rule", p.id)
-    assert p.family is not None and p.table is not None and p.chain is not None
-    assert p.handle is not None
-    ctx.target = f"nft:{p.family} {p.table} {p.chain} {p.handle}"
-    net_state.check_table(p.family, p.table)
-    await _thread(net_nft.delete_rule, p.family, p.table, p.chain, p.handle)
-    return {"deleted": p.handle, "table": f"{p.family} {p.table}"}
+async def firewall_remove_rule(ctx: Context, p: IdParam) -> Json:
+    """Remove an input allow rule net.firewall.add_rule made, by its id.
+
+    Only den's own rules: the host's tables (its firewall's drops, other tools')
+    are not den's to change, as mounts den did not make are not vol.unmount's.
+    """
+    return await _remove_nft(ctx, "rule", p.id)
 
 
 @method("net.nat.add_dnat", right=Right.write, cli=Cli("net nat dnat"))
 async def nat_add_dnat(ctx: Context, p: DnatAdd) -> Json:
-    """Forward a port (DNAT) to another address; in den's node table, recorded."""
-    if p.iface is not None:
-        net_state.check_den_iface(_instance(ctx), p.iface)
-    return await _add_nft(ctx, "dnat", p.model_dump(exclude_none=True))
+    """Forward a port of this host (DNAT: connections addressed to one of its addresses) to
+    another address; in den's node table, recorded. Never what den answers for."""
+    spec = await _thread(
+        net_state.check_dnat,
+        _instance(ctx),
+        _subnet(ctx),
+        den_ports(ctx.app),
+        p.model_dump(exclude_none=True),
+    )
+    return await _add_nft(ctx, "dnat", spec)
 
 
 @method("net.nat.remove_dnat", right=Right.write, cli=Cli("net nat dnat-rm"))
@@ -562,9 +579,10 @@ async def nat_remove_dnat(ctx: Context, p: IdParam) -> Json:
 @method("net.nat.add_snat", right=Right.write, cli=Cli("net nat snat"))
 async def nat_add_snat(ctx: Context, p: SnatAdd) -> Json:
     """Source NAT (masquerade, or to one address) of a network's traffic; recorded."""
-    if p.oif is not None:
-        net_state.check_den_iface(_instance(ctx), p.oif)
-    return await _add_nft(ctx, "snat", p.model_dump(exclude_none=True))
+    spec = await _thread(
+        net_state.check_snat, _instance(ctx), _subnet(ctx), p.model_dump(exclude_none=True)
+    )
+    return await _add_nft(ctx, "snat", spec)
 
 
 @method("net.nat.remove_snat", right=Right.write, cli=Cli("net nat snat-rm"))
@@ -590,8 +608,10 @@ async def conntrack_flush(ctx: Context, p: ConntrackFlush) -> Json:
 async def restore(app: App) -> None:
     """Put back what net.* made (after a reboot, or what someone removed); prune the gone.
 
-    Called once when den starts. A record whose object cannot come back (its
-    interface or bridge vanished) is deleted, with an audit event naming it.
+    Called once when den starts. Every record passes the live call's checks
+    again: one whose object cannot come back (its interface or bridge vanished)
+    or may no longer (it is now protected: the default route moved onto it, its
+    name is now den's) is deleted, not applied, with an audit event naming why.
     Never stops den: a failure is logged.
     """
     start = time.perf_counter()
@@ -603,7 +623,11 @@ async def restore(app: App) -> None:
             return
         try:
             gone = await _thread(
-                net_state.restore, app.settings.instance, [(r.id, r.kind, r.spec) for r in rows]
+                net_state.restore,
+                app.settings.instance,
+                app.settings.network_subnet,
+                den_ports(app),
+                [(r.id, r.kind, r.spec) for r in rows],
             )
         except BackendFailure as exc:
             log.error("cannot restore the node's network objects: %s", exc.message)
