@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from den.errors import Conflict, InvalidParams
+from den.errors import BackendFailure, Conflict, InvalidParams
 
 # A workspace controls every byte of its rootfs: den reads from it only small
 # regular files, through descriptors that follow no symlink and never wait.
@@ -95,12 +95,27 @@ def _passwd_lines(rootfs: Path) -> list[str]:
 
 
 _ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() takes "²"
+# Linux ids are 32 bits and 2^32-1 is (uid_t)-1, "no change" to setresuid (crun
+# takes it as -1 and runs as the overflow id): usable ids stop one below.
+MAX_ID = (1 << 32) - 2
+
+
+def valid_id(text: str) -> bool:
+    """``text`` is a uid/gid den can run as: ASCII digits, 0..MAX_ID."""
+    return bool(_ID.fullmatch(text)) and int(text) <= MAX_ID
 
 
 def _find(lines: list[str], user: str) -> Account:
     for line in lines:
         f = line.split(":")
         if len(f) >= 6 and user in (f[0], f[2]) and _ID.fullmatch(f[2]) and _ID.fullmatch(f[3]):
+            if not (valid_id(f[2]) and valid_id(f[3])):
+                # the workspace's own file (its root writes it): a clear failure for
+                # every exec as that user, never a number den cannot pass on
+                raise BackendFailure(
+                    f"the workspace's /etc/passwd has an invalid uid or gid for {f[0][:64]!r} "
+                    f"(ids run from 0 to {MAX_ID})"
+                )
             shell = f[6] if len(f) >= 7 and f[6] else "/bin/sh"
             return Account(f[0], int(f[2]), int(f[3]), f[5] or "/", shell)
     if user in ("", "root", "0"):
@@ -131,7 +146,9 @@ async def resolve_user(rootfs: Path, user: str) -> tuple[str, str]:
     """("uid:gid", home) for exec: a passwd entry, or a bare numeric uid."""
     if user in ("", "root", "0"):
         return "0:0", "/root"
-    if user.isdigit():
+    if user.isascii() and user.isdigit():
+        if not valid_id(user):
+            raise InvalidParams(f"uid {user[:20]} is out of range (0 to {MAX_ID})", field="user")
         try:
             acct = await load_account(rootfs, user)
         except InvalidParams:

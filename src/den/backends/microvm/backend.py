@@ -436,8 +436,9 @@ class MicroVMBackend(Backend):
 
     async def _end_processes(self, ws_id: str) -> None:
         """Kill whatever of the VM still runs (QEMU, virtiofsd) and remove its sockets
-        and pid file (the console log stays: it tells why a VM failed)."""
-        await self._forget(ws_id)
+        and pid file (the console log stays: it tells why a VM failed). QEMU is
+        killed before its connections are closed: nothing may wait on a guest that
+        no longer reads before it is gone."""
         cg = self.cgroup(ws_id)
         d = self.vmdir(ws_id)
         pid = _read_pid(d / "qemu.pid")
@@ -447,6 +448,7 @@ class MicroVMBackend(Backend):
         qemu.kill_cgroup(cg)
         if not await qemu.wait_gone(cg, 5.0):
             log.warning("microVM processes survive SIGKILL", extra={"ctx": {"ws": ws_id}})
+        await self._forget(ws_id)
         for sock in ("root.sock", "code.sock"):
             qemu.virtiofsd_pid_file(d / sock).unlink(missing_ok=True)
         for name in ("root.sock", "code.sock", "qmp.sock", "agent.sock", "qemu.pid"):

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from den import tasks
 from den.backends.base import ExecExit, ExecResult, Terminal
-from den.errors import BackendFailure
+from den.backends.inside import MAX_ID
+from den.errors import BackendFailure, InvalidParams
 
 VERSION = 1
 MAGIC = b"dn"
@@ -37,6 +38,15 @@ DATA_CHUNK = 32768
 WINDOW_IN = 65536  # bytes we may have in flight to the agent per channel (its stdin buffer)
 WINDOW_OUT = 262144  # bytes the agent may have in flight to us per channel (held here)
 DRAIN_SECONDS = 0.2  # after the command ended, output silent this long ends read()
+# Credit goes back in WINDOW_OUT/4 steps, not per frame: a guest sending 1-byte
+# frames must not make den queue a 20-byte grant for each (the agent keeps at
+# least 3/4 of its window, so it never stalls on a grant den still owes).
+GRANT_AT = WINDOW_OUT // 4
+# What den may have queued for a guest that does not read its port: past this
+# the agent is broken (a healthy one reads in ms) and the connection is dropped.
+MAX_BUFFERED = 256 << 10
+SEND_SECONDS = 15.0  # longest wait for the port to take a frame (a suspended VM waits too)
+OPEN_SECONDS = 10.0  # longest wait for the agent's answer to a request (it answers in ms)
 HELLO_RETRY = 0.5
 
 (
@@ -95,13 +105,27 @@ def exec_payload(
     groups: list[int],
     tty: Terminal | None,
 ) -> bytes:
+    """An EXEC request; values the wire cannot carry are refused here (InvalidParams),
+    never left to struct.error (an "Internal error")."""
+    for value in (uid, gid, *groups):
+        if not 0 <= value <= MAX_ID:
+            raise InvalidParams(f"id {value} is out of range (0 to {MAX_ID})", field="user")
+    if len(groups) > 0xFFFF:
+        raise InvalidParams("too many supplementary groups", field="user")
+    term, cwd_b = (tty.term if tty else "").encode(), cwd.encode()
+    if len(term) > 0xFFFF:
+        raise InvalidParams("the terminal type is too long", field="term")
+    if len(cwd_b) > 0xFFFF:
+        raise InvalidParams("the working directory is too long", field="cwd")
     parts = [struct.pack(">III", uid, gid, len(groups))]
     parts += [struct.pack(">I", g) for g in groups]
     if tty is None:
         parts.append(b"\0")
     else:
-        parts.append(struct.pack(">BHH", 1, tty.cols, tty.rows) + _s16(tty.term.encode()))
-    parts.append(_s16(cwd.encode()))
+        # a PTY's size as resize() clamps it: clients may send any 32-bit value
+        cols, rows = (max(1, min(n, 0xFFFF)) for n in (tty.cols, tty.rows))
+        parts.append(struct.pack(">BHH", 1, cols, rows) + _s16(term))
+    parts.append(_s16(cwd_b))
     parts.append(struct.pack(">I", len(argv)))
     parts += [_s32(a.encode()) for a in argv]
     parts.append(struct.pack(">I", len(env)))
@@ -118,8 +142,9 @@ class _Chan:
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[int] = loop.create_future()
         self.exited: asyncio.Future[ExecExit] = loop.create_future()
-        self.queue: deque[tuple[int, bytes]] = deque()
-        self.held = 0  # bytes the agent sent that we have not granted back yet
+        self.queue: deque[tuple[int, bytearray]] = deque()
+        self.held = 0  # bytes the agent sent that are queued here
+        self.owed = 0  # bytes taken from the queue and not yet granted back
         self.changed = asyncio.Event()
         self.ended: set[int] = set()  # streams at EOF
         self.credit = WINDOW_IN
@@ -140,14 +165,19 @@ class _Chan:
 
     def on_frame(self, type_: int, payload: bytes) -> None:
         if type_ in (T_DATA, T_DATA_ERR):
-            if self.held + len(payload) > WINDOW_OUT:
+            if self.held + self.owed + len(payload) > WINDOW_OUT:
                 # the guest ignored the credit window: hold nothing more for it
                 self.fail("the agent sent past the window")
                 self.agent.send_nowait(T_CLOSE, self.id)
                 self.agent.forget(self.id)
                 return
             self.held += len(payload)
-            self.queue.append((2 if type_ == T_DATA_ERR else 1, payload))
+            stream = 2 if type_ == T_DATA_ERR else 1
+            last = self.queue[-1] if self.queue else None
+            if last is not None and last[0] == stream and len(last[1]) < DATA_CHUNK:
+                last[1].extend(payload)  # tiny frames: bytes held, not an object each
+            else:
+                self.queue.append((stream, bytearray(payload)))
         elif type_ == T_EOF and len(payload) == 1:
             self.ended.add(payload[0])
         elif type_ == T_WINDOW and len(payload) == 4:
@@ -172,11 +202,15 @@ class _Chan:
         self.poke()
 
     def take(self) -> tuple[int, bytes]:
-        """The next chunk of output, granting its bytes back to the agent."""
-        item = self.queue.popleft()
-        self.held -= len(item[1])
-        self.agent.send_nowait(T_WINDOW, self.id, struct.pack(">I", len(item[1])))
-        return item
+        """The next chunk of output; its bytes are granted back to the agent once
+        GRANT_AT of them are owed (one WINDOW frame per quarter window)."""
+        stream, data = self.queue.popleft()
+        self.held -= len(data)
+        self.owed += len(data)
+        if self.owed >= GRANT_AT:
+            self.agent.send_nowait(T_WINDOW, self.id, struct.pack(">I", self.owed))
+            self.owed = 0
+        return stream, bytes(data)
 
     async def send(self, data: bytes) -> bool:
         """Send ``data`` within the credit; False once the channel is dead."""
@@ -396,7 +430,8 @@ class AgentChannel:
         for chan in list(self._chans.values()):
             chan.fail(why)
         self._chans.clear()
-        self._writer.close()
+        # abort, not close: close flushes first, forever for a guest that stopped reading
+        self._writer.transport.abort()
 
     @property
     def alive(self) -> bool:
@@ -410,22 +445,32 @@ class AgentChannel:
         self._pump_task.cancel()
         with contextlib.suppress(BaseException):
             await self._pump_task
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
 
     # ---- frames ---------------------------------------------------------------
 
+    def _write(self, data: bytes) -> bool:
+        """Queue ``data`` for the agent; False (and the connection dropped) when den
+        already holds MAX_BUFFERED for it: the guest does not read its port."""
+        if self._lost is not None:
+            return False
+        if self._writer.transport.get_write_buffer_size() > MAX_BUFFERED:
+            self._lose("the agent does not read its port")
+            return False
+        self._writer.write(data)
+        return True
+
     def send_nowait(self, type_: int, ch: int, payload: bytes = b"") -> None:
         """Small control frames (signal, resize, window, close): no waiting for room."""
-        if self._lost is None:
-            self._writer.write(frame(type_, ch, payload))
+        self._write(frame(type_, ch, payload))
 
     async def send(self, type_: int, ch: int, payload: bytes = b"") -> None:
-        if self._lost is not None:
-            raise AgentGone(self._lost)
-        self._writer.write(frame(type_, ch, payload))
+        if not self._write(frame(type_, ch, payload)):
+            raise AgentGone(self._lost or "closed")
         try:
-            await self._writer.drain()
+            await asyncio.wait_for(self._writer.drain(), SEND_SECONDS)
+        except TimeoutError:
+            self._lose(f"the agent took nothing from its port for {SEND_SECONDS:g} s")
+            raise AgentGone(self._lost or "closed") from None
         except (ConnectionError, OSError) as e:
             self._lose(f"writing to the agent: {e}")
             raise AgentGone(f"writing to the agent: {e}") from None
@@ -447,7 +492,12 @@ class AgentChannel:
         self._chans[ch] = chan
         try:
             await self.send(type_, ch, payload)
-            value = await chan.opened
+            value = await asyncio.wait_for(chan.opened, OPEN_SECONDS)
+        except TimeoutError:
+            chan.close_now()
+            raise BackendFailure(
+                f"the guest's agent did not answer within {OPEN_SECONDS:g} s"
+            ) from None
         except BaseException:
             chan.close_now()
             raise
@@ -484,8 +534,16 @@ class AgentChannel:
         max_output: int = 1 << 20,
     ) -> ExecResult:
         """Run a command to its end: output past ``max_output`` per stream is read
-        and dropped; past ``timeout`` its process group is killed."""
-        proc = await self.exec(argv, env, cwd, uid, gid, groups)
+        and dropped; past ``timeout`` (counted from the call: starting it included)
+        its process group is killed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            proc = await asyncio.wait_for(self.exec(argv, env, cwd, uid, gid, groups), timeout)
+        except TimeoutError:
+            raise BackendFailure(
+                f"the guest's agent did not start the command within {timeout:g} s"
+            ) from None
         out = {1: bytearray(), 2: bytearray()}
         truncated = False
         timed_out = False
@@ -509,7 +567,7 @@ class AgentChannel:
         feeder = asyncio.ensure_future(feed())
         try:
             try:
-                ended = await asyncio.wait_for(collect(), timeout)
+                ended = await asyncio.wait_for(collect(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 timed_out = True
                 proc.signal(signals.SIGKILL)
