@@ -37,10 +37,12 @@ mount_at proc proc /proc
 mount_at sysfs sysfs /sys
 mount_at tmpfs tmpfs /run mode=0755
 
-# The command line: den writes every value; nothing is evaluated.
+# The command line: den writes every value; nothing is evaluated. (Shell builtins
+# where they do: every fork and exec is emulated work under TCG.)
 set -f
 ip_addr= gw= dns= host=den mac= code=0 probe=0
-for w in $(cat /proc/cmdline); do
+read -r cmdline </proc/cmdline
+for w in $cmdline; do
     case "$w" in
     den.ip=*) ip_addr=${w#*=} ;;
     den.gw=*) gw=${w#*=} ;;
@@ -80,7 +82,8 @@ if [ -n "$ip_addr" ]; then
         for d in /sys/class/net/*; do
             n=${d##*/}
             [ "$n" = lo ] && continue
-            if [ -z "$mac" ] || [ "$(cat "$d/address")" = "$mac" ]; then
+            read -r addr <"$d/address"
+            if [ -z "$mac" ] || [ "$addr" = "$mac" ]; then
                 dev=$n
                 break
             fi
@@ -98,34 +101,38 @@ fi
 
 # Hostname, resolver, hosts: files in a tmpfs of den's, bound over the rootfs's own
 # (when it has them as plain files), so that the snapshot itself is never written.
-hostname "$host" || fail "cannot set the hostname $host"
+echo "$host" >/proc/sys/kernel/hostname || fail "cannot set the hostname $host"
 mount_at tmpfs den-run "$NEW/run"
 mount_at tmpfs den "$NEW/run/den" mode=0755
 echo "$host" >"$NEW/run/den/hostname"
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n' \
     "$host" >"$NEW/run/den/hosts"
 : >"$NEW/run/den/resolv.conf"
-for s in $(echo "$dns" | tr ',' ' '); do
+set -f
+IFS=,
+for s in $dns; do
     echo "nameserver $s" >>"$NEW/run/den/resolv.conf"
 done
+unset IFS
+set +f
 for f in hostname hosts resolv.conf; do
     t="$NEW/etc/$f"
     if [ -f "$t" ] && [ ! -L "$t" ]; then
         mount -o bind "$NEW/run/den/$f" "$t" || fail "cannot bind /etc/$f"
     fi
 done
-cp /den-agent "$NEW/run/den/den-agent" || fail "cannot copy the agent"
-chmod 0755 "$NEW/run/den/den-agent"
+cp /den-agent "$NEW/run/den/den-agent" || fail "cannot copy the agent"  # mode 0755 kept
 
 # The agent's port by name (/dev/virtio-ports/den.agent): no udev here makes the link.
 port=
 if [ -d /sys/class/virtio-ports ]; then
+    mkdir -p /dev/virtio-ports
     for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
         for p in /sys/class/virtio-ports/*; do
             [ -f "$p/name" ] || continue
-            n=$(cat "$p/name")
+            n=
+            read -r n <"$p/name"
             [ -n "$n" ] || continue
-            mkdir -p /dev/virtio-ports
             ln -sf "../${p##*/}" "/dev/virtio-ports/$n"
             [ "$n" = den.agent ] && port=$n
         done
