@@ -486,6 +486,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"oauth_enabled needs {', '.join(missing)} set as well")
         return self
 
+    @model_validator(mode="after")
+    def _vol_roots_apart(self) -> Settings:
+        # vol.mount mounts below these roots: never over den's own data (its
+        # database, the pool and the workspaces' views) nor around it.
+        import os
+
+        data = os.path.realpath(self.data_dir)
+        for root in self.vol_mount_roots:
+            real = os.path.realpath(root)
+            if not root.is_absolute():
+                raise ValueError(f"vol_mount_roots: {root} is not an absolute path")
+            if f"{data}/".startswith(f"{real}/") or f"{real}/".startswith(f"{data}/"):
+                raise ValueError(
+                    f"vol_mount_roots: {root} and den's data_dir {self.data_dir} overlap "
+                    "(vol.mount could mount over den's database, pool or workspaces)"
+                )
+        return self
+
     @property
     def local_domain(self) -> bool:
         """The domain resolves to loopback everywhere (*.localhost): no DNS, no public CA."""

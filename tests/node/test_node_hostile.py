@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from den.net import links
 from tests.conftest import Daemon
 from tests.node import test_net, test_vol
 from tests.node.test_net import LAN, UPLINK, _add_veth, inside, link, nft, node_rules
-from tests.node.test_vol import mount_points, run
+from tests.node.test_vol import audit, mount_points, run
 
 # The fixtures of test_net (a daemon in a netns of its own) and test_vol (a daemon with a
 # loopback pool, loop devices, a directory below /mnt), reused, not forked.
@@ -453,3 +455,89 @@ def test_hole_pool_image_through_another_path_not_protected(vd: Daemon, pool_ali
     except Exception as exc:  # noqa: BLE001
         err = exc
     assert getattr(err, "code", None) == FORBIDDEN, err
+
+
+@pytest.mark.parametrize("opt", ["nobarrier", "errors=panic", "dax", "remount", "uid=0"])
+def test_mount_options_outside_the_allow_list_refused(
+    vd: Daemon, loops: Callable[[int], str], root: Path, opt: str
+) -> None:
+    dev = loops(64)
+    _ext4(dev)
+    before = mount_points()
+    err = vd.error("vol.mount", device=dev, mount_point=str(root / "o"), options=[opt])
+    assert err.code == -32602 and "options" in str(err.data or err.message), err
+    assert mount_points() == before
+
+
+def test_mount_uses_the_kernel_node_not_the_callers_link(
+    vd: Daemon, loops: Callable[[int], str], root: Path
+) -> None:
+    """A path under /dev that is a link (a udev by-label link a label steers) is resolved
+    once: den mounts and records /dev/<kernel name>, and later link changes do not matter."""
+    dev = loops(64)
+    _ext4(dev)
+    alias = Path(f"/dev/den-test-{secrets.token_hex(3)}")
+    alias.symlink_to(dev)
+    try:
+        got = vd.call("vol.mount", device=str(alias), mount_point=str(root / "l"))
+        assert got["device"] == dev
+        assert [m["device"] for m in vd.call("vol.verify")["entries"]] == [dev]
+        assert "noexec" in got["options"]  # nothing on the volume runs unless asked
+        vd.call("vol.unmount", mount_point=str(root / "l"))
+    finally:
+        alias.unlink()
+
+
+def test_restore_rechecks_mount_points(vd: Daemon, loops: Callable[[int], str], root: Path) -> None:
+    """At start a recorded mount is mounted again only where vol.mount would mount it now:
+    a point that became a symlink out of the roots, or has a host mount below it, is not
+    mounted over; its record is pruned with an audit event. (Restart of the module's daemon.)"""
+    d = vd
+    devs = {"s": loops(64), "b": loops(64)}
+    for dev in devs.values():
+        _ext4(dev)
+    for key, dev in devs.items():
+        d.call("vol.mount", device=dev, mount_point=str(root / key))
+    d.stop()
+    outside = Path(tempfile.mkdtemp(prefix="den-vol-out-"))
+    try:
+        for key in devs:
+            assert run("umount", str(root / key)).returncode == 0
+        # The world changes while den is down.
+        (root / "s").rmdir()
+        (root / "s").symlink_to(outside)
+        (root / "b" / "host").mkdir()
+        assert run("mount", "-t", "tmpfs", "hostbelow", str(root / "b" / "host")).returncode == 0
+        d.start()
+        assert not any(m.startswith(str(outside)) for m in mount_points()), (
+            "den mounted through a symlink leading out of vol_mount_roots"
+        )
+        assert str(root / "b") not in mount_points(), "den hid the host's mount below its point"
+        assert d.call("vol.verify")["entries"] == []
+        pruned = {e["target"]: e for e in audit(d, "vol.prune")}
+        for key, dev in devs.items():
+            assert f"mount:{dev} -> {root / key}" in pruned
+    finally:
+        if d.proc is None or d.proc.poll() is not None:
+            d.start()
+        run("umount", "--lazy", str(root / "b" / "host"))
+        with contextlib.suppress(OSError):
+            (root / "s").unlink()
+        for key in devs:
+            with contextlib.suppress(Exception):
+                d.call("vol.unmount", mount_point=str(root / key))
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_vol_mount_roots_overlapping_dens_data_refused() -> None:
+    """vol_mount_roots that hold den's data_dir (its database, pool, workspaces' views) or
+    lie inside it stop den at start with an error naming both."""
+    from den.config import Settings
+
+    for roots, data in (
+        ([Path("/srv")], "/srv/den"),
+        ([Path("/var/lib/den/pool")], "/var/lib/den"),
+    ):
+        with pytest.raises(ValueError, match=r"vol_mount_roots.*overlap"):
+            Settings(data_dir=Path(data), vol_mount_roots=roots)
+    assert Settings(data_dir=Path("/var/lib/den")).vol_mount_roots == [Path("/mnt"), Path("/srv")]

@@ -60,6 +60,24 @@ def block_device(device: str, field: str = "device") -> str:
     return name
 
 
+def device_node(name: str) -> str:
+    """The device node of kernel name ``name`` (/dev/loop3): what den hands to mount,
+    never the caller's path (a udev link, by-label/by-partlabel, follows whatever
+    filesystem or partition carries that label by the time mount runs)."""
+    node = f"/dev/{name.replace('!', '/')}"
+    if vol_sys.kernel_name(node) != name:
+        raise Conflict(f"/dev has no node for {name}; try again")
+    return node
+
+
+def _den_dirs(settings: Settings) -> list[str]:
+    return [os.path.realpath(settings.data_dir), os.path.realpath(settings.pool_dir)]
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def mount_point(settings: Settings, path: str, field: str = "mount_point") -> str:
     """``path`` if it lies strictly below one of vol_mount_roots, also once the symlinks
     of its existing part are followed; -32602 otherwise."""
@@ -70,6 +88,9 @@ def mount_point(settings: Settings, path: str, field: str = "mount_point") -> st
         existing = existing.parent
     real = os.path.join(os.path.realpath(existing), os.path.relpath(path, existing))
     real = os.path.normpath(real)
+    for den in _den_dirs(settings):
+        if _within(real, den) or _within(den, real):
+            raise Forbidden(f"{path} is protected: it holds or is inside den's data ({den})")
     for root in roots:
         if real.startswith(root.rstrip("/") + "/"):
             return real
@@ -77,6 +98,33 @@ def mount_point(settings: Settings, path: str, field: str = "mount_point") -> st
         f"{path} is not below an allowed root ({', '.join(map(str, settings.vol_mount_roots))}: "
         "the setting vol_mount_roots)",
         field=field,
+    )
+
+
+def check_point(
+    settings: Settings, point: str, mounts: list[vol_sys.Mount], den_points: set[str]
+) -> None:
+    """Refuse a mount at ``point`` that would change a mount den did not make: one
+    below it (hidden by the new mount) or the one holding it, unless that is a
+    filesystem an allowed root lies on (/, a separate /srv) or den's own mount."""
+    if vol_sys.mount_at(point, mounts) is not None:
+        raise Conflict(f"something is mounted at {point} already")
+    for m in mounts:
+        if m.mount_point.startswith(point.rstrip("/") + "/"):
+            owner = "den's" if m.mount_point in den_points else "not den's"
+            raise Forbidden(
+                f"{m.mount_point} ({m.source or m.fstype}, {owner}) is mounted below {point}: "
+                "a mount there would hide it"
+            )
+    holder = vol_sys.mount_holding(point, mounts)
+    if holder is None or holder.mount_point in den_points:
+        return
+    roots = [os.path.realpath(r) for r in settings.vol_mount_roots]
+    if any(_within(point, r) and _within(r, holder.mount_point) for r in roots):
+        return
+    raise Forbidden(
+        f"{point} is inside {holder.mount_point} ({holder.source or holder.fstype}), "
+        "a mount den did not make: a mount there would change it"
     )
 
 
@@ -94,7 +142,7 @@ def _closure(names: set[str]) -> set[str]:
     return out
 
 
-def _devices_of_mount(m: vol_sys.Mount) -> set[str]:
+def devices_of_mount(m: vol_sys.Mount) -> set[str]:
     names = {vol_sys.name_of_dev(m.dev), vol_sys.kernel_name(m.source)} - {""}
     if m.fstype == "btrfs":
         # every device of a multi-device btrfs, not only the one mountinfo names
@@ -110,15 +158,24 @@ def protected(settings: Settings, mounts: list[vol_sys.Mount] | None = None) -> 
     out: dict[str, str] = {}
     root = vol_sys.mount_at("/", mounts)
     if root is not None:
-        for n in _closure(_devices_of_mount(root)):
+        for n in _closure(devices_of_mount(root)):
             out[n] = "the device of the host's root filesystem /"
     pool_names: set[str] = set()
     pool = vol_sys.mount_at(os.path.realpath(settings.pool_dir), mounts)
     if pool is not None:
-        pool_names |= _devices_of_mount(pool)
-    image = str(settings.pool_image)
-    for name in os.listdir("/sys/block"):
-        if name.startswith("loop") and vol_sys.backing_file(name) == image:
+        pool_names |= devices_of_mount(pool)
+    # The image by identity, not by path: a loop on it through a hard link or a bind
+    # mount is the pool's blocks all the same.
+    try:
+        st = os.stat(settings.pool_image)
+        image = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    except OSError:
+        image = None
+    for name in os.listdir("/sys/block") if image else ():
+        if not name.startswith("loop") or not vol_sys.backing_file(name):
+            continue
+        found = vol_sys.loop_backing_id(name)
+        if found and (os.major(found[0]), os.minor(found[0]), found[1]) == image:
             pool_names.add(name)
     for n in _closure(pool_names):
         out.setdefault(n, f"den's storage pool ({settings.pool_dir})")
@@ -135,7 +192,7 @@ def in_use(name: str, mounts: list[vol_sys.Mount]) -> str:
     """How ``name`` (or a partition of it) is in use, "" when it is not."""
     names = {name, *vol_sys.partitions_of(name)}
     for m in mounts:
-        if names & _devices_of_mount(m):
+        if names & devices_of_mount(m):
             return f"mounted at {m.mount_point}"
     swap = names & set(vol_sys.swaps())
     if swap:

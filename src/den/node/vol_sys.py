@@ -8,8 +8,10 @@ Everything here only reads; nothing here decides what den may change
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,9 +83,12 @@ def mountinfo() -> list[Mount]:
 
 
 def mount_at(path: str, mounts: list[Mount] | None = None) -> Mount | None:
-    """The mount whose mount point is exactly ``path`` (the last one mounted there)."""
+    """The topmost mount whose mount point is exactly ``path`` (what a path lookup, and
+    ``umount path``, reach): of mounts stacked there, the one no other sits on."""
     found = [m for m in (mounts if mounts is not None else mountinfo()) if m.mount_point == path]
-    return found[-1] if found else None
+    below = {m.parent_id for m in found}
+    top = [m for m in found if m.id not in below]
+    return (top or found)[-1] if found else None
 
 
 def mount_holding(path: str, mounts: list[Mount] | None = None) -> Mount | None:
@@ -188,6 +193,30 @@ def holders(name: str) -> list[str]:
 def backing_file(name: str) -> str:
     """A loop device's image ("" for other devices and a detached loop)."""
     return _read(f"/sys/block/{name}/loop/backing_file")
+
+
+# LOOP_GET_STATUS64 (linux/loop.h): struct loop_info64 starts with the backing
+# file's lo_device and lo_inode (__u64 each); 232 bytes in all.
+_LOOP_GET_STATUS64 = 0x4C05
+_LOOP_INFO64_SIZE = 232
+
+
+def loop_backing_id(name: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a loop device's image, whatever path it was attached by
+    (a hard link, a bind mount, a name since removed); None for a detached loop."""
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(_LOOP_INFO64_SIZE)
+        fcntl.ioctl(fd, _LOOP_GET_STATUS64, buf)
+    except OSError:  # ENXIO: no file bound
+        return None
+    finally:
+        os.close(fd)
+    dev, ino = struct.unpack_from("=QQ", buf)
+    return int(dev), int(ino)
 
 
 def size_bytes(name: str) -> int:
