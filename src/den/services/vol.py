@@ -322,14 +322,16 @@ class MountParams(Params):
     mount_point: AbsPath = Field(description="Below one of vol_mount_roots; made if missing.")
     fstype: Literal["auto", "btrfs", "ext4", "vfat"] = Field("auto", description="auto: probed.")
     options: list[Annotated[str, Field(max_length=64)]] = Field(
-        default_factory=list, max_length=16, description="Mount options (nosuid,nodev always)."
+        default_factory=list,
+        max_length=16,
+        description="Mount options (nosuid,nodev always; noexec unless exec).",
     )
 
 
 @method("vol.mount", right=Right.write, cli=Cli("vol mount add"))
 async def mount(ctx: Context, p: MountParams) -> dict[str, Any]:
-    """Mount a filesystem below an allowed root (vol_mount_roots), always nosuid,nodev;
-    recorded, and mounted again when den starts."""
+    """Mount a filesystem below an allowed root (vol_mount_roots), always nosuid,nodev,
+    noexec unless exec is asked; recorded, and mounted again when den starts."""
     ctx.target = f"mount:{p.device} -> {p.mount_point}"
     return await vol_state.mount(ctx.app.settings, ctx.db, ctx.caller.name, p.device,
                                  p.mount_point, p.fstype, p.options)  # fmt: skip
