@@ -27,10 +27,12 @@ from typing import Any
 
 import pytest
 
+from den.backends.base import Terminal
 from den.backends.microvm import channel as proto
-from den.backends.microvm.channel import AgentChannel
+from den.backends.microvm import console as vm_console
+from den.backends.microvm.channel import AgentChannel, AgentGone
 from den.cli.client import RpcError
-from den.errors import BackendFailure
+from den.errors import BackendFailure, InvalidParams
 from tests.conftest import Daemon, dispose, init_pool, make_base
 from tests.microvm.conftest import seed_assets
 from tests.workspaces.conftest import BB, import_bb, make_users, ok, sh, vm_dir
@@ -116,7 +118,6 @@ async def with_guest(tmp_path: Path, body: Any) -> None:
         await asyncio.wait_for(guest.connected.wait(), 5)
         await body(guest, ch)
     finally:
-        # the guest first: a daemon-side close waits for its unread bytes to drain
         await guest.close()
         await asyncio.wait_for(ch.close(), 10)
 
@@ -174,6 +175,97 @@ def test_hole_window_grants_pile_up_in_the_daemon_when_the_guest_stops_reading(
         assert held < 256 << 10, f"the daemon holds {held >> 10} KiB of unsent WINDOW frames"
 
     asyncio.run(with_guest(tmp_path, body))
+
+
+def test_an_agent_that_stops_reading_is_dropped_and_close_does_not_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """den writing to a guest that no longer reads its port: the write gives up
+    (SEND_SECONDS, shortened here), the connection is dropped, close() returns."""
+    monkeypatch.setattr(proto, "SEND_SECONDS", 1.0)
+
+    async def body(guest: HostileGuest, ch: AgentChannel) -> None:
+        procs = []
+        for _ in range(12):  # 12 channels x 64 KiB of credit: past the socket's buffer
+            started = asyncio.ensure_future(ch.exec(["cat"], {}, "/", 0, 0, []))
+            cid, _ = await guest.next(proto.T_EXEC)
+            guest.send(proto.T_OPENED, cid, struct.pack(">I", 42))
+            procs.append(await started)
+        guest.reading = False
+        with pytest.raises(AgentGone):
+            await asyncio.wait_for(
+                asyncio.gather(*(p.write(b"x" * proto.WINDOW_IN) for p in procs)), 10
+            )
+        assert not ch.alive
+        assert ch._writer.transport.get_write_buffer_size() <= proto.MAX_BUFFERED + (80 << 10)
+        await asyncio.wait_for(ch.close(), 1.0)
+
+    asyncio.run(with_guest(tmp_path, body))
+
+
+def test_an_unanswered_request_fails_after_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """exec() (sftp, terminals, streams: no timeout of their own) gives up when the
+    agent never answers EXEC: a BackendFailure saying so, not a hang."""
+    monkeypatch.setattr(proto, "OPEN_SECONDS", 0.5)
+
+    async def body(guest: HostileGuest, ch: AgentChannel) -> None:
+        with pytest.raises(BackendFailure, match="did not answer"):
+            await asyncio.wait_for(ch.exec(["true"], {}, "/", 0, 0, []), 5)
+        cid, _ = await guest.next(proto.T_EXEC)
+        closed, _ = await guest.next(proto.T_CLOSE)  # den let the guest know it gave up
+        assert closed == cid
+
+    asyncio.run(with_guest(tmp_path, body))
+
+
+def test_exec_payload_refuses_what_the_wire_cannot_carry() -> None:
+    """ids past 32 bits (or 2^32-1, "no change" to setresuid) are InvalidParams naming
+    `user`, not struct.error; a terminal's size is clamped as resize() clamps it."""
+    for uid, gid, groups in ((1 << 32, 0, []), (0, (1 << 32) - 1, []), (0, 0, [-1])):
+        with pytest.raises(InvalidParams) as info:
+            proto.exec_payload(["id"], {}, "/", uid, gid, groups, None)
+        assert info.value.data["errors"][0]["field"] == "user"
+    with pytest.raises(InvalidParams):
+        proto.exec_payload(["id"], {}, "/" + "d" * 70000, 0, 0, [], None)
+    payload = proto.exec_payload(["id"], {}, "/", 0, 0, [], Terminal("xterm", 1 << 20, 0))
+    assert struct.unpack(">BHH", payload[12:17]) == (1, 0xFFFF, 1)
+
+
+def test_console_of_a_flooding_guest_is_kept_bounded(tmp_path: Path) -> None:
+    """The console reader against a stand-in for QEMU's console socket: a guest
+    writing 3 MiB leaves at most head + tail in console.log, the boot log and the
+    last lines (a panic) kept; what den shows from it has no escapes."""
+    boot = b"den-init: booting\r\n"
+    panic = b"\x1b[31mKernel panic - not syncing: \x1b]0;owned\x07the end\x08\r\n"
+
+    async def qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(boot)
+        for _ in range(48):
+            writer.write(b"z" * (64 << 10))
+            await writer.drain()
+        writer.write(panic)
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(qemu, str(tmp_path / "console.sock"))
+        try:
+            await asyncio.wait_for(vm_console.Console(tmp_path).run(), 30)
+        finally:
+            server.close()
+
+    asyncio.run(main())
+    data = (tmp_path / "console.log").read_bytes()
+    assert len(data) <= vm_console.HEAD + vm_console.TAIL + 100, len(data)
+    assert data.startswith(boot) and data.endswith(panic)
+    assert b"bytes of console output dropped" in data
+    shown = vm_console.clean(panic.decode())
+    assert shown == "Kernel panic - not syncing: the end", repr(shown)
+    # a daemon started again carries on from what the last one kept
+    again = vm_console.Console(tmp_path)
+    assert again.content().startswith(boot) and again.content().endswith(panic)
 
 
 # -- a member's microVM, booted for real (TCG: slow) ----------------------------------

@@ -9,7 +9,8 @@ virtio-serial port (channel.py).
 
 Host layout of a workspace: ``DATA_DIR/vms/<id>/`` (root-only) with
 ``qemu.pid``, ``qmp.sock``, ``agent.sock``, ``root.sock``/``code.sock``
-(virtiofsd), ``console.log`` and the logs of the processes' start; the TAP
+(virtiofsd), ``console.sock`` (the serial port, which den reads into a bounded
+``console.log``: console.py) and the logs of the processes' start; the TAP
 ``t<N>-<id>``; the cgroup ``/den<N>/<id>`` holding QEMU and both virtiofsd.
 Everything is found again from these after a ``kill -9`` of the daemon.
 
@@ -74,6 +75,7 @@ from den.backends.base import (
 from den.backends.inside import exists as exists_inside
 from den.backends.inside import load_account, resolve_user
 from den.backends.microvm import assets as vm_assets
+from den.backends.microvm import console as vm_console
 from den.backends.microvm import qemu
 from den.backends.microvm.channel import AgentChannel, AgentGone
 from den.errors import BackendFailure, InvalidParams
@@ -121,6 +123,7 @@ class MicroVMBackend(Backend):
         self._agents: dict[str, AgentChannel] = {}
         self._agent_locks: dict[str, asyncio.Lock] = {}
         self._monitors: dict[str, qemu.Monitor] = {}
+        self._consoles: dict[str, tuple[vm_console.Console, asyncio.Task[None]]] = {}
 
     # -- names ---------------------------------------------------------------------------
     def vmdir(self, ws_id: str) -> Path:
@@ -255,7 +258,10 @@ class MicroVMBackend(Backend):
             "-m", str(mem),
             "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-serial", f"file:{d / 'console.log'}",
+            # The serial port on a socket den reads (console.py), never a file QEMU
+            # appends to: the guest writes it at will. Unread (den down), QEMU drops it.
+            "-chardev", f"socket,id=con,path={d / 'console.sock'},server=on,wait=off",
+            "-serial", "chardev:con",
             # den's links to the assets (their directory is root's alone)
             "-kernel", str(d / "vmlinuz"), "-initrd", str(d / "initrd.img"),
             "-append", self._cmdline(spec, state["mac"]),
@@ -315,6 +321,7 @@ class MicroVMBackend(Backend):
             if st == "paused":
                 state = await self.resume(spec, state)
             if st not in _ENDED:
+                self._watch_console(spec.id)
                 await self._agent(spec.id)
                 for up in self.on_up:
                     await up(spec.id)
@@ -337,7 +344,14 @@ class MicroVMBackend(Backend):
         )
         # No process of the VM's uid runs now (ended above): what it left is removed
         # before den writes anything here.
-        for name in ("qemu.pid", "qmp.sock", "agent.sock", "console.log", "start.log"):
+        for name in (
+            "qemu.pid",
+            "qmp.sock",
+            "agent.sock",
+            "console.sock",
+            "console.log",
+            "start.log",
+        ):
             (d / name).unlink(missing_ok=True)
         await asyncio.to_thread(self._link_assets, spec, assets)
         t0 = time.monotonic()
@@ -350,9 +364,11 @@ class MicroVMBackend(Backend):
             os.chown(d / sock, spec.uid_start, spec.uid_start, follow_symlinks=False)
         with timed("qemu", ws=spec.id):
             await qemu.start_qemu(self._argv(spec, state, assets), cg, d / "start.log")
+        self._watch_console(spec.id)
         pid = _read_pid(d / "qemu.pid")
         start = qemu.proc_start(pid) if pid and self._is_ours(spec.id, pid) else None
         if pid is None or start is None:
+            await self._console_settled(spec.id)
             raise BackendFailure(f"QEMU exited at once: {self._why(spec.id)}")
         state = {
             **state,
@@ -388,6 +404,7 @@ class MicroVMBackend(Backend):
         try:
             while not opening.done():
                 if not qemu.alive(pid, start):
+                    await self._console_settled(ws_id)
                     raise BackendFailure(f"the microVM did not boot: {self._why(ws_id)}")
                 await asyncio.wait({opening}, timeout=0.05)
             opening.result()
@@ -402,6 +419,9 @@ class MicroVMBackend(Backend):
                     await opening
 
     def _why(self, ws_id: str) -> str:
+        watched = self._consoles.get(ws_id)
+        if watched is not None:
+            watched[0].flush()  # what den read so far, not what it wrote half a second ago
         d = self.vmdir(ws_id)
         return _tail(d / "console.log", 4) or _tail(d / "start.log", 2) or "no console output"
 
@@ -418,6 +438,30 @@ class MicroVMBackend(Backend):
             ch = await AgentChannel.open(self.vmdir(ws_id) / "agent.sock", timeout)
             self._agents[ws_id] = ch
             return ch
+
+    def _watch_console(self, ws_id: str) -> None:
+        """Read the VM's console (once per VM; again after a daemon restart)."""
+        watched = self._consoles.get(ws_id)
+        if watched is not None and not watched[1].done():
+            return
+        con = vm_console.Console(self.vmdir(ws_id))
+        self._consoles[ws_id] = (con, tasks.spawn(con.run(), name=f"microvm console {ws_id}"))
+
+    async def _console_settled(self, ws_id: str, timeout: float = 1.0) -> None:
+        """QEMU ended: let the console's reader take its last bytes (a panic) and
+        write them out; given up after ``timeout``."""
+        watched = self._consoles.get(ws_id)
+        if watched is None:
+            return
+        con, task = watched
+        if not task.done():
+            await asyncio.wait({task}, timeout=timeout)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            con.flush()
+        self._consoles.pop(ws_id, None)
 
     async def _forget(self, ws_id: str) -> None:
         ch = self._agents.pop(ws_id, None)
@@ -448,10 +492,18 @@ class MicroVMBackend(Backend):
         qemu.kill_cgroup(cg)
         if not await qemu.wait_gone(cg, 5.0):
             log.warning("microVM processes survive SIGKILL", extra={"ctx": {"ws": ws_id}})
+        await self._console_settled(ws_id)
         await self._forget(ws_id)
         for sock in ("root.sock", "code.sock"):
             qemu.virtiofsd_pid_file(d / sock).unlink(missing_ok=True)
-        for name in ("root.sock", "code.sock", "qmp.sock", "agent.sock", "qemu.pid"):
+        for name in (
+            "root.sock",
+            "code.sock",
+            "qmp.sock",
+            "agent.sock",
+            "console.sock",
+            "qemu.pid",
+        ):
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 (d / name).unlink()
 
@@ -588,9 +640,11 @@ class MicroVMBackend(Backend):
     async def status(self, spec: Spec, state: State) -> Status:
         pid, _ = self._pid(spec.id, state)
         if pid is None:
+            await self._console_settled(spec.id)
             if not self.vmdir(spec.id).exists():
                 return "missing"
             return "failed" if self._ended_alone(spec, state) else "stopped"
+        self._watch_console(spec.id)  # a VM this daemon found running (after a restart)
         st = await self._run_state(spec.id)
         if st == "paused":
             return "suspended"
@@ -613,6 +667,7 @@ class MicroVMBackend(Backend):
         if pid is not None:
             st = await self._run_state(spec.id)
             return f"QEMU reports the guest {st}: {self._why(spec.id)}"
+        await self._console_settled(spec.id)
         d = self.vmdir(spec.id)
         # The panic's own line comes before its dump (dozens of lines): all of it read
         console = _tail(d / "console.log", 1000, width=64 << 10).split(" / ")
@@ -707,9 +762,10 @@ def _read_pid(path: Path) -> int | None:
 
 def _tail(path: Path, lines: int, width: int = 500) -> str:
     """The last lines of a log in a VM directory (its last 64 KiB read), joined,
-    at most ``width`` characters."""
+    at most ``width`` characters, without the guest's escapes and control characters."""
     text = _read_tail(path, 64 << 10).decode(errors="replace")
-    return " / ".join(s.strip() for s in text.splitlines()[-lines:] if s.strip())[:width]
+    kept = (vm_console.clean(s, width).strip() for s in text.splitlines()[-lines:])
+    return " / ".join(s for s in kept if s)[:width]
 
 
 async def _wait_dead(pid: int, start: int, timeout: float) -> bool:
