@@ -374,9 +374,16 @@ def test_hole_unmount_takes_a_host_mount_stacked_on_a_den_mount(
         return found[-1]
 
     assert top() == "hosttmp"
-    with contextlib.suppress(Exception):
-        vd.call("vol.unmount", mount_point=str(point))
-    assert top() == "hosttmp", "vol.unmount took the host's tmpfs mounted over den's mount"
+    try:
+        with contextlib.suppress(Exception):
+            vd.call("vol.unmount", mount_point=str(point))
+        assert top() == "hosttmp", "vol.unmount took the host's tmpfs mounted over den's mount"
+    finally:
+        # The host's mount first, then den's (and its record) goes the API's way.
+        if top() == "hosttmp":
+            run("umount", str(point))
+        with contextlib.suppress(Exception):
+            vd.call("vol.unmount", mount_point=str(point))
 
 
 def test_hole_mount_hides_a_host_mount_below_it(
@@ -481,7 +488,8 @@ def test_mount_uses_the_kernel_node_not_the_callers_link(
     try:
         got = vd.call("vol.mount", device=str(alias), mount_point=str(root / "l"))
         assert got["device"] == dev
-        assert [m["device"] for m in vd.call("vol.verify")["entries"]] == [dev]
+        entries = vd.call("vol.verify")["entries"]
+        assert [m["device"] for m in entries if m["mount_point"] == str(root / "l")] == [dev]
         assert "noexec" in got["options"]  # nothing on the volume runs unless asked
         vd.call("vol.unmount", mount_point=str(root / "l"))
     finally:
