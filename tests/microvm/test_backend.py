@@ -211,6 +211,8 @@ def test_lifecycle(vm_daemon: Daemon, owner: str) -> None:
         if quota.exists():
             assert quota.read_text().strip() == "50000"
         assert guest_mem_kb(d, ref) == mem_before
+        note = d.call("workspace.get", ref=ref)["backend_note"]
+        assert "restart needed: memory 320 MiB" in note, note
 
         d.call("workspace.stop", ref=ref)
         assert d.call("workspace.get", ref=ref)["state"] == "stopped"
@@ -219,6 +221,7 @@ def test_lifecycle(vm_daemon: Daemon, owner: str) -> None:
         d.call("workspace.start", ref=ref)
         assert ok(d, ref, "echo again") == "again\n"
         assert guest_mem_kb(d, ref) > mem_before + 50_000  # 320 MiB now, was 256
+        assert "restart needed" not in d.call("workspace.get", ref=ref)["backend_note"]
 
         # A killed QEMU: the reconciler marks the workspace failed with a reason and
         # cleans up (virtiofsd, sockets), keeps its files; `den start` boots it again.

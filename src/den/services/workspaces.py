@@ -283,7 +283,12 @@ def accel_of(ws: Workspace) -> dict[str, Any]:
     accel = (ws.backend_state or {}).get("accel")
     if ws.backend != "microvm" or accel is None:
         return {}
-    return {"emulated": accel == "tcg", "backend_note": TCG_NOTE if accel == "tcg" else ""}
+    notes = [TCG_NOTE] if accel == "tcg" else []
+    restart = (ws.backend_state or {}).get("restart_needed")
+    if isinstance(restart, str) and restart:
+        # a resize the running VM cannot take live (its memory, its vCPUs)
+        notes.append(f"restart needed: {restart[:200]}")
+    return {"emulated": accel == "tcg", "backend_note": "; ".join(notes)}
 
 
 # -- params --------------------------------------------------------------------
