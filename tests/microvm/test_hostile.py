@@ -1,5 +1,5 @@
-"""Hostile review of the microvm backend: failing tests for holes a guest root or a
-member can use (review15, /work/msgs/review15.md).
+"""The microvm backend against a hostile guest root or member: each ``test_closed_*``
+test is an attack a review found working, kept as a guard now that it fails.
 
 Two kinds of attacker:
 
@@ -122,7 +122,7 @@ async def with_guest(tmp_path: Path, body: Any) -> None:
         await asyncio.wait_for(ch.close(), 10)
 
 
-def test_hole_run_timeout_ignored_when_the_guest_never_answers_exec(tmp_path: Path) -> None:
+def test_closed_run_timeout_ignored_when_the_guest_never_answers_exec(tmp_path: Path) -> None:
     """AgentChannel.run(timeout=1) waits forever for OPENED: the timeout covers only
     the command's output. den's own jobs (mail delivery holds one of 16 global
     slots, account setup at create, dotfiles, /code) hang on such a guest."""
@@ -139,7 +139,7 @@ def test_hole_run_timeout_ignored_when_the_guest_never_answers_exec(tmp_path: Pa
     asyncio.run(with_guest(tmp_path, body))
 
 
-def test_hole_window_grants_pile_up_in_the_daemon_when_the_guest_stops_reading(
+def test_closed_window_grants_pile_up_in_the_daemon_when_the_guest_stops_reading(
     tmp_path: Path,
 ) -> None:
     """Each DATA frame the host consumes is answered with its own WINDOW frame by
@@ -309,7 +309,7 @@ def _qemu_pid(d: Daemon, ws: dict[str, Any]) -> int:
 
 
 @pytest.mark.slow
-def test_hole_guest_console_grows_the_host_disk_without_bound(
+def test_closed_guest_console_grows_the_host_disk_without_bound(
     pool_microvm: Daemon, vm: dict[str, Any]
 ) -> None:
     """The serial console is ``-serial file:console.log``, truncated only at start:
@@ -328,7 +328,7 @@ def test_hole_guest_console_grows_the_host_disk_without_bound(
 
 
 @pytest.mark.slow
-def test_hole_uid_past_32_bits_is_an_internal_error(
+def test_closed_uid_past_32_bits_is_an_internal_error(
     pool_microvm: Daemon, vm: dict[str, Any]
 ) -> None:
     """resolve_user passes an all-digit user not in /etc/passwd through as uid:gid,

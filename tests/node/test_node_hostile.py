@@ -1,6 +1,5 @@
-"""A hostile review of the node API (net.*, vol.*): holes in its protected objects.
-
-Every test here names a hole and fails while the hole is open. Network tests act
+"""The node API (net.*, vol.*) against a hostile caller: holes a review found in its
+protected objects, each kept as a ``test_closed_*`` guard now that it is closed. Network tests act
 in the network namespace the daemon of tests/node/test_net.py's ``netd`` runs in;
 storage tests on loop devices and below a directory of /mnt they make. Everything
 made is removed after, even on failure.
@@ -53,7 +52,7 @@ def _idx(ipr: IPRoute, name: str) -> int:
 # -- net: protected objects ---------------------------------------------------------------
 
 
-def test_hole_altname_of_default_route_interface_not_protected(netd: Net) -> None:
+def test_closed_altname_of_default_route_interface_not_protected(netd: Net) -> None:
     """The uplink reached by an alternative name (systemd gives NICs one: enp0s3) is
     still the interface carrying the default route."""
     d, ns = netd
@@ -116,7 +115,7 @@ def test_lower_port_of_default_route_bridge_detach_refused(netd: Net, uplink_bri
     assert getattr(err, "code", None) == FORBIDDEN
 
 
-def test_hole_lower_port_of_default_route_bridge_can_be_moved(
+def test_closed_lower_port_of_default_route_bridge_can_be_moved(
     netd: Net, uplink_bridge: str
 ) -> None:
     """Moving the physical port of the default-route bridge to another bridge (add_port
@@ -148,7 +147,7 @@ def _subnet(d: Daemon) -> str:
     ["{subnet}", "{half}", "169.254.169.254/32"],
     ids=["workspace-subnet", "part-of-workspace-subnet", "metadata-address"],
 )
-def test_hole_route_steals_workspace_subnet_or_metadata(netd: Net, dst: str) -> None:
+def test_closed_route_steals_workspace_subnet_or_metadata(netd: Net, dst: str) -> None:
     """A route for den's workspace subnet (or part of it, or the metadata address) through
     another interface sends the host's traffic to workspaces elsewhere; net.routes.add is a
     replace, so once den's bridge has its connected route (same dst, metric 0) it is
@@ -205,7 +204,7 @@ def test_nat_of_dens_ports_and_subnet_refused(netd: Net) -> None:
     assert d.call("net.nat.status") == before
 
 
-def test_hole_dnat_of_metadata_address(netd: Net) -> None:
+def test_closed_dnat_of_metadata_address(netd: Net) -> None:
     """A DNAT for 169.254.169.254:80 (den's metadata service inside every workspace)
     sends the workspaces' metadata requests, with their bearer tokens, to another host."""
     d, _ns = netd
@@ -222,7 +221,7 @@ def test_hole_dnat_of_metadata_address(netd: Net) -> None:
             d.call("net.nat.remove_dnat", id=made["id"])
 
 
-def test_hole_dnat_without_iface_catches_forwarded_workspace_traffic(netd: Net) -> None:
+def test_closed_dnat_without_iface_catches_forwarded_workspace_traffic(netd: Net) -> None:
     """net.nat.add_dnat is 'forward a port arriving here', but its rule sits in prerouting
     with no test that the packet is for this host: every forwarded packet to that port,
     each workspace's outgoing HTTPS to any server included, is rewritten to to_addr. The
@@ -240,7 +239,7 @@ def test_hole_dnat_without_iface_catches_forwarded_workspace_traffic(netd: Net) 
         d.call("net.nat.remove_dnat", id=made["id"])
 
 
-def test_hole_other_instance_tap_names_not_reserved(netd: Net) -> None:
+def test_closed_other_instance_tap_names_not_reserved(netd: Net) -> None:
     """den's bridges and veths are reserved for every instance (den<N>, d<N>-), its taps
     only for this one: t<N>- of another instance on the host is free to take or delete."""
     d, _ns = netd
@@ -259,7 +258,7 @@ def test_hole_other_instance_tap_names_not_reserved(netd: Net) -> None:
             d.call("net.vm.delete_tap", name=name)
 
 
-def test_hole_remove_rule_deletes_any_host_firewall_rule(netd: Net) -> None:
+def test_closed_remove_rule_deletes_any_host_firewall_rule(netd: Net) -> None:
     """net.firewall.add_rule can only add an accept (it cannot undo another table's drop);
     net.firewall.remove_rule by handle deletes any rule of any table not named den*: the
     host firewall's drop of a port goes with a write grant on net.firewall.*."""
@@ -316,7 +315,7 @@ def test_hole_remove_rule_deletes_any_host_firewall_rule(netd: Net) -> None:
         nft(ns, {"delete": {"table": {"family": "inet", "name": "hostfw"}}})
 
 
-def test_hole_restore_enslaves_what_is_now_the_default_route_interface(netd: Net) -> None:
+def test_closed_restore_enslaves_what_is_now_the_default_route_interface(netd: Net) -> None:
     """A port recorded when its interface was an ordinary LAN port is put back at start
     even though the interface now carries the default route: restore never asks
     net_state.protected_reason. (Restart of the module's daemon.)"""
@@ -355,7 +354,7 @@ def _ext4(dev: str) -> None:
     assert run("mkfs.ext4", "-q", "-F", dev).returncode == 0
 
 
-def test_hole_unmount_takes_a_host_mount_stacked_on_a_den_mount(
+def test_closed_unmount_takes_a_host_mount_stacked_on_a_den_mount(
     vd: Daemon, loops: Callable[[int], str], root: Path
 ) -> None:
     """vol.unmount checks that den recorded a mount at the point, then runs `umount point`,
@@ -386,7 +385,7 @@ def test_hole_unmount_takes_a_host_mount_stacked_on_a_den_mount(
             vd.call("vol.unmount", mount_point=str(point))
 
 
-def test_hole_mount_hides_a_host_mount_below_it(
+def test_closed_mount_hides_a_host_mount_below_it(
     vd: Daemon, loops: Callable[[int], str], root: Path
 ) -> None:
     """vol.mount refuses a point where something is mounted, but not a parent of one: a
@@ -414,7 +413,7 @@ def test_hole_mount_hides_a_host_mount_below_it(
         run("umount", "--lazy", str(host))
 
 
-def test_hole_mount_option_errors_panic(
+def test_closed_mount_option_errors_panic(
     vd: Daemon, loops: Callable[[int], str], root: Path
 ) -> None:
     """errors=panic is an allowed option: with a vol.mount grant, any I/O error on that
@@ -447,7 +446,7 @@ def pool_alias(vd: Daemon) -> Iterator[str]:
         alias.unlink()
 
 
-def test_hole_pool_image_through_another_path_not_protected(vd: Daemon, pool_alias: str) -> None:
+def test_closed_pool_image_through_another_path_not_protected(vd: Daemon, pool_alias: str) -> None:
     """The pool's loop device is recognised by its backing file's *path*: a loop device on
     the same file by another name (hard link, bind mount) is not protected, and with
     force=true create_filesystem would format den's pool under it. (Called without force:
