@@ -53,7 +53,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import time
 from pathlib import Path
 
@@ -737,33 +736,15 @@ def _boot_id() -> str:
         return ""
 
 
-def _read_tail(path: Path, limit: int) -> bytes:
-    """The last ``limit`` bytes of a regular file in a VM directory, which QEMU's uid
-    owns: never through a symbolic link, never blocking on a FIFO."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return b""
-        return os.pread(fd, limit, max(0, st.st_size - limit))
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
-
-
 def _read_pid(path: Path) -> int | None:
-    text = _read_tail(path, 32).strip()
+    text = vm_console.read_log(path, 32).strip()
     return int(text) if text.isdigit() else None
 
 
 def _tail(path: Path, lines: int, width: int = 500) -> str:
     """The last lines of a log in a VM directory (its last 64 KiB read), joined,
     at most ``width`` characters, without the guest's escapes and control characters."""
-    text = _read_tail(path, 64 << 10).decode(errors="replace")
+    text = vm_console.read_log(path, 64 << 10).decode(errors="replace")
     kept = (vm_console.clean(s, width).strip() for s in text.splitlines()[-lines:])
     return " / ".join(s for s in kept if s)[:width]
 
