@@ -33,8 +33,7 @@ from den.backends.microvm import console as vm_console
 from den.backends.microvm.channel import AgentChannel, AgentGone
 from den.cli.client import RpcError
 from den.errors import BackendFailure, InvalidParams
-from tests.conftest import Daemon, dispose, init_pool, make_base
-from tests.microvm.conftest import seed_assets
+from tests.conftest import Daemon
 from tests.workspaces.conftest import BB, import_bb, make_users, ok, sh, vm_dir
 
 # -- a guest that speaks for the agent -------------------------------------------------
@@ -272,24 +271,10 @@ def test_console_of_a_flooding_guest_is_kept_bounded(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def pool_microvm(microvm_assets: object) -> Iterator[Daemon]:
-    """A daemon of this module with microVMs on (as tests/microvm/test_backend.py)."""
-    d = Daemon(make_base())
-    d.env.update({"DEN_MICROVM": "true", "DEN_DEFAULT_IMAGE": BB})
-    try:
-        seed_assets(d.data_dir)
-        init_pool(d, size="4G")
-        d.start()
-        import_bb(d)
-        yield d
-    finally:
-        dispose(d, pool=True)
-
-
-@pytest.fixture(scope="module")
 def vm(pool_microvm: Daemon) -> Iterator[dict[str, Any]]:
     """One busybox microVM shared by the slow cases (each TCG boot costs seconds)."""
     d = pool_microvm
+    import_bb(d)
     with make_users(d) as users:
         owner = users.make()
         ws: dict[str, Any] = d.call(

@@ -97,6 +97,9 @@ def import_image(d: Daemon, name: str, tarball: Path) -> None:
 
 
 def import_bb(d: Daemon, name: str = BB) -> str:
+    """The busybox image ``name`` on ``d``, imported unless it is there already."""
+    if any(i["name"] == name for i in d.call("image.list")):
+        return name
     with tempfile.TemporaryDirectory(prefix="den-bb-") as tmp:
         rootfs = make_bb_rootfs(Path(tmp) / "rootfs")
         import_image(d, name, tar_dir(rootfs, Path(tmp) / "bb.tar.zst"))
