@@ -146,8 +146,16 @@ def init(
     try:
         asyncio.run(prepare_backends(settings, say))
     except DenError as exc:
-        render.err_console.print(f"error: {exc.message}", highlight=False)
-        raise typer.Exit(7) from None
+        if settings.default_backend != "sandbox":
+            render.err_console.print(f"error: {exc.message}", highlight=False)
+            raise typer.Exit(7) from None
+        # An optional backend: den runs without it (a create on it says why);
+        # the next den init tries again.
+        render.err_console.print(
+            f"warning: {exc.message}; workspaces run on the sandbox backend meanwhile "
+            "(den init tries again)",
+            highlight=False,
+        )
 
 
 def _print_notes(notes: list[str]) -> None:
