@@ -465,8 +465,12 @@ def test_python_imports_come_from_the_lock_file_or_install_deps(inst: Installed)
     files = [p for top in SCANNED for p in (ROOT / top).rglob("*.py")]
     local = {"den", "tests", "bench"} | {p.stem for p in (ROOT / "bench").glob("*.py")}
     third = sorted(_imports(files) - set(sys.stdlib_module_names) - local - {"__future__"})
+
+    def norm(name: str) -> str:  # a distribution's name as PEP 503 compares them
+        return re.sub(r"[-_.]+", "-", name).lower()
+
     locked = {
-        m.group(1).lower().replace("_", "-")
+        norm(m.group(1))
         for m in re.finditer(
             r"^([A-Za-z0-9_.-]+)==", (ROOT / "requirements.lock").read_text(), re.M
         )
@@ -476,7 +480,7 @@ def test_python_imports_come_from_the_lock_file_or_install_deps(inst: Installed)
     debian = pulled_in(lists["RUN"] | lists["TEST"] | lists["BENCH"], inst) | inst.base
     origins = {}
     for mod in third:
-        names = {d.lower().replace("_", "-") for d in dists.get(mod, [])}
+        names = {norm(d) for d in dists.get(mod, [])}
         if not names & locked:
             spec = importlib.util.find_spec(mod)
             origins[mod] = Path(spec.origin) if spec is not None and spec.origin else None
