@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
+import os
 import socket
 from pathlib import Path
 
@@ -204,3 +206,47 @@ def test_a_backend_missing_a_required_method_fails_at_once() -> None:
             orphans = Minimal.orphans
             remove_orphan = Minimal.remove_orphan
             teardown_host = Minimal.teardown_host
+
+
+def test_a_closed_terminal_is_unwatched_before_its_number_is_reused(tmp_path: Path) -> None:
+    """An ssh or browser terminal closed while its read waits (the relay cancels the
+    read and closes in one step): the event loop must stop watching the terminal's
+    descriptor before it is closed, or a socket that gets the same number next is
+    never heard (asyncio keeps the stale registration and only swaps its callback)."""
+    from den.backends.terminal import PtyExec
+
+    async def scenario() -> bool:
+        loop = asyncio.get_running_loop()
+        proc = await asyncio.create_subprocess_exec("sleep", "30")
+        master, slave = os.openpty()
+        try:
+            term = PtyExec(proc, None, tmp_path / "pid")
+            os.set_blocking(master, False)
+            term.master = master
+            reading = asyncio.ensure_future(term.read())
+            await asyncio.sleep(0.05)  # the read waits on the terminal
+            reading.cancel()
+            await term.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+            r, w = os.pipe()
+            if r != master:  # the next file the kernel numbers so (it often is)
+                os.dup2(r, master)
+                os.close(r)
+            heard = loop.create_future()
+            loop.add_reader(master, lambda: heard.done() or heard.set_result(True))
+            os.write(w, b"x")
+            try:
+                return bool(await asyncio.wait_for(heard, 2))
+            except TimeoutError:
+                return False
+            finally:
+                loop.remove_reader(master)
+                os.close(master)
+                os.close(w)
+        finally:
+            os.close(slave)
+            proc.kill()
+            await proc.wait()
+
+    assert asyncio.run(scenario()), "the reused descriptor is not watched"

@@ -131,15 +131,17 @@ class PtyExec:
                 loop.remove_reader,
             )
         )
-        add(self.master, ready)
+        # The descriptor as it is now: close() may run meanwhile (a cancelled read),
+        # and the loop must stop watching this number before another file gets it.
+        fd = self.master
+        add(fd, ready)
         try:
             waiting: set[asyncio.Future[object]] = {fut}  # type: ignore[arg-type]
             if not writer and not self.exited.done():
                 waiting.add(self.exited)  # type: ignore[arg-type]
             await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if self.master is not None:
-                remove(self.master)
+            remove(fd)
         return fut.done()
 
     async def read(self) -> tuple[int, bytes] | None:
@@ -200,6 +202,10 @@ class PtyExec:
         if self.proc.returncode is None:
             self.signal(signal.SIGKILL)
         if self.master is not None:
+            # Unwatched first: asyncio never watches a reused number it still holds.
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.master)
+            loop.remove_writer(self.master)
             os.close(self.master)
             self.master = None
         if self.pidfd is not None:
