@@ -617,8 +617,10 @@ async def init_prepare(settings: Settings, say: Progress) -> list[str]:
     """Build (or refresh) the guest assets and probe KVM; the verdict as a note."""
     try:
         await ensure_assets(settings.data_dir, progress=say, refresh=True)
-    except DenError as exc:
-        raise type(exc)(
-            f"microVM assets: {exc.message} (microvm = false turns the backend off)"
+    except (DenError, OSError) as exc:
+        # A failed download or unpack (CommandFailed), a full disk: said in one line.
+        why = exc.message if isinstance(exc, DenError) else str(exc)
+        raise BackendFailure(
+            f"microVM assets: {why} (microvm = false turns the backend off)"
         ) from None
     return [_accel_note(await probe_accel(settings.data_dir))]
