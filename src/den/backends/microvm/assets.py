@@ -63,15 +63,17 @@ RECIPE = "2"
 # The signature the kernel build appends to a module (scripts/sign-file).
 MODULE_SIG_MAGIC = b"~Module signature appended~\n"
 XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point QEMU boots an ELF kernel through
-# The busybox applets init.sh runs (it runs nothing else).
-APPLETS = (
-    "sh", "mount", "umount", "mkdir", "insmod", "ip", "hostname", "cat", "cp", "ln",
-    "chmod", "sleep", "tr", "sync", "poweroff", "switch_root",
-)  # fmt: skip
-# Until the agent's source exists: a PID 1 that says what it is and reaps.
+# The busybox applets init.sh runs (it runs nothing else; den's agent does the rest).
+APPLETS = ("sh", "mount", "umount", "mkdir", "sleep", "sync", "poweroff", "switch_root")
+# Until the agent's source exists: a PID 1 that says what it is and reaps (and fails
+# init.sh's `den-agent --setup`, which it cannot do).
 PLACEHOLDER_AGENT = rb"""#include <sys/wait.h>
 #include <unistd.h>
 int main(void) {
+    if (getpid() != 1) {
+        if (write(1, "den-init: failed: no den agent (placeholder)\n", 45) < 0) return 1;
+        return 1;
+    }
     if (write(1, "den-agent: placeholder\n", 23) < 0) return 1;
     for (;;) if (wait(0) < 0) pause();
 }

@@ -14,12 +14,17 @@ NEW=/newroot
 
 say() { echo "den-init: $*" >/dev/console; }
 
-fail() {
-    say "failed: $*"
+# halt: after a failure line (den-agent --setup prints its own).
+halt() {
     sync
     poweroff -f
     sleep 5  # poweroff returned: init exits and the kernel panics (panic=-1: QEMU exits)
     exit 1
+}
+
+fail() {
+    say "failed: $*"
+    halt
 }
 
 # mount_at TYPE SOURCE DIR [OPTIONS]: DIR must be a real directory, never a symlink: a
@@ -55,101 +60,28 @@ for w in $cmdline; do
 done
 set +f
 
-# Modules, in dependency order (the build wrote the list).
-while read -r m; do
-    [ -n "$m" ] || continue
-    insmod "/lib/modules/$m" || fail "cannot load module $m"
-done </lib/modules/load
-
+# The rest is den's agent's, in one process (den-agent.c, setup_main): under TCG every
+# fork and exec of a busybox applet is emulated work (about 25 ms each, some twenty of
+# them). It loads the modules in the order the build wrote (/lib/modules/load); sets
+# lo, the address on the NIC with den's MAC (else the first that is not lo) and the
+# route; mounts the root file system (virtiofs tag root) at $NEW and /code; writes
+# the hostname, resolver and hosts into a tmpfs of den's at $NEW/run/den, bound over
+# /etc's own when they are plain files (the snapshot itself is never written); copies
+# itself there; links /dev/virtio-ports/<name>; mounts the kernel's file systems in
+# the new root. Mount points must be real directories, never symbolic links (a link
+# in the workspace's tree would point a mount at the initramfs itself). It prints
+# its own failure line.
 if [ "$probe" = 1 ]; then
+    /den-agent --setup --modules /lib/modules || halt
     say "probe ok"
     sync
     poweroff -f
     sleep 5
     exit 0
 fi
-
-# The root filesystem and /code.
-mkdir -p "$NEW"
-mount -t virtiofs root "$NEW" || fail "cannot mount the root filesystem (virtiofs tag root)"
-[ "$code" = 1 ] && mount_at virtiofs code "$NEW/code"
-
-# The network: the interface with den's MAC (else the first that is not lo).
-ip link set lo up || fail "cannot bring lo up"
-if [ -n "$ip_addr" ]; then
-    dev=
-    for i in 1 2 3 4 5 6 7 8 9 10; do
-        for d in /sys/class/net/*; do
-            n=${d##*/}
-            [ "$n" = lo ] && continue
-            read -r addr <"$d/address"
-            if [ -z "$mac" ] || [ "$addr" = "$mac" ]; then
-                dev=$n
-                break
-            fi
-        done
-        [ -n "$dev" ] && break
-        sleep 0.1
-    done
-    [ -n "$dev" ] || fail "no network interface ${mac:+with MAC $mac}"
-    ip addr add "$ip_addr" dev "$dev" || fail "cannot set address $ip_addr on $dev"
-    ip link set "$dev" up || fail "cannot bring $dev up"
-    if [ -n "$gw" ]; then
-        ip route add default via "$gw" dev "$dev" || fail "cannot add the route via $gw"
-    fi
-fi
-
-# Hostname, resolver, hosts: files in a tmpfs of den's, bound over the rootfs's own
-# (when it has them as plain files), so that the snapshot itself is never written.
-echo "$host" >/proc/sys/kernel/hostname || fail "cannot set the hostname $host"
-mount_at tmpfs den-run "$NEW/run"
-mount_at tmpfs den "$NEW/run/den" mode=0755
-echo "$host" >"$NEW/run/den/hostname"
-printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n' \
-    "$host" >"$NEW/run/den/hosts"
-: >"$NEW/run/den/resolv.conf"
-set -f
-IFS=,
-for s in $dns; do
-    echo "nameserver $s" >>"$NEW/run/den/resolv.conf"
-done
-unset IFS
-set +f
-for f in hostname hosts resolv.conf; do
-    t="$NEW/etc/$f"
-    if [ -f "$t" ] && [ ! -L "$t" ]; then
-        mount -o bind "$NEW/run/den/$f" "$t" || fail "cannot bind /etc/$f"
-    fi
-done
-cp /den-agent "$NEW/run/den/den-agent" || fail "cannot copy the agent"  # mode 0755 kept
-
-# The agent's port by name (/dev/virtio-ports/den.agent): no udev here makes the link.
-port=
-if [ -d /sys/class/virtio-ports ]; then
-    mkdir -p /dev/virtio-ports
-    for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-        for p in /sys/class/virtio-ports/*; do
-            [ -f "$p/name" ] || continue
-            n=
-            read -r n <"$p/name"
-            [ -n "$n" ] || continue
-            ln -sf "../${p##*/}" "/dev/virtio-ports/$n"
-            [ "$n" = den.agent ] && port=$n
-        done
-        [ -n "$port" ] && break
-        sleep 0.1
-    done
-fi
-[ -n "$port" ] || fail "no virtio-serial port den.agent"
-
-# The kernel's file systems in the new root. devtmpfs is one file system: the links
-# made above are there too.
-mount_at proc proc "$NEW/proc"
-mount_at sysfs sysfs "$NEW/sys"
-mount_at devtmpfs devtmpfs "$NEW/dev"
-mount_at devpts devpts "$NEW/dev/pts" gid=5,mode=0620,ptmxmode=0666
-mount_at tmpfs shm "$NEW/dev/shm" mode=1777
-[ -e "$NEW/dev/ptmx" ] || ln -s pts/ptmx "$NEW/dev/ptmx"
+/den-agent --setup --modules /lib/modules --ip "$ip_addr" --gw "$gw" --mac "$mac" \
+    --root "$NEW" --code "$code" --hostname "$host" --dns "$dns" \
+    --agent /den-agent --port den.agent || halt
 
 umount /proc /sys /run 2>/dev/null
 say "ready"

@@ -10,6 +10,8 @@
  * Build: gcc -static -O2 -Wall -Wextra -Werror -o den-agent den-agent.c
  * Run:   den-agent --port den.agent   (in the guest, as PID 1)
  *        den-agent --fd N             (tests: N is a connected or listening socket)
+ *        den-agent --setup --modules DIR [--root DIR ...]
+ *                                     (den-init's steps: setup_main)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -17,6 +19,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <net/if.h>
+#include <net/route.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -27,10 +31,12 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -916,8 +922,335 @@ static void host_gone(void)
 	}
 }
 
+/* ---- --setup: den-init's early steps ------------------------------------------------ */
+/* Under TCG every fork and exec is emulated work: nine insmod and four ip processes
+ * cost den-init about a quarter of a second. Done here, in one process, they cost
+ * only what the kernel does for them. Failures print den-init's own failure line
+ * (its contract: "den-init: failed: <why>") and exit 1; den-init powers off. */
+
+static int setup_fail(const char *fmt, ...)
+{
+	char buf[300];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	printf("den-init: failed: %s\n", buf);
+	fflush(stdout);
+	return 1;
+}
+
+static int load_modules(const char *dir)
+{
+	char path[512], line[256];
+	snprintf(path, sizeof path, "%s/load", dir);
+	FILE *f = fopen(path, "re");
+	if (!f)
+		return setup_fail("cannot read %s: %s", path, strerror(errno));
+	while (fgets(line, sizeof line, f)) {
+		line[strcspn(line, "\n")] = 0;
+		if (!line[0])
+			continue;
+		snprintf(path, sizeof path, "%s/%s", dir, line);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)) {
+			int err = errno;
+			if (fd >= 0)
+				close(fd);
+			fclose(f);
+			return setup_fail("cannot load module %s: %s", line, strerror(err));
+		}
+		close(fd);
+	}
+	fclose(f);
+	return 0;
+}
+
+static int set_up(int s, const char *dev)
+{
+	struct ifreq r = {0};
+	snprintf(r.ifr_name, IFNAMSIZ, "%s", dev);
+	if (ioctl(s, SIOCGIFFLAGS, &r) < 0)
+		return -1;
+	r.ifr_flags |= IFF_UP;
+	return ioctl(s, SIOCSIFFLAGS, &r);
+}
+
+/* The interface with MAC (any but lo when MAC is empty); the driver may still bind. */
+static int find_nic(const char *mac, char *dev)
+{
+	for (int tries = 0; tries < 20; tries++) {
+		DIR *d = opendir("/sys/class/net");
+		struct dirent *e;
+		while (d && (e = readdir(d))) {
+			char path[300], addr[64] = "";
+			if (e->d_name[0] == '.' || !strcmp(e->d_name, "lo") || strlen(e->d_name) >= IFNAMSIZ)
+				continue;
+			snprintf(path, sizeof path, "/sys/class/net/%s/address", e->d_name);
+			int fd = open(path, O_RDONLY | O_CLOEXEC);
+			ssize_t n = fd < 0 ? -1 : read(fd, addr, sizeof addr - 1);
+			if (fd >= 0)
+				close(fd);
+			addr[n > 0 ? n : 0] = 0;
+			addr[strcspn(addr, "\n")] = 0;
+			if (!mac[0] || !strcasecmp(addr, mac)) {
+				strcpy(dev, e->d_name);
+				closedir(d);
+				return 0;
+			}
+		}
+		if (d)
+			closedir(d);
+		usleep(50000);
+	}
+	return -1;
+}
+
+static struct sockaddr_in *sin_of(struct sockaddr *sa)
+{
+	return (struct sockaddr_in *)(void *)sa;
+}
+
+static int set_network(const char *cidr, const char *gw, const char *mac)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		return setup_fail("socket: %s", strerror(errno));
+	if (set_up(s, "lo") < 0)
+		return setup_fail("cannot bring lo up: %s", strerror(errno));
+	if (!cidr[0])
+		return close(s), 0;
+	char ip[64], dev[IFNAMSIZ] = "";
+	const char *slash = strchr(cidr, '/');
+	char *end;
+	long prefix = slash ? strtol(slash + 1, &end, 10) : -1;
+	struct in_addr a, g;
+	snprintf(ip, sizeof ip, "%.*s", slash ? (int)(slash - cidr) : 0, cidr);
+	if (!slash || *end || prefix < 0 || prefix > 32 || inet_pton(AF_INET, ip, &a) != 1)
+		return setup_fail("bad address %s", cidr);
+	if (find_nic(mac, dev) < 0)
+		return setup_fail("no network interface%s%s", mac[0] ? " with MAC " : "", mac);
+	struct ifreq r = {0};
+	snprintf(r.ifr_name, IFNAMSIZ, "%s", dev);
+	sin_of(&r.ifr_addr)->sin_family = AF_INET;
+	sin_of(&r.ifr_addr)->sin_addr = a;
+	if (ioctl(s, SIOCSIFADDR, &r) < 0)
+		return setup_fail("cannot set address %s on %s: %s", cidr, dev, strerror(errno));
+	sin_of(&r.ifr_netmask)->sin_family = AF_INET;
+	sin_of(&r.ifr_netmask)->sin_addr.s_addr = htonl(prefix ? 0xffffffffu << (32 - prefix) : 0);
+	if (ioctl(s, SIOCSIFNETMASK, &r) < 0)
+		return setup_fail("cannot set address %s on %s: %s", cidr, dev, strerror(errno));
+	if (set_up(s, dev) < 0)
+		return setup_fail("cannot bring %s up: %s", dev, strerror(errno));
+	if (gw[0]) {
+		struct rtentry rt = {0};
+		if (inet_pton(AF_INET, gw, &g) != 1)
+			return setup_fail("bad gateway %s", gw);
+		sin_of(&rt.rt_dst)->sin_family = AF_INET;
+		sin_of(&rt.rt_genmask)->sin_family = AF_INET;
+		sin_of(&rt.rt_gateway)->sin_family = AF_INET;
+		sin_of(&rt.rt_gateway)->sin_addr = g;
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		rt.rt_dev = dev;
+		if (ioctl(s, SIOCADDRT, &rt) < 0)
+			return setup_fail("cannot add the route via %s: %s", gw, strerror(errno));
+	}
+	close(s);
+	return 0;
+}
+
+/* mount_at: DIR must be a real directory, never a symbolic link (a link in the
+ * workspace's tree would point the mount at the initramfs itself); made if missing. */
+static int mount_at(const char *type, const char *src, const char *dir, const char *opts)
+{
+	struct stat st;
+	if (lstat(dir, &st) == 0 && S_ISLNK(st.st_mode))
+		return setup_fail("%s is a symbolic link", dir);
+	if ((lstat(dir, &st) < 0 || !S_ISDIR(st.st_mode)) && mkdir(dir, 0755) < 0)
+		return setup_fail("cannot make %s", dir);
+	if (mount(src, dir, type, 0, opts) < 0)
+		return setup_fail("cannot mount %s %s at %s: %s", type, src, dir, strerror(errno));
+	return 0;
+}
+
+static int write_file(const char *path, const char *text, mode_t mode)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, mode);
+	size_t n = strlen(text);
+	if (fd < 0 || write(fd, text, n) != (ssize_t)n) {
+		int err = errno;
+		if (fd >= 0)
+			close(fd);
+		errno = err;
+		return -1;
+	}
+	return close(fd);
+}
+
+static int copy_file(const char *from, const char *to)
+{
+	int in = open(from, O_RDONLY | O_CLOEXEC);
+	int out = in < 0 ? -1 : open(to, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0755);
+	char buf[65536];
+	ssize_t n = 0;
+	while (out >= 0 && (n = read(in, buf, sizeof buf)) > 0)
+		if (write(out, buf, (size_t)n) != n) {
+			n = -1;
+			break;
+		}
+	int ok = in >= 0 && out >= 0 && n == 0;
+	if (in >= 0)
+		close(in);
+	if (out >= 0 && close(out) < 0)
+		ok = 0;
+	return ok ? 0 : -1;
+}
+
+/* Links /dev/virtio-ports/<name> (no udev here makes them); 0 once PORT is there. */
+static int link_ports(const char *port)
+{
+	mkdir("/dev/virtio-ports", 0755);
+	for (int tries = 0; tries < 20; tries++) {
+		int found = 0;
+		DIR *d = opendir("/sys/class/virtio-ports");
+		struct dirent *e;
+		while (d && (e = readdir(d))) {
+			char path[300], name[128], link[300], target[300];
+			if (e->d_name[0] == '.')
+				continue;
+			snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+			int fd = open(path, O_RDONLY | O_CLOEXEC);
+			ssize_t n = fd < 0 ? -1 : read(fd, name, sizeof name - 1);
+			if (fd >= 0)
+				close(fd);
+			name[n > 0 ? n : 0] = 0;
+			name[strcspn(name, "\n")] = 0;
+			if (!name[0] || name[0] == '.' || strchr(name, '/'))
+				continue;
+			snprintf(link, sizeof link, "/dev/virtio-ports/%s", name);
+			snprintf(target, sizeof target, "../%s", e->d_name);
+			unlink(link);
+			if (symlink(target, link) == 0 && !strcmp(name, port))
+				found = 1;
+		}
+		if (d)
+			closedir(d);
+		if (found)
+			return 0;
+		usleep(100000);
+	}
+	return -1;
+}
+
+struct setup {
+	const char *modules, *ip, *gw, *mac, *root, *hostname, *dns, *agent, *port;
+	int code;
+};
+
+/* The root file system and /code, the host name, resolver and hosts (files in a tmpfs
+ * of den's, bound over the root file system's own when they are plain files, so the
+ * snapshot itself is never written), the agent copied there, the agent's port link,
+ * and the kernel's file systems in the new root. */
+static int setup_root(const struct setup *o)
+{
+	char p[512], t[512];
+	const char *r = o->root;
+	mkdir(r, 0755);
+	if (mount("root", r, "virtiofs", 0, NULL) < 0)
+		return setup_fail("cannot mount the root filesystem (virtiofs tag root)");
+	snprintf(p, sizeof p, "%s/code", r);
+	if (o->code && mount_at("virtiofs", "code", p, NULL))
+		return 1;
+	snprintf(t, sizeof t, "%s\n", o->hostname);
+	if (write_file("/proc/sys/kernel/hostname", o->hostname, 0644) < 0)
+		return setup_fail("cannot set the hostname %s", o->hostname);
+	snprintf(p, sizeof p, "%s/run", r);
+	if (mount_at("tmpfs", "den-run", p, NULL))
+		return 1;
+	snprintf(p, sizeof p, "%s/run/den", r);
+	if (mount_at("tmpfs", "den", p, "mode=0755"))
+		return 1;
+	char hosts[512], resolv[1024] = "";
+	snprintf(hosts, sizeof hosts,
+		 "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n",
+		 o->hostname);
+	for (const char *s = o->dns; *s;) {
+		size_t n = strcspn(s, ",");
+		size_t used = strlen(resolv);
+		if (n && used + n + 13 < sizeof resolv)
+			snprintf(resolv + used, sizeof resolv - used, "nameserver %.*s\n", (int)n, s);
+		s += n + (s[n] == ',');
+	}
+	const char *names[3] = {"hostname", "hosts", "resolv.conf"};
+	const char *texts[3] = {t, hosts, resolv};
+	for (int i = 0; i < 3; i++) {
+		struct stat st;
+		snprintf(p, sizeof p, "%s/run/den/%s", r, names[i]);
+		if (write_file(p, texts[i], 0644) < 0)
+			return setup_fail("cannot write %s: %s", p, strerror(errno));
+		snprintf(t, sizeof t, "%s/etc/%s", r, names[i]);
+		if (lstat(t, &st) == 0 && S_ISREG(st.st_mode) && mount(p, t, NULL, MS_BIND, NULL) < 0)
+			return setup_fail("cannot bind /etc/%s", names[i]);
+	}
+	snprintf(p, sizeof p, "%s/run/den/den-agent", r);
+	if (copy_file(o->agent, p) < 0)
+		return setup_fail("cannot copy the agent");
+	if (link_ports(o->port) < 0)
+		return setup_fail("no virtio-serial port %s", o->port);
+	static const char *kfs[][4] = {
+		{"proc", "proc", "proc", NULL},
+		{"sysfs", "sysfs", "sys", NULL},
+		{"devtmpfs", "devtmpfs", "dev", NULL},
+		{"devpts", "devpts", "dev/pts", "gid=5,mode=0620,ptmxmode=0666"},
+		{"tmpfs", "shm", "dev/shm", "mode=1777"},
+	};
+	for (size_t i = 0; i < sizeof kfs / sizeof kfs[0]; i++) {
+		snprintf(p, sizeof p, "%s/%s", r, kfs[i][2]);
+		if (mount_at(kfs[i][0], kfs[i][1], p, kfs[i][3]))
+			return 1;
+	}
+	snprintf(p, sizeof p, "%s/dev/ptmx", r);
+	if (access(p, F_OK) < 0 && symlink("pts/ptmx", p) < 0)
+		return setup_fail("cannot link %s", p);
+	return 0;
+}
+
+static int setup_main(int argc, char **argv)
+{
+	struct setup o = {.modules = "", .ip = "", .gw = "", .mac = "", .root = "",
+			  .hostname = "den", .dns = "", .agent = "/den-agent", .port = "den.agent"};
+	static const char *keys[] = {"--modules", "--ip", "--gw", "--mac", "--root",
+				     "--hostname", "--dns", "--agent", "--port", "--code"};
+	const char **vals[] = {&o.modules, &o.ip, &o.gw, &o.mac, &o.root,
+			       &o.hostname, &o.dns, &o.agent, &o.port};
+	for (int i = 2; i < argc; i += 2) {
+		size_t k = 0;
+		while (k < sizeof keys / sizeof keys[0] && strcmp(argv[i], keys[k]))
+			k++;
+		if (k == sizeof keys / sizeof keys[0] || i + 1 >= argc) {
+			fprintf(stderr, "usage: den-agent --setup --modules DIR [--ip ADDR/PREFIX --gw GW "
+					"--mac MAC --root DIR --code 0|1 --hostname H --dns A,B --agent FILE "
+					"--port NAME]\n");
+			return 2;
+		}
+		if (k < sizeof vals / sizeof vals[0])
+			*vals[k] = argv[i + 1];
+		else
+			o.code = !strcmp(argv[i + 1], "1");
+	}
+	if (o.modules[0] && load_modules(o.modules))
+		return 1;
+	if (!o.root[0])
+		return 0; /* the probe: modules only */
+	if (set_network(o.ip, o.gw, o.mac))
+		return 1;
+	return setup_root(&o);
+}
+
 int main(int argc, char **argv)
 {
+	if (argc > 1 && !strcmp(argv[1], "--setup"))
+		return setup_main(argc, argv);
 	int fd_arg = -1;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--port") && i + 1 < argc)
