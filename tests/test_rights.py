@@ -137,7 +137,8 @@ def test_outside_the_group_cannot_connect(daemon: Daemon, outsider: pwd.struct_p
 
 
 def test_anonymous_gets_only_public_methods(daemon: Daemon, outsider: pwd.struct_passwd) -> None:
-    assert {"rpc.health", "rpc.discover", "auth.whoami"} == set(PUBLIC)
+    # info and health: the compute manager's own public calls (den.services.vm)
+    assert {"rpc.health", "rpc.discover", "auth.whoami", "info", "health"} == set(PUBLIC)
     methods = PUBLIC + NON_PUBLIC
     groups = [grp.getgrnam(daemon.group).gr_gid]
     out = post_as(daemon, outsider.pw_uid, outsider.pw_gid, groups, batch(methods))
@@ -145,6 +146,7 @@ def test_anonymous_gets_only_public_methods(daemon: Daemon, outsider: pwd.struct
     got = by_method(methods, out["body"])
     assert got["rpc.health"]["result"]["status"] == "ok"
     assert got["rpc.discover"]["result"]["openrpc"].startswith("1.3")
+    assert got["info"]["result"]["name"] == "den" and got["health"]["result"]["status"] == "ok"
     assert got["auth.whoami"]["result"] == {
         "name": "anonymous",
         "role": "anonymous",
