@@ -341,7 +341,14 @@ def test_ssh_hangup_never_signals_what_a_stale_pid_file_names(
         stderr=subprocess.DEVNULL,
     )
     try:
-        _plant(_wait_for("ssh-*.pid", bundle), victim.pid)
+        # an ssh command runs through the backend's streaming exec (its pid file);
+        # planted once crun has written it and gone (the pid is stale from then on)
+        pid_file = _wait_for("stream-*.pid", bundle)
+        deadline = time.monotonic() + 10
+        while not pid_file.read_text().strip().isdigit() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        _plant(pid_file, victim.pid)
         time.sleep(0.5)  # the command runs: the hangup goes to what the file names
     finally:
         client.kill()  # the connection drops: den sends SIGHUP to the session's process
