@@ -213,17 +213,18 @@ table ip {nat} {{
 """
 
 
-def _nft() -> Any:
+def nft() -> Any:
+    """A libnftables handle that answers in JSON (den.node.net_nft uses it too)."""
     if nftables is None:
         raise BackendFailure("python3-nftables is not installed; run `den init`")
-    nft = nftables.Nftables()
-    nft.set_json_output(True)
-    return nft
+    handle = nftables.Nftables()
+    handle.set_json_output(True)
+    return handle
 
 
 def run(text: str) -> str:
     """Apply nft commands ``text`` in the calling thread's network namespace."""
-    rc, out, err = _nft().cmd(text)
+    rc, out, err = nft().cmd(text)
     if rc != 0:
         raise BackendFailure(f"nftables refused the ruleset: {err.strip()}")
     return str(out)
@@ -246,7 +247,7 @@ def update_exceptions(instance: int, entries: Iterable[Exception4]) -> None:
 
 def remove(instance: int) -> None:
     for family, name in (("inet", f"den{instance}"), ("ip", f"den{instance}-nat")):
-        rc, _out, _err = _nft().cmd(f"delete table {family} {name}")
+        rc, _out, _err = nft().cmd(f"delete table {family} {name}")
         del rc  # missing is fine
 
 

@@ -51,14 +51,14 @@ def ruleset(instance: int) -> str:
 def ensure_table(instance: int) -> None:
     """The anti-spoofing table in place (made once; its elements are per TAP)."""
     with _lock:
-        rc, _out, _err = firewall._nft().cmd(f"list table bridge {table(instance)}")
+        rc, _out, _err = firewall.nft().cmd(f"list table bridge {table(instance)}")
         if rc != 0:
             firewall.run(ruleset(instance))
 
 
 def remove_table(instance: int) -> None:
     with _lock:
-        firewall._nft().cmd(f"delete table bridge {table(instance)}")
+        firewall.nft().cmd(f"delete table bridge {table(instance)}")
 
 
 def _elements(tap: str, mac: str, address: str) -> tuple[str, str]:
@@ -111,7 +111,7 @@ def detach(instance: int, tap: str, bridge: str) -> None:
 
 def forget(instance: int, tap: str) -> None:
     """Drop every anti-spoofing element of ``tap`` (what a TAP that is gone left)."""
-    nft = firewall._nft()
+    nft = firewall.nft()
     t = f"bridge {table(instance)}"
     for name in ("macs", "ips"):
         rc, out, _err = nft.cmd(f"list set {t} {name}")

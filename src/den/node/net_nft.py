@@ -17,11 +17,7 @@ import json
 from typing import Any
 
 from den.errors import BackendFailure
-
-try:
-    import nftables
-except ImportError:  # pragma: no cover - reported by `den init --check`
-    nftables = None
+from den.net.firewall import nft
 
 FAMILY = "inet"
 Json = dict[str, Any]
@@ -35,17 +31,9 @@ def comment(record_id: int) -> str:
     return f"den:{record_id}"
 
 
-def _nft() -> Any:
-    if nftables is None:
-        raise BackendFailure("python3-nftables is not installed; run `den init`")
-    nft = nftables.Nftables()
-    nft.set_json_output(True)
-    return nft
-
-
 def run(commands: list[Json]) -> Json:
     """Run JSON commands in one transaction; the parsed output."""
-    rc, out, err = _nft().json_cmd({"nftables": commands})
+    rc, out, err = nft().json_cmd({"nftables": commands})
     if rc != 0:
         raise BackendFailure(f"nftables refused the change: {str(err).strip()[:500]}")
     return out if isinstance(out, dict) else {}
@@ -198,7 +186,7 @@ def apply(instance: int, records: list[tuple[int, str, Json]]) -> None:
 def present(instance: int) -> dict[str, Json] | None:
     """The node table's rules by comment, with their counters; None: no table."""
     name = table_name(instance)
-    rc, out, _err = _nft().json_cmd(
+    rc, out, _err = nft().json_cmd(
         {"nftables": [{"list": {"table": {"family": FAMILY, "name": name}}}]}
     )
     if rc != 0:
