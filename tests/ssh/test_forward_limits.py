@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ import pytest
 from den.ssh import limits, streamlocal
 from tests.conftest import Daemon
 from tests.ssh.conftest import Person, make_ws
+
+CGROUP = Path("/sys/fs/cgroup")
 
 
 async def connect(p: Person, login: str) -> asyncssh.SSHClientConnection:
@@ -224,59 +225,59 @@ def socket_workers(parent: int) -> int:
 
 # Inside: a socket whose backlog is full, so that a connect to it waits (as long
 # as the worker lets it: CONNECT_TIMEOUT).
-FULL = (
-    "setsid python3 -c 'import socket,time\n"
-    's=socket.socket(socket.AF_UNIX); s.bind("/tmp/full.sock"); s.listen(0)\n'
-    'c=socket.socket(socket.AF_UNIX); c.connect("/tmp/full.sock")\n'
-    'open("/tmp/full.up","w").close(); time.sleep(600)\' </dev/null >/dev/null 2>&1 & '
-    "for i in $(seq 100); do [ -e /tmp/full.up ] && break; sleep 0.1; done"
-)
-
-
 def test_socket_workers_per_user_are_bounded(
     alice: Person, dev_image: str, pool_daemon: Daemon
 ) -> None:
     """Many ``ssh -L`` channels to a path at once: at most WORKERS_PER_USER host
-    workers run, WORKERS_WAITING more wait, the rest are refused saying why
-    (a Unix connect to a full backlog fails at once: each worker is quick)."""
+    workers run, WORKERS_WAITING more wait, the rest are refused at once saying
+    why. The workspace's freezer cgroup is frozen behind den's back so that each
+    worker stops where it joins the workspace and holds its turn: the counts are
+    exact, whatever the machine's speed."""
     ws = make_ws(alice, image=dev_image)
-    assert alice.ssh(ws, FULL).returncode == 0
+    ws_id = alice.d.call("workspace.get", ref=f"{alice.name}/{ws}")["id"]
+    freezer = CGROUP / "freezer" / f"den{pool_daemon.instance}" / ws_id / "freezer.state"
     pid = daemon_pid(pool_daemon)
-    n = streamlocal.WORKERS_PER_USER + streamlocal.WORKERS_WAITING + 20
-    peak = [0]
-    stop = threading.Event()
+    admitted = streamlocal.WORKERS_PER_USER + streamlocal.WORKERS_WAITING
+    n = admitted + 20
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], socket_workers(pid))
-            time.sleep(0.05)
-
-    async def flood() -> list[Any]:
+    async def flood() -> tuple[list[Any], int, list[Any]]:
         conn = await connect(alice, ws)
-        opens: list[Awaitable[Any]] = [
-            conn.open_unix_connection("/tmp/full.sock") for _ in range(n)
-        ]
         try:
-            return await asyncio.gather(*opens, return_exceptions=True)
+            opens = [
+                asyncio.ensure_future(conn.open_unix_connection("/tmp/none.sock")) for _ in range(n)
+            ]
+            freezer.write_text("FROZEN")
+            try:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    if sum(o.done() for o in opens) >= n - admitted and (
+                        socket_workers(pid) >= streamlocal.WORKERS_PER_USER
+                    ):
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # a worker past the limit would show by now
+                early = [o.exception() for o in opens if o.done()]
+                held = socket_workers(pid)
+            finally:
+                freezer.write_text("THAWED")
+            rest = await asyncio.gather(*opens, return_exceptions=True)
+            return early, held, rest
         finally:
             conn.close()
             await conn.wait_closed()
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        results = asyncio.run(flood())
-    finally:
-        stop.set()
-        sampler.join()
+    early, held, rest = asyncio.run(flood())
     busy = [
         r
-        for r in results
+        for r in early
         if isinstance(r, asyncssh.ChannelOpenError)
         and r.code == asyncssh.OPEN_RESOURCE_SHORTAGE
         and f"{streamlocal.WORKERS_PER_USER} socket workers are running for {alice.name}"
         in r.reason
     ]
-    # The opens arrive together; a few may find a turn a fast worker freed meanwhile.
-    assert len(busy) >= 10, [str(r) for r in results]
-    assert peak[0] <= streamlocal.WORKERS_PER_USER, peak
+    assert len(early) == n - admitted and len(busy) == n - admitted, [str(r) for r in early]
+    assert held == streamlocal.WORKERS_PER_USER
+    # Thawed, the held and waiting workers all run in turn and say what failed.
+    told = [r for r in rest if isinstance(r, asyncssh.ChannelOpenError)]
+    assert len(told) == n, [str(r) for r in rest]
+    assert sum("cannot connect on /tmp/none.sock" in r.reason for r in told) == admitted
