@@ -25,6 +25,7 @@ from den.errors import BackendFailure
 
 CHUNK = 1 << 16
 DRAIN_SECONDS = 0.2  # output read after the process ended, while it keeps coming
+FD_GRACE_SECONDS = 2.0  # for the master of a process that ended before it was read
 
 
 def set_size(fd: int, cols: int, rows: int) -> None:
@@ -96,6 +97,10 @@ class PtyExec:
             self = cls(proc, pidfd_of_child(proc.pid), pid_file)
             got = receive_fd(listener)
             await asyncio.wait({got, self.exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not got.done():
+                # crun sends the master before the process runs: one that ended
+                # at once (``kill -HUP $$``) left it waiting in the listener.
+                await asyncio.wait({got}, timeout=FD_GRACE_SECONDS)
             if not got.done():
                 got.cancel()
                 assert proc.stderr is not None
