@@ -106,10 +106,15 @@ def test_exit_signal_of_a_terminal_session(alice: Person, ws: str) -> None:
             client_keys=[str(alice.key)],
             known_hosts=None,
         ) as conn:
-            r = await conn.run("kill -HUP $$", term_type="xterm", check=False)
-            return (r.exit_status, r.exit_signal)
+            # Many times: a shell that ends before its terminal was read once
+            # came back as "could not start a terminal" (exit 1).
+            seen = set()
+            for _ in range(20):
+                r = await conn.run("kill -HUP $$", term_type="xterm", check=False)
+                seen.add((r.exit_status, r.exit_signal, r.stderr))
+            return seen
 
-    assert asyncio.run(run()) == (-1, ("HUP", False, "", ""))
+    assert asyncio.run(run()) == {(-1, ("HUP", False, "", ""), "")}
 
 
 def test_env_takes_the_locale_only(alice: Person, ws: str) -> None:
