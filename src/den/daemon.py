@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import sys
 
 from aiohttp import web
 
@@ -177,3 +178,11 @@ def run(settings: Settings) -> None:
     # which costs ~10 ms for a daemon of this size on every crun call, while
     # asyncio uses vfork (~1 ms). Measured in bench/lifecycle.py.
     asyncio.run(serve(settings))
+    # Shut down cleanly by now: every listener, workspace handle and database
+    # connection is closed and the log says "stopped". Leave without the
+    # interpreter's teardown, which frees a heap the kernel frees at once
+    # (0.5-0.9 s of CPU on every stop and restart, measured with strace).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

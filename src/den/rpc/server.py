@@ -164,7 +164,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def make_web_app(app: App) -> web.Application:
-    from den.mcp.http import handler as mcp_handler
+    from den.mcp import handler as mcp_handler
     from den.web import allow
 
     web_app = web.Application(

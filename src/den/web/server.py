@@ -271,7 +271,7 @@ async def ask_handler(request: web.Request) -> web.Response:
 
 
 def make_gate_app(app: App, gate: Gate) -> web.Application:
-    from den.mcp.http import caddy_handler as mcp_caddy_handler
+    from den.mcp import caddy_handler as mcp_caddy_handler
     from den.web import allow
 
     # The UI allow-list covers den's own pages at the domain, not workspace URLs.
