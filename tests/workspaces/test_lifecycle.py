@@ -665,3 +665,21 @@ def test_delete_removes_everything(
     finally:
         d.call("workspace.delete", ref=again["ref"])
     assert_gone(d, again["id"])
+
+
+def test_daemon_stops_at_once_while_the_pool_gives_space_back(spare_daemon: Daemon) -> None:
+    """Deletes start a wait for btrfs's cleaner (then the pool is trimmed); a stop
+    meanwhile ends that wait instead of waiting for the cleaner, which once held
+    ``den serve`` for the whole of its stop timeout and got it killed."""
+    d = spare_daemon
+    with make_users(d) as users:
+        owner = users.make()
+        for name in ("gone1", "gone2"):
+            create(d, owner, name)
+        for name in ("gone1", "gone2"):
+            d.call("workspace.delete", ref=f"{owner}/{name}")
+        started = time.monotonic()
+        rc = d.stop(timeout=15)
+        took = time.monotonic() - started
+        d.start()
+    assert rc == 0, f"den serve did not end by itself on SIGTERM (rc {rc}, {took:.1f}s)"

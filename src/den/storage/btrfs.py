@@ -8,7 +8,6 @@ import fcntl
 import hashlib
 import os
 import struct
-import time
 from pathlib import Path
 
 from den.errors import BackendFailure
@@ -267,18 +266,17 @@ def snapshot_into(src: Path, dst: Path, qgroupid: int) -> None:
 # -- giving space back -------------------------------------------------------------
 
 
-def wait_cleaned(pool: Path, timeout: float) -> bool:
-    """Commit, then wait until the deleted subvolumes' extents are freed (the cleaner
-    drops them after the commit); False when ``timeout`` passed first."""
+def commit(pool: Path) -> None:
+    """Commit the pool's transaction: deletions committed wake the cleaner, and what
+    the cleaner freed is committed."""
     _need()
-    deadline = time.monotonic() + timeout
-    btrfsutil.sync(str(pool))  # commits the deletions, which wakes the cleaner
-    while btrfsutil.deleted_subvolumes(str(pool)):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    btrfsutil.sync(str(pool))  # and commits what the cleaner freed
-    return True
+    btrfsutil.sync(str(pool))
+
+
+def deletions_pending(pool: Path) -> bool:
+    """Whether deleted subvolumes still wait for the cleaner to free their extents."""
+    _need()
+    return bool(btrfsutil.deleted_subvolumes(str(pool)))
 
 
 def fitrim(pool: Path) -> int:

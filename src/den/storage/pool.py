@@ -26,6 +26,7 @@ import contextlib
 import logging
 import secrets
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
@@ -234,12 +235,26 @@ class Pool:
         holds stays, and is tried again after the next deletion."""
         while self._dirty:
             self._dirty = False
-            if await asyncio.to_thread(btrfs.wait_cleaned, self.root, 600.0):
+            if await self._cleaned(600.0):
                 for group in sorted(self._reclaim):
                     if await asyncio.to_thread(btrfs.qgroup_destroy, self.root, group):
                         self._reclaim.discard(group)
             trimmed = await asyncio.to_thread(btrfs.fitrim, self.root)
             log.debug("pool trimmed", extra={"ctx": {"bytes": trimmed}})
+
+    async def _cleaned(self, timeout: float) -> bool:
+        """Wait until the cleaner has freed the deleted subvolumes (False when
+        ``timeout`` passed first). Polled from the event loop, each look in a thread:
+        a daemon stopping meanwhile cancels the wait at once, leaving no thread
+        behind that its shutdown would wait for."""
+        deadline = time.monotonic() + timeout
+        await asyncio.to_thread(btrfs.commit, self.root)
+        while await asyncio.to_thread(btrfs.deletions_pending, self.root):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(btrfs.commit, self.root)
+        return True
 
     @contextlib.asynccontextmanager
     async def frozen(self, src: Path) -> AsyncIterator[Path]:
