@@ -238,8 +238,24 @@ def build() -> typer.Typer:
     return app
 
 
+def for_words(words: list[str]) -> typer.Typer:
+    """The CLI for one command line: the hand-written commands plus the method
+    commands under the groups ``words`` name (making all 170-odd costs about as
+    much as a call itself); every one when none is named, for help, suggestions
+    and shell completion."""
+    from den.cli import spec
+
+    specs = [m for m in spec.load() if m.cli is not None]
+    named = set(words)
+    mine = [m for m in specs if m.cli is not None and m.cli.path.split()[0] in named]
+    if not mine or any(k.endswith("_COMPLETE") for k in os.environ):
+        return build()
+    attach(app, invoke, mine)
+    return app
+
+
 def main() -> None:
     try:
-        build()(prog_name="den")
+        for_words(sys.argv[1:])(prog_name="den")
     except KeyboardInterrupt:
         sys.exit(130)
