@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -25,6 +27,7 @@ from den.services import idle, load_all, metrics, net, reconciler
 from den.ssh.server import Gateway
 
 log = logging.getLogger("den.daemon")
+STOP_THREADS_SECONDS = 10.0  # how long a stop waits for threads still busy
 
 
 async def _load_acl(app: App) -> None:
@@ -39,8 +42,26 @@ async def _load_acl(app: App) -> None:
         log.warning("acl file: %s", w)
 
 
+class _Threads(ThreadPoolExecutor):
+    """The loop's threads for blocking work (asyncio.to_thread). At shutdown
+    asyncio waits for them; a thread still busy after STOP_THREADS_SECONDS is left
+    to the process's exit, and said, rather than holding up the stop for ever."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
+        if not wait:
+            return
+        deadline = time.monotonic() + STOP_THREADS_SECONDS
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        busy = sum(t.is_alive() for t in self._threads)
+        if busy:
+            log.warning("stopping with %d thread(s) still busy", busy)
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    asyncio.get_running_loop().set_default_executor(_Threads(thread_name_prefix="den"))
     load_all()
     try:
         # A thread: pyroute2's netlink socket runs an event loop of its own.
