@@ -683,3 +683,6 @@ def test_daemon_stops_at_once_while_the_pool_gives_space_back(spare_daemon: Daem
         took = time.monotonic() - started
         d.start()
     assert rc == 0, f"den serve did not end by itself on SIGTERM (rc {rc}, {took:.1f}s)"
+    # Not by giving up on a busy thread either (den.daemon.STOP_THREADS_SECONDS).
+    assert took < 5, f"den serve took {took:.1f}s to stop"
+    assert "still busy" not in d.log_text()

@@ -97,14 +97,19 @@ class PtyExec:
             self = cls(proc, pidfd_of_child(proc.pid), pid_file)
             got = receive_fd(listener)
             await asyncio.wait({got, self.exited}, return_when=asyncio.FIRST_COMPLETED)
+            detail = ""
             if not got.done():
-                # crun sends the master before the process runs: one that ended
-                # at once (``kill -HUP $$``) left it waiting in the listener.
-                await asyncio.wait({got}, timeout=FD_GRACE_SECONDS)
+                # Either crun failed and says why, or the process ended at once
+                # (``kill -HUP $$``) and its master, which crun sent before the
+                # process ran, still waits in the listener.
+                assert proc.stderr is not None
+                with contextlib.suppress(TimeoutError):
+                    said = await asyncio.wait_for(proc.stderr.read(), FD_GRACE_SECONDS)
+                    detail = said.decode(errors="replace").strip()
+                if not detail:
+                    await asyncio.wait({got}, timeout=FD_GRACE_SECONDS)
             if not got.done():
                 got.cancel()
-                assert proc.stderr is not None
-                detail = (await proc.stderr.read()).decode(errors="replace").strip()
                 await self.close()
                 raise BackendFailure(
                     f"could not start a terminal in the workspace: {detail[-300:]}"

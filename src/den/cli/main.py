@@ -229,11 +229,11 @@ def rpc(
 _built = False
 
 
-def build() -> typer.Typer:
+def build(specs: list[MethodSpec] | None = None) -> typer.Typer:
     """The whole CLI: the hand-written commands plus one per registered method."""
     global _built
     if not _built:
-        attach(app, invoke)
+        attach(app, invoke, specs)
         _built = True
     return app
 
@@ -249,7 +249,7 @@ def for_words(words: list[str]) -> typer.Typer:
     named = set(words)
     mine = [m for m in specs if m.cli is not None and m.cli.path.split()[0] in named]
     if not mine or any(k.endswith("_COMPLETE") for k in os.environ):
-        return build()
+        return build(specs)
     attach(app, invoke, mine)
     return app
 
