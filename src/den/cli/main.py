@@ -245,7 +245,7 @@ def for_words(words: list[str]) -> typer.Typer:
     and shell completion."""
     from den.cli import spec
 
-    specs = [m for m in spec.load() if m.cli is not None]
+    specs = spec.load()
     named = set(words)
     mine = [m for m in specs if m.cli is not None and m.cli.path.split()[0] in named]
     if not mine or any(k.endswith("_COMPLETE") for k in os.environ):

@@ -235,14 +235,14 @@ class Pool:
         holds stays, and is tried again after the next deletion."""
         while self._dirty:
             self._dirty = False
-            if await self._cleaned(600.0):
+            if await self.cleaned(600.0):
                 for group in sorted(self._reclaim):
                     if await asyncio.to_thread(btrfs.qgroup_destroy, self.root, group):
                         self._reclaim.discard(group)
             trimmed = await asyncio.to_thread(btrfs.fitrim, self.root)
             log.debug("pool trimmed", extra={"ctx": {"bytes": trimmed}})
 
-    async def _cleaned(self, timeout: float) -> bool:
+    async def cleaned(self, timeout: float) -> bool:
         """Wait until the cleaner has freed the deleted subvolumes (False when
         ``timeout`` passed first). Polled from the event loop, each look in a thread:
         a daemon stopping meanwhile cancels the wait at once, leaving no thread
